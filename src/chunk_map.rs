@@ -1,0 +1,56 @@
+//! Which 4 MiB chunks of the address space hold lgmalloc memory, and of what kind.
+//!
+//! One byte per chunk of the 47-bit user address space (32 MiB of `.bss`, backed by
+//! RAM only where touched). `free` reads it first: a pointer lgmalloc never returned is
+//! recognised and reported before any of its metadata is trusted, and a small block is
+//! told from a large object with one load.
+
+use core::sync::atomic::{AtomicU8, Ordering};
+
+/// log2 of the chunk size; segments are exactly one chunk, aligned.
+pub const CHUNK_SHIFT: usize = 22;
+/// 2^47 bytes of user address space, in chunks.
+const CHUNKS: usize = 1 << (47 - CHUNK_SHIFT);
+
+/// Not lgmalloc memory.
+pub const KIND_NONE: u8 = 0;
+/// A small-object segment starts at the chunk base.
+pub const KIND_SEGMENT: u8 = 1;
+/// A large object whose user pointer lies in this chunk, at least one page past its
+/// base; its header is the page before the user pointer.
+pub const KIND_LARGE: u8 = 2;
+/// A large object whose user pointer is exactly the chunk base (alignment >= 4 MiB);
+/// its header is the page before, in the previous chunk.
+pub const KIND_LARGE_AT_BASE: u8 = 3;
+
+#[cfg(not(miri))]
+const LEN: usize = CHUNKS;
+// Miri cannot afford 32 MiB; its tests allocate near the bottom of a small space.
+#[cfg(miri)]
+const LEN: usize = 1 << 12;
+
+struct Map([AtomicU8; LEN]);
+
+static MAP: Map = Map([const { AtomicU8::new(KIND_NONE) }; LEN]);
+
+/// The kind of the chunk holding `addr` (`KIND_NONE` outside the user address space).
+#[inline(always)]
+pub fn kind_of(addr: usize) -> u8 {
+    let idx = addr >> CHUNK_SHIFT;
+    match MAP.0.get(idx) {
+        Some(k) => k.load(Ordering::Relaxed),
+        None => KIND_NONE,
+    }
+}
+
+/// Records the kind of the chunk holding `addr`. Returns false when the address lies
+/// outside the space the map covers (the caller then gives the memory back).
+pub fn set_kind(addr: usize, kind: u8) -> bool {
+    match MAP.0.get(addr >> CHUNK_SHIFT) {
+        Some(k) => {
+            k.store(kind, Ordering::Release);
+            true
+        }
+        None => false,
+    }
+}

@@ -1,0 +1,665 @@
+//! Thread heaps: the per-thread front end.
+//!
+//! Each thread gets a heap on its first allocation. For every size class the heap
+//! points at the page it allocates from; the page's other pages with room follow it on a
+//! doubly linked list, and pages with no room sit on one `full` list for all classes.
+//! The fast paths (`alloc_small`, `free_block`) touch only the calling thread's heap
+//! and the page, with no lock and no atomic read-modify-write.
+//!
+//! A heap is small (about 2 KiB) and its pages start at one 1 KiB slice and grow as the
+//! thread uses a class more, so an idle thread costs little. When the thread exits its
+//! heap is abandoned: pages with live blocks go to the region to be adopted or swept,
+//! empty ones are returned, and the heap record is reused by the next thread.
+
+use core::ptr;
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use crossbeam_utils::CachePadded;
+
+use crate::lock::Mutex;
+use crate::os;
+use crate::page::{self, Block, FLAG_IN_FULL, Page};
+use crate::segment::{self, SLICE_SIZE};
+use crate::size_class::{self, MAX_CLASSES};
+
+/// Largest page a heap asks for while growing a class (bigger blocks get one block).
+const MAX_PAGE_BYTES: usize = 64 * 1024;
+/// Pages of one class a heap doubles through before its pages stop growing.
+const GROWTH_STEPS: u8 = 6;
+
+#[repr(C)]
+pub struct Heap {
+    /// Per class: the page allocations come from (head of that class's list), or the
+    /// static empty page.
+    pub pages: [*mut Page; MAX_CLASSES],
+    /// Per class: allocations served (statistics; owner-written, read racily).
+    pub alloc_count: [u64; MAX_CLASSES],
+    /// Frees done by this thread (its own blocks and other threads').
+    pub free_count: u64,
+    /// Pages of each class this heap has acquired so far (saturating), to size the next.
+    page_growth: [u8; MAX_CLASSES],
+    /// Pages with no free block, all classes.
+    full: *mut Page,
+    /// Live heaps list (statistics), guarded by the pool lock.
+    next_live: *mut Heap,
+    prev_live: *mut Heap,
+    /// The thread that owns this heap (`pthread_self`).
+    pub thread: usize,
+    /// Blocks handed back by other threads for pages this heap watches (see `page`).
+    delayed_free: CachePadded<AtomicPtr<Block>>,
+}
+
+// SAFETY: heaps are reached from other threads only through `delayed_free` (atomic)
+// and statistics reads under the pool lock.
+unsafe impl Sync for Heap {}
+
+/// The page every class of a new heap points at: it has no free block, so the fast path
+/// falls through to the slow path, which finds a real page.
+pub static EMPTY_PAGE: Page = Page::empty();
+
+/// The heap of a thread that has not allocated yet. Never written.
+pub static EMPTY_HEAP: Heap = Heap {
+    pages: [&raw const EMPTY_PAGE as *mut Page; MAX_CLASSES],
+    alloc_count: [0; MAX_CLASSES],
+    free_count: 0,
+    page_growth: [0; MAX_CLASSES],
+    full: ptr::null_mut(),
+    next_live: ptr::null_mut(),
+    prev_live: ptr::null_mut(),
+    thread: 0,
+    delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
+};
+
+#[inline(always)]
+fn empty_page() -> *mut Page {
+    &raw const EMPTY_PAGE as *mut Page
+}
+
+#[inline(always)]
+pub fn empty_heap() -> *mut Heap {
+    &raw const EMPTY_HEAP as *mut Heap
+}
+
+// ---- the fast paths --------------------------------------------------------------------
+
+/// Pops a block of class `class` (chosen for a request of `size` bytes), or takes the
+/// slow path. Null only when out of memory.
+///
+/// # Safety
+/// `heap` is the calling thread's heap (possibly the empty heap).
+#[inline(always)]
+pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
+    // SAFETY: `class < MAX_CLASSES` (from the class table); the page is either the
+    // static empty page or a page owned by this thread.
+    unsafe {
+        let page = *(*heap).pages.get_unchecked(class);
+        let block = (*page).free;
+        if !block.is_null() {
+            (*page).free = (*block).next;
+            (*page).used += 1;
+            *(*heap).alloc_count.get_unchecked_mut(class) += 1;
+            return block.cast();
+        }
+        alloc_slow(heap, class, size)
+    }
+}
+
+/// Frees a block of a small-object page.
+///
+/// # Safety
+/// `block` is a live block of `page` returned by lgmalloc.
+#[inline(always)]
+pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
+    let heap = crate::tls::thread_heap();
+    // SAFETY: `page` is the valid record of the block's page.
+    unsafe {
+        if (*page).heap.load(Ordering::Relaxed) == heap {
+            let b = block.cast::<Block>();
+            (*b).next = (*page).free;
+            (*page).free = b;
+            (*page).used -= 1;
+            (*heap).free_count += 1;
+            if (*page).used == 0 || (*page).flags != 0 {
+                free_local_slow(heap, page);
+            }
+        } else {
+            free_remote(heap, page, block.cast());
+        }
+    }
+}
+
+// ---- slow paths --------------------------------------------------------------------------
+
+#[cold]
+#[inline(never)]
+unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
+    let mut class = class;
+    let heap = if heap == empty_heap() {
+        // The first allocation of this thread may also be the first of the process,
+        // made before the class table was built: classify again once it exists.
+        let h = thread_heap_or_create();
+        class = size_class::size_class_of(size);
+        h
+    } else {
+        heap
+    };
+    if heap.is_null() {
+        os::set_errno(libc::ENOMEM);
+        return ptr::null_mut();
+    }
+    // SAFETY: `heap` is this thread's live heap.
+    unsafe {
+        let page = find_page(heap, class);
+        if page.is_null() {
+            os::set_errno(libc::ENOMEM);
+            return ptr::null_mut();
+        }
+        let block = (*page).free;
+        (*page).free = (*block).next;
+        (*page).used += 1;
+        *(*heap).alloc_count.get_unchecked_mut(class) += 1;
+        block.cast()
+    }
+}
+
+/// The calling thread's heap, creating it if needed. Null when out of memory.
+pub fn thread_heap_or_create() -> *mut Heap {
+    let heap = crate::tls::thread_heap();
+    if heap != empty_heap() {
+        return heap;
+    }
+    if !crate::init::ensure_initialized() {
+        return ptr::null_mut();
+    }
+    let heap = pool_take();
+    if heap.is_null() {
+        return heap;
+    }
+    // Set the slot before registering for thread exit: `pthread_setspecific` may
+    // allocate, and that nested call must find this heap.
+    crate::tls::set_thread_heap(heap);
+    crate::init::register_thread_heap(heap);
+    heap
+}
+
+/// A page of `class` with a free block, found or made. Null when out of memory.
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+unsafe fn find_page(heap: *mut Heap, class: usize) -> *mut Page {
+    // SAFETY: owner access to the heap and its pages.
+    unsafe {
+        drain_delayed(heap);
+        loop {
+            let page = (*heap).pages[class];
+            if page == empty_page() {
+                break;
+            }
+            if !(*page).free.is_null() {
+                return page;
+            }
+            page::collect_remote(&mut *page);
+            if (*page).free.is_null() {
+                page::extend(&mut *page);
+            }
+            if !(*page).free.is_null() {
+                return page;
+            }
+            // Full: park it where remote frees will tell us about it.
+            if !page::try_watch(&*page) {
+                continue; // a remote free raced in; collect it next round
+            }
+            class_remove(heap, page);
+            full_push(heap, page);
+        }
+        let page = segment::adopt_page(heap, class);
+        if !page.is_null() {
+            class_push_front(heap, page);
+            if (*page).free.is_null() {
+                page::extend(&mut *page);
+            }
+            return page;
+        }
+        new_page(heap, class)
+    }
+}
+
+/// Slices for the next page of `class`: the first page holds `first_page_blocks`, each
+/// later one doubles up to 64 KiB; a page always holds at least one block.
+fn page_slices(class: usize, growth: u8) -> usize {
+    let info = size_class::class_info(class);
+    let bs = info.block_size as usize;
+    let first = (info.first_page_blocks as usize).max(1) * bs;
+    let target = (first << growth.min(GROWTH_STEPS)).min(MAX_PAGE_BYTES.max(first));
+    let blocks = (target / bs).max(1);
+    (blocks * bs).div_ceil(SLICE_SIZE)
+}
+
+/// # Safety
+/// `heap` is the calling thread's live heap.
+unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
+    // SAFETY: owner access.
+    unsafe {
+        let growth = (*heap).page_growth[class];
+        let slices = page_slices(class, growth);
+        let bs = size_class::block_size(class);
+        let page = segment::alloc_page(heap, class, bs, slices);
+        if page.is_null() {
+            return page;
+        }
+        (*heap).page_growth[class] = growth.saturating_add(1);
+        page::extend(&mut *page);
+        class_push_front(heap, page);
+        page
+    }
+}
+
+/// After a local free made a page empty or found it on the full list.
+#[cold]
+#[inline(never)]
+unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: owner access.
+    unsafe {
+        if (*page).flags & FLAG_IN_FULL != 0 {
+            page::unwatch(&*page);
+            full_remove(heap, page);
+            class_push_second(heap, page);
+        }
+        if (*page).used == 0 {
+            retire_if_spare(heap, page);
+        }
+    }
+}
+
+/// Returns an empty page to the region unless it is the only page of its class (so a
+/// loop that allocates and frees one object never maps or unmaps).
+///
+/// # Safety
+/// `page` is an empty page on `heap`'s class list.
+unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: owner access.
+    unsafe {
+        let class = (*page).class as usize;
+        if (*heap).pages[class] == page && (*page).next.is_null() {
+            return;
+        }
+        page::collect_remote(&mut *page);
+        class_remove(heap, page);
+        (*heap).page_growth[class] = (*heap).page_growth[class].saturating_sub(1);
+        segment::free_page(page);
+    }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn free_remote(heap: *mut Heap, page: *mut Page, block: *mut Block) {
+    // SAFETY: the caller gives up `block`, a live block of `page`.
+    unsafe {
+        let owner = page::push_remote(&*page, block);
+        if !owner.is_null() {
+            // The page was full and watched: hand the block to its owner directly.
+            let list = &(*owner).delayed_free;
+            let mut head = list.load(Ordering::Relaxed);
+            loop {
+                (*block).next = head;
+                match list.compare_exchange_weak(head, block, Ordering::Release, Ordering::Relaxed)
+                {
+                    Ok(_) => break,
+                    Err(now) => head = now,
+                }
+            }
+            page::end_notification(&*page);
+        }
+        if heap != empty_heap() {
+            (*heap).free_count += 1;
+        } else {
+            ORPHAN_FREES.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Frees, as the owner, the blocks other threads handed over for watched pages.
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+unsafe fn drain_delayed(heap: *mut Heap) {
+    // SAFETY: owner access; delayed blocks belong to pages of this heap.
+    unsafe {
+        if (*heap).delayed_free.load(Ordering::Relaxed).is_null() {
+            return;
+        }
+        let mut b = (*heap).delayed_free.swap(ptr::null_mut(), Ordering::Acquire);
+        while !b.is_null() {
+            let next = (*b).next;
+            let page = segment::page_of(b as usize);
+            (*b).next = (*page).free;
+            (*page).free = b;
+            (*page).used -= 1;
+            if (*page).used == 0 || (*page).flags != 0 {
+                free_local_slow(heap, page);
+            }
+            b = next;
+        }
+    }
+}
+
+// ---- page lists ----------------------------------------------------------------------------
+
+/// # Safety
+/// Owner access; `page` is on no list.
+unsafe fn class_push_front(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe {
+        let class = (*page).class as usize;
+        let head = (*heap).pages[class];
+        (*page).prev = ptr::null_mut();
+        if head == empty_page() {
+            (*page).next = ptr::null_mut();
+        } else {
+            (*page).next = head;
+            (*head).prev = page;
+        }
+        (*heap).pages[class] = page;
+    }
+}
+
+/// Inserts after the current page, so a page that just got one block back does not
+/// take over allocation from a page with plenty of room.
+///
+/// # Safety
+/// Owner access; `page` is on no list.
+unsafe fn class_push_second(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe {
+        let class = (*page).class as usize;
+        let head = (*heap).pages[class];
+        if head == empty_page() {
+            class_push_front(heap, page);
+            return;
+        }
+        let after = (*head).next;
+        (*page).prev = head;
+        (*page).next = after;
+        if !after.is_null() {
+            (*after).prev = page;
+        }
+        (*head).next = page;
+    }
+}
+
+/// # Safety
+/// Owner access; `page` is on its class list.
+unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe {
+        let class = (*page).class as usize;
+        let (prev, next) = ((*page).prev, (*page).next);
+        if prev.is_null() {
+            (*heap).pages[class] = if next.is_null() { empty_page() } else { next };
+        } else {
+            (*prev).next = next;
+        }
+        if !next.is_null() {
+            (*next).prev = prev;
+        }
+        (*page).next = ptr::null_mut();
+        (*page).prev = ptr::null_mut();
+    }
+}
+
+/// # Safety
+/// Owner access; `page` is on no list.
+unsafe fn full_push(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe {
+        (*page).flags |= FLAG_IN_FULL;
+        (*page).prev = ptr::null_mut();
+        (*page).next = (*heap).full;
+        if !(*heap).full.is_null() {
+            (*(*heap).full).prev = page;
+        }
+        (*heap).full = page;
+    }
+}
+
+/// # Safety
+/// Owner access; `page` is on the full list.
+unsafe fn full_remove(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe {
+        (*page).flags &= !FLAG_IN_FULL;
+        let (prev, next) = ((*page).prev, (*page).next);
+        if prev.is_null() {
+            (*heap).full = next;
+        } else {
+            (*prev).next = next;
+        }
+        if !next.is_null() {
+            (*next).prev = prev;
+        }
+        (*page).next = ptr::null_mut();
+        (*page).prev = ptr::null_mut();
+    }
+}
+
+// ---- thread exit -----------------------------------------------------------------------------
+
+/// Gives up `heap` at thread exit: live pages go to the region, empty ones back to it,
+/// and the heap record returns to the pool. The thread's slot falls back to the empty
+/// heap, so an allocation by a later destructor creates a fresh heap.
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+pub unsafe fn abandon(heap: *mut Heap) {
+    // SAFETY: owner access to the heap and all its pages.
+    unsafe {
+        // Stop all notifications first, so no block can be on its way to us afterwards.
+        let mut p = (*heap).full;
+        while !p.is_null() {
+            page::unwatch(&*p);
+            p = (*p).next;
+        }
+        drain_delayed(heap);
+        while !(*heap).full.is_null() {
+            let p = (*heap).full;
+            full_remove(heap, p);
+            class_push_front(heap, p);
+        }
+        for class in 0..MAX_CLASSES {
+            loop {
+                let p = (*heap).pages[class];
+                if p == empty_page() {
+                    break;
+                }
+                class_remove(heap, p);
+                page::collect_remote(&mut *p);
+                if (*p).used == 0 {
+                    segment::free_page(p);
+                } else {
+                    segment::abandon_page(p);
+                }
+            }
+        }
+        crate::tls::set_thread_heap(empty_heap());
+        pool_give(heap);
+    }
+    segment::sweep_some();
+}
+
+// ---- the heap pool ---------------------------------------------------------------------------
+
+struct Pool {
+    lock: Mutex,
+    inner: core::cell::UnsafeCell<PoolInner>,
+}
+
+struct PoolInner {
+    /// Heap records ready for reuse (linked through `next_live`).
+    spare: *mut Heap,
+    /// Heaps owned by running threads.
+    live: *mut Heap,
+    /// Unused part of the last metadata chunk.
+    bump: usize,
+    bump_end: usize,
+}
+
+// SAFETY: `inner` is only touched with `lock` held.
+unsafe impl Sync for Pool {}
+
+static POOL: Pool = Pool {
+    lock: Mutex::new(),
+    inner: core::cell::UnsafeCell::new(PoolInner {
+        spare: ptr::null_mut(),
+        live: ptr::null_mut(),
+        bump: 0,
+        bump_end: 0,
+    }),
+};
+
+/// Counts of finished heaps, so statistics survive thread exit.
+static RETIRED_ALLOCS: [AtomicU64; MAX_CLASSES] = [const { AtomicU64::new(0) }; MAX_CLASSES];
+static RETIRED_FREES: AtomicU64 = AtomicU64::new(0);
+/// Frees by threads that never allocated (they have no heap to count on).
+static ORPHAN_FREES: AtomicU64 = AtomicU64::new(0);
+/// Heaps owned by running threads.
+pub static LIVE_HEAPS: AtomicUsize = AtomicUsize::new(0);
+
+const POOL_CHUNK: usize = 64 * 1024;
+
+fn with_pool<R>(f: impl FnOnce(&mut PoolInner) -> R) -> R {
+    POOL.lock.with(|| {
+        // SAFETY: the lock is held.
+        let p = unsafe { &mut *POOL.inner.get() };
+        f(p)
+    })
+}
+
+pub fn lock_for_fork() {
+    POOL.lock.lock();
+}
+pub fn unlock_after_fork(child: bool) {
+    if child {
+        POOL.lock.reset_in_child();
+    } else {
+        POOL.lock.unlock();
+    }
+}
+
+/// A fresh heap record for the calling thread, on the live list.
+fn pool_take() -> *mut Heap {
+    let heap = with_pool(|p| {
+        let mut h = p.spare;
+        if !h.is_null() {
+            // SAFETY: spare records are ours under the lock.
+            p.spare = unsafe { (*h).next_live };
+        } else {
+            let size = core::mem::size_of::<Heap>().next_multiple_of(128);
+            if p.bump + size > p.bump_end {
+                let chunk = os::map(POOL_CHUNK);
+                if chunk.is_null() {
+                    return ptr::null_mut();
+                }
+                p.bump = chunk as usize;
+                p.bump_end = p.bump + POOL_CHUNK;
+            }
+            h = p.bump as *mut Heap;
+            p.bump += size;
+        }
+        // SAFETY: `h` is an unused, writable, suitably aligned heap-sized record.
+        unsafe {
+            h.write(Heap {
+                pages: [empty_page(); MAX_CLASSES],
+                alloc_count: [0; MAX_CLASSES],
+                free_count: 0,
+                page_growth: [0; MAX_CLASSES],
+                full: ptr::null_mut(),
+                next_live: p.live,
+                prev_live: ptr::null_mut(),
+                // SAFETY: pthread_self has no preconditions.
+                thread: libc::pthread_self() as usize,
+                delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
+            });
+            if !p.live.is_null() {
+                (*p.live).prev_live = h;
+            }
+        }
+        p.live = h;
+        h
+    });
+    if !heap.is_null() {
+        LIVE_HEAPS.fetch_add(1, Ordering::Relaxed);
+    }
+    heap
+}
+
+/// # Safety
+/// `heap` is an abandoned heap with no pages.
+unsafe fn pool_give(heap: *mut Heap) {
+    with_pool(|p| {
+        // SAFETY: `heap` is on the live list (lock held).
+        unsafe {
+            for (c, n) in (*heap).alloc_count.iter().enumerate() {
+                RETIRED_ALLOCS[c].fetch_add(*n, Ordering::Relaxed);
+            }
+            RETIRED_FREES.fetch_add((*heap).free_count, Ordering::Relaxed);
+            let (prev, next) = ((*heap).prev_live, (*heap).next_live);
+            if prev.is_null() {
+                p.live = next;
+            } else {
+                (*prev).next_live = next;
+            }
+            if !next.is_null() {
+                (*next).prev_live = prev;
+            }
+            (*heap).next_live = p.spare;
+            p.spare = heap;
+        }
+    });
+    LIVE_HEAPS.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Sums allocation counts per class and frees over every heap, live or finished.
+pub fn counts(per_class: &mut [u64; MAX_CLASSES]) -> u64 {
+    for (c, slot) in per_class.iter_mut().enumerate() {
+        *slot = RETIRED_ALLOCS[c].load(Ordering::Relaxed);
+    }
+    let mut frees = RETIRED_FREES.load(Ordering::Relaxed) + ORPHAN_FREES.load(Ordering::Relaxed);
+    with_pool(|p| {
+        let mut h = p.live;
+        while !h.is_null() {
+            // SAFETY: live heaps stay valid while the pool lock is held; the counters are
+            // plain words written by their owners, read here as a racy snapshot.
+            unsafe {
+                for (c, slot) in per_class.iter_mut().enumerate() {
+                    *slot += ptr::read_volatile(&(*h).alloc_count[c]);
+                }
+                frees += ptr::read_volatile(&(*h).free_count);
+                h = (*h).next_live;
+            }
+        }
+    });
+    frees
+}
+
+/// Collects everything pending for the calling thread's heap (for `lg_trim`).
+pub fn collect_own() {
+    let heap = crate::tls::thread_heap();
+    if heap == empty_heap() {
+        return;
+    }
+    // SAFETY: the calling thread owns `heap`.
+    unsafe {
+        drain_delayed(heap);
+        for class in 0..MAX_CLASSES {
+            let mut p = (*heap).pages[class];
+            while p != empty_page() && !p.is_null() {
+                let next = (*p).next;
+                page::collect_remote(&mut *p);
+                if (*p).used == 0 {
+                    retire_if_spare(heap, p);
+                }
+                p = next;
+            }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Large objects: requests above `MAX_SMALL_SIZE` get a mapping of their own.
+//!
+//! The page before the user pointer holds a header (mapping base and size, alignment,
+//! a check word), so no header sits inside user memory and realloc can grow a mapping in
+//! place or move it with `mremap` without copying. Mappings start on a 4 MiB boundary so
+//! the chunk map can name the chunk of every user pointer without ambiguity, and they
+//! cover at least that whole chunk (untouched pages cost no memory), so reading the page
+//! before any page-aligned address of the chunk is safe when a wild pointer is checked.
+
+use core::ptr;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::chunk_map::{self, CHUNK_SHIFT, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE};
+use crate::os::{self, OS_PAGE_SIZE};
+
+const CHUNK: usize = 1 << CHUNK_SHIFT;
+
+#[repr(C)]
+struct Header {
+    /// `user ^ secret`: tells a real header from user data or a stale pointer.
+    check: usize,
+    map_base: usize,
+    map_size: usize,
+    /// Bytes the user may use from the user pointer.
+    usable: usize,
+    /// Alignment the object was allocated with (at least `OS_PAGE_SIZE`).
+    align: usize,
+}
+
+/// Live large objects and their bytes (statistics).
+pub static LIVE_COUNT: AtomicUsize = AtomicUsize::new(0);
+pub static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+fn check_word(user: usize) -> usize {
+    user ^ crate::init::secret()
+}
+
+#[inline]
+fn header_of(user: usize) -> *mut Header {
+    (user - OS_PAGE_SIZE) as *mut Header
+}
+
+/// Allocates `size` bytes aligned to `align` (any power of two). Null + ENOMEM on
+/// failure.
+pub fn alloc(size: usize, align: usize) -> *mut u8 {
+    if !crate::init::ensure_initialized() {
+        os::set_errno(libc::ENOMEM);
+        return ptr::null_mut();
+    }
+    let align = align.max(OS_PAGE_SIZE);
+    let user = if align < CHUNK { map_below_chunk(size, align) } else { map_chunk_aligned(size, align) };
+    if user == 0 {
+        crate::options::report_os_failure(size);
+        os::set_errno(libc::ENOMEM);
+        return ptr::null_mut();
+    }
+    user as *mut u8
+}
+
+/// Mapping starts on a chunk boundary; the user pointer is `align` past it.
+fn map_below_chunk(size: usize, align: usize) -> usize {
+    let Some(map_size) = mapping_size(align, size) else {
+        return 0;
+    };
+    let base = os::map_aligned(map_size, CHUNK);
+    if base.is_null() {
+        return 0;
+    }
+    finish(base as usize, map_size, base as usize + align, size, align, KIND_LARGE)
+}
+
+/// Bytes to map for `size` bytes at offset `offset` from a chunk-aligned base.
+fn mapping_size(offset: usize, size: usize) -> Option<usize> {
+    let n = os::align_up(offset.checked_add(size)?, OS_PAGE_SIZE)?;
+    Some(n.max(CHUNK))
+}
+
+/// Alignment of 4 MiB or more: the user pointer is a chunk base and the header page
+/// sits just before it.
+fn map_chunk_aligned(size: usize, align: usize) -> usize {
+    let Some(over) = size
+        .checked_add(align)
+        .and_then(|n| n.checked_add(OS_PAGE_SIZE))
+        .and_then(|n| os::align_up(n, OS_PAGE_SIZE))
+    else {
+        return 0;
+    };
+    let raw = os::map(over);
+    if raw.is_null() {
+        return 0;
+    }
+    let raw = raw as usize;
+    let user = (raw + OS_PAGE_SIZE + align - 1) & !(align - 1);
+    let base = user - OS_PAGE_SIZE;
+    let Some(end) = os::align_up(user + size, OS_PAGE_SIZE) else {
+        return 0;
+    };
+    // SAFETY: head and tail are parts of our fresh mapping outside [base, end).
+    unsafe {
+        os::unmap(raw as *mut u8, base - raw);
+        os::unmap(end as *mut u8, raw + over - end);
+    }
+    finish(base, end - base, user, size, align, KIND_LARGE_AT_BASE)
+}
+
+fn finish(base: usize, map_size: usize, user: usize, size: usize, align: usize, kind: u8) -> usize {
+    let usable = os::align_up(size, OS_PAGE_SIZE).unwrap_or(size);
+    if !chunk_map::set_kind(user, kind) {
+        // SAFETY: our fresh mapping.
+        unsafe { os::unmap(base as *mut u8, map_size) };
+        return 0;
+    }
+    // SAFETY: the header page lies inside our fresh mapping.
+    unsafe {
+        header_of(user).write(Header { check: check_word(user), map_base: base, map_size, usable, align });
+    }
+    LIVE_COUNT.fetch_add(1, Ordering::Relaxed);
+    LIVE_BYTES.fetch_add(usable, Ordering::Relaxed);
+    user
+}
+
+/// The header of `p` if `p` is exactly a live large object's user pointer.
+fn lookup(p: usize, kind: u8) -> Option<*mut Header> {
+    let offset = p & (CHUNK - 1);
+    let plausible = match kind {
+        KIND_LARGE => p % OS_PAGE_SIZE == 0 && offset >= OS_PAGE_SIZE,
+        KIND_LARGE_AT_BASE => offset == 0,
+        _ => false,
+    };
+    if !plausible {
+        return None;
+    }
+    let h = header_of(p);
+    // SAFETY: for a plausible pointer the page before `p` belongs to the mapping whose
+    // user pointer lies in this chunk: its header page, or for an interior page-aligned
+    // pointer, the object's own memory. Either is mapped; the check word decides.
+    let check = unsafe { (*h).check };
+    if check == check_word(p) { Some(h) } else { None }
+}
+
+/// Frees a large object. Returns false when `p` is not one (the caller reports misuse).
+pub fn free(p: usize, kind: u8) -> bool {
+    let Some(h) = lookup(p, kind) else {
+        return false;
+    };
+    // SAFETY: `h` is the live header of `p`'s mapping.
+    let (base, size, usable) = unsafe {
+        (*h).check = 0;
+        ((*h).map_base, (*h).map_size, (*h).usable)
+    };
+    chunk_map::set_kind(p, KIND_NONE);
+    LIVE_COUNT.fetch_sub(1, Ordering::Relaxed);
+    LIVE_BYTES.fetch_sub(usable, Ordering::Relaxed);
+    // SAFETY: the whole mapping belongs to this object, which the caller gave up.
+    unsafe { os::unmap(base as *mut u8, size) };
+    true
+}
+
+/// Bytes usable at `p` (a live large object).
+pub fn usable_size(p: usize, kind: u8) -> usize {
+    match lookup(p, kind) {
+        // SAFETY: live header.
+        Some(h) => unsafe { (*h).usable },
+        None => 0,
+    }
+}
+
+/// Resizes a large object in place or by moving its pages. Returns the new user
+/// pointer, or null when it cannot (the caller then copies; `p` stays valid).
+pub fn realloc_in_place_or_move(p: usize, kind: u8, new_size: usize) -> *mut u8 {
+    let Some(h) = lookup(p, kind) else {
+        return ptr::null_mut();
+    };
+    // SAFETY: live header.
+    let (base, map_size, usable, align) =
+        unsafe { ((*h).map_base, (*h).map_size, (*h).usable, (*h).align) };
+    let offset = p - base;
+    let Some(new_usable) = os::align_up(new_size, OS_PAGE_SIZE) else {
+        return ptr::null_mut();
+    };
+    let Some(new_map) = mapping_size(offset, new_size) else {
+        return ptr::null_mut();
+    };
+    if offset + new_usable <= map_size {
+        resize_within(h, p, base, map_size, new_map, usable, new_usable);
+        return p as *mut u8;
+    }
+    if kind != KIND_LARGE {
+        return ptr::null_mut();
+    }
+    // Grow: reserve a chunk-aligned destination and move the pages there.
+    let dest = os::map_aligned(new_map, CHUNK);
+    if dest.is_null() {
+        return ptr::null_mut();
+    }
+    // SAFETY: the old mapping is ours and whole; `dest` is our fresh reservation.
+    if !unsafe { os::remap_to(base as *mut u8, map_size, dest, new_map) } {
+        // SAFETY: our fresh reservation.
+        unsafe { os::unmap(dest, new_map) };
+        return ptr::null_mut();
+    }
+    let new_user = dest as usize + offset;
+    chunk_map::set_kind(p, KIND_NONE);
+    chunk_map::set_kind(new_user, KIND_LARGE);
+    // SAFETY: the header moved with the pages.
+    unsafe {
+        header_of(new_user).write(Header {
+            check: check_word(new_user),
+            map_base: dest as usize,
+            map_size: new_map,
+            usable: new_usable,
+            align,
+        });
+    }
+    LIVE_BYTES.fetch_add(new_usable - usable, Ordering::Relaxed);
+    new_user as *mut u8
+}
+
+/// Grows or shrinks within the current mapping; a shrink gives the tail back.
+fn resize_within(
+    h: *mut Header,
+    p: usize,
+    base: usize,
+    map_size: usize,
+    new_map: usize,
+    usable: usize,
+    new_usable: usize,
+) {
+    if new_usable < usable {
+        // SAFETY: the bytes past the new size are ours and hold nothing the caller keeps.
+        unsafe {
+            if new_map < map_size {
+                os::unmap((base + new_map) as *mut u8, map_size - new_map);
+                (*h).map_size = new_map;
+            }
+            let keep_end = (base + new_map).min(p + usable);
+            if keep_end > p + new_usable {
+                os::decommit((p + new_usable) as *mut u8, keep_end - p - new_usable);
+            }
+        }
+        LIVE_BYTES.fetch_sub(usable - new_usable, Ordering::Relaxed);
+    } else {
+        LIVE_BYTES.fetch_add(new_usable - usable, Ordering::Relaxed);
+    }
+    // SAFETY: live header.
+    unsafe { (*h).usable = new_usable };
+}

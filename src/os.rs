@@ -1,0 +1,198 @@
+//! The OS layer: every call lgmalloc makes to obtain or return address space.
+//!
+//! Memory comes from anonymous private mappings. Linux only backs a page with RAM when
+//! it is first touched, so "commit" is implicit; "decommit" is `madvise(MADV_DONTNEED)`,
+//! which drops the pages and makes them read as zero on the next touch.
+//!
+//! Under Miri only plain `mmap`/`munmap` of whole mappings are modelled, so the Miri
+//! variant over-maps and never trims or advises.
+
+use core::ptr;
+
+/// Size of an OS page (x86-64 Linux base pages).
+pub const OS_PAGE_SIZE: usize = 4096;
+
+/// Rounds `n` up to a multiple of `align` (a power of two). `None` on overflow.
+#[inline]
+pub const fn align_up(n: usize, align: usize) -> Option<usize> {
+    match n.checked_add(align - 1) {
+        Some(v) => Some(v & !(align - 1)),
+        None => None,
+    }
+}
+
+/// Maps `size` bytes of fresh zeroed read-write memory. Null when the OS refuses.
+pub fn map(size: usize) -> *mut u8 {
+    // SAFETY: an anonymous private mapping at an address the kernel picks touches no
+    // existing memory.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            map_flags(),
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        ptr::null_mut()
+    } else {
+        p.cast()
+    }
+}
+
+#[cfg(not(miri))]
+fn map_flags() -> libc::c_int {
+    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+}
+
+#[cfg(miri)]
+fn map_flags() -> libc::c_int {
+    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+}
+
+/// Returns a mapping (or a page-aligned part of one) to the OS.
+///
+/// # Safety
+/// `[p, p + size)` must be memory lgmalloc mapped and no longer uses.
+pub unsafe fn unmap(p: *mut u8, size: usize) {
+    if size == 0 {
+        return;
+    }
+    // SAFETY: the caller owns the range; munmap only fails for bad arguments, which
+    // would leave the range mapped (a leak, never corruption).
+    unsafe { libc::munmap(p.cast(), size) };
+}
+
+/// Maps `size` bytes whose start is a multiple of `align` (a power of two that is a
+/// multiple of the page size). Returns the start, or null when the OS refuses.
+#[cfg(not(miri))]
+pub fn map_aligned(size: usize, align: usize) -> *mut u8 {
+    // A first try often lands aligned already (the kernel places new mappings next to
+    // old ones, and our mappings are aligned multiples).
+    let p = map(size);
+    if p.is_null() || (p as usize) & (align - 1) == 0 {
+        return p;
+    }
+    // SAFETY: `p` is our fresh mapping of `size` bytes.
+    unsafe { unmap(p, size) };
+    let Some(over) = size.checked_add(align) else {
+        return ptr::null_mut();
+    };
+    let raw = map(over);
+    if raw.is_null() {
+        return raw;
+    }
+    let start = raw as usize;
+    let aligned = (start + align - 1) & !(align - 1);
+    let head = aligned - start;
+    let tail = over - head - size;
+    // SAFETY: head and tail are parts of our fresh mapping outside the aligned range.
+    unsafe {
+        unmap(raw, head);
+        unmap((aligned + size) as *mut u8, tail);
+    }
+    aligned as *mut u8
+}
+
+/// Miri cannot unmap part of a mapping: keep the slack mapped.
+#[cfg(miri)]
+pub fn map_aligned(size: usize, align: usize) -> *mut u8 {
+    let Some(over) = size.checked_add(align) else {
+        return ptr::null_mut();
+    };
+    let raw = map(over);
+    if raw.is_null() {
+        return raw;
+    }
+    let aligned = ((raw as usize) + align - 1) & !(align - 1);
+    aligned as *mut u8
+}
+
+/// Lets the OS drop the pages fully inside `[p, p + size)`; they read as zero later.
+/// Returns how many bytes were given back.
+///
+/// # Safety
+/// The range must be lgmalloc's mapped memory that holds nothing live.
+pub unsafe fn decommit(p: *mut u8, size: usize) -> usize {
+    let start = (p as usize + OS_PAGE_SIZE - 1) & !(OS_PAGE_SIZE - 1);
+    let end = (p as usize + size) & !(OS_PAGE_SIZE - 1);
+    if end <= start {
+        return 0;
+    }
+    if cfg!(miri) {
+        return 0;
+    }
+    // SAFETY: the caller guarantees the range is ours and unused.
+    let r = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    if r == 0 { end - start } else { 0 }
+}
+
+/// Moves a mapping to `dest` (an address range we reserved) while growing it, without
+/// copying the data. Returns false when the OS refuses (the old mapping is intact).
+///
+/// # Safety
+/// `old` must be a whole mapping of `old_size` bytes owned by lgmalloc, and
+/// `[dest, dest + new_size)` a reservation owned by lgmalloc that may be replaced.
+#[cfg(not(miri))]
+pub unsafe fn remap_to(old: *mut u8, old_size: usize, dest: *mut u8, new_size: usize) -> bool {
+    // SAFETY: per the contract both ranges are ours; MREMAP_FIXED replaces `dest`.
+    let r = unsafe {
+        libc::mremap(
+            old.cast(),
+            old_size,
+            new_size,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            dest.cast::<libc::c_void>(),
+        )
+    };
+    r != libc::MAP_FAILED
+}
+
+#[cfg(miri)]
+pub unsafe fn remap_to(_: *mut u8, _: usize, _: *mut u8, _: usize) -> bool {
+    false
+}
+
+/// Sets the calling thread's `errno`.
+#[inline]
+pub fn set_errno(code: i32) {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = code };
+}
+
+/// Reads the calling thread's `errno`.
+#[inline]
+pub fn errno() -> i32 {
+    // SAFETY: as in `set_errno`.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Writes a message to stderr without allocating.
+pub fn write_stderr(bytes: &[u8]) {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        // SAFETY: writes from a valid slice.
+        let n = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+        if n <= 0 {
+            return;
+        }
+        rest = rest.get(n as usize..).unwrap_or(&[]);
+    }
+}
+
+/// A 64-bit secret from the kernel, for hardening encodings. Never zero.
+pub fn random_u64() -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: getrandom writes at most 8 bytes into `v`.
+    let n = unsafe { libc::getrandom((&raw mut v).cast(), 8, libc::GRND_NONBLOCK) };
+    if n != 8 {
+        // Fall back to address-space randomness and the clock: weaker, never fatal.
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into `ts`.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        v = (ts.tv_nsec as u64) ^ ((&raw const v) as u64).rotate_left(17) ^ (ts.tv_sec as u64) << 32;
+    }
+    v | 1
+}

@@ -1,0 +1,257 @@
+//! Pages: a run of slices holding blocks of one size, and their free lists.
+//!
+//! A page belongs to one thread heap. Its owner allocates from `free` and pushes its own
+//! frees back there without atomics. Other threads push onto `remote_free`, a lock-free
+//! stack whose two low bits also carry the page's notification state (blocks are
+//! 16-byte aligned, so those bits are free):
+//!
+//! * `NONE`: remote frees just push.
+//! * `WATCH`: the page is full and off the owner's allocation list; the next remote
+//!   freer moves the state to `FREEING`, hands its block to the owner heap's
+//!   `delayed_free` list (so the owner learns the page has room again), then sets `NONE`.
+//! * `FREEING`: a remote freer is between those steps; the owner waits for it to finish
+//!   before it may give the page away, so the heap a notification reaches is always the
+//!   page's owner.
+//!
+//! Blocks carry no header: the page metadata is found from any block address through
+//! the segment (see `segment::page_of`).
+
+use core::ptr;
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use crate::heap::Heap;
+use crate::segment;
+
+/// A free block: its first word links to the next free block.
+#[repr(C)]
+pub struct Block {
+    pub next: *mut Block,
+}
+
+pub const STATE_NONE: usize = 0;
+pub const STATE_WATCH: usize = 1;
+pub const STATE_FREEING: usize = 2;
+const STATE_MASK: usize = 3;
+
+/// Page flag: the page is full and sits on its heap's `full` list.
+pub const FLAG_IN_FULL: u8 = 1;
+/// Span flag: this is the head of a free span of slices (not a page).
+pub const FLAG_FREE_SPAN: u8 = 2;
+/// Span flag: the free span's memory may still be resident (not yet decommitted).
+pub const FLAG_DIRTY: u8 = 4;
+/// Page flag: the owner thread exited; the page waits to be adopted or swept.
+pub const FLAG_ABANDONED: u8 = 8;
+
+/// Metadata of one page (or of one free span, when `FLAG_FREE_SPAN` is set). Lives in
+/// its segment's metadata area, one per slice, 64 bytes so pages of different threads
+/// never share a cache line.
+#[repr(C, align(64))]
+pub struct Page {
+    /// Owner-only: blocks ready to hand out.
+    pub free: *mut Block,
+    /// Owner-only: blocks handed out and not yet back on `free` (includes blocks
+    /// waiting on `remote_free`).
+    pub used: u32,
+    /// Blocks carved from the page so far (the rest is untouched memory).
+    pub capacity: u32,
+    /// Blocks the page can hold.
+    pub reserved: u32,
+    pub block_size: u32,
+    pub class: u8,
+    pub flags: u8,
+    /// First slice of the page (or span) in its segment.
+    pub slice_index: u16,
+    /// Slices the page (or span) covers.
+    pub slice_count: u16,
+    _pad: u16,
+    /// The owning heap; null while abandoned or free.
+    pub heap: AtomicPtr<Heap>,
+    /// Blocks freed by other threads, plus the notification state in the low bits.
+    pub remote_free: AtomicUsize,
+    /// Links in the owner's class list or full list, a free-span bin, or the
+    /// abandoned list.
+    pub next: *mut Page,
+    pub prev: *mut Page,
+}
+
+// SAFETY: pages are shared between threads by design; every field other threads touch
+// is atomic, the rest is owner-only or guarded by the region lock.
+unsafe impl Sync for Page {}
+
+impl Page {
+    pub const fn empty() -> Page {
+        Page {
+            free: ptr::null_mut(),
+            used: 0,
+            capacity: 0,
+            reserved: 0,
+            block_size: 0,
+            class: 0,
+            flags: 0,
+            slice_index: 0,
+            slice_count: 0,
+            _pad: 0,
+            heap: AtomicPtr::new(ptr::null_mut()),
+            remote_free: AtomicUsize::new(0),
+            next: ptr::null_mut(),
+            prev: ptr::null_mut(),
+        }
+    }
+
+    /// Address of the first block.
+    #[inline]
+    pub fn start(&self) -> *mut u8 {
+        segment::slice_address(self)
+    }
+
+    /// Bytes the page covers.
+    #[inline]
+    pub fn bytes(&self) -> usize {
+        (self.slice_count as usize) << segment::SLICE_SHIFT
+    }
+}
+
+/// Prepares page metadata for a fresh page of `block_size` blocks owned by `heap`.
+pub fn init_page(page: &mut Page, heap: *mut Heap, class: usize, block_size: usize) {
+    let reserved = page.bytes() / block_size;
+    page.free = ptr::null_mut();
+    page.used = 0;
+    page.capacity = 0;
+    page.reserved = reserved as u32;
+    page.block_size = block_size as u32;
+    page.class = class as u8;
+    page.flags = 0;
+    page.heap.store(heap, Ordering::Release);
+    page.remote_free.store(0, Ordering::Relaxed);
+    page.next = ptr::null_mut();
+    page.prev = ptr::null_mut();
+}
+
+/// Carves more blocks from the untouched tail onto `free`: at most one OS page worth
+/// (at least one block), so a page only becomes resident as it is used.
+pub fn extend(page: &mut Page) {
+    let remaining = page.reserved - page.capacity;
+    if remaining == 0 {
+        return;
+    }
+    let bs = page.block_size as usize;
+    let n = ((crate::os::OS_PAGE_SIZE / bs).max(1) as u32).min(remaining);
+    let first = page.start().wrapping_add(page.capacity as usize * bs);
+    let mut cur = first;
+    for _ in 1..n {
+        let next = cur.wrapping_add(bs);
+        // SAFETY: `cur` and `next` are blocks inside this page's slices that were never
+        // handed out; the page owner has exclusive use of them.
+        unsafe { (*cur.cast::<Block>()).next = next.cast() };
+        cur = next;
+    }
+    // SAFETY: `cur` is the last carved block, as above.
+    unsafe { (*cur.cast::<Block>()).next = page.free };
+    page.free = first.cast();
+    page.capacity += n;
+}
+
+/// Moves the blocks other threads freed onto `free`. Returns how many. Owner only (or
+/// the region lock holder for an abandoned page).
+pub fn collect_remote(page: &mut Page) -> u32 {
+    if page.remote_free.load(Ordering::Relaxed) & !STATE_MASK == 0 {
+        return 0;
+    }
+    // Take the whole list, keep the state bits.
+    let taken = page.remote_free.fetch_and(STATE_MASK, Ordering::Acquire) & !STATE_MASK;
+    let head = taken as *mut Block;
+    if head.is_null() {
+        return 0;
+    }
+    let mut count = 1;
+    let mut tail = head;
+    // SAFETY: the remote list holds blocks of this page that their freers handed over;
+    // each one's first word links the next.
+    unsafe {
+        while !(*tail).next.is_null() {
+            tail = (*tail).next;
+            count += 1;
+        }
+        (*tail).next = page.free;
+    }
+    page.free = head;
+    page.used = page.used.saturating_sub(count);
+    count
+}
+
+/// Pushes a block freed by a thread that does not own `page`. Returns the heap that
+/// must be told (the page is full and off its owner's list) together with ownership of
+/// the block, or null when the block was just queued on the page.
+///
+/// # Safety
+/// `block` must be a live block of `page` that the caller gives up.
+#[inline]
+pub unsafe fn push_remote(page: &Page, block: *mut Block) -> *mut Heap {
+    let mut cur = page.remote_free.load(Ordering::Relaxed);
+    loop {
+        let state = cur & STATE_MASK;
+        if state == STATE_WATCH {
+            let freeing = (cur & !STATE_MASK) | STATE_FREEING;
+            match page.remote_free.compare_exchange_weak(
+                cur,
+                freeing,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return page.heap.load(Ordering::Acquire),
+                Err(now) => {
+                    cur = now;
+                    continue;
+                }
+            }
+        }
+        // SAFETY: the caller gave us the block; its first word is ours to write.
+        unsafe { (*block).next = (cur & !STATE_MASK) as *mut Block };
+        let new = block as usize | state;
+        match page.remote_free.compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => return ptr::null_mut(),
+            Err(now) => cur = now,
+        }
+    }
+}
+
+/// Ends a notification begun by `push_remote` (state `FREEING` -> `NONE`).
+#[inline]
+pub fn end_notification(page: &Page) {
+    page.remote_free.fetch_and(!STATE_MASK, Ordering::Release);
+}
+
+/// Owner: asks to be told about the next remote free, for a page leaving the
+/// allocation list. Fails (returns false) when remote frees are already waiting; the
+/// caller should collect them instead.
+pub fn try_watch(page: &Page) -> bool {
+    page.remote_free
+        .compare_exchange(STATE_NONE, STATE_WATCH, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// Owner: stops watching, waiting out a remote freer that is mid-notification. After
+/// this returns no notification about `page` is in flight.
+pub fn unwatch(page: &Page) {
+    let mut cur = page.remote_free.load(Ordering::Acquire);
+    loop {
+        match cur & STATE_MASK {
+            STATE_NONE => return,
+            STATE_FREEING => {
+                core::hint::spin_loop();
+                cur = page.remote_free.load(Ordering::Acquire);
+            }
+            _ => {
+                match page.remote_free.compare_exchange_weak(
+                    cur,
+                    cur & !STATE_MASK,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return,
+                    Err(now) => cur = now,
+                }
+            }
+        }
+    }
+}

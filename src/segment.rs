@@ -1,0 +1,560 @@
+//! Segments and the region: where pages come from.
+//!
+//! A segment is a 4 MiB chunk, 4 MiB aligned, cut into 4096 slices of 1 KiB. Its first
+//! slices hold metadata: a slice -> page-head map and one [`Page`] record per slice.
+//! Pages are runs of slices; a new thread's first page of a class is one slice, so a
+//! thread that holds a few small objects costs about a kilobyte per class, and pages of
+//! different threads share segments (and OS pages). Finding the page of a block is a
+//! mask, a shift and two loads.
+//!
+//! The region (behind one lock, off the fast path) keeps free spans of slices in size
+//! bins, coalesces neighbours on free, decommits free memory once enough of it piles
+//! up, returns empty segments to the OS, and keeps the pages of exited threads until
+//! another heap adopts them or they empty out.
+
+use core::ptr;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::chunk_map::{self, CHUNK_SHIFT, KIND_NONE, KIND_SEGMENT};
+use crate::heap::Heap;
+use crate::lock::Mutex;
+use crate::os;
+use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, Page};
+use crate::size_class::MAX_CLASSES;
+
+pub const SEGMENT_SIZE: usize = 1 << CHUNK_SHIFT;
+const SEGMENT_MASK: usize = SEGMENT_SIZE - 1;
+pub const SLICE_SHIFT: usize = 10;
+pub const SLICE_SIZE: usize = 1 << SLICE_SHIFT;
+pub const SLICES: usize = SEGMENT_SIZE / SLICE_SIZE;
+
+const SLICE_HEAD_OFFSET: usize = 64;
+const PAGES_OFFSET: usize = SLICE_HEAD_OFFSET + SLICES * 2;
+const META_BYTES: usize = PAGES_OFFSET + SLICES * core::mem::size_of::<Page>();
+/// Slices taken by the metadata at the start of each segment.
+pub const FIRST_SLICE: usize = META_BYTES.div_ceil(SLICE_SIZE);
+
+/// Free memory that may sit resident before the region decommits it.
+const PURGE_THRESHOLD: usize = 8 << 20;
+
+const SPAN_BINS: usize = 18;
+
+#[repr(C)]
+struct Segment {
+    /// Slices held by pages.
+    used_slices: usize,
+    next: *mut Segment,
+    prev: *mut Segment,
+}
+
+const _: () = assert!(core::mem::size_of::<Segment>() <= SLICE_HEAD_OFFSET);
+const _: () = assert!(core::mem::size_of::<Page>() == 64);
+const _: () = assert!(PAGES_OFFSET % 64 == 0);
+
+#[inline(always)]
+fn segment_base(addr: usize) -> usize {
+    addr & !SEGMENT_MASK
+}
+
+#[inline(always)]
+fn slice_heads(seg: usize) -> *mut u16 {
+    (seg + SLICE_HEAD_OFFSET) as *mut u16
+}
+
+#[inline(always)]
+fn page_at(seg: usize, slice: usize) -> *mut Page {
+    (seg + PAGES_OFFSET + slice * core::mem::size_of::<Page>()) as *mut Page
+}
+
+/// The page holding `addr`, which must lie in a small-object segment.
+#[inline(always)]
+pub fn page_of(addr: usize) -> *mut Page {
+    let seg = segment_base(addr);
+    let slice = (addr >> SLICE_SHIFT) & (SLICES - 1);
+    // SAFETY: the chunk map said this chunk is a segment, so its slice-head map is
+    // mapped; `slice < SLICES`.
+    let head = unsafe { *slice_heads(seg).add(slice) } as usize;
+    page_at(seg, head)
+}
+
+/// The first address covered by a page record.
+#[inline]
+pub fn slice_address(page: &Page) -> *mut u8 {
+    let seg = segment_base(page as *const Page as usize);
+    (seg + ((page.slice_index as usize) << SLICE_SHIFT)) as *mut u8
+}
+
+/// Slices a page of `block_size` should be aligned to, so that every block is aligned
+/// to the largest power of two dividing the block size (capped at 256 KiB).
+pub fn span_alignment(block_size: usize) -> usize {
+    let pow2 = 1usize << block_size.trailing_zeros().min(18);
+    (pow2 >> SLICE_SHIFT).max(1)
+}
+
+struct Region {
+    lock: Mutex,
+    inner: core::cell::UnsafeCell<RegionInner>,
+}
+
+struct RegionInner {
+    segments: *mut Segment,
+    segment_count: usize,
+    bins: [*mut Page; SPAN_BINS],
+    abandoned: [*mut Page; MAX_CLASSES],
+    abandoned_count: usize,
+    sweep_class: usize,
+    free_bytes: usize,
+    dirty_bytes: usize,
+}
+
+// SAFETY: `inner` is only touched with `lock` held.
+unsafe impl Sync for Region {}
+
+static REGION: Region = Region {
+    lock: Mutex::new(),
+    inner: core::cell::UnsafeCell::new(RegionInner {
+        segments: ptr::null_mut(),
+        segment_count: 0,
+        bins: [ptr::null_mut(); SPAN_BINS],
+        abandoned: [ptr::null_mut(); MAX_CLASSES],
+        abandoned_count: 0,
+        sweep_class: 0,
+        free_bytes: 0,
+        dirty_bytes: 0,
+    }),
+};
+
+/// Bytes of address space held in segments (statistics).
+pub static SEGMENT_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// Bytes of free spans known not to be resident (statistics).
+static CLEAN_FREE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs `f` on the region with its lock held.
+fn with_region<R>(f: impl FnOnce(&mut RegionInner) -> R) -> R {
+    REGION.lock.with(|| {
+        // SAFETY: the lock is held, so this is the only reference.
+        let r = unsafe { &mut *REGION.inner.get() };
+        f(r)
+    })
+}
+
+/// Lock hooks for `fork`.
+pub fn lock_for_fork() {
+    REGION.lock.lock();
+}
+pub fn unlock_after_fork(child: bool) {
+    if child {
+        REGION.lock.reset_in_child();
+    } else {
+        REGION.lock.unlock();
+    }
+}
+
+fn bin_of(slices: usize) -> usize {
+    if slices <= 8 {
+        slices - 1
+    } else {
+        let log = (usize::BITS - 1 - slices.leading_zeros()) as usize;
+        (8 + log - 3).min(SPAN_BINS - 1)
+    }
+}
+
+// ---- free-span lists ------------------------------------------------------------------
+
+/// # Safety
+/// `list` and `page` belong to the region (lock held); `page` is not on a list.
+unsafe fn list_push(list: &mut *mut Page, page: *mut Page) {
+    // SAFETY: per the contract all pages are valid region metadata.
+    unsafe {
+        (*page).prev = ptr::null_mut();
+        (*page).next = *list;
+        if !(*list).is_null() {
+            (**list).prev = page;
+        }
+    }
+    *list = page;
+}
+
+/// # Safety
+/// `page` is on `list` (lock held).
+unsafe fn list_remove(list: &mut *mut Page, page: *mut Page) {
+    // SAFETY: per the contract `page` and its neighbours are on `list`.
+    unsafe {
+        let (prev, next) = ((*page).prev, (*page).next);
+        if prev.is_null() {
+            *list = next;
+        } else {
+            (*prev).next = next;
+        }
+        if !next.is_null() {
+            (*next).prev = prev;
+        }
+        (*page).next = ptr::null_mut();
+        (*page).prev = ptr::null_mut();
+    }
+}
+
+impl RegionInner {
+    /// Records `[start, start + count)` of `seg` as a free span.
+    ///
+    /// # Safety
+    /// The slices are free and not on any list.
+    unsafe fn insert_free(&mut self, seg: usize, start: usize, count: usize, dirty: bool) {
+        let head = page_at(seg, start);
+        // SAFETY: the span lies in a segment we own; its records are ours.
+        unsafe {
+            (*head).flags = FLAG_FREE_SPAN | if dirty { FLAG_DIRTY } else { 0 };
+            (*head).slice_index = start as u16;
+            (*head).slice_count = count as u16;
+            (*head).heap.store(ptr::null_mut(), Ordering::Relaxed);
+            *slice_heads(seg).add(start) = start as u16;
+            *slice_heads(seg).add(start + count - 1) = start as u16;
+            list_push(&mut self.bins[bin_of(count)], head);
+        }
+        self.free_bytes += count << SLICE_SHIFT;
+        if dirty {
+            self.dirty_bytes += count << SLICE_SHIFT;
+        } else {
+            CLEAN_FREE_BYTES.fetch_add(count << SLICE_SHIFT, Ordering::Relaxed);
+        }
+    }
+
+    /// # Safety
+    /// `head` is a free span on its bin.
+    unsafe fn remove_free(&mut self, head: *mut Page) {
+        // SAFETY: per the contract.
+        unsafe {
+            let count = (*head).slice_count as usize;
+            list_remove(&mut self.bins[bin_of(count)], head);
+            self.free_bytes -= count << SLICE_SHIFT;
+            if (*head).flags & FLAG_DIRTY != 0 {
+                self.dirty_bytes -= count << SLICE_SHIFT;
+            } else {
+                CLEAN_FREE_BYTES.fetch_sub(count << SLICE_SHIFT, Ordering::Relaxed);
+            }
+            (*head).flags = 0;
+        }
+    }
+
+    /// Finds and takes `count` slices starting at a multiple of `align` slices.
+    fn take_span(&mut self, count: usize, align: usize) -> *mut Page {
+        for bin in bin_of(count)..SPAN_BINS {
+            let mut cand = self.bins[bin];
+            let mut tries = 0;
+            while !cand.is_null() && tries < 32 {
+                // SAFETY: bin entries are free-span heads in our segments.
+                let (idx, len, next) = unsafe {
+                    ((*cand).slice_index as usize, (*cand).slice_count as usize, (*cand).next)
+                };
+                let start = idx.next_multiple_of(align);
+                if start + count <= idx + len {
+                    // SAFETY: `cand` is a free span; we split it around the part taken.
+                    return unsafe { self.split(cand, start, count) };
+                }
+                cand = next;
+                tries += 1;
+            }
+        }
+        ptr::null_mut()
+    }
+
+    /// # Safety
+    /// `head` is a free span containing `[start, start + count)`.
+    unsafe fn split(&mut self, head: *mut Page, start: usize, count: usize) -> *mut Page {
+        let seg = segment_base(head as usize);
+        // SAFETY: per the contract.
+        unsafe {
+            let (idx, len) = ((*head).slice_index as usize, (*head).slice_count as usize);
+            let dirty = (*head).flags & FLAG_DIRTY != 0;
+            self.remove_free(head);
+            if start > idx {
+                self.insert_free(seg, idx, start - idx, dirty);
+            }
+            let end = start + count;
+            if end < idx + len {
+                self.insert_free(seg, end, idx + len - end, dirty);
+            }
+            let page = page_at(seg, start);
+            (*page).flags = 0;
+            (*page).slice_index = start as u16;
+            (*page).slice_count = count as u16;
+            let heads = slice_heads(seg);
+            for s in start..end {
+                *heads.add(s) = start as u16;
+            }
+            (*(seg as *mut Segment)).used_slices += count;
+            page
+        }
+    }
+
+    /// Maps a new segment and records its usable slices as one free span.
+    fn add_segment(&mut self) -> bool {
+        let base = os::map_aligned(SEGMENT_SIZE, SEGMENT_SIZE);
+        if base.is_null() {
+            crate::options::report_os_failure(SEGMENT_SIZE);
+            return false;
+        }
+        let seg = base as usize;
+        if !chunk_map::set_kind(seg, KIND_SEGMENT) {
+            // SAFETY: our fresh mapping.
+            unsafe { os::unmap(base, SEGMENT_SIZE) };
+            return false;
+        }
+        let s = seg as *mut Segment;
+        // SAFETY: fresh zeroed mapping of a whole segment.
+        unsafe {
+            (*s).used_slices = 0;
+            (*s).prev = ptr::null_mut();
+            (*s).next = self.segments;
+            if !self.segments.is_null() {
+                (*self.segments).prev = s;
+            }
+            self.segments = s;
+            self.insert_free(seg, FIRST_SLICE, SLICES - FIRST_SLICE, false);
+        }
+        self.segment_count += 1;
+        SEGMENT_BYTES.fetch_add(SEGMENT_SIZE, Ordering::Relaxed);
+        true
+    }
+
+    /// Gives a span back, merging it with free neighbours; may release its segment.
+    ///
+    /// # Safety
+    /// `page` heads an allocated span that nothing uses any more.
+    unsafe fn release_span(&mut self, page: *mut Page) {
+        let seg = segment_base(page as usize);
+        // SAFETY: per the contract; neighbours are span heads in the same segment.
+        unsafe {
+            let mut start = (*page).slice_index as usize;
+            let mut count = (*page).slice_count as usize;
+            (*(seg as *mut Segment)).used_slices -= count;
+            let mut dirty = true;
+            let end = start + count;
+            if end < SLICES {
+                let right = page_at(seg, end);
+                if (*right).flags & FLAG_FREE_SPAN != 0 {
+                    dirty |= (*right).flags & FLAG_DIRTY != 0;
+                    count += (*right).slice_count as usize;
+                    self.remove_free(right);
+                }
+            }
+            if start > FIRST_SLICE {
+                let left = page_at(seg, *slice_heads(seg).add(start - 1) as usize);
+                if (*left).flags & FLAG_FREE_SPAN != 0 {
+                    start = (*left).slice_index as usize;
+                    count += (*left).slice_count as usize;
+                    self.remove_free(left);
+                }
+            }
+            if (*(seg as *mut Segment)).used_slices == 0 && self.segment_count > 1 {
+                self.release_segment(seg);
+                return;
+            }
+            self.insert_free(seg, start, count, dirty);
+        }
+        if self.dirty_bytes > PURGE_THRESHOLD {
+            self.purge();
+        }
+    }
+
+    /// # Safety
+    /// The segment holds no pages and its free span is off the bins.
+    unsafe fn release_segment(&mut self, seg: usize) {
+        let s = seg as *mut Segment;
+        // SAFETY: per the contract; the segment is on our list.
+        unsafe {
+            let (prev, next) = ((*s).prev, (*s).next);
+            if prev.is_null() {
+                self.segments = next;
+            } else {
+                (*prev).next = next;
+            }
+            if !next.is_null() {
+                (*next).prev = prev;
+            }
+            chunk_map::set_kind(seg, KIND_NONE);
+            os::unmap(s.cast(), SEGMENT_SIZE);
+        }
+        self.segment_count -= 1;
+        SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
+    }
+
+    /// Decommits every dirty free span.
+    fn purge(&mut self) -> usize {
+        let mut returned = 0;
+        for bin in 0..SPAN_BINS {
+            let mut p = self.bins[bin];
+            while !p.is_null() {
+                // SAFETY: bin entries are free spans we own.
+                unsafe {
+                    if (*p).flags & FLAG_DIRTY != 0 {
+                        let bytes = ((*p).slice_count as usize) << SLICE_SHIFT;
+                        returned += os::decommit(slice_address(&*p), bytes);
+                        (*p).flags &= !FLAG_DIRTY;
+                        self.dirty_bytes -= bytes;
+                        CLEAN_FREE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    p = (*p).next;
+                }
+            }
+        }
+        returned
+    }
+
+    /// Collects remote frees on up to `budget` abandoned pages and frees the empty ones.
+    fn sweep_abandoned(&mut self, mut budget: usize) {
+        let mut scanned_classes = 0;
+        while budget > 0 && self.abandoned_count > 0 && scanned_classes < MAX_CLASSES {
+            let class = self.sweep_class;
+            let mut p = self.abandoned[class];
+            while !p.is_null() && budget > 0 {
+                budget -= 1;
+                // SAFETY: abandoned pages have no owner; the region lock makes us the
+                // only thread that may touch their owner-side fields.
+                unsafe {
+                    let next = (*p).next;
+                    page::collect_remote(&mut *p);
+                    if (*p).used == 0 {
+                        list_remove(&mut self.abandoned[class], p);
+                        self.abandoned_count -= 1;
+                        (*p).flags = 0;
+                        self.release_span(p);
+                    }
+                    p = next;
+                }
+            }
+            if budget > 0 || p.is_null() {
+                self.sweep_class = (class + 1) % MAX_CLASSES;
+                scanned_classes += 1;
+            }
+        }
+    }
+}
+
+/// A fresh page of `slices` slices for `class`, owned by `heap`, aligned for its block
+/// size. Null when the OS has no memory left.
+pub fn alloc_page(heap: *mut Heap, class: usize, block_size: usize, slices: usize) -> *mut Page {
+    let align = span_alignment(block_size);
+    let page = with_region(|r| {
+        let mut p = r.take_span(slices, align);
+        if p.is_null() {
+            r.sweep_abandoned(usize::MAX);
+            p = r.take_span(slices, align);
+        }
+        if p.is_null() && r.add_segment() {
+            p = r.take_span(slices, align);
+        }
+        p
+    });
+    if !page.is_null() {
+        // SAFETY: the span is ours now; nobody else references its record.
+        unsafe { page::init_page(&mut *page, heap, class, block_size) };
+    }
+    page
+}
+
+/// Gives an empty page back to the region.
+///
+/// # Safety
+/// No block of `page` is in use and no thread will touch it again.
+pub unsafe fn free_page(page: *mut Page) {
+    // SAFETY: per the contract.
+    with_region(|r| unsafe {
+        (*page).heap.store(ptr::null_mut(), Ordering::Release);
+        r.release_span(page)
+    });
+}
+
+/// Parks a page with live blocks whose owner thread is exiting.
+///
+/// # Safety
+/// The caller owned `page`, removed it from its lists and made sure no notification
+/// about it is in flight.
+pub unsafe fn abandon_page(page: *mut Page) {
+    with_region(|r| {
+        // SAFETY: per the contract; the page becomes region property.
+        unsafe {
+            (*page).flags = FLAG_ABANDONED;
+            (*page).heap.store(ptr::null_mut(), Ordering::Release);
+            let class = (*page).class as usize;
+            if let Some(list) = r.abandoned.get_mut(class) {
+                list_push(list, page);
+                r.abandoned_count += 1;
+            }
+        }
+    });
+}
+
+/// Hands an abandoned page of `class` to `heap`, freeing abandoned pages of that class
+/// that turned out empty on the way. Null when none is left.
+pub fn adopt_page(heap: *mut Heap, class: usize) -> *mut Page {
+    with_region(|r| {
+        loop {
+            let Some(list) = r.abandoned.get_mut(class) else {
+                return ptr::null_mut();
+            };
+            let p = *list;
+            if p.is_null() {
+                return p;
+            }
+            // SAFETY: abandoned pages are region property while the lock is held.
+            unsafe {
+                list_remove(list, p);
+                r.abandoned_count -= 1;
+                (*p).flags = 0;
+                page::collect_remote(&mut *p);
+                if (*p).used == 0 {
+                    r.release_span(p);
+                    continue;
+                }
+                (*p).heap.store(heap, Ordering::Release);
+            }
+            return p;
+        }
+    })
+}
+
+/// Returns what can be returned: sweeps abandoned pages and decommits free memory.
+/// Returns the bytes decommitted.
+pub fn trim() -> usize {
+    with_region(|r| {
+        r.sweep_abandoned(usize::MAX);
+        r.purge()
+    })
+}
+
+/// Called at thread exit: reclaim a few abandoned pages so exited threads' memory
+/// comes back even if nobody allocates their classes again.
+pub fn sweep_some() {
+    with_region(|r| r.sweep_abandoned(64));
+}
+
+/// Bytes of segment memory that may be resident (mapped minus known-clean free spans).
+pub fn committed_bytes() -> usize {
+    SEGMENT_BYTES
+        .load(Ordering::Relaxed)
+        .saturating_sub(CLEAN_FREE_BYTES.load(Ordering::Relaxed))
+}
+
+/// Visits every allocated page (statistics; racy reads of owner fields are fine).
+pub fn for_each_page(mut f: impl FnMut(&Page)) {
+    with_region(|r| {
+        let mut s = r.segments;
+        while !s.is_null() {
+            let seg = s as usize;
+            let mut slice = FIRST_SLICE;
+            while slice < SLICES {
+                // SAFETY: slices from FIRST_SLICE on are partitioned into spans whose
+                // heads have valid records (lock held: no span changes).
+                let p = unsafe { &*page_at(seg, slice) };
+                let count = (p.slice_count as usize).max(1);
+                if p.flags & FLAG_FREE_SPAN == 0 {
+                    f(p);
+                }
+                slice += count;
+            }
+            // SAFETY: segment list links are valid under the lock.
+            s = unsafe { (*s).next };
+        }
+    });
+}

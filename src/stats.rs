@@ -1,0 +1,148 @@
+//! Statistics: `lg_stats` and the summary `LGMALLOC_SHOW_STATS=1` prints at exit.
+//!
+//! Counters live where they are cheap to keep: allocation counts per class in each
+//! heap (one add on the fast path), live blocks in the page records. A report sums them
+//! with the locks of the heap pool and the region held; owner-written words are read as
+//! a racy snapshot.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::options::Message;
+use crate::size_class::{self, MAX_CLASSES};
+use crate::{heap, large, os, segment};
+
+/// Number of entries in [`LgStats::classes`].
+pub const LG_MAX_CLASSES: usize = MAX_CLASSES;
+
+/// Figures for one size class.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct LgClassStats {
+    /// Bytes per block of this class.
+    pub block_size: u64,
+    /// Allocations served from this class since start.
+    pub allocations: u64,
+    /// Blocks currently in use (or freed by another thread and not yet collected).
+    pub live_blocks: u64,
+    /// Pages currently holding blocks of this class.
+    pub pages: u64,
+}
+
+/// A snapshot of the allocator's state, filled by `lg_stats`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LgStats {
+    /// Bytes in live blocks (block sizes, including rounding) and large objects.
+    pub bytes_allocated: u64,
+    /// Bytes that may be resident: mapped memory minus free memory returned to the OS.
+    pub bytes_committed: u64,
+    /// Address space held from the OS.
+    pub bytes_reserved: u64,
+    /// The highest `bytes_committed` seen by a call of `lg_stats` or at exit.
+    pub peak_bytes_committed: u64,
+    /// Thread heaps in use.
+    pub live_heaps: u64,
+    /// Allocations since start (all sizes).
+    pub alloc_count: u64,
+    /// Frees since start (all sizes).
+    pub free_count: u64,
+    /// Large objects (own mapping) currently live.
+    pub large_live: u64,
+    /// Number of valid entries in `classes`.
+    pub class_count: u32,
+    /// Per size class figures; entries past `class_count` are zero.
+    pub classes: [LgClassStats; LG_MAX_CLASSES],
+}
+
+impl Default for LgStats {
+    fn default() -> Self {
+        LgStats {
+            bytes_allocated: 0,
+            bytes_committed: 0,
+            bytes_reserved: 0,
+            peak_bytes_committed: 0,
+            live_heaps: 0,
+            alloc_count: 0,
+            free_count: 0,
+            large_live: 0,
+            class_count: 0,
+            classes: [LgClassStats::default(); LG_MAX_CLASSES],
+        }
+    }
+}
+
+/// Large allocations and frees since start.
+pub static LARGE_ALLOCS: AtomicUsize = AtomicUsize::new(0);
+pub static LARGE_FREES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_COMMITTED: AtomicUsize = AtomicUsize::new(0);
+
+/// Fills `out` with a fresh snapshot.
+pub fn collect(out: &mut LgStats) {
+    *out = LgStats::default();
+    let count = size_class::class_count();
+    out.class_count = count as u32;
+    let mut per_class = [0u64; MAX_CLASSES];
+    let frees = heap::counts(&mut per_class);
+    let mut allocated = 0u64;
+    for (c, slot) in out.classes.iter_mut().enumerate().take(count) {
+        slot.block_size = size_class::block_size(c) as u64;
+        slot.allocations = per_class[c];
+    }
+    segment::for_each_page(|p| {
+        if let Some(slot) = out.classes.get_mut(p.class as usize) {
+            slot.live_blocks += p.used as u64;
+            slot.pages += 1;
+            allocated += p.used as u64 * p.block_size as u64;
+        }
+    });
+    let large_bytes = large::LIVE_BYTES.load(Ordering::Relaxed);
+    out.bytes_allocated = allocated + large_bytes as u64;
+    let committed = segment::committed_bytes() + large_bytes;
+    let peak = PEAK_COMMITTED.fetch_max(committed, Ordering::Relaxed).max(committed);
+    out.bytes_committed = committed as u64;
+    out.peak_bytes_committed = peak as u64;
+    out.bytes_reserved = (segment::SEGMENT_BYTES.load(Ordering::Relaxed) + large_bytes) as u64;
+    out.live_heaps = heap::LIVE_HEAPS.load(Ordering::Relaxed) as u64;
+    out.large_live = large::LIVE_COUNT.load(Ordering::Relaxed) as u64;
+    out.alloc_count = per_class.iter().sum::<u64>() + LARGE_ALLOCS.load(Ordering::Relaxed) as u64;
+    out.free_count = frees + LARGE_FREES.load(Ordering::Relaxed) as u64;
+}
+
+fn kib(bytes: u64) -> u64 {
+    bytes.div_ceil(1024)
+}
+
+/// Writes a readable summary to stderr (used at exit with `LGMALLOC_SHOW_STATS=1`).
+pub fn print_summary() {
+    let mut s = LgStats::default();
+    collect(&mut s);
+    let mut m = Message::new();
+    let _ = writeln!(
+        m,
+        "lgmalloc: stats: allocated {} KiB, committed {} KiB (peak {} KiB), reserved {} KiB",
+        kib(s.bytes_allocated),
+        kib(s.bytes_committed),
+        kib(s.peak_bytes_committed),
+        kib(s.bytes_reserved)
+    );
+    let _ = writeln!(
+        m,
+        "lgmalloc: stats: {} allocations, {} frees, {} live heaps, {} live large objects",
+        s.alloc_count, s.free_count, s.live_heaps, s.large_live
+    );
+    let _ = writeln!(m, "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}", "class", "allocs", "live", "pages");
+    os::write_stderr(m.as_bytes());
+    for c in s.classes.iter().take(s.class_count as usize) {
+        if c.allocations == 0 && c.live_blocks == 0 {
+            continue;
+        }
+        m.clear();
+        let _ = writeln!(
+            m,
+            "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}",
+            c.block_size, c.allocations, c.live_blocks, c.pages
+        );
+        os::write_stderr(m.as_bytes());
+    }
+}
