@@ -33,14 +33,14 @@ struct Map([AtomicU8; LEN]);
 
 static MAP: Map = Map([const { AtomicU8::new(KIND_NONE) }; LEN]);
 
-/// The kind of the chunk holding `addr` (`KIND_NONE` outside the user address space).
+/// The kind of the chunk holding `addr`. Addresses above the 47-bit user space (which
+/// no mapping of ours can have) wrap onto the map instead of costing a bounds check on
+/// every free; such a pointer faults when its metadata is read.
 #[inline(always)]
 pub fn kind_of(addr: usize) -> u8 {
-    let idx = addr >> CHUNK_SHIFT;
-    match MAP.0.get(idx) {
-        Some(k) => k.load(Ordering::Relaxed),
-        None => KIND_NONE,
-    }
+    let idx = (addr >> CHUNK_SHIFT) & (LEN - 1);
+    // SAFETY: the index is masked into range.
+    unsafe { MAP.0.get_unchecked(idx).load(Ordering::Relaxed) }
 }
 
 /// Records the kind of the chunk holding `addr`. Returns false when the address lies

@@ -18,7 +18,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::lock::Mutex;
 use crate::os;
-use crate::page::{self, Block, FLAG_IN_FULL, Page};
+use crate::page::{self, Block, NOT_FULL, Page};
 use crate::segment::{self, SLICE_SIZE};
 use crate::size_class::{self, MAX_CLASSES};
 
@@ -34,8 +34,6 @@ pub struct Heap {
     pub pages: [*mut Page; MAX_CLASSES],
     /// Per class: allocations served (statistics; owner-written, read racily).
     pub alloc_count: [u64; MAX_CLASSES],
-    /// Frees done by this thread (its own blocks and other threads').
-    pub free_count: u64,
     /// Pages of each class this heap has acquired so far (saturating), to size the next.
     page_growth: [u8; MAX_CLASSES],
     /// Pages with no free block, all classes.
@@ -61,7 +59,6 @@ pub static EMPTY_PAGE: Page = Page::empty();
 pub static EMPTY_HEAP: Heap = Heap {
     pages: [&raw const EMPTY_PAGE as *mut Page; MAX_CLASSES],
     alloc_count: [0; MAX_CLASSES],
-    free_count: 0,
     page_growth: [0; MAX_CLASSES],
     full: ptr::null_mut(),
     next_live: ptr::null_mut(),
@@ -117,13 +114,13 @@ pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
             let b = block.cast::<Block>();
             (*b).next = (*page).free;
             (*page).free = b;
-            (*page).used -= 1;
-            (*heap).free_count += 1;
-            if (*page).used == 0 || (*page).flags != 0 {
+            let used = (*page).used - 1;
+            (*page).used = used;
+            if used <= NOT_FULL {
                 free_local_slow(heap, page);
             }
         } else {
-            free_remote(heap, page, block.cast());
+            free_remote(page, block.cast());
         }
     }
 }
@@ -191,36 +188,50 @@ unsafe fn find_page(heap: *mut Heap, class: usize) -> *mut Page {
     unsafe {
         drain_delayed(heap);
         loop {
+            let page = first_page_with_room(heap, class);
+            if !page.is_null() {
+                return page;
+            }
+            // Nothing on our list: adopt a page of an exited thread (it goes through
+            // the same checks), or make a new one.
+            let adopted = segment::adopt_page(heap, class);
+            if adopted.is_null() {
+                return new_page(heap, class);
+            }
+            class_push_front(heap, adopted);
+        }
+    }
+}
+
+/// Walks the class list from its head, moving full pages to the full list, until a
+/// page with a free block turns up. Null when the list runs out.
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+unsafe fn first_page_with_room(heap: *mut Heap, class: usize) -> *mut Page {
+    // SAFETY: owner access to the heap and its pages.
+    unsafe {
+        loop {
             let page = (*heap).pages[class];
             if page == empty_page() {
-                break;
+                return ptr::null_mut();
             }
-            if !(*page).free.is_null() {
-                return page;
+            if (*page).free.is_null() {
+                page::collect_remote(&mut *page);
             }
-            page::collect_remote(&mut *page);
             if (*page).free.is_null() {
                 page::extend(&mut *page);
             }
             if !(*page).free.is_null() {
                 return page;
             }
-            // Full: park it where remote frees will tell us about it.
-            if !page::try_watch(&*page) {
-                continue; // a remote free raced in; collect it next round
+            // Full: park it where remote frees will tell us about it. If a remote
+            // free raced in, the next round collects it.
+            if page::try_watch(&*page) {
+                class_remove(heap, page);
+                full_push(heap, page);
             }
-            class_remove(heap, page);
-            full_push(heap, page);
         }
-        let page = segment::adopt_page(heap, class);
-        if !page.is_null() {
-            class_push_front(heap, page);
-            if (*page).free.is_null() {
-                page::extend(&mut *page);
-            }
-            return page;
-        }
-        new_page(heap, class)
     }
 }
 
@@ -260,12 +271,12 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
 unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
     // SAFETY: owner access.
     unsafe {
-        if (*page).flags & FLAG_IN_FULL != 0 {
+        if (*page).in_full() {
             page::unwatch(&*page);
             full_remove(heap, page);
             class_push_second(heap, page);
         }
-        if (*page).used == 0 {
+        if (*page).used() == 0 {
             retire_if_spare(heap, page);
         }
     }
@@ -292,7 +303,7 @@ unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page) {
 
 #[cold]
 #[inline(never)]
-unsafe fn free_remote(heap: *mut Heap, page: *mut Page, block: *mut Block) {
+unsafe fn free_remote(page: *mut Page, block: *mut Block) {
     // SAFETY: the caller gives up `block`, a live block of `page`.
     unsafe {
         let owner = page::push_remote(&*page, block);
@@ -309,11 +320,6 @@ unsafe fn free_remote(heap: *mut Heap, page: *mut Page, block: *mut Block) {
                 }
             }
             page::end_notification(&*page);
-        }
-        if heap != empty_heap() {
-            (*heap).free_count += 1;
-        } else {
-            ORPHAN_FREES.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -335,7 +341,7 @@ unsafe fn drain_delayed(heap: *mut Heap) {
             (*b).next = (*page).free;
             (*page).free = b;
             (*page).used -= 1;
-            if (*page).used == 0 || (*page).flags != 0 {
+            if (*page).used <= NOT_FULL {
                 free_local_slow(heap, page);
             }
             b = next;
@@ -412,7 +418,7 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
 unsafe fn full_push(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
-        (*page).flags |= FLAG_IN_FULL;
+        (*page).used &= !NOT_FULL;
         (*page).prev = ptr::null_mut();
         (*page).next = (*heap).full;
         if !(*heap).full.is_null() {
@@ -427,7 +433,7 @@ unsafe fn full_push(heap: *mut Heap, page: *mut Page) {
 unsafe fn full_remove(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
-        (*page).flags &= !FLAG_IN_FULL;
+        (*page).used |= NOT_FULL;
         let (prev, next) = ((*page).prev, (*page).next);
         if prev.is_null() {
             (*heap).full = next;
@@ -473,7 +479,7 @@ pub unsafe fn abandon(heap: *mut Heap) {
                 }
                 class_remove(heap, p);
                 page::collect_remote(&mut *p);
-                if (*p).used == 0 {
+                if (*p).used() == 0 {
                     segment::free_page(p);
                 } else {
                     segment::abandon_page(p);
@@ -518,9 +524,6 @@ static POOL: Pool = Pool {
 
 /// Counts of finished heaps, so statistics survive thread exit.
 static RETIRED_ALLOCS: [AtomicU64; MAX_CLASSES] = [const { AtomicU64::new(0) }; MAX_CLASSES];
-static RETIRED_FREES: AtomicU64 = AtomicU64::new(0);
-/// Frees by threads that never allocated (they have no heap to count on).
-static ORPHAN_FREES: AtomicU64 = AtomicU64::new(0);
 /// Heaps owned by running threads.
 pub static LIVE_HEAPS: AtomicUsize = AtomicUsize::new(0);
 
@@ -570,7 +573,6 @@ fn pool_take() -> *mut Heap {
             h.write(Heap {
                 pages: [empty_page(); MAX_CLASSES],
                 alloc_count: [0; MAX_CLASSES],
-                free_count: 0,
                 page_growth: [0; MAX_CLASSES],
                 full: ptr::null_mut(),
                 next_live: p.live,
@@ -601,7 +603,6 @@ unsafe fn pool_give(heap: *mut Heap) {
             for (c, n) in (*heap).alloc_count.iter().enumerate() {
                 RETIRED_ALLOCS[c].fetch_add(*n, Ordering::Relaxed);
             }
-            RETIRED_FREES.fetch_add((*heap).free_count, Ordering::Relaxed);
             let (prev, next) = ((*heap).prev_live, (*heap).next_live);
             if prev.is_null() {
                 p.live = next;
@@ -618,12 +619,11 @@ unsafe fn pool_give(heap: *mut Heap) {
     LIVE_HEAPS.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Sums allocation counts per class and frees over every heap, live or finished.
-pub fn counts(per_class: &mut [u64; MAX_CLASSES]) -> u64 {
+/// Sums allocation counts per class over every heap, live or finished.
+pub fn counts(per_class: &mut [u64; MAX_CLASSES]) {
     for (c, slot) in per_class.iter_mut().enumerate() {
         *slot = RETIRED_ALLOCS[c].load(Ordering::Relaxed);
     }
-    let mut frees = RETIRED_FREES.load(Ordering::Relaxed) + ORPHAN_FREES.load(Ordering::Relaxed);
     with_pool(|p| {
         let mut h = p.live;
         while !h.is_null() {
@@ -633,12 +633,10 @@ pub fn counts(per_class: &mut [u64; MAX_CLASSES]) -> u64 {
                 for (c, slot) in per_class.iter_mut().enumerate() {
                     *slot += ptr::read_volatile(&(*h).alloc_count[c]);
                 }
-                frees += ptr::read_volatile(&(*h).free_count);
                 h = (*h).next_live;
             }
         }
     });
-    frees
 }
 
 /// Collects everything pending for the calling thread's heap (for `lg_trim`).
@@ -655,7 +653,7 @@ pub fn collect_own() {
             while p != empty_page() && !p.is_null() {
                 let next = (*p).next;
                 page::collect_remote(&mut *p);
-                if (*p).used == 0 {
+                if (*p).used() == 0 {
                     retire_if_spare(heap, p);
                 }
                 p = next;

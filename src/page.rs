@@ -33,8 +33,10 @@ pub const STATE_WATCH: usize = 1;
 pub const STATE_FREEING: usize = 2;
 const STATE_MASK: usize = 3;
 
-/// Page flag: the page is full and sits on its heap's `full` list.
-pub const FLAG_IN_FULL: u8 = 1;
+/// Added to `Page::used` while the page is *not* on its heap's full list. The free fast
+/// path then needs one comparison after decrementing: a result of at most `NOT_FULL`
+/// means "now empty" or "on the full list", the two cases that need the slow path.
+pub const NOT_FULL: u32 = 1 << 31;
 /// Span flag: this is the head of a free span of slices (not a page).
 pub const FLAG_FREE_SPAN: u8 = 2;
 /// Span flag: the free span's memory may still be resident (not yet decommitted).
@@ -50,7 +52,8 @@ pub struct Page {
     /// Owner-only: blocks ready to hand out.
     pub free: *mut Block,
     /// Owner-only: blocks handed out and not yet back on `free` (includes blocks
-    /// waiting on `remote_free`).
+    /// waiting on `remote_free`), plus [`NOT_FULL`] unless the page is on the full list.
+    /// Read it through [`Page::used`] and [`Page::in_full`].
     pub used: u32,
     /// Blocks carved from the page so far (the rest is untouched memory).
     pub capacity: u32,
@@ -98,6 +101,18 @@ impl Page {
         }
     }
 
+    /// Blocks in use (or waiting on the remote list).
+    #[inline]
+    pub fn used(&self) -> u32 {
+        self.used & !NOT_FULL
+    }
+
+    /// True while the page sits on its heap's full list.
+    #[inline]
+    pub fn in_full(&self) -> bool {
+        self.used & NOT_FULL == 0
+    }
+
     /// Address of the first block.
     #[inline]
     pub fn start(&self) -> *mut u8 {
@@ -115,7 +130,7 @@ impl Page {
 pub fn init_page(page: &mut Page, heap: *mut Heap, class: usize, block_size: usize) {
     let reserved = page.bytes() / block_size;
     page.free = ptr::null_mut();
-    page.used = 0;
+    page.used = NOT_FULL;
     page.capacity = 0;
     page.reserved = reserved as u32;
     page.block_size = block_size as u32;
@@ -175,7 +190,7 @@ pub fn collect_remote(page: &mut Page) -> u32 {
         (*tail).next = page.free;
     }
     page.free = head;
-    page.used = page.used.saturating_sub(count);
+    page.used -= count.min(page.used());
     count
 }
 

@@ -28,8 +28,10 @@ pub const SLICE_SHIFT: usize = 10;
 pub const SLICE_SIZE: usize = 1 << SLICE_SHIFT;
 pub const SLICES: usize = SEGMENT_SIZE / SLICE_SIZE;
 
+/// Per slice, the byte offset (from the segment base) of the record of the page that
+/// holds the slice: storing the offset rather than an index saves the free path a shift.
 const SLICE_HEAD_OFFSET: usize = 64;
-const PAGES_OFFSET: usize = SLICE_HEAD_OFFSET + SLICES * 2;
+const PAGES_OFFSET: usize = SLICE_HEAD_OFFSET + SLICES * 4;
 const META_BYTES: usize = PAGES_OFFSET + SLICES * core::mem::size_of::<Page>();
 /// Slices taken by the metadata at the start of each segment.
 pub const FIRST_SLICE: usize = META_BYTES.div_ceil(SLICE_SIZE);
@@ -57,8 +59,29 @@ fn segment_base(addr: usize) -> usize {
 }
 
 #[inline(always)]
-fn slice_heads(seg: usize) -> *mut u16 {
-    (seg + SLICE_HEAD_OFFSET) as *mut u16
+fn slice_heads(seg: usize) -> *mut u32 {
+    (seg + SLICE_HEAD_OFFSET) as *mut u32
+}
+
+/// Records that slice `slice` of `seg` belongs to the page (or span) starting at `head`.
+///
+/// # Safety
+/// `seg` is a live segment and both indices are below `SLICES`.
+#[inline]
+unsafe fn set_head(seg: usize, slice: usize, head: usize) {
+    let offset = (PAGES_OFFSET + head * core::mem::size_of::<Page>()) as u32;
+    // SAFETY: per the contract the slot lies in the segment's metadata.
+    unsafe { *slice_heads(seg).add(slice) = offset };
+}
+
+/// The record of the page (or span) holding slice `slice` of `seg`.
+///
+/// # Safety
+/// `seg` is a live segment and `slice < SLICES`.
+#[inline(always)]
+unsafe fn head_page(seg: usize, slice: usize) -> *mut Page {
+    // SAFETY: per the contract the slot lies in the segment's metadata.
+    (seg + unsafe { *slice_heads(seg).add(slice) } as usize) as *mut Page
 }
 
 #[inline(always)]
@@ -73,8 +96,7 @@ pub fn page_of(addr: usize) -> *mut Page {
     let slice = (addr >> SLICE_SHIFT) & (SLICES - 1);
     // SAFETY: the chunk map said this chunk is a segment, so its slice-head map is
     // mapped; `slice < SLICES`.
-    let head = unsafe { *slice_heads(seg).add(slice) } as usize;
-    page_at(seg, head)
+    unsafe { head_page(seg, slice) }
 }
 
 /// The first address covered by a page record.
@@ -207,8 +229,8 @@ impl RegionInner {
             (*head).slice_index = start as u16;
             (*head).slice_count = count as u16;
             (*head).heap.store(ptr::null_mut(), Ordering::Relaxed);
-            *slice_heads(seg).add(start) = start as u16;
-            *slice_heads(seg).add(start + count - 1) = start as u16;
+            set_head(seg, start, start);
+            set_head(seg, start + count - 1, start);
             list_push(&mut self.bins[bin_of(count)], head);
         }
         self.free_bytes += count << SLICE_SHIFT;
@@ -278,9 +300,8 @@ impl RegionInner {
             (*page).flags = 0;
             (*page).slice_index = start as u16;
             (*page).slice_count = count as u16;
-            let heads = slice_heads(seg);
             for s in start..end {
-                *heads.add(s) = start as u16;
+                set_head(seg, s, start);
             }
             (*(seg as *mut Segment)).used_slices += count;
             page
@@ -339,7 +360,7 @@ impl RegionInner {
                 }
             }
             if start > FIRST_SLICE {
-                let left = page_at(seg, *slice_heads(seg).add(start - 1) as usize);
+                let left = head_page(seg, start - 1);
                 if (*left).flags & FLAG_FREE_SPAN != 0 {
                     start = (*left).slice_index as usize;
                     count += (*left).slice_count as usize;
@@ -414,7 +435,7 @@ impl RegionInner {
                 unsafe {
                     let next = (*p).next;
                     page::collect_remote(&mut *p);
-                    if (*p).used == 0 {
+                    if (*p).used() == 0 {
                         list_remove(&mut self.abandoned[class], p);
                         self.abandoned_count -= 1;
                         (*p).flags = 0;
@@ -503,7 +524,7 @@ pub fn adopt_page(heap: *mut Heap, class: usize) -> *mut Page {
                 r.abandoned_count -= 1;
                 (*p).flags = 0;
                 page::collect_remote(&mut *p);
-                if (*p).used == 0 {
+                if (*p).used() == 0 {
                     r.release_span(p);
                     continue;
                 }

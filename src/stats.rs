@@ -45,7 +45,8 @@ pub struct LgStats {
     pub live_heaps: u64,
     /// Allocations since start (all sizes).
     pub alloc_count: u64,
-    /// Frees since start (all sizes).
+    /// Frees since start (all sizes): allocations minus blocks still live (a block freed
+    /// by another thread counts once its owner collected it).
     pub free_count: u64,
     /// Large objects (own mapping) currently live.
     pub large_live: u64,
@@ -83,7 +84,7 @@ pub fn collect(out: &mut LgStats) {
     let count = size_class::class_count();
     out.class_count = count as u32;
     let mut per_class = [0u64; MAX_CLASSES];
-    let frees = heap::counts(&mut per_class);
+    heap::counts(&mut per_class);
     let mut allocated = 0u64;
     for (c, slot) in out.classes.iter_mut().enumerate().take(count) {
         slot.block_size = size_class::block_size(c) as u64;
@@ -91,9 +92,9 @@ pub fn collect(out: &mut LgStats) {
     }
     segment::for_each_page(|p| {
         if let Some(slot) = out.classes.get_mut(p.class as usize) {
-            slot.live_blocks += p.used as u64;
+            slot.live_blocks += p.used() as u64;
             slot.pages += 1;
-            allocated += p.used as u64 * p.block_size as u64;
+            allocated += p.used() as u64 * p.block_size as u64;
         }
     });
     let large_bytes = large::LIVE_BYTES.load(Ordering::Relaxed);
@@ -106,7 +107,9 @@ pub fn collect(out: &mut LgStats) {
     out.live_heaps = heap::LIVE_HEAPS.load(Ordering::Relaxed) as u64;
     out.large_live = large::LIVE_COUNT.load(Ordering::Relaxed) as u64;
     out.alloc_count = per_class.iter().sum::<u64>() + LARGE_ALLOCS.load(Ordering::Relaxed) as u64;
-    out.free_count = frees + LARGE_FREES.load(Ordering::Relaxed) as u64;
+    let live_blocks: u64 = out.classes.iter().map(|c| c.live_blocks).sum();
+    out.free_count = (out.alloc_count - LARGE_ALLOCS.load(Ordering::Relaxed) as u64).saturating_sub(live_blocks)
+        + LARGE_FREES.load(Ordering::Relaxed) as u64;
 }
 
 fn kib(bytes: u64) -> u64 {

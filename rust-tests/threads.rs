@@ -1,0 +1,163 @@
+//! Threads: cross-thread frees with content checks, frees after the allocating thread
+//! exited, and thread churn that must not grow memory.
+
+use lgmalloc::api::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Obj {
+    ptr: usize,
+    size: usize,
+    tag: u8,
+}
+unsafe impl Send for Obj {}
+
+fn make(rng: &mut Rng) -> Obj {
+    let size = match rng.next() % 16 {
+        0 => 1 + (rng.next() % 100_000) as usize,
+        1 => 300_000 + (rng.next() % 200_000) as usize,
+        _ => 1 + (rng.next() % 512) as usize,
+    };
+    let tag = rng.next() as u8;
+    let p = lg_malloc(size) as *mut u8;
+    assert!(!p.is_null());
+    unsafe {
+        std::ptr::write_bytes(p, tag, size.min(256));
+        *p.add(size - 1) = tag;
+    }
+    Obj { ptr: p as usize, size, tag }
+}
+
+fn verify_and_free(o: Obj) {
+    let p = o.ptr as *mut u8;
+    let head = unsafe { std::slice::from_raw_parts(p, o.size.min(256)) };
+    assert!(head.iter().all(|&b| b == o.tag), "content of a {}-byte block changed", o.size);
+    assert_eq!(unsafe { *p.add(o.size - 1) }, o.tag);
+    unsafe { lg_free(p.cast()) };
+}
+
+#[test]
+fn eight_threads_pass_objects_around_a_ring() {
+    const THREADS: usize = 8;
+    const OPS: usize = 150_000; // per thread: > 10^6 operations in all
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..THREADS).map(|_| mpsc::channel::<Vec<Obj>>()).unzip();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let tx = senders[(i + 1) % THREADS].clone();
+        let done = done.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1));
+            let mut local = Vec::new();
+            let mut batch = Vec::new();
+            for op in 0..OPS {
+                let o = make(&mut rng);
+                if op % 8 == 0 {
+                    batch.push(o);
+                } else {
+                    local.push(o);
+                }
+                if local.len() > 64 {
+                    let k = (rng.next() as usize) % local.len();
+                    verify_and_free(local.swap_remove(k));
+                }
+                if batch.len() == 32 {
+                    let _ = tx.send(std::mem::take(&mut batch));
+                }
+                while let Ok(remote) = rx.try_recv() {
+                    remote.into_iter().for_each(verify_and_free);
+                }
+            }
+            let _ = tx.send(batch);
+            local.into_iter().for_each(verify_and_free);
+            drop(tx);
+            done.fetch_add(1, Ordering::SeqCst);
+            // Keep draining until every sender is gone.
+            while let Ok(remote) = rx.recv() {
+                remote.into_iter().for_each(verify_and_free);
+            }
+        }));
+    }
+    drop(senders);
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), THREADS);
+}
+
+#[test]
+fn blocks_outlive_their_thread_and_are_freed_elsewhere() {
+    let mut all = Vec::new();
+    for t in 0..16 {
+        let h = std::thread::spawn(move || {
+            let mut rng = Rng(77 + t);
+            (0..2000).map(|_| make(&mut rng)).collect::<Vec<_>>()
+        });
+        all.extend(h.join().unwrap());
+    }
+    // The allocating threads are gone; their heaps were abandoned.
+    let half = all.split_off(all.len() / 2);
+    let h = std::thread::spawn(move || half.into_iter().for_each(verify_and_free));
+    all.into_iter().for_each(verify_and_free);
+    h.join().unwrap();
+}
+
+fn committed() -> u64 {
+    let mut s = lgmalloc::LgStats::default();
+    unsafe { lg_stats(&mut s) };
+    s.bytes_committed
+}
+
+fn live_heaps() -> u64 {
+    let mut s = lgmalloc::LgStats::default();
+    unsafe { lg_stats(&mut s) };
+    s.live_heaps
+}
+
+#[test]
+fn twenty_thousand_short_lived_threads_do_not_grow_memory() {
+    let start = Arc::new(Barrier::new(1));
+    let _ = start;
+    let run = |n: usize| {
+        for _ in 0..n / 4 {
+            let hs: Vec<_> = (0..4)
+                .map(|t| {
+                    std::thread::spawn(move || {
+                        let mut rng = Rng(1 + t);
+                        let keep: Vec<_> = (0..20).map(|_| make(&mut rng)).collect();
+                        // Half freed here, half handed to the parent after we exit.
+                        let (a, b) = keep.split_at(10);
+                        a.iter().copied().for_each(verify_and_free);
+                        b.to_vec()
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap().into_iter().for_each(verify_and_free);
+            }
+        }
+    };
+    run(2000);
+    lg_trim();
+    let after_warmup = committed();
+    run(18_000);
+    lg_trim();
+    let after = committed();
+    assert!(
+        after <= after_warmup + (8 << 20),
+        "committed grew from {after_warmup} to {after} bytes over 18000 threads"
+    );
+    assert!(live_heaps() <= 8, "heaps of exited threads still live: {}", live_heaps());
+}
