@@ -79,7 +79,9 @@ fn free_not_small(addr: usize, kind: u8) {
         KIND_LARGE | KIND_LARGE_AT_BASE if crate::large::free(addr, kind) => {
             stats::LARGE_FREES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         }
-        KIND_LARGE | KIND_LARGE_AT_BASE => misuse("free of an invalid or already freed pointer", addr),
+        KIND_LARGE | KIND_LARGE_AT_BASE => {
+            misuse("free of an invalid or already freed pointer", addr)
+        }
         _ => misuse("free of a pointer lgmalloc never returned", addr),
     }
     os::set_errno(saved);
@@ -106,7 +108,7 @@ pub fn usable_size(p: *const u8) -> usize {
     match chunk_map::kind_of(addr) {
         KIND_SEGMENT => {
             // SAFETY: the chunk is one of our segments.
-            unsafe { (*segment::page_of(addr)).block_size as usize }
+            unsafe { (*segment::page_of(addr)).block_size() }
         }
         k @ (KIND_LARGE | KIND_LARGE_AT_BASE) => crate::large::usable_size(addr, k),
         _ => 0,
@@ -151,8 +153,18 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
     let kind = chunk_map::kind_of(addr);
     let old_usable = match kind {
         KIND_SEGMENT => {
+            let page = segment::page_of(addr);
             // SAFETY: the chunk is one of our segments.
-            let bs = unsafe { (*segment::page_of(addr)).block_size } as usize;
+            unsafe {
+                heap::check_live(
+                    page,
+                    p,
+                    "realloc of a pointer lgmalloc never returned",
+                    "realloc of a freed pointer",
+                )
+            };
+            // SAFETY: as above.
+            let bs = unsafe { (*page).block_size() };
             // Keep the block when it fits and is not more than twice too big.
             if size <= bs && size.max(MIN_ALIGN) * 2 > bs {
                 return p;
@@ -267,7 +279,11 @@ pub extern "C" fn lg_aligned_alloc(alignment: usize, size: usize) -> *mut c_void
 /// # Safety
 /// `out` must be valid for a pointer write.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lg_posix_memalign(out: *mut *mut c_void, alignment: usize, size: usize) -> c_int {
+pub unsafe extern "C" fn lg_posix_memalign(
+    out: *mut *mut c_void,
+    alignment: usize,
+    size: usize,
+) -> c_int {
     if !alignment.is_power_of_two() || alignment % core::mem::size_of::<*mut c_void>() != 0 {
         return libc::EINVAL;
     }

@@ -17,6 +17,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use crossbeam_utils::CachePadded;
 
 use crate::lock::Mutex;
+use crate::options::misuse;
 use crate::os;
 use crate::page::{self, Block, NOT_FULL, Page};
 use crate::segment::{self, SLICE_SIZE};
@@ -94,6 +95,9 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
         if !block.is_null() {
             (*page).free = (*block).next;
             (*page).used += 1;
+            if CHECKED {
+                (*block).freed_mark = 0;
+            }
             *(*heap).alloc_count.get_unchecked_mut(class) += 1;
             return block.cast();
         }
@@ -101,17 +105,30 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
     }
 }
 
-/// Frees a block of a small-object page.
+/// Frees a block of a small-object page, stopping with a message if `block` is not a
+/// block start of that page or was already freed.
 ///
 /// # Safety
-/// `block` is a live block of `page` returned by lgmalloc.
+/// `page` is the record `segment::page_of` gives for `block`, an address in one of our
+/// segments.
 #[inline(always)]
 pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
     let heap = crate::tls::thread_heap();
-    // SAFETY: `page` is the valid record of the block's page.
+    // SAFETY: `page` is a record in our segment metadata; once `block` is known to be a
+    // block start of it, its two words are ours to read and write.
     unsafe {
+        let b = block.cast::<Block>();
+        if CHECKED {
+            if !page::is_block_start(&*page, block as usize) {
+                return free_invalid(page, block);
+            }
+            let mark = page::freed_mark(&*page, block as usize);
+            if (*b).freed_mark == mark {
+                return free_invalid(page, block);
+            }
+            (*b).freed_mark = mark;
+        }
         if (*page).heap.load(Ordering::Relaxed) == heap {
-            let b = block.cast::<Block>();
             (*b).next = (*page).free;
             (*page).free = b;
             let used = (*page).used - 1;
@@ -121,6 +138,49 @@ pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
             }
         } else {
             free_remote(page, block.cast());
+        }
+    }
+}
+
+/// Whether frees are checked for invalid pointers and double frees (the default; the
+/// `unchecked` feature removes the checks to save about a dozen instructions per free).
+const CHECKED: bool = !cfg!(feature = "unchecked");
+
+/// Reports a free that failed the checks of `free_block`. Declared as returning so the
+/// fast path reaches it by a tail jump and needs no stack frame.
+#[cold]
+#[inline(never)]
+unsafe fn free_invalid(page: *const Page, block: *mut u8) {
+    // The opaque condition keeps the compiler from proving this never returns, which
+    // would turn the fast path's tail jump into a call that needs a stack frame.
+    if core::hint::black_box(true) {
+        // SAFETY: as in `free_block`.
+        unsafe {
+            check_live(
+                page,
+                block,
+                "free of a pointer lgmalloc never returned",
+                "double free",
+            )
+        };
+    }
+}
+
+/// Stops with a message unless `block` is a live block of `page` (for realloc).
+///
+/// # Safety
+/// As for [`free_block`].
+pub unsafe fn check_live(page: *const Page, block: *const u8, invalid: &str, freed: &str) {
+    if !CHECKED {
+        return;
+    }
+    // SAFETY: as in `free_block`.
+    unsafe {
+        if !page::is_block_start(&*page, block as usize) {
+            misuse(invalid, block as usize);
+        }
+        if (*block.cast::<Block>()).freed_mark == page::freed_mark(&*page, block as usize) {
+            misuse(freed, block as usize);
         }
     }
 }
@@ -154,6 +214,9 @@ unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
         let block = (*page).free;
         (*page).free = (*block).next;
         (*page).used += 1;
+        if CHECKED {
+            (*block).freed_mark = 0;
+        }
         *(*heap).alloc_count.get_unchecked_mut(class) += 1;
         block.cast()
     }
@@ -334,7 +397,9 @@ unsafe fn drain_delayed(heap: *mut Heap) {
         if (*heap).delayed_free.load(Ordering::Relaxed).is_null() {
             return;
         }
-        let mut b = (*heap).delayed_free.swap(ptr::null_mut(), Ordering::Acquire);
+        let mut b = (*heap)
+            .delayed_free
+            .swap(ptr::null_mut(), Ordering::Acquire);
         while !b.is_null() {
             let next = (*b).next;
             let page = segment::page_of(b as usize);

@@ -15,6 +15,8 @@ mod large;
 mod lock;
 mod options;
 pub mod os;
+#[cfg(feature = "override")]
+mod override_libc;
 mod page;
 mod segment;
 pub mod size_class;

@@ -22,10 +22,21 @@ use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use crate::heap::Heap;
 use crate::segment;
 
-/// A free block: its first word links to the next free block.
+/// A free block: its first word links to the next free block; the second holds
+/// [`freed_mark`] while it is free (and zero once handed out), which is how a second
+/// free of the same block is recognised.
 #[repr(C)]
 pub struct Block {
     pub next: *mut Block,
+    pub freed_mark: usize,
+}
+
+/// The mark a free block carries: its address mixed with its page's divisibility
+/// constant (a large odd-looking number), so ordinary user data never matches it by
+/// accident, at the cost of one register operation on the free path.
+#[inline(always)]
+pub fn freed_mark(page: &Page, addr: usize) -> usize {
+    addr ^ page.magic as usize
 }
 
 pub const STATE_NONE: usize = 0;
@@ -55,18 +66,19 @@ pub struct Page {
     /// waiting on `remote_free`), plus [`NOT_FULL`] unless the page is on the full list.
     /// Read it through [`Page::used`] and [`Page::in_full`].
     pub used: u32,
-    /// Blocks carved from the page so far (the rest is untouched memory).
-    pub capacity: u32,
-    /// Blocks the page can hold.
-    pub reserved: u32,
-    pub block_size: u32,
+    /// Bytes carved into blocks from the page start so far (the rest is untouched).
+    /// Zero for free spans, so no pointer into one passes as a block.
+    pub carved: u32,
+    /// Offset of the page (or span) start from its segment base.
+    pub start_offset: u32,
     pub class: u8,
     pub flags: u8,
-    /// First slice of the page (or span) in its segment.
-    pub slice_index: u16,
     /// Slices the page (or span) covers.
     pub slice_count: u16,
-    _pad: u16,
+    /// The class's divisibility constant (`size_class::div_magic`), kept here so the
+    /// free path checks block starts without touching the class table; zero for free
+    /// spans and metadata, which no offset passes.
+    pub magic: u64,
     /// The owning heap; null while abandoned or free.
     pub heap: AtomicPtr<Heap>,
     /// Blocks freed by other threads, plus the notification state in the low bits.
@@ -86,14 +98,12 @@ impl Page {
         Page {
             free: ptr::null_mut(),
             used: 0,
-            capacity: 0,
-            reserved: 0,
-            block_size: 0,
+            carved: 0,
+            start_offset: 0,
             class: 0,
             flags: 0,
-            slice_index: 0,
             slice_count: 0,
-            _pad: 0,
+            magic: 0,
             heap: AtomicPtr::new(ptr::null_mut()),
             remote_free: AtomicUsize::new(0),
             next: ptr::null_mut(),
@@ -113,6 +123,25 @@ impl Page {
         self.used & NOT_FULL == 0
     }
 
+    /// First slice of the page (or span) in its segment.
+    #[inline]
+    pub fn slice_index(&self) -> usize {
+        (self.start_offset >> segment::SLICE_SHIFT) as usize
+    }
+
+    /// Bytes per block.
+    #[inline]
+    pub fn block_size(&self) -> usize {
+        crate::size_class::block_size(self.class as usize)
+    }
+
+    /// Bytes of the page that hold whole blocks.
+    #[inline]
+    pub fn usable_bytes(&self) -> u32 {
+        let bs = self.block_size().max(1);
+        (self.bytes() / bs * bs) as u32
+    }
+
     /// Address of the first block.
     #[inline]
     pub fn start(&self) -> *mut u8 {
@@ -127,13 +156,11 @@ impl Page {
 }
 
 /// Prepares page metadata for a fresh page of `block_size` blocks owned by `heap`.
-pub fn init_page(page: &mut Page, heap: *mut Heap, class: usize, block_size: usize) {
-    let reserved = page.bytes() / block_size;
+pub fn init_page(page: &mut Page, heap: *mut Heap, class: usize) {
     page.free = ptr::null_mut();
     page.used = NOT_FULL;
-    page.capacity = 0;
-    page.reserved = reserved as u32;
-    page.block_size = block_size as u32;
+    page.carved = 0;
+    page.magic = crate::size_class::div_magic_of(class);
     page.class = class as u8;
     page.flags = 0;
     page.heap.store(heap, Ordering::Release);
@@ -145,25 +172,45 @@ pub fn init_page(page: &mut Page, heap: *mut Heap, class: usize, block_size: usi
 /// Carves more blocks from the untouched tail onto `free`: at most one OS page worth
 /// (at least one block), so a page only becomes resident as it is used.
 pub fn extend(page: &mut Page) {
-    let remaining = page.reserved - page.capacity;
+    let bs = page.block_size();
+    let remaining = (page.usable_bytes() - page.carved) as usize / bs;
     if remaining == 0 {
         return;
     }
-    let bs = page.block_size as usize;
-    let n = ((crate::os::OS_PAGE_SIZE / bs).max(1) as u32).min(remaining);
-    let first = page.start().wrapping_add(page.capacity as usize * bs);
+    let n = (crate::os::OS_PAGE_SIZE / bs).clamp(1, remaining);
+    let first = page.start().wrapping_add(page.carved as usize);
     let mut cur = first;
     for _ in 1..n {
         let next = cur.wrapping_add(bs);
         // SAFETY: `cur` and `next` are blocks inside this page's slices that were never
-        // handed out; the page owner has exclusive use of them.
-        unsafe { (*cur.cast::<Block>()).next = next.cast() };
+        // handed out; the page owner has exclusive use of them. Marked free, so freeing
+        // one that was never handed out is caught like a double free.
+        unsafe {
+            cur.cast::<Block>().write(Block {
+                next: next.cast(),
+                freed_mark: freed_mark(page, cur as usize),
+            })
+        };
         cur = next;
     }
     // SAFETY: `cur` is the last carved block, as above.
-    unsafe { (*cur.cast::<Block>()).next = page.free };
+    unsafe {
+        cur.cast::<Block>().write(Block {
+            next: page.free,
+            freed_mark: freed_mark(page, cur as usize),
+        })
+    };
     page.free = first.cast();
-    page.capacity += n;
+    page.carved += (n * bs) as u32;
+}
+
+/// True when `addr` is the start of a block carved from `page`: the offset from the page
+/// start is below `carved` and a multiple of the block size. Divisibility is the
+/// multiplicative check of `size_class::divides`, not a division.
+#[inline(always)]
+pub fn is_block_start(page: &Page, addr: usize) -> bool {
+    let offset = (addr & (segment::SEGMENT_SIZE - 1)).wrapping_sub(page.start_offset as usize);
+    offset < page.carved as usize && (offset as u64).wrapping_mul(page.magic) < page.magic
 }
 
 /// Moves the blocks other threads freed onto `free`. Returns how many. Owner only (or
@@ -223,7 +270,10 @@ pub unsafe fn push_remote(page: &Page, block: *mut Block) -> *mut Heap {
         // SAFETY: the caller gave us the block; its first word is ours to write.
         unsafe { (*block).next = (cur & !STATE_MASK) as *mut Block };
         let new = block as usize | state;
-        match page.remote_free.compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed) {
+        match page
+            .remote_free
+            .compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed)
+        {
             Ok(_) => return ptr::null_mut(),
             Err(now) => cur = now,
         }

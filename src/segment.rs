@@ -103,7 +103,7 @@ pub fn page_of(addr: usize) -> *mut Page {
 #[inline]
 pub fn slice_address(page: &Page) -> *mut u8 {
     let seg = segment_base(page as *const Page as usize);
-    (seg + ((page.slice_index as usize) << SLICE_SHIFT)) as *mut u8
+    (seg + page.start_offset as usize) as *mut u8
 }
 
 /// Slices a page of `block_size` should be aligned to, so that every block is aligned
@@ -226,8 +226,10 @@ impl RegionInner {
         // SAFETY: the span lies in a segment we own; its records are ours.
         unsafe {
             (*head).flags = FLAG_FREE_SPAN | if dirty { FLAG_DIRTY } else { 0 };
-            (*head).slice_index = start as u16;
+            (*head).start_offset = (start << SLICE_SHIFT) as u32;
             (*head).slice_count = count as u16;
+            (*head).carved = 0;
+            (*head).magic = 0;
             (*head).heap.store(ptr::null_mut(), Ordering::Relaxed);
             set_head(seg, start, start);
             set_head(seg, start + count - 1, start);
@@ -266,7 +268,11 @@ impl RegionInner {
             while !cand.is_null() && tries < 32 {
                 // SAFETY: bin entries are free-span heads in our segments.
                 let (idx, len, next) = unsafe {
-                    ((*cand).slice_index as usize, (*cand).slice_count as usize, (*cand).next)
+                    (
+                        (*cand).slice_index(),
+                        (*cand).slice_count as usize,
+                        (*cand).next,
+                    )
                 };
                 let start = idx.next_multiple_of(align);
                 if start + count <= idx + len {
@@ -286,7 +292,7 @@ impl RegionInner {
         let seg = segment_base(head as usize);
         // SAFETY: per the contract.
         unsafe {
-            let (idx, len) = ((*head).slice_index as usize, (*head).slice_count as usize);
+            let (idx, len) = ((*head).slice_index(), (*head).slice_count as usize);
             let dirty = (*head).flags & FLAG_DIRTY != 0;
             self.remove_free(head);
             if start > idx {
@@ -298,7 +304,7 @@ impl RegionInner {
             }
             let page = page_at(seg, start);
             (*page).flags = 0;
-            (*page).slice_index = start as u16;
+            (*page).start_offset = (start << SLICE_SHIFT) as u32;
             (*page).slice_count = count as u16;
             for s in start..end {
                 set_head(seg, s, start);
@@ -331,6 +337,10 @@ impl RegionInner {
                 (*self.segments).prev = s;
             }
             self.segments = s;
+            // Metadata slices map to record 0, which stays all zero (no block in it).
+            for slice in 0..FIRST_SLICE {
+                set_head(seg, slice, 0);
+            }
             self.insert_free(seg, FIRST_SLICE, SLICES - FIRST_SLICE, false);
         }
         self.segment_count += 1;
@@ -346,8 +356,12 @@ impl RegionInner {
         let seg = segment_base(page as usize);
         // SAFETY: per the contract; neighbours are span heads in the same segment.
         unsafe {
-            let mut start = (*page).slice_index as usize;
+            let mut start = (*page).slice_index();
             let mut count = (*page).slice_count as usize;
+            // Slices of a free span may still map to this record: make sure no pointer
+            // into them passes as a block from now on.
+            (*page).carved = 0;
+            (*page).magic = 0;
             (*(seg as *mut Segment)).used_slices -= count;
             let mut dirty = true;
             let end = start + count;
@@ -362,7 +376,7 @@ impl RegionInner {
             if start > FIRST_SLICE {
                 let left = head_page(seg, start - 1);
                 if (*left).flags & FLAG_FREE_SPAN != 0 {
-                    start = (*left).slice_index as usize;
+                    start = (*left).slice_index();
                     count += (*left).slice_count as usize;
                     self.remove_free(left);
                 }
@@ -469,7 +483,7 @@ pub fn alloc_page(heap: *mut Heap, class: usize, block_size: usize, slices: usiz
     });
     if !page.is_null() {
         // SAFETY: the span is ours now; nobody else references its record.
-        unsafe { page::init_page(&mut *page, heap, class, block_size) };
+        unsafe { page::init_page(&mut *page, heap, class) };
     }
     page
 }

@@ -36,6 +36,9 @@ pub struct ClassInfo {
 
 struct Tables {
     class_of_small: [u8; TABLE_LEN],
+    /// Per class, `u64::MAX / block_size + 1`: `n` is a multiple of the block size
+    /// exactly when `n * magic` (wrapping) is below `magic` (Lemire, Kaser and Kurz).
+    div_magic: [u64; MAX_CLASSES],
     classes: [ClassInfo; MAX_CLASSES],
     count: usize,
 }
@@ -47,7 +50,12 @@ unsafe impl Sync for TableCell {}
 
 static TABLES: TableCell = TableCell(UnsafeCell::new(Tables {
     class_of_small: [0; TABLE_LEN],
-    classes: [ClassInfo { block_size: 0, first_page_blocks: 0, predicted: false }; MAX_CLASSES],
+    div_magic: [0; MAX_CLASSES],
+    classes: [ClassInfo {
+        block_size: 0,
+        first_page_blocks: 0,
+        predicted: false,
+    }; MAX_CLASSES],
     count: 0,
 }));
 
@@ -85,6 +93,7 @@ pub fn init() {
             first_page_blocks: default_first_page_blocks(size),
             predicted: false,
         };
+        t.div_magic[i] = div_magic(size);
     }
     t.count = STANDARD_CLASSES;
     rebuild_small_table(t);
@@ -118,7 +127,10 @@ pub fn add_exact_class(size: usize, first_page_blocks: u32) -> Option<usize> {
     // SAFETY: start-up only, see `TableCell`.
     let t = unsafe { &mut *TABLES.0.get() };
     let count = t.count;
-    if let Some(i) = t.classes[..count].iter().position(|c| c.block_size as usize == size) {
+    if let Some(i) = t.classes[..count]
+        .iter()
+        .position(|c| c.block_size as usize == size)
+    {
         let c = &mut t.classes[i];
         c.first_page_blocks = c.first_page_blocks.max(first_page_blocks);
         c.predicted = true;
@@ -132,6 +144,7 @@ pub fn add_exact_class(size: usize, first_page_blocks: u32) -> Option<usize> {
         first_page_blocks: first_page_blocks.max(default_first_page_blocks(size)),
         predicted: true,
     };
+    t.div_magic[count] = div_magic(size);
     t.count = count + 1;
     rebuild_small_table(t);
     Some(count)
@@ -144,6 +157,26 @@ pub fn set_first_page_blocks(class: usize, blocks: u32) {
     if let Some(c) = t.classes.get_mut(class) {
         c.first_page_blocks = c.first_page_blocks.max(blocks);
     }
+}
+
+fn div_magic(block_size: usize) -> u64 {
+    u64::MAX / block_size as u64 + 1
+}
+
+/// The divisibility constant of class `c` (see [`divides`]).
+#[inline]
+pub fn div_magic_of(c: usize) -> u64 {
+    tables().div_magic.get(c).copied().unwrap_or(0)
+}
+
+/// True when `offset` (below 2^32) is a multiple of class `c`'s block size.
+#[inline(always)]
+pub fn divides(c: usize, offset: usize) -> bool {
+    debug_assert!(c < MAX_CLASSES);
+    // SAFETY: `c` comes from a page record, which holds a valid class index (records
+    // of free spans and metadata hold 0).
+    let magic = unsafe { *tables().div_magic.get_unchecked(c) };
+    (offset as u64).wrapping_mul(magic) < magic
 }
 
 /// Class for a request of at most `TABLE_MAX_SIZE` bytes: one table load.
@@ -231,10 +264,29 @@ mod tests {
             let bs = block_size(c);
             assert!(bs >= size, "size {size} got {bs}");
             if c > 0 {
-                assert!(block_size(c - 1) < size || c >= STANDARD_CLASSES, "size {size} not tightest");
+                assert!(
+                    block_size(c - 1) < size || c >= STANDARD_CLASSES,
+                    "size {size} not tightest"
+                );
             }
             if size > 128 {
                 assert!((bs - size) * 8 <= bs, "size {size} wastes {}", bs - size);
+            }
+        }
+    }
+
+    #[test]
+    fn divisibility_check_matches_modulo() {
+        init();
+        for c in 0..STANDARD_CLASSES {
+            let bs = block_size(c);
+            for n in (0..(4 << 20)).step_by(16).take(40_000).chain([
+                bs,
+                bs * 7,
+                bs * 7 + 16,
+                (4 << 20) - 16,
+            ]) {
+                assert_eq!(divides(c, n), n % bs == 0, "class {c} size {bs} offset {n}");
             }
         }
     }

@@ -94,13 +94,15 @@ pub fn collect(out: &mut LgStats) {
         if let Some(slot) = out.classes.get_mut(p.class as usize) {
             slot.live_blocks += p.used() as u64;
             slot.pages += 1;
-            allocated += p.used() as u64 * p.block_size as u64;
+            allocated += p.used() as u64 * p.block_size() as u64;
         }
     });
     let large_bytes = large::LIVE_BYTES.load(Ordering::Relaxed);
     out.bytes_allocated = allocated + large_bytes as u64;
     let committed = segment::committed_bytes() + large_bytes;
-    let peak = PEAK_COMMITTED.fetch_max(committed, Ordering::Relaxed).max(committed);
+    let peak = PEAK_COMMITTED
+        .fetch_max(committed, Ordering::Relaxed)
+        .max(committed);
     out.bytes_committed = committed as u64;
     out.peak_bytes_committed = peak as u64;
     out.bytes_reserved = (segment::SEGMENT_BYTES.load(Ordering::Relaxed) + large_bytes) as u64;
@@ -108,7 +110,8 @@ pub fn collect(out: &mut LgStats) {
     out.large_live = large::LIVE_COUNT.load(Ordering::Relaxed) as u64;
     out.alloc_count = per_class.iter().sum::<u64>() + LARGE_ALLOCS.load(Ordering::Relaxed) as u64;
     let live_blocks: u64 = out.classes.iter().map(|c| c.live_blocks).sum();
-    out.free_count = (out.alloc_count - LARGE_ALLOCS.load(Ordering::Relaxed) as u64).saturating_sub(live_blocks)
+    out.free_count = (out.alloc_count - LARGE_ALLOCS.load(Ordering::Relaxed) as u64)
+        .saturating_sub(live_blocks)
         + LARGE_FREES.load(Ordering::Relaxed) as u64;
 }
 
@@ -134,7 +137,11 @@ pub fn print_summary() {
         "lgmalloc: stats: {} allocations, {} frees, {} live heaps, {} live large objects",
         s.alloc_count, s.free_count, s.live_heaps, s.large_live
     );
-    let _ = writeln!(m, "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}", "class", "allocs", "live", "pages");
+    let _ = writeln!(
+        m,
+        "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}",
+        "class", "allocs", "live", "pages"
+    );
     os::write_stderr(m.as_bytes());
     for c in s.classes.iter().take(s.class_count as usize) {
         if c.allocations == 0 && c.live_blocks == 0 {
