@@ -113,7 +113,9 @@ fn posix_memalign_contract() {
 
 #[test]
 fn realloc_keeps_contents_across_sizes() {
-    let sizes = [1usize, 15, 16, 17, 100, 1024, 4000, 9000, 100_000, 262_144, 300_000, 5_000_000, 64, 1];
+    let sizes = [
+        1usize, 15, 16, 17, 100, 1024, 4000, 9000, 100_000, 262_144, 300_000, 5_000_000, 64, 1,
+    ];
     let mut p = lg_malloc(sizes[0]) as *mut u8;
     let mut cur = sizes[0];
     unsafe { *p = 0x5A };
@@ -125,7 +127,11 @@ fn realloc_keeps_contents_across_sizes() {
         let q = unsafe { lg_realloc(p.cast(), n) } as *mut u8;
         assert!(!q.is_null());
         for i in 0..cur.min(n) {
-            assert_eq!(unsafe { *q.add(i) }, (i * 7 + n) as u8, "byte {i} after realloc {cur}->{n}");
+            assert_eq!(
+                unsafe { *q.add(i) },
+                (i * 7 + n) as u8,
+                "byte {i} after realloc {cur}->{n}"
+            );
         }
         assert!(unsafe { lg_usable_size(q.cast()) } >= n);
         p = q;
@@ -142,7 +148,11 @@ fn realloc_failure_leaves_block_valid() {
     let q = unsafe { lg_realloc(p.cast(), usize::MAX) };
     assert!(q.is_null());
     assert_eq!(errno(), libc::ENOMEM);
-    assert!(unsafe { std::slice::from_raw_parts(p, 64) }.iter().all(|&b| b == 0x33));
+    assert!(
+        unsafe { std::slice::from_raw_parts(p, 64) }
+            .iter()
+            .all(|&b| b == 0x33)
+    );
     unsafe { lg_free(p.cast()) };
 }
 
@@ -181,7 +191,10 @@ fn large_realloc_grows_in_place_or_moves_without_losing_data() {
 
 #[test]
 fn usable_size_covers_request() {
-    for size in (1..20_000).step_by(37).chain([262_144, 262_145, 1 << 22, (1 << 22) + 1]) {
+    for size in (1..20_000)
+        .step_by(37)
+        .chain([262_144, 262_145, 1 << 22, (1 << 22) + 1])
+    {
         let p = lg_malloc(size);
         let u = unsafe { lg_usable_size(p) };
         assert!(u >= size, "size {size} usable {u}");

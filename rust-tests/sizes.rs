@@ -11,7 +11,11 @@ fn fill(p: *mut u8, n: usize, seed: usize) {
 fn check(p: *const u8, n: usize, seed: usize) {
     for i in 0..n {
         let got = unsafe { *p.add(i) };
-        assert_eq!(got, (i.wrapping_mul(31) ^ seed) as u8, "byte {i} of {n}-byte block corrupted");
+        assert_eq!(
+            got,
+            (i.wrapping_mul(31) ^ seed) as u8,
+            "byte {i} of {n}-byte block corrupted"
+        );
     }
 }
 
@@ -30,7 +34,13 @@ fn every_size_up_to_4096_is_aligned_disjoint_and_keeps_content() {
     let mut sorted = blocks.clone();
     sorted.sort();
     for w in sorted.windows(2) {
-        assert!(w[0].0 + w[0].1 <= w[1].0, "blocks {:x}+{} and {:x} overlap", w[0].0, w[0].1, w[1].0);
+        assert!(
+            w[0].0 + w[0].1 <= w[1].0,
+            "blocks {:x}+{} and {:x} overlap",
+            w[0].0,
+            w[0].1,
+            w[1].0
+        );
     }
     for &(p, size) in &blocks {
         check(p as *const u8, size, size);
@@ -63,7 +73,19 @@ fn powers_of_two_up_to_64_mib() {
 
 #[test]
 fn alignment_matrix_up_to_4_mib() {
-    let sizes = [1usize, 8, 16, 24, 100, 1000, 4096, 5000, 65536, 300_000, 5 << 20];
+    let sizes = [
+        1usize,
+        8,
+        16,
+        24,
+        100,
+        1000,
+        4096,
+        5000,
+        65536,
+        300_000,
+        5 << 20,
+    ];
     for shift in 3..=22 {
         let align = 1usize << shift;
         let mut live = Vec::new();

@@ -37,13 +37,21 @@ fn make(rng: &mut Rng) -> Obj {
         std::ptr::write_bytes(p, tag, size.min(256));
         *p.add(size - 1) = tag;
     }
-    Obj { ptr: p as usize, size, tag }
+    Obj {
+        ptr: p as usize,
+        size,
+        tag,
+    }
 }
 
 fn verify_and_free(o: Obj) {
     let p = o.ptr as *mut u8;
     let head = unsafe { std::slice::from_raw_parts(p, o.size.min(256)) };
-    assert!(head.iter().all(|&b| b == o.tag), "content of a {}-byte block changed", o.size);
+    assert!(
+        head.iter().all(|&b| b == o.tag),
+        "content of a {}-byte block changed",
+        o.size
+    );
     assert_eq!(unsafe { *p.add(o.size - 1) }, o.tag);
     unsafe { lg_free(p.cast()) };
 }
@@ -52,7 +60,8 @@ fn verify_and_free(o: Obj) {
 fn eight_threads_pass_objects_around_a_ring() {
     const THREADS: usize = 8;
     const OPS: usize = 150_000; // per thread: > 10^6 operations in all
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..THREADS).map(|_| mpsc::channel::<Vec<Obj>>()).unzip();
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..THREADS).map(|_| mpsc::channel::<Vec<Obj>>()).unzip();
     let done = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::new();
     for (i, rx) in receivers.into_iter().enumerate() {
@@ -159,5 +168,9 @@ fn twenty_thousand_short_lived_threads_do_not_grow_memory() {
         after <= after_warmup + (8 << 20),
         "committed grew from {after_warmup} to {after} bytes over 18000 threads"
     );
-    assert!(live_heaps() <= 8, "heaps of exited threads still live: {}", live_heaps());
+    assert!(
+        live_heaps() <= 8,
+        "heaps of exited threads still live: {}",
+        live_heaps()
+    );
 }

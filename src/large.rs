@@ -48,7 +48,11 @@ pub fn alloc(size: usize, align: usize) -> *mut u8 {
         return ptr::null_mut();
     }
     let align = align.max(OS_PAGE_SIZE);
-    let user = if align < CHUNK { map_below_chunk(size, align) } else { map_chunk_aligned(size, align) };
+    let user = if align < CHUNK {
+        map_below_chunk(size, align)
+    } else {
+        map_chunk_aligned(size, align)
+    };
     if user == 0 {
         crate::options::report_os_failure(size);
         os::set_errno(libc::ENOMEM);
@@ -66,7 +70,14 @@ fn map_below_chunk(size: usize, align: usize) -> usize {
     if base.is_null() {
         return 0;
     }
-    finish(base as usize, map_size, base as usize + align, size, align, KIND_LARGE)
+    finish(
+        base as usize,
+        map_size,
+        base as usize + align,
+        size,
+        align,
+        KIND_LARGE,
+    )
 }
 
 /// Bytes to map for `size` bytes at offset `offset` from a chunk-aligned base.
@@ -112,7 +123,13 @@ fn finish(base: usize, map_size: usize, user: usize, size: usize, align: usize, 
     }
     // SAFETY: the header page lies inside our fresh mapping.
     unsafe {
-        header_of(user).write(Header { check: check_word(user), map_base: base, map_size, usable, align });
+        header_of(user).write(Header {
+            check: check_word(user),
+            map_base: base,
+            map_size,
+            usable,
+            align,
+        });
     }
     LIVE_COUNT.fetch_add(1, Ordering::Relaxed);
     LIVE_BYTES.fetch_add(usable, Ordering::Relaxed);
@@ -135,7 +152,11 @@ fn lookup(p: usize, kind: u8) -> Option<*mut Header> {
     // user pointer lies in this chunk: its header page, or for an interior page-aligned
     // pointer, the object's own memory. Either is mapped; the check word decides.
     let check = unsafe { (*h).check };
-    if check == check_word(p) { Some(h) } else { None }
+    if check == check_word(p) {
+        Some(h)
+    } else {
+        None
+    }
 }
 
 /// Frees a large object. Returns false when `p` is not one (the caller reports misuse).

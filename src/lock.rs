@@ -13,7 +13,9 @@ unsafe impl Sync for Mutex {}
 
 impl Mutex {
     pub const fn new() -> Self {
-        Mutex { raw: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER) }
+        Mutex {
+            raw: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+        }
     }
 
     #[inline]

@@ -49,7 +49,10 @@ pub struct Message {
 
 impl Message {
     pub const fn new() -> Self {
-        Message { buf: [0; 512], len: 0 }
+        Message {
+            buf: [0; 512],
+            len: 0,
+        }
     }
     pub fn as_bytes(&self) -> &[u8] {
         self.buf.get(..self.len).unwrap_or(&[])
@@ -69,7 +72,10 @@ impl core::fmt::Write for Message {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
         let room = self.buf.len() - self.len;
         let n = s.len().min(room);
-        if let (Some(dst), Some(src)) = (self.buf.get_mut(self.len..self.len + n), s.as_bytes().get(..n)) {
+        if let (Some(dst), Some(src)) = (
+            self.buf.get_mut(self.len..self.len + n),
+            s.as_bytes().get(..n),
+        ) {
             dst.copy_from_slice(src);
             self.len += n;
         }
@@ -96,7 +102,10 @@ pub fn report_os_failure(bytes: usize) {
     if verbose() {
         use core::fmt::Write;
         let mut m = Message::new();
-        let _ = writeln!(m, "lgmalloc: the OS refused {bytes} bytes of memory (ENOMEM)");
+        let _ = writeln!(
+            m,
+            "lgmalloc: the OS refused {bytes} bytes of memory (ENOMEM)"
+        );
         crate::os::write_stderr(m.as_bytes());
     }
 }

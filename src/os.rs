@@ -189,10 +189,15 @@ pub fn random_u64() -> u64 {
     let n = unsafe { libc::getrandom((&raw mut v).cast(), 8, libc::GRND_NONBLOCK) };
     if n != 8 {
         // Fall back to address-space randomness and the clock: weaker, never fatal.
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: clock_gettime writes into `ts`.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        v = (ts.tv_nsec as u64) ^ ((&raw const v) as u64).rotate_left(17) ^ (ts.tv_sec as u64) << 32;
+        v = (ts.tv_nsec as u64)
+            ^ ((&raw const v) as u64).rotate_left(17)
+            ^ (ts.tv_sec as u64) << 32;
     }
     v | 1
 }
