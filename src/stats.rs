@@ -13,7 +13,8 @@ use crate::size_class::{self, MAX_CLASSES};
 use crate::{heap, large, os, segment};
 
 /// Number of entries in [`LgStats::classes`].
-pub const LG_MAX_CLASSES: usize = MAX_CLASSES;
+pub const LG_MAX_CLASSES: usize = 112;
+const _: () = assert!(LG_MAX_CLASSES == MAX_CLASSES);
 
 /// Figures for one size class.
 #[repr(C)]
