@@ -115,7 +115,7 @@ fn map_chunk_aligned(size: usize, align: usize) -> usize {
 }
 
 fn finish(base: usize, map_size: usize, user: usize, size: usize, align: usize, kind: u8) -> usize {
-    let usable = os::align_up(size, OS_PAGE_SIZE).unwrap_or(size);
+    let usable = os::align_up(size.max(1), OS_PAGE_SIZE).unwrap_or(size);
     if !chunk_map::set_kind(user, kind) {
         // SAFETY: our fresh mapping.
         unsafe { os::unmap(base as *mut u8, map_size) };
@@ -196,7 +196,7 @@ pub fn realloc_in_place_or_move(p: usize, kind: u8, new_size: usize) -> *mut u8 
     let (base, map_size, usable, align) =
         unsafe { ((*h).map_base, (*h).map_size, (*h).usable, (*h).align) };
     let offset = p - base;
-    let Some(new_usable) = os::align_up(new_size, OS_PAGE_SIZE) else {
+    let Some(new_usable) = os::align_up(new_size.max(1), OS_PAGE_SIZE) else {
         return ptr::null_mut();
     };
     let Some(new_map) = mapping_size(offset, new_size) else {
@@ -214,14 +214,17 @@ pub fn realloc_in_place_or_move(p: usize, kind: u8, new_size: usize) -> *mut u8 
     if dest.is_null() {
         return ptr::null_mut();
     }
+    // Forget the old chunk before its pages move away: once they are gone another
+    // thread may map that chunk and record it.
+    chunk_map::set_kind(p, KIND_NONE);
     // SAFETY: the old mapping is ours and whole; `dest` is our fresh reservation.
     if !unsafe { os::remap_to(base as *mut u8, map_size, dest, new_map) } {
+        chunk_map::set_kind(p, KIND_LARGE);
         // SAFETY: our fresh reservation.
         unsafe { os::unmap(dest, new_map) };
         return ptr::null_mut();
     }
     let new_user = dest as usize + offset;
-    chunk_map::set_kind(p, KIND_NONE);
     chunk_map::set_kind(new_user, KIND_LARGE);
     // SAFETY: the header moved with the pages.
     unsafe {
