@@ -47,11 +47,11 @@ fn rss_returns_after_freeing_everything() {
 #[test]
 fn one_object_loop_never_maps_or_unmaps() {
     let _g = SERIAL.lock().unwrap();
-    for size in [16usize, 1000, 20_000, 200_000] {
+    for size in [16usize, 1000, 20_000, 200_000, 1 << 20, 8 << 20] {
         let warm = lg_malloc(size);
         unsafe { lg_free(warm) };
         let before = stats();
-        for _ in 0..100_000 {
+        for _ in 0..20_000 {
             let p = lg_malloc(size);
             unsafe { *(p as *mut u8) = 1 };
             unsafe { lg_free(p) };

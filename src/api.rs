@@ -94,8 +94,12 @@ pub fn calloc(count: usize, size: usize) -> *mut u8 {
         return ptr::null_mut();
     };
     let p = malloc(total);
-    if !p.is_null() && chunk_map::kind_of(p as usize) == KIND_SEGMENT {
-        // Fresh large mappings are already zero; reused blocks are not.
+    if p.is_null() {
+        return p;
+    }
+    let kind = chunk_map::kind_of(p as usize);
+    // Fresh (or decommitted) large mappings read as zero already; blocks do not.
+    if kind == KIND_SEGMENT || !crate::large::known_zero(p as usize, kind) {
         // SAFETY: `p` is a fresh block of at least `total` bytes.
         unsafe { ptr::write_bytes(p, 0, total) };
     }
@@ -206,7 +210,7 @@ pub fn trim() -> usize {
         return 0;
     }
     heap::collect_own();
-    segment::trim()
+    segment::trim() + crate::large::cache_release()
 }
 
 // ---- the C API --------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ use core::ptr;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::chunk_map::{self, CHUNK_SHIFT, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE};
+use crate::lock::Mutex;
 use crate::os::{self, OS_PAGE_SIZE};
+use core::cell::UnsafeCell;
 
 const CHUNK: usize = 1 << CHUNK_SHIFT;
 
@@ -25,6 +27,112 @@ struct Header {
     usable: usize,
     /// Alignment the object was allocated with (at least `OS_PAGE_SIZE`).
     align: usize,
+    /// True while the user bytes are known to read as zero (a fresh or decommitted
+    /// mapping), so calloc can skip clearing them.
+    zeroed: bool,
+}
+
+/// Freed mappings kept for reuse, so a program that allocates and frees a large buffer
+/// in a loop does not map and unmap it every time. Resident cached bytes are bounded;
+/// beyond that a mapping is decommitted before it is cached.
+struct Cache {
+    lock: Mutex,
+    inner: UnsafeCell<CacheInner>,
+}
+
+struct CacheInner {
+    /// (mapping base, mapping size, still resident)
+    slots: [(usize, usize, bool); CACHE_SLOTS],
+    resident: usize,
+}
+
+// SAFETY: `inner` is only touched with `lock` held.
+unsafe impl Sync for Cache {}
+
+const CACHE_SLOTS: usize = 8;
+/// Mappings larger than this are never cached.
+const CACHE_MAX_MAPPING: usize = 64 << 20;
+/// Resident bytes the cache may hold.
+const CACHE_MAX_RESIDENT: usize = 16 << 20;
+
+static CACHE: Cache = Cache {
+    lock: Mutex::new(),
+    inner: UnsafeCell::new(CacheInner { slots: [(0, 0, false); CACHE_SLOTS], resident: 0 }),
+};
+
+fn with_cache<R>(f: impl FnOnce(&mut CacheInner) -> R) -> R {
+    CACHE.lock.with(|| {
+        // SAFETY: the lock is held.
+        f(unsafe { &mut *CACHE.inner.get() })
+    })
+}
+
+/// A cached mapping of at least `needed` bytes (and not wastefully more), as
+/// `(base, size, resident)`.
+fn cache_take(needed: usize) -> Option<(usize, usize, bool)> {
+    with_cache(|c| {
+        let mut best: Option<usize> = None;
+        for (i, s) in c.slots.iter().enumerate() {
+            let fits = s.1 >= needed && s.1 - needed <= needed / 2;
+            if s.0 != 0 && fits && best.is_none_or(|b| s.1 < c.slots[b].1) {
+                best = Some(i);
+            }
+        }
+        let i = best?;
+        let slot = core::mem::replace(&mut c.slots[i], (0, 0, false));
+        if slot.2 {
+            c.resident -= slot.1;
+        }
+        Some(slot)
+    })
+}
+
+/// Keeps a freed mapping for reuse. False when the cache has no room for it.
+fn cache_put(base: usize, size: usize) -> bool {
+    if size > CACHE_MAX_MAPPING {
+        return false;
+    }
+    with_cache(|c| {
+        let Some(i) = c.slots.iter().position(|s| s.0 == 0) else {
+            return false;
+        };
+        let resident = c.resident + size <= CACHE_MAX_RESIDENT;
+        if resident {
+            c.resident += size;
+        } else {
+            // SAFETY: the mapping is ours and holds nothing live.
+            unsafe { os::decommit(base as *mut u8, size) };
+        }
+        c.slots[i] = (base, size, resident);
+        true
+    })
+}
+
+/// Unmaps every cached mapping (for `lg_trim`). Returns the resident bytes released.
+pub fn cache_release() -> usize {
+    with_cache(|c| {
+        let released = c.resident;
+        for s in c.slots.iter_mut() {
+            if s.0 != 0 {
+                // SAFETY: cached mappings are ours and hold nothing live.
+                unsafe { os::unmap(s.0 as *mut u8, s.1) };
+                *s = (0, 0, false);
+            }
+        }
+        c.resident = 0;
+        released
+    })
+}
+
+/// Bytes of cached mappings, and how many of them are resident (statistics).
+pub fn cache_figures() -> (usize, usize) {
+    with_cache(|c| (c.slots.iter().map(|s| s.1).sum(), c.resident))
+}
+
+/// True when the bytes of the large object at `p` are known to be zero.
+pub fn known_zero(p: usize, kind: u8) -> bool {
+    // SAFETY: live header.
+    lookup(p, kind).is_some_and(|h| unsafe { (*h).zeroed })
 }
 
 /// Live large objects and their bytes (statistics).
@@ -66,6 +174,12 @@ fn map_below_chunk(size: usize, align: usize) -> usize {
     let Some(map_size) = mapping_size(align, size) else {
         return 0;
     };
+    if let Some((base, cached_size, resident)) = cache_take(map_size) {
+        let user = finish(base, cached_size, base + align, size, align, KIND_LARGE);
+        // SAFETY: `finish` wrote the header of this live object.
+        unsafe { (*header_of(user)).zeroed = !resident };
+        return user;
+    }
     let base = os::map_aligned(map_size, CHUNK);
     if base.is_null() {
         return 0;
@@ -129,6 +243,7 @@ fn finish(base: usize, map_size: usize, user: usize, size: usize, align: usize, 
             map_size,
             usable,
             align,
+            zeroed: true,
         });
     }
     LIVE_COUNT.fetch_add(1, Ordering::Relaxed);
@@ -172,6 +287,11 @@ pub fn free(p: usize, kind: u8) -> bool {
     chunk_map::set_kind(p, KIND_NONE);
     LIVE_COUNT.fetch_sub(1, Ordering::Relaxed);
     LIVE_BYTES.fetch_sub(usable, Ordering::Relaxed);
+    // Mappings placed for alignments of 4 MiB and more do not start on a chunk
+    // boundary and are not reused.
+    if kind == KIND_LARGE && cache_put(base, size) {
+        return true;
+    }
     // SAFETY: the whole mapping belongs to this object, which the caller gave up.
     unsafe { os::unmap(base as *mut u8, size) };
     true
@@ -234,6 +354,7 @@ pub fn realloc_in_place_or_move(p: usize, kind: u8, new_size: usize) -> *mut u8 
             map_size: new_map,
             usable: new_usable,
             align,
+            zeroed: false,
         });
     }
     LIVE_BYTES.fetch_add(new_usable - usable, Ordering::Relaxed);

@@ -100,13 +100,14 @@ pub fn collect(out: &mut LgStats) {
     });
     let large_bytes = large::LIVE_BYTES.load(Ordering::Relaxed);
     out.bytes_allocated = allocated + large_bytes as u64;
-    let committed = segment::committed_bytes() + large_bytes;
+    let (cached, cached_resident) = large::cache_figures();
+    let committed = segment::committed_bytes() + large_bytes + cached_resident;
     let peak = PEAK_COMMITTED
         .fetch_max(committed, Ordering::Relaxed)
         .max(committed);
     out.bytes_committed = committed as u64;
     out.peak_bytes_committed = peak as u64;
-    out.bytes_reserved = (segment::SEGMENT_BYTES.load(Ordering::Relaxed) + large_bytes) as u64;
+    out.bytes_reserved = (segment::SEGMENT_BYTES.load(Ordering::Relaxed) + large_bytes + cached) as u64;
     out.live_heaps = heap::LIVE_HEAPS.load(Ordering::Relaxed) as u64;
     out.large_live = large::LIVE_COUNT.load(Ordering::Relaxed) as u64;
     out.alloc_count = per_class.iter().sum::<u64>() + LARGE_ALLOCS.load(Ordering::Relaxed) as u64;
