@@ -1,0 +1,92 @@
+/* Threads allocate and exit; other threads free those blocks after the allocating
+ * threads are gone. Repeated for many rounds, the memory of exited threads must be
+ * reused, not leaked: committed memory and the heap count stay bounded and the live
+ * byte count returns to where it started.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <string.h>
+
+#include "check.h"
+
+enum { PRODUCERS = 8, CONSUMERS = 4, PER = 600, ROUNDS = 40 };
+#define MiB ((size_t)1 << 20)
+
+static struct block { void *p; size_t n; uint64_t seed; } blocks[PRODUCERS][PER];
+
+static void *producer(void *arg) {
+    uintptr_t me = (uintptr_t)arg;
+    uint64_t rng = (uint64_t)me * 1000003 + 11;
+    for (int i = 0; i < PER; i++) {
+        uint64_t r = rng_next(&rng);
+        size_t n = (i == 0) ? 2 * MiB : (r % 40 == 0) ? (size_t)(r >> 20) % 65536 + 1 : (size_t)(r >> 20) % 700 + 1;
+        void *p = T_MALLOC(n);
+        REQUIRE(p != NULL, "producer: allocation of %zu failed", n);
+        blocks[me][i].p = p;
+        blocks[me][i].n = n;
+        blocks[me][i].seed = r;
+        fill_pattern(p, n, r);
+    }
+    /* Also some blocks allocated and freed by this thread only. */
+    for (int i = 0; i < 200; i++) {
+        void *p = T_MALLOC((size_t)i * 3 + 1);
+        REQUIRE(p != NULL, "producer: allocation failed");
+        T_FREE(p);
+    }
+    return NULL;
+}
+
+static void *consumer(void *arg) {
+    uintptr_t me = (uintptr_t)arg;
+    for (int t = 0; t < PRODUCERS; t++)
+        for (int i = (int)me; i < PER; i += CONSUMERS) {
+            struct block *b = &blocks[t][i];
+            size_t bad = find_pattern_mismatch(b->p, b->n, b->seed);
+            CHECK(bad == SIZE_MAX, "block %d of exited thread %d (%zu bytes) corrupt at %zu", i, t,
+                  b->n, bad);
+            CHECK(lg_usable_size(b->p) >= b->n, "block %d of thread %d: usable %zu < %zu", i, t,
+                  lg_usable_size(b->p), b->n);
+            T_FREE(b->p);
+            b->p = NULL;
+        }
+    return NULL;
+}
+
+int main(void) {
+    printf("thread_exit: %d rounds of %d producers x %d blocks through %s\n", ROUNDS, PRODUCERS, PER,
+           T_API);
+    struct lg_stats base, early, now;
+    lg_stats(&base);
+    for (int round = 0; round < ROUNDS; round++) {
+        pthread_t t[PRODUCERS > CONSUMERS ? PRODUCERS : CONSUMERS];
+        for (uintptr_t i = 0; i < PRODUCERS; i++)
+            REQUIRE(pthread_create(&t[i], NULL, producer, (void *)i) == 0, "pthread_create failed");
+        for (int i = 0; i < PRODUCERS; i++)
+            pthread_join(t[i], NULL);
+        /* Every producer has exited; its blocks are now freed by other threads. */
+        for (uintptr_t i = 0; i < CONSUMERS; i++)
+            REQUIRE(pthread_create(&t[i], NULL, consumer, (void *)i) == 0, "pthread_create failed");
+        for (int i = 0; i < CONSUMERS; i++)
+            pthread_join(t[i], NULL);
+        if (round == 4)
+            lg_stats(&early);
+    }
+    lg_stats(&now);
+    printf("committed: base %llu, round 5 %llu, round %d %llu; live heaps %llu; "
+           "allocated: base %llu, round 5 %llu, round %d %llu\n",
+           (unsigned long long)base.bytes_committed, (unsigned long long)early.bytes_committed, ROUNDS,
+           (unsigned long long)now.bytes_committed, (unsigned long long)now.live_heaps,
+           (unsigned long long)base.bytes_allocated, (unsigned long long)early.bytes_allocated, ROUNDS,
+           (unsigned long long)now.bytes_allocated);
+    CHECK(now.bytes_committed <= early.bytes_committed + 32 * MiB,
+          "committed memory grew from %llu (round 5) to %llu (round %d): exited threads leak",
+          (unsigned long long)early.bytes_committed, (unsigned long long)now.bytes_committed, ROUNDS);
+    /* Blocks freed by another thread may count as live until their page is collected,
+     * so the live byte count need not drop to zero; it must not grow round after round. */
+    CHECK(now.bytes_allocated <= early.bytes_allocated + 8 * MiB,
+          "live bytes grew from %llu (round 5) to %llu (round %d) with every block freed",
+          (unsigned long long)early.bytes_allocated, (unsigned long long)now.bytes_allocated, ROUNDS);
+    CHECK(now.live_heaps <= 64, "%llu live heaps with only the main thread running (%d threads exited)",
+          (unsigned long long)now.live_heaps, ROUNDS * (PRODUCERS + CONSUMERS));
+    return check_summary("thread_exit");
+}
