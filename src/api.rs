@@ -44,6 +44,9 @@ fn malloc_beyond_table(heap: *mut heap::Heap, size: usize) -> *mut u8 {
 }
 
 fn large_alloc(size: usize, align: usize) -> *mut u8 {
+    if crate::plan::verify() {
+        heap::verify_record(heap::thread_heap_or_create(), size);
+    }
     let p = crate::large::alloc(size, align);
     if !p.is_null() {
         stats::LARGE_ALLOCS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
@@ -133,6 +136,9 @@ pub fn aligned(align: usize, size: usize) -> *mut u8 {
         if heap.is_null() {
             os::set_errno(libc::ENOMEM);
             return ptr::null_mut();
+        }
+        if crate::plan::verify() {
+            heap::verify_record(heap, size);
         }
         // SAFETY: `heap` is the calling thread's live heap.
         return unsafe { heap::alloc_small(heap, class, size) };

@@ -44,6 +44,8 @@ pub struct Heap {
     prev_live: *mut Heap,
     /// The thread that owns this heap (`pthread_self`).
     pub thread: usize,
+    /// Verify mode: set while this thread matches an allocation to its call site.
+    verifying: bool,
     /// Blocks handed back by other threads for pages this heap watches (see `page`).
     delayed_free: CachePadded<AtomicPtr<Block>>,
 }
@@ -65,6 +67,7 @@ pub static EMPTY_HEAP: Heap = Heap {
     next_live: ptr::null_mut(),
     prev_live: ptr::null_mut(),
     thread: 0,
+    verifying: false,
     delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
 };
 
@@ -196,6 +199,9 @@ unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
         // made before the class table was built: classify again once it exists.
         let h = thread_heap_or_create();
         class = size_class::size_class_of(size);
+        if crate::plan::verify() {
+            verify_record(h, size);
+        }
         h
     } else {
         heap
@@ -231,15 +237,66 @@ pub fn thread_heap_or_create() -> *mut Heap {
     if !crate::init::ensure_initialized() {
         return ptr::null_mut();
     }
+    let verify = crate::plan::verify();
+    if verify {
+        let real = crate::tls::verify_heap();
+        if !real.is_null() {
+            return real;
+        }
+    }
     let heap = pool_take();
     if heap.is_null() {
         return heap;
     }
     // Set the slot before registering for thread exit: `pthread_setspecific` may
-    // allocate, and that nested call must find this heap.
-    crate::tls::set_thread_heap(heap);
+    // allocate, and that nested call must find this heap. In verify mode the main
+    // slot stays on the empty heap so every allocation is seen.
+    if verify {
+        crate::tls::set_verify_heap(heap);
+    } else {
+        crate::tls::set_thread_heap(heap);
+    }
     crate::init::register_thread_heap(heap);
+    reserve_planned_pages(heap);
     heap
+}
+
+/// Verify mode: matches this allocation to its call site. The flag keeps allocations
+/// made while unwinding the stack from being recorded (and recursing).
+pub fn verify_record(heap: *mut Heap, size: usize) {
+    if heap.is_null() {
+        return;
+    }
+    // SAFETY: `heap` is the calling thread's live heap; only its owner touches the flag.
+    unsafe {
+        if (*heap).verifying {
+            return;
+        }
+        (*heap).verifying = true;
+        crate::plan::record_call(size);
+        (*heap).verifying = false;
+    }
+}
+
+/// Gives a new heap the first pages of the classes the plan expects every thread to
+/// use, sized to the expected demand. Only address space is taken: blocks are carved
+/// (and memory touched) as the thread allocates.
+fn reserve_planned_pages(heap: *mut Heap) {
+    for &class in crate::plan::eager_classes() {
+        // SAFETY: `heap` is the calling thread's new heap.
+        unsafe {
+            if (*heap).pages[class] == empty_page() {
+                let bs = size_class::block_size(class);
+                let slices = page_slices(class, 0);
+                let page = segment::alloc_page(heap, class, bs, slices);
+                if page.is_null() {
+                    return;
+                }
+                (*heap).page_growth[class] = 1;
+                class_push_front(heap, page);
+            }
+        }
+    }
 }
 
 /// A page of `class` with a free block, found or made. Null when out of memory.
@@ -552,6 +609,7 @@ pub unsafe fn abandon(heap: *mut Heap) {
             }
         }
         crate::tls::set_thread_heap(empty_heap());
+        crate::tls::set_verify_heap(ptr::null_mut());
         pool_give(heap);
     }
     segment::sweep_some();
@@ -644,6 +702,7 @@ fn pool_take() -> *mut Heap {
                 prev_live: ptr::null_mut(),
                 // SAFETY: pthread_self has no preconditions.
                 thread: libc::pthread_self() as usize,
+                verifying: false,
                 delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
             });
             if !p.live.is_null() {

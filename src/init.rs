@@ -59,6 +59,7 @@ fn init_core() {
     size_class::init();
     SECRET.store(os::random_u64(), Ordering::Relaxed);
     options::init();
+    crate::plan::read_options();
 }
 
 /// Steps that may allocate (served by the already usable core).
@@ -98,7 +99,7 @@ pub fn register_thread_heap(heap: *mut Heap) {
 
 extern "C" fn thread_exit(value: *mut libc::c_void) {
     let heap = value.cast::<Heap>();
-    if heap.is_null() || heap != crate::tls::thread_heap() {
+    if heap.is_null() || (heap != crate::tls::thread_heap() && heap != crate::tls::verify_heap()) {
         return;
     }
     // SAFETY: the value is the exiting thread's own live heap.

@@ -18,6 +18,7 @@ pub mod os;
 #[cfg(feature = "override")]
 mod override_libc;
 mod page;
+mod plan;
 mod segment;
 pub mod size_class;
 pub mod stats;

@@ -19,6 +19,12 @@ core::arch::global_asm!(
     ".size __lgmalloc_thread_heap, 8",
     "__lgmalloc_thread_heap:",
     ".quad {empty}",
+    ".globl __lgmalloc_verify_heap",
+    ".hidden __lgmalloc_verify_heap",
+    ".type __lgmalloc_verify_heap, @object",
+    ".size __lgmalloc_verify_heap, 8",
+    "__lgmalloc_verify_heap:",
+    ".quad 0",
     ".popsection",
     empty = sym EMPTY_HEAP,
 );
@@ -56,6 +62,39 @@ pub fn set_thread_heap(heap: *mut Heap) {
     }
 }
 
+/// In verify mode the thread's real heap (the main slot then stays on the empty heap so
+/// that every allocation reaches the slow path, where it is matched to its call site).
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[inline]
+pub fn verify_heap() -> *mut Heap {
+    let heap: *mut Heap;
+    // SAFETY: reads this thread's second slot, defined above.
+    unsafe {
+        core::arch::asm!(
+            "mov {h}, qword ptr [rip + __lgmalloc_verify_heap@GOTTPOFF]",
+            "mov {h}, qword ptr fs:[{h}]",
+            h = out(reg) heap,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    heap
+}
+
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[inline]
+pub fn set_verify_heap(heap: *mut Heap) {
+    // SAFETY: writes this thread's second slot, defined above.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, qword ptr [rip + __lgmalloc_verify_heap@GOTTPOFF]",
+            "mov qword ptr fs:[{t}], {h}",
+            t = out(reg) _,
+            h = in(reg) heap,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
 #[cfg(any(not(target_arch = "x86_64"), miri))]
 mod fallback {
     use super::Heap;
@@ -65,7 +104,20 @@ mod fallback {
         // destructor registration (which would call calloc) ever happens.
         pub static THREAD_HEAP: Cell<*mut Heap> =
             const { Cell::new(&raw const crate::heap::EMPTY_HEAP as *mut Heap) };
+        pub static VERIFY_HEAP: Cell<*mut Heap> = const { Cell::new(core::ptr::null_mut()) };
     }
+}
+
+#[cfg(any(not(target_arch = "x86_64"), miri))]
+#[inline]
+pub fn verify_heap() -> *mut Heap {
+    fallback::VERIFY_HEAP.with(|h| h.get())
+}
+
+#[cfg(any(not(target_arch = "x86_64"), miri))]
+#[inline]
+pub fn set_verify_heap(heap: *mut Heap) {
+    fallback::VERIFY_HEAP.with(|h| h.set(heap))
 }
 
 #[cfg(any(not(target_arch = "x86_64"), miri))]

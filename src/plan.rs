@@ -1,0 +1,581 @@
+//! The predictive runtime: before `main`, read the running program's allocation call
+//! sites (the `analysis` module, or its cache) and shape the size classes after them.
+//!
+//! * High-confidence predicted sizes whose standard class would waste space get
+//!   exact-fit classes; the class table sends their requests there with the same single
+//!   table load as any other size (so routing costs no instruction).
+//! * Predicted classes get first pages sized to their expected demand; each new thread
+//!   heap reserves them up front (address space only: blocks are carved, and memory
+//!   touched, as the thread allocates). Unpredicted classes start at one 1 KiB slice.
+//! * What a run observes (allocations per class; per call site in verify mode) is
+//!   stored beside the cache entry and raises or lowers the next run's plan.
+//! * `LGMALLOC_VERIFY=1` checks the prediction: every allocation's call site and size
+//!   are matched against the plan, and one line sums it up at exit.
+//!
+//! The analysis never calls into the allocator's internals; it returns a plan that this
+//! module hands to `size_class` and `heap`.
+
+use core::ffi::{c_char, c_int, c_void};
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+
+use crate::analysis::{self, Analysis};
+use crate::options::{self, Message};
+use crate::size_class::{self, MAX_CLASSES, TABLE_MAX_SIZE};
+
+/// Confidence at or above which a predicted size shapes the heap.
+pub const HIGH_CONFIDENCE: f32 = 0.5;
+/// Exact-fit classes are added where the standard class wastes more than 1/16.
+const WASTE_SHIFT: usize = 4;
+/// At most this many classes are reserved up front in every new thread heap.
+const MAX_EAGER_CLASSES: usize = 8;
+/// Executables larger than this are not analysed at start-up unless their analysis is
+/// cached (a cold analysis runs at roughly 200 MB/s here; this bounds it to ~0.3 s).
+const MAX_COLD_FILE: u64 = 64 << 20;
+
+/// Runs before `main` in every build (cdylib, staticlib, rlib): std registers its own
+/// constructors at priority 99, this one follows.
+#[used]
+#[unsafe(link_section = ".init_array.00101")]
+static PLAN_AT_START: extern "C" fn(c_int, *const *const c_char, *const *const c_char) = plan_at_start;
+
+/// Where each planned class's confidence came from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Source {
+    /// Static analysis of the call sites.
+    Static,
+    /// Counts observed by earlier runs.
+    Learned,
+    /// Both agree.
+    Both,
+}
+
+/// One class the plan shapes.
+#[derive(Clone, Copy, Debug)]
+pub struct PlannedClass {
+    pub size: usize,
+    pub class: usize,
+    pub confidence: f32,
+    pub source: Source,
+    /// Blocks of the first page for this class in a new thread heap.
+    pub first_page_blocks: u32,
+    /// True when an exact-fit class was added for `size`.
+    pub exact_fit: bool,
+}
+
+/// A call site with a constant prediction, keyed by its return address at run time.
+struct Site {
+    ret: usize,
+    size: u64,
+    calls: AtomicU64,
+    exact: AtomicU64,
+}
+
+/// The plan in force for this process.
+pub struct RuntimePlan {
+    pub classes: Vec<PlannedClass>,
+    sites: Vec<Site>,
+    /// Classes every new heap reserves a page for.
+    eager: Vec<usize>,
+    pub analysis_us: u64,
+    pub from_cache: bool,
+    pub text_bytes: u64,
+    learned_path: Option<PathBuf>,
+    /// Allocations per class when the plan came into force.
+    allocs_at_start: Vec<u64>,
+}
+
+static PLAN: AtomicPtr<RuntimePlan> = AtomicPtr::new(core::ptr::null_mut());
+static MODE: AtomicU8 = AtomicU8::new(MODE_PREDICT);
+static LEARN: AtomicBool = AtomicBool::new(true);
+static VERIFY: AtomicBool = AtomicBool::new(false);
+
+/// `LGMALLOC_PREDICT=0`: the plain allocator, no analysis.
+const MODE_OFF: u8 = 0;
+/// `LGMALLOC_PREDICT=analyze`: analyse, then ignore the result (measures its cost).
+const MODE_ANALYZE_ONLY: u8 = 1;
+/// Default (`LGMALLOC_PREDICT=1`): analyse and shape the heap.
+const MODE_PREDICT: u8 = 2;
+/// `LGMALLOC_PREDICT=naive`: no analysis; plan the smallest classes for every thread
+/// (the baseline a prediction must beat).
+const MODE_NAIVE: u8 = 3;
+/// Classes the naive plan reserves.
+const NAIVE_CLASSES: usize = 8;
+
+/// Verify-mode totals.
+static VERIFY_CALLS: AtomicU64 = AtomicU64::new(0);
+static VERIFY_PREDICTED: AtomicU64 = AtomicU64::new(0);
+static VERIFY_EXACT: AtomicU64 = AtomicU64::new(0);
+/// Start and end of the code of the module lgmalloc lives in (verify mode skips frames
+/// inside it to find the program's call site).
+static OWN_CODE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// Reads the prediction options (called during initialisation).
+pub fn read_options() {
+    let mode = match options::var("LGMALLOC_PREDICT\0") {
+        Some(b"0" | b"off" | b"no" | b"false") => MODE_OFF,
+        Some(b"analyze") => MODE_ANALYZE_ONLY,
+        Some(b"naive") => MODE_NAIVE,
+        _ => MODE_PREDICT,
+    };
+    MODE.store(mode, Ordering::Relaxed);
+    LEARN.store(!matches!(options::var("LGMALLOC_LEARN\0"), Some(b"0" | b"off" | b"no")), Ordering::Relaxed);
+    VERIFY.store(options::flag("LGMALLOC_VERIFY\0"), Ordering::Relaxed);
+}
+
+/// True in verify mode: every allocation takes the slow path and is matched to a site.
+#[inline]
+pub fn verify() -> bool {
+    VERIFY.load(Ordering::Relaxed)
+}
+
+/// The plan in force, if any.
+pub fn current() -> Option<&'static RuntimePlan> {
+    let p = PLAN.load(Ordering::Acquire);
+    // SAFETY: a published plan is leaked and never freed.
+    unsafe { p.as_ref() }
+}
+
+/// Classes a new thread heap should reserve a page for.
+pub fn eager_classes() -> &'static [usize] {
+    current().map_or(&[], |p| p.eager.as_slice())
+}
+
+extern "C" fn plan_at_start(_argc: c_int, _argv: *const *const c_char, _envp: *const *const c_char) {
+    if !crate::init::ensure_initialized() {
+        return;
+    }
+    if verify() {
+        find_own_code();
+        // SAFETY: registers a plain function.
+        unsafe { libc::atexit(report_at_exit) };
+    }
+    let mode = MODE.load(Ordering::Relaxed);
+    if mode == MODE_OFF {
+        return;
+    }
+    if mode == MODE_NAIVE {
+        publish(naive_plan());
+        return;
+    }
+    let Some(exe) = executable_path() else {
+        return;
+    };
+    let start = now_us();
+    let analysis = match analyze(&exe) {
+        Ok(a) => a,
+        Err(e) => {
+            let e: &dyn core::fmt::Display = &e;
+            if options::verbose() {
+                let mut m = Message::new();
+                let _ = writeln!(m, "lgmalloc: no plan for {}: {e}", exe.display());
+                crate::os::write_stderr(m.as_bytes());
+            }
+            return;
+        }
+    };
+    let learn = LEARN.load(Ordering::Relaxed);
+    let learned_path = if learn { analysis::cache_entry(&exe).map(|p| p.with_extension("learned")) } else { None };
+    let learned = learned_path.as_deref().and_then(read_learned).unwrap_or_default();
+    let mut plan = build(&analysis, &learned, bias_of_main_program(), now_us() - start, learned_path);
+    if mode == MODE_ANALYZE_ONLY {
+        return;
+    }
+    apply(&mut plan);
+    publish(plan);
+    if learn && !verify() {
+        // SAFETY: registers a plain function.
+        unsafe { libc::atexit(learn_at_exit) };
+    }
+}
+
+/// Puts `plan` in force for the rest of the process.
+fn publish(mut plan: RuntimePlan) {
+    if options::verbose() {
+        describe(&plan);
+    }
+    let mut s = crate::stats::LgStats::default();
+    crate::stats::collect(&mut s);
+    plan.allocs_at_start = s.classes.iter().map(|c| c.allocations).collect();
+    PLAN.store(Box::into_raw(Box::new(plan)), Ordering::Release);
+}
+
+/// The naive baseline: the smallest classes, reserved in every heap, no analysis.
+fn naive_plan() -> RuntimePlan {
+    let classes: Vec<PlannedClass> = (0..NAIVE_CLASSES)
+        .map(|c| {
+            let size = size_class::block_size(c);
+            PlannedClass {
+                size,
+                class: c,
+                confidence: 1.0,
+                source: Source::Static,
+                first_page_blocks: size_class::class_info(c).first_page_blocks,
+                exact_fit: false,
+            }
+        })
+        .collect();
+    let eager = classes.iter().map(|c| c.class).collect();
+    RuntimePlan {
+        classes,
+        sites: Vec::new(),
+        eager,
+        analysis_us: 0,
+        from_cache: false,
+        text_bytes: 0,
+        learned_path: None,
+        allocs_at_start: Vec::new(),
+    }
+}
+
+fn analyze(exe: &Path) -> Result<Analysis, String> {
+    let cached = analysis::cache_entry(exe).is_some_and(|p| p.exists());
+    let size = std::fs::metadata(exe).map_or(0, |m| m.len());
+    if !cached && size > MAX_COLD_FILE {
+        return Err(format!("{size} bytes is too large to analyse before main"));
+    }
+    analysis::analyze_path(exe, true).map_err(|e| e.to_string())
+}
+
+/// Observed allocations per size from earlier runs: (block size, calls).
+#[derive(Default)]
+struct Learned {
+    classes: Vec<(usize, u64)>,
+    total: u64,
+}
+
+/// Builds the plan: static predictions, adjusted by what earlier runs observed.
+fn build(a: &Analysis, learned: &Learned, bias: usize, analysis_us: u64, learned_path: Option<PathBuf>) -> RuntimePlan {
+    let mut classes: Vec<PlannedClass> = Vec::new();
+    for p in a.plan() {
+        let size = p.size as usize;
+        if size == 0 || size > TABLE_MAX_SIZE {
+            continue;
+        }
+        let (confidence, source) = adjust(p.confidence, learned_share(learned, size), learned.total > 0);
+        if confidence >= HIGH_CONFIDENCE {
+            classes.push(planned(size, confidence, source, p.sites));
+        }
+    }
+    // Sizes observed often that static analysis missed (wrappers, computed sizes).
+    for &(size, calls) in &learned.classes {
+        let covered = classes.iter().any(|c| c.size.next_multiple_of(16) == size);
+        if covered || learned.total == 0 || size > TABLE_MAX_SIZE {
+            continue;
+        }
+        let share = calls as f32 / learned.total as f32;
+        if share >= LEARNED_MIN_SHARE {
+            let confidence = (0.5 + 2.0 * share).min(0.95);
+            classes.push(planned(size, confidence, Source::Learned, 1));
+        }
+    }
+    classes.sort_by(|x, y| y.confidence.total_cmp(&x.confidence));
+    let sites = a
+        .call_sites
+        .iter()
+        .filter(|s| !s.tail)
+        .filter_map(|s| {
+            let size = s.size?;
+            let ret = if a.pie { bias as u64 } else { 0 } + s.site + s.len as u64;
+            Some(Site { ret: ret as usize, size, calls: AtomicU64::new(0), exact: AtomicU64::new(0) })
+        })
+        .collect::<Vec<_>>();
+    let mut sites = sites;
+    sites.sort_by_key(|s| s.ret);
+    sites.dedup_by_key(|s| s.ret);
+    RuntimePlan {
+        classes,
+        sites,
+        eager: Vec::new(),
+        analysis_us,
+        from_cache: a.from_cache,
+        text_bytes: a.text_bytes,
+        learned_path,
+        allocs_at_start: Vec::new(),
+    }
+}
+
+/// A class must take at least this share of a run's allocations to count as observed.
+const LEARNED_MIN_SHARE: f32 = 0.05;
+
+/// Combines a static confidence with what earlier runs saw: a class they used often is
+/// confirmed (its doubt halves), one they never used is weakened (halved), and without
+/// observations the static value stands.
+fn adjust(static_confidence: f32, share: Option<f32>, observed_anything: bool) -> (f32, Source) {
+    match share {
+        Some(s) if s >= LEARNED_MIN_SHARE => (1.0 - (1.0 - static_confidence) * 0.5, Source::Both),
+        Some(_) => (static_confidence, Source::Both),
+        None if observed_anything => (static_confidence * 0.5, Source::Learned),
+        None => (static_confidence, Source::Static),
+    }
+}
+
+fn learned_share(learned: &Learned, size: usize) -> Option<f32> {
+    if learned.total == 0 {
+        return None;
+    }
+    let bs = size.next_multiple_of(16);
+    learned
+        .classes
+        .iter()
+        .find(|&&(s, _)| s == bs)
+        .map(|&(_, calls)| calls as f32 / learned.total as f32)
+}
+
+fn planned(size: usize, confidence: f32, source: Source, sites: u32) -> PlannedClass {
+    PlannedClass {
+        size,
+        class: size_class::size_class_of(size),
+        confidence,
+        source,
+        // Expected demand: more sites, more blocks; at most 16 KiB per first page.
+        first_page_blocks: ((sites as usize * 8).clamp(8, 256).min((16 * 1024 / size.max(16)).max(1))) as u32,
+        exact_fit: false,
+    }
+}
+
+/// Hands the plan to the size-class table and records which classes heaps reserve.
+fn apply(plan: &mut RuntimePlan) {
+    for c in plan.classes.iter_mut() {
+        let standard = size_class::size_class_of(c.size);
+        let bs = size_class::block_size(standard);
+        let want = c.size.next_multiple_of(16);
+        let class = if (bs - want) << WASTE_SHIFT > bs {
+            c.exact_fit = true;
+            size_class::add_exact_class(want, c.first_page_blocks)
+        } else {
+            size_class::set_first_page_blocks(standard, c.first_page_blocks);
+            Some(standard)
+        };
+        if let Some(class) = class {
+            c.class = class;
+        }
+    }
+    let mut eager: Vec<usize> = Vec::new();
+    for c in &plan.classes {
+        if eager.len() < MAX_EAGER_CLASSES && !eager.contains(&c.class) && c.class < MAX_CLASSES {
+            eager.push(c.class);
+        }
+    }
+    plan.eager = eager;
+}
+
+fn describe(plan: &RuntimePlan) {
+    let mut m = Message::new();
+    let _ = writeln!(
+        m,
+        "lgmalloc: plan: {} classes, {} constant sites, analysis {} us{}",
+        plan.classes.len(),
+        plan.sites.len(),
+        plan.analysis_us,
+        if plan.from_cache { " (cached)" } else { "" }
+    );
+    crate::os::write_stderr(m.as_bytes());
+    for c in &plan.classes {
+        m.clear();
+        let _ = writeln!(
+            m,
+            "lgmalloc: plan: size {:>6} class {:>3} confidence {:.2} from {:?}{} first page {} blocks",
+            c.size,
+            c.class,
+            c.confidence,
+            c.source,
+            if c.exact_fit { " exact-fit" } else { "" },
+            c.first_page_blocks
+        );
+        crate::os::write_stderr(m.as_bytes());
+    }
+}
+
+// ---- learning across runs --------------------------------------------------------------
+
+/// Format: a first line `lgmalloc-learned 1`, then `size calls` lines.
+fn read_learned(path: &Path) -> Option<Learned> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    if lines.next()? != "lgmalloc-learned 1" {
+        return None;
+    }
+    let mut learned = Learned::default();
+    for line in lines {
+        let mut it = line.split_ascii_whitespace();
+        let (Some(size), Some(calls)) = (it.next(), it.next()) else {
+            return None;
+        };
+        let (Ok(size), Ok(calls)) = (size.parse::<usize>(), calls.parse::<u64>()) else {
+            return None;
+        };
+        learned.total += calls;
+        learned.classes.push((size, calls));
+    }
+    Some(learned)
+}
+
+/// At exit: store this run's allocations per class for the next run's plan.
+extern "C" fn learn_at_exit() {
+    let Some(plan) = current() else { return };
+    let Some(path) = plan.learned_path.as_deref() else { return };
+    let mut s = crate::stats::LgStats::default();
+    crate::stats::collect(&mut s);
+    let mut text = String::from("lgmalloc-learned 1\n");
+    for (c, before) in s.classes.iter().zip(plan.allocs_at_start.iter()).take(s.class_count as usize) {
+        // Only the program's own allocations, not the loader's or the analysis's.
+        let calls = c.allocations.saturating_sub(*before);
+        if calls > 0 {
+            let _ = writeln!(text, "{} {}", c.block_size, calls);
+        }
+    }
+    write_atomically(path, text.as_bytes());
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension(format!("learned.tmp.{}", std::process::id()));
+    if std::fs::write(&tmp, bytes).is_err() || std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+// ---- verify mode ---------------------------------------------------------------------------
+
+/// Verify mode: matches one allocation of `size` bytes to its call site.
+pub fn record_call(size: usize) {
+    // Allocations before the plan is in force (the loader's, the analysis's own) are
+    // not the program's: they are not counted.
+    let Some(plan) = current() else { return };
+    VERIFY_CALLS.fetch_add(1, Ordering::Relaxed);
+    let ret = caller_return_address();
+    let Ok(i) = plan.sites.binary_search_by_key(&ret, |s| s.ret) else {
+        return;
+    };
+    let site = &plan.sites[i];
+    site.calls.fetch_add(1, Ordering::Relaxed);
+    VERIFY_PREDICTED.fetch_add(1, Ordering::Relaxed);
+    if site.size == size as u64 {
+        site.exact.fetch_add(1, Ordering::Relaxed);
+        VERIFY_EXACT.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+unsafe extern "C" {
+    fn _Unwind_Backtrace(
+        trace: extern "C" fn(ctx: *mut c_void, arg: *mut c_void) -> c_int,
+        arg: *mut c_void,
+    ) -> c_int;
+    fn _Unwind_GetIP(ctx: *mut c_void) -> usize;
+}
+
+const URC_NO_REASON: c_int = 0;
+const URC_END_OF_STACK: c_int = 5;
+
+/// The return address of the first frame outside lgmalloc's own code.
+fn caller_return_address() -> usize {
+    extern "C" fn visit(ctx: *mut c_void, arg: *mut c_void) -> c_int {
+        // SAFETY: the unwinder passes a valid context; `arg` is our `usize`.
+        let ip = unsafe { _Unwind_GetIP(ctx) };
+        let (lo, hi) = (OWN_CODE[0].load(Ordering::Relaxed), OWN_CODE[1].load(Ordering::Relaxed));
+        if ip == 0 || (ip >= lo && ip < hi) {
+            return URC_NO_REASON;
+        }
+        // SAFETY: `arg` points at the caller's `usize`.
+        unsafe { *arg.cast::<usize>() = ip };
+        URC_END_OF_STACK
+    }
+    let mut found = 0usize;
+    // SAFETY: the callback matches the unwinder's signature and only writes `found`.
+    unsafe { _Unwind_Backtrace(visit, (&raw mut found).cast()) };
+    found
+}
+
+/// Records the code range of the module holding lgmalloc (verify mode).
+fn find_own_code() {
+    let me = find_own_code as usize;
+    for_each_module(|base, phdrs| {
+        let mut lo = usize::MAX;
+        let mut hi = 0;
+        for ph in phdrs {
+            if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+                lo = lo.min(base + ph.p_vaddr as usize);
+                hi = hi.max(base + (ph.p_vaddr + ph.p_memsz) as usize);
+            }
+        }
+        if me >= lo && me < hi {
+            OWN_CODE[0].store(lo, Ordering::Relaxed);
+            OWN_CODE[1].store(hi, Ordering::Relaxed);
+        }
+    });
+}
+
+extern "C" fn report_at_exit() {
+    let mut m = Message::new();
+    let _ = writeln!(
+        m,
+        "lgmalloc: verify calls={} predicted={} exact={}",
+        VERIFY_CALLS.load(Ordering::Relaxed),
+        VERIFY_PREDICTED.load(Ordering::Relaxed),
+        VERIFY_EXACT.load(Ordering::Relaxed)
+    );
+    crate::os::write_stderr(m.as_bytes());
+    if !options::verbose() {
+        return;
+    }
+    let Some(plan) = current() else { return };
+    for s in plan.sites.iter().filter(|s| s.calls.load(Ordering::Relaxed) > 0) {
+        m.clear();
+        let _ = writeln!(
+            m,
+            "lgmalloc: verify site ret={:#x} size={} calls={} exact={}",
+            s.ret,
+            s.size,
+            s.calls.load(Ordering::Relaxed),
+            s.exact.load(Ordering::Relaxed)
+        );
+        crate::os::write_stderr(m.as_bytes());
+    }
+}
+
+// ---- the running program --------------------------------------------------------------------
+
+/// The executable's path, from `/proc/self/exe`.
+fn executable_path() -> Option<PathBuf> {
+    std::fs::read_link("/proc/self/exe").ok()
+}
+
+/// Calls `f(load bias, program headers)` for each loaded module.
+fn for_each_module(mut f: impl FnMut(usize, &[libc::Elf64_Phdr])) {
+    extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+        // SAFETY: `data` is the closure passed below; `info` is valid for this call.
+        unsafe {
+            let f = &mut *data.cast::<&mut dyn FnMut(usize, &[libc::Elf64_Phdr])>();
+            let info = &*info;
+            let phdrs = if info.dlpi_phdr.is_null() {
+                &[][..]
+            } else {
+                core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize)
+            };
+            f(info.dlpi_addr as usize, phdrs);
+        }
+        0
+    }
+    let mut dynf: &mut dyn FnMut(usize, &[libc::Elf64_Phdr]) = &mut f;
+    // SAFETY: the callback only uses `data` as the closure above.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&raw mut dynf).cast()) };
+}
+
+/// Load bias of the main program (the first module `dl_iterate_phdr` reports).
+fn bias_of_main_program() -> usize {
+    let mut first = None;
+    for_each_module(|base, _| {
+        if first.is_none() {
+            first = Some(base);
+        }
+    });
+    first.unwrap_or(0)
+}
+
+fn now_us() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
