@@ -84,6 +84,8 @@ pub struct RuntimePlan {
     learned_path: Option<PathBuf>,
     /// Allocations per class when the plan came into force.
     allocs_at_start: Vec<u64>,
+    /// The observations (block size, allocations) the plan was built from.
+    observed: Vec<(usize, u64)>,
 }
 
 static PLAN: AtomicPtr<RuntimePlan> = AtomicPtr::new(core::ptr::null_mut());
@@ -163,22 +165,40 @@ extern "C" fn plan_at_start(_argc: c_int, _argv: *const *const c_char, _envp: *c
         return;
     };
     let start = now_us();
-    let analysis = match analyze(&exe) {
-        Ok(a) => a,
-        Err(e) => {
-            let e: &dyn core::fmt::Display = &e;
-            if options::verbose() {
-                let mut m = Message::new();
-                let _ = writeln!(m, "lgmalloc: no plan for {}: {e}", exe.display());
-                crate::os::write_stderr(m.as_bytes());
+    let learn = LEARN.load(Ordering::Relaxed);
+    let entry = analysis::cache_entry(&exe);
+    let learned_path = entry.as_ref().filter(|_| learn).map(|e| e.with_extension("learned"));
+    let plan_path = entry.as_ref().map(|e| e.with_extension(if learn { "plan" } else { "static-plan" }));
+    // A stored plan is a few hundred bytes; the analysis it came from is only needed
+    // again in verify mode (for the call sites) or when what was learned changed.
+    let stored = match (&plan_path, mode == MODE_PREDICT && !verify()) {
+        (Some(p), true) => read_plan_file(p),
+        _ => None,
+    };
+    let mut plan = match stored {
+        Some(p) => p,
+        None => {
+            let analysis = match analyze(&exe) {
+                Ok(a) => a,
+                Err(e) => {
+                    if options::verbose() {
+                        let mut m = Message::new();
+                        let _ = writeln!(m, "lgmalloc: no plan for {}: {e}", exe.display());
+                        crate::os::write_stderr(m.as_bytes());
+                    }
+                    return;
+                }
+            };
+            let learned = learned_path.as_deref().and_then(read_learned).unwrap_or_default();
+            let plan = build(&analysis, learned, bias_of_main_program());
+            if let Some(p) = &plan_path {
+                write_plan_file(p, &plan);
             }
-            return;
+            plan
         }
     };
-    let learn = LEARN.load(Ordering::Relaxed);
-    let learned_path = if learn { analysis::cache_entry(&exe).map(|p| p.with_extension("learned")) } else { None };
-    let learned = learned_path.as_deref().and_then(read_learned).unwrap_or_default();
-    let mut plan = build(&analysis, &learned, bias_of_main_program(), now_us() - start, learned_path);
+    plan.analysis_us = now_us() - start;
+    plan.learned_path = learned_path;
     if mode == MODE_ANALYZE_ONLY {
         return;
     }
@@ -226,6 +246,7 @@ fn naive_plan() -> RuntimePlan {
         text_bytes: 0,
         learned_path: None,
         allocs_at_start: Vec::new(),
+        observed: Vec::new(),
     }
 }
 
@@ -246,7 +267,8 @@ struct Learned {
 }
 
 /// Builds the plan: static predictions, adjusted by what earlier runs observed.
-fn build(a: &Analysis, learned: &Learned, bias: usize, analysis_us: u64, learned_path: Option<PathBuf>) -> RuntimePlan {
+fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
+    let learned = &learned;
     let mut classes: Vec<PlannedClass> = Vec::new();
     for p in a.plan() {
         let size = p.size as usize;
@@ -288,11 +310,12 @@ fn build(a: &Analysis, learned: &Learned, bias: usize, analysis_us: u64, learned
         classes,
         sites,
         eager: Vec::new(),
-        analysis_us,
+        analysis_us: 0,
         from_cache: a.from_cache,
         text_bytes: a.text_bytes,
-        learned_path,
+        learned_path: None,
         allocs_at_start: Vec::new(),
+        observed: learned.classes.clone(),
     }
 }
 
@@ -412,25 +435,125 @@ fn read_learned(path: &Path) -> Option<Learned> {
     Some(learned)
 }
 
-/// At exit: store this run's allocations per class for the next run's plan.
+/// At exit: if this run's allocations per class differ from what the plan was built
+/// on, store them (and drop the stored plan) so the next run plans from them.
 extern "C" fn learn_at_exit() {
     let Some(plan) = current() else { return };
     let Some(path) = plan.learned_path.as_deref() else { return };
     let mut s = crate::stats::LgStats::default();
     crate::stats::collect(&mut s);
-    let mut text = String::from("lgmalloc-learned 1\n");
+    let mut now: Vec<(usize, u64)> = Vec::new();
     for (c, before) in s.classes.iter().zip(plan.allocs_at_start.iter()).take(s.class_count as usize) {
         // Only the program's own allocations, not the loader's or the analysis's.
         let calls = c.allocations.saturating_sub(*before);
         if calls > 0 {
-            let _ = writeln!(text, "{} {}", c.block_size, calls);
+            now.push((c.block_size as usize, calls));
         }
+    }
+    if !changed(&plan.observed, &now) {
+        return;
+    }
+    let mut text = String::from("lgmalloc-learned 1\n");
+    for (size, calls) in &now {
+        let _ = writeln!(text, "{size} {calls}");
+    }
+    write_atomically(path, text.as_bytes());
+    let _ = std::fs::remove_file(path.with_extension("plan"));
+}
+
+/// The classes that take a real share of the allocations, with their shares.
+fn shares(observed: &[(usize, u64)]) -> Vec<(usize, f32)> {
+    let total: u64 = observed.iter().map(|o| o.1).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    observed
+        .iter()
+        .map(|&(size, calls)| (size, calls as f32 / total as f32))
+        .filter(|&(_, share)| share >= LEARNED_MIN_SHARE)
+        .collect()
+}
+
+/// True when two runs' observations would plan differently: another set of frequent
+/// classes, or a share that moved by more than 0.15.
+fn changed(before: &[(usize, u64)], now: &[(usize, u64)]) -> bool {
+    let (a, b) = (shares(before), shares(now));
+    if a.len() != b.len() {
+        return true;
+    }
+    a.iter().any(|&(size, share)| b.iter().find(|o| o.0 == size).is_none_or(|o| (o.1 - share).abs() > 0.15))
+}
+
+// ---- the stored plan ------------------------------------------------------------------------
+
+/// Format: `lgmalloc-plan 1`, then `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS` and
+/// `observed BLOCK_SIZE CALLS` lines.
+fn write_plan_file(path: &Path, plan: &RuntimePlan) {
+    let mut text = String::from("lgmalloc-plan 1\n");
+    for c in &plan.classes {
+        let source = match c.source {
+            Source::Static => 'S',
+            Source::Learned => 'L',
+            Source::Both => 'B',
+        };
+        let _ = writeln!(text, "class {} {} {} {}", c.size, c.confidence, source, c.first_page_blocks);
+    }
+    for (size, calls) in &plan.observed {
+        let _ = writeln!(text, "observed {size} {calls}");
     }
     write_atomically(path, text.as_bytes());
 }
 
+fn read_plan_file(path: &Path) -> Option<RuntimePlan> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    if lines.next()? != "lgmalloc-plan 1" {
+        return None;
+    }
+    let mut classes = Vec::new();
+    let mut observed = Vec::new();
+    for line in lines {
+        let f: Vec<&str> = line.split_ascii_whitespace().collect();
+        match f.as_slice() {
+            ["class", size, confidence, source, blocks] => {
+                let size: usize = size.parse().ok()?;
+                let source = match *source {
+                    "S" => Source::Static,
+                    "L" => Source::Learned,
+                    "B" => Source::Both,
+                    _ => return None,
+                };
+                if size == 0 || size > TABLE_MAX_SIZE {
+                    return None;
+                }
+                classes.push(PlannedClass {
+                    size,
+                    class: size_class::size_class_of(size),
+                    confidence: confidence.parse().ok()?,
+                    source,
+                    first_page_blocks: blocks.parse().ok()?,
+                    exact_fit: false,
+                });
+            }
+            ["observed", size, calls] => observed.push((size.parse().ok()?, calls.parse().ok()?)),
+            _ => return None,
+        }
+    }
+    Some(RuntimePlan {
+        classes,
+        sites: Vec::new(),
+        eager: Vec::new(),
+        analysis_us: 0,
+        from_cache: true,
+        text_bytes: 0,
+        learned_path: None,
+        allocs_at_start: Vec::new(),
+        observed,
+    })
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension(format!("learned.tmp.{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     if std::fs::write(&tmp, bytes).is_err() || std::fs::rename(&tmp, path).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
