@@ -72,6 +72,18 @@ fn perform(case: &str) {
                     .unwrap();
                 lg_free(p as *mut c_void);
             }
+            "use_after_free_write" => {
+                let p = lg_malloc(64) as *mut usize;
+                let q = lg_malloc(64);
+                lg_free(q);
+                lg_free(p.cast());
+                // A dangling write steers the free list to an address of the attacker's
+                // choosing (here: a stack slot).
+                let mut target = [0usize; 8];
+                *p = target.as_mut_ptr() as usize;
+                let _ = lg_malloc(64);
+                let _ = lg_malloc(64);
+            }
             other => panic!("unknown case {other}"),
         }
     }
@@ -161,4 +173,10 @@ fn realloc_of_a_freed_block() {
 #[test]
 fn double_free_across_threads() {
     expect_abort("cross_thread_double_free", "lgmalloc: double free");
+}
+
+#[cfg(feature = "hardened")]
+#[test]
+fn use_after_free_write_is_caught_when_hardened() {
+    expect_abort("use_after_free_write", "lgmalloc: corrupted free list");
 }

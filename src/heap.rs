@@ -96,7 +96,7 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
         let page = *(*heap).pages.get_unchecked(class);
         let block = (*page).free;
         if !block.is_null() {
-            (*page).free = (*block).next;
+            (*page).free = page::next_free(block);
             (*page).used += 1;
             if CHECKED {
                 (*block).freed_mark = 0;
@@ -132,7 +132,7 @@ pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
             (*b).freed_mark = mark;
         }
         if (*page).heap.load(Ordering::Relaxed) == heap {
-            (*b).next = (*page).free;
+            (*b).next = page::encode_link(b, (*page).free);
             (*page).free = b;
             let used = (*page).used - 1;
             (*page).used = used;
@@ -218,7 +218,7 @@ unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
             return ptr::null_mut();
         }
         let block = (*page).free;
-        (*page).free = (*block).next;
+        (*page).free = page::next_free(block);
         (*page).used += 1;
         if CHECKED {
             (*block).freed_mark = 0;
@@ -460,7 +460,7 @@ unsafe fn drain_delayed(heap: *mut Heap) {
         while !b.is_null() {
             let next = (*b).next;
             let page = segment::page_of(b as usize);
-            (*b).next = (*page).free;
+            (*b).next = page::encode_link(b, (*page).free);
             (*page).free = b;
             (*page).used -= 1;
             if (*page).used <= NOT_FULL {

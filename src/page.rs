@@ -31,6 +31,49 @@ pub struct Block {
     pub freed_mark: usize,
 }
 
+/// Whether links of the local free lists are stored encoded (the `hardened` feature).
+pub const HARDENED: bool = cfg!(feature = "hardened");
+
+/// The key a link stored in block `b` is mixed with: the process secret and the
+/// block's own address, so a use-after-free write cannot choose where the allocator
+/// goes next, and one leaked link does not reveal the key of another block.
+#[inline(always)]
+fn link_key(b: *const Block) -> usize {
+    (b as usize).rotate_left(32) ^ crate::init::secret()
+}
+
+/// The stored form of `next` as the link of `b` (identity unless hardened).
+#[inline(always)]
+pub fn encode_link(b: *const Block, next: *mut Block) -> *mut Block {
+    if HARDENED { ((next as usize) ^ link_key(b)) as *mut Block } else { next }
+}
+
+/// The next block of the local free list after `b`. Hardened builds check the decoded
+/// link stays in `b`'s segment (or ends the list) and stop the program otherwise.
+///
+/// # Safety
+/// `b` is a block on a local free list.
+#[inline(always)]
+pub unsafe fn next_free(b: *mut Block) -> *mut Block {
+    // SAFETY: per the contract the block's first word is its link.
+    let raw = unsafe { (*b).next };
+    if !HARDENED {
+        return raw;
+    }
+    let next = ((raw as usize) ^ link_key(b)) as *mut Block;
+    if next.is_null() || ((next as usize) ^ (b as usize)) >> segment::SEGMENT_SHIFT == 0 {
+        next
+    } else {
+        corrupted_link(b)
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn corrupted_link(b: *mut Block) -> ! {
+    crate::options::misuse("corrupted free list (use after free?)", b as usize)
+}
+
 /// The mark a free block carries: its address mixed with its page's divisibility
 /// constant (a large odd-looking number), so ordinary user data never matches it by
 /// accident, at the cost of one register operation on the free path.
@@ -187,7 +230,7 @@ pub fn extend(page: &mut Page) {
         // one that was never handed out is caught like a double free.
         unsafe {
             cur.cast::<Block>().write(Block {
-                next: next.cast(),
+                next: encode_link(cur.cast(), next.cast()),
                 freed_mark: freed_mark(page, cur as usize),
             })
         };
@@ -196,7 +239,7 @@ pub fn extend(page: &mut Page) {
     // SAFETY: `cur` is the last carved block, as above.
     unsafe {
         cur.cast::<Block>().write(Block {
-            next: page.free,
+            next: encode_link(cur.cast(), page.free),
             freed_mark: freed_mark(page, cur as usize),
         })
     };
@@ -228,13 +271,16 @@ pub fn collect_remote(page: &mut Page) -> u32 {
     let mut count = 1;
     let mut tail = head;
     // SAFETY: the remote list holds blocks of this page that their freers handed over;
-    // each one's first word links the next.
+    // each one's first word links the next (plainly: encoded links are only used on
+    // the owner's list, so they are encoded here, on the way over).
     unsafe {
         while !(*tail).next.is_null() {
-            tail = (*tail).next;
+            let next = (*tail).next;
+            (*tail).next = encode_link(tail, next);
+            tail = next;
             count += 1;
         }
-        (*tail).next = page.free;
+        (*tail).next = encode_link(tail, page.free);
     }
     page.free = head;
     page.used -= count.min(page.used());

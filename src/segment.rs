@@ -22,7 +22,8 @@ use crate::os;
 use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, Page};
 use crate::size_class::MAX_CLASSES;
 
-pub const SEGMENT_SIZE: usize = 1 << CHUNK_SHIFT;
+pub const SEGMENT_SHIFT: usize = CHUNK_SHIFT;
+pub const SEGMENT_SIZE: usize = 1 << SEGMENT_SHIFT;
 const SEGMENT_MASK: usize = SEGMENT_SIZE - 1;
 pub const SLICE_SHIFT: usize = 10;
 pub const SLICE_SIZE: usize = 1 << SLICE_SHIFT;
