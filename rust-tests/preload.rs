@@ -1,0 +1,881 @@
+//! The override build under real programs: `liblgmalloc.so` built with
+//! `--features override` and preloaded (`LD_PRELOAD`) into python3, git, gcc, perl,
+//! sort, C++ and C programs compiled from `rust-tests/fixtures/preload/`, plus a
+//! `-static` executable linked with `liblgmalloc.a` and the `scripts/lgmalloc-run`
+//! launcher.
+//!
+//! The library is built once per test run by a nested `cargo build --release --features
+//! override --lib` into `<CARGO_TARGET_TMPDIR>/override-build` (a target directory of its
+//! own: the outer `cargo test` holds the lock of the main one).
+//!
+//! Every program also preloads `probe.so` (fixtures/preload/probe.c), which appends
+//! "lgprobe <comm> <pid> <allocations> <frees>" with lgmalloc's own counters to a file
+//! when a process exits: proof that each process of the tree really allocated with
+//! lgmalloc, even for programs that close stderr before exit.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+// ---- building ----------------------------------------------------------------------------
+
+struct Build {
+    so: PathBuf,
+    archive: PathBuf,
+    probe: PathBuf,
+}
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    manifest_dir()
+        .join("rust-tests/fixtures/preload")
+        .join(name)
+}
+
+fn work_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("preload");
+    fs::create_dir_all(&d).expect("create the test directory");
+    d
+}
+
+/// A fresh, empty directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = work_dir().join("scratch").join(name);
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).expect("create a scratch directory");
+    d
+}
+
+/// The override build, made once per test run (a failure is reported by every test
+/// without building again).
+fn build() -> &'static Build {
+    static BUILD: OnceLock<Result<Build, String>> = OnceLock::new();
+    match BUILD.get_or_init(try_build) {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn try_build() -> Result<Build, String> {
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("override-build");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--release", "--features", "override", "--lib"])
+        .current_dir(manifest_dir())
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo build --release --features override failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let so = target.join("release/liblgmalloc.so");
+    let archive = target.join("release/liblgmalloc.a");
+    if !so.is_file() || !archive.is_file() {
+        return Err(format!("build products missing in {}", target.display()));
+    }
+    let probe = work_dir().join("probe.so");
+    let o = Command::new("gcc")
+        .args(["-O2", "-Wall", "-shared", "-fPIC"])
+        .arg(fixture("probe.c"))
+        .arg("-o")
+        .arg(&probe)
+        .output()
+        .map_err(|e| format!("cannot run gcc: {e}"))?;
+    if !o.status.success() {
+        return Err(format!("probe.c: {}", String::from_utf8_lossy(&o.stderr)));
+    }
+    Ok(Build { so, archive, probe })
+}
+
+/// Runs a compiler; panics with its messages on failure.
+fn compile(compiler: &str, args: &[&OsStr], out: &Path) {
+    let o = Command::new(compiler)
+        .args(["-O2", "-Wall", "-g"])
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
+    assert!(
+        o.status.success(),
+        "{compiler} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Compiles fixture sources into an executable of the test directory.
+fn fixture_exe(name: &str, sources: &[&str], extra: &[&str]) -> PathBuf {
+    let exe = work_dir().join(name);
+    let cxx = sources.iter().any(|s| s.ends_with(".cpp"));
+    let mut args: Vec<std::ffi::OsString> = sources
+        .iter()
+        .map(|s| fixture(s).into_os_string())
+        .collect();
+    args.extend(extra.iter().map(|s| s.into()));
+    if cxx {
+        args.push("-std=c++17".into());
+    }
+    args.extend(["-pthread".into(), "-ldl".into()]);
+    let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    compile(if cxx { "g++" } else { "gcc" }, &refs, &exe);
+    exe
+}
+
+// ---- running -----------------------------------------------------------------------------
+
+/// One process's report from the probe.
+#[derive(Debug)]
+struct Probe {
+    comm: String,
+    allocations: u64,
+}
+
+struct Run {
+    out: Output,
+    probes: Vec<Probe>,
+}
+
+impl Run {
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    /// Panics unless the program exited 0.
+    fn success(self, what: &str) -> Self {
+        assert!(
+            self.out.status.success(),
+            "{what}: {}\nstdout:\n{}\nstderr:\n{}",
+            self.out.status,
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+    /// Panics unless a process whose name starts with `comm` allocated with lgmalloc.
+    fn ran_on_lgmalloc(&self, comm: &str) {
+        assert!(
+            self.probes
+                .iter()
+                .any(|p| p.comm.starts_with(comm) && p.allocations > 0),
+            "no process named {comm}* reported lgmalloc allocations; probe lines: {:?}\nstderr:\n{}",
+            self.probes,
+            self.stderr()
+        );
+    }
+}
+
+fn clean_env(cmd: &mut Command) -> &mut Command {
+    for var in [
+        "LD_PRELOAD",
+        "LGMALLOC_SHOW_STATS",
+        "LGMALLOC_VERBOSE",
+        "LGMALLOC_LIB",
+        "LGPROBE_OUT",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Runs `cmd` with lgmalloc and the probe preloaded.
+fn run_lg(cmd: &mut Command) -> Run {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let b = build();
+    let probe_file = work_dir().join(format!(
+        "probe-{}-{}.txt",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_file(&probe_file);
+    let preload = format!("{}:{}", b.so.display(), b.probe.display());
+    let out = clean_env(cmd)
+        .env("LD_PRELOAD", preload)
+        .env("LGPROBE_OUT", &probe_file)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let probes = fs::read_to_string(&probe_file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            match f.as_slice() {
+                ["lgprobe", comm, _pid, allocs, _frees] => Some(Probe {
+                    comm: comm.to_string(),
+                    allocations: allocs.parse().ok()?,
+                }),
+                _ => None,
+            }
+        })
+        .collect();
+    let _ = fs::remove_file(&probe_file);
+    Run { out, probes }
+}
+
+/// Runs `cmd` with the system allocator (for reference output).
+fn run_native(cmd: &mut Command) -> Output {
+    let out = clean_env(cmd)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed natively: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The allocation counts of `lgmalloc: stats: N allocations, ...` lines.
+fn stats_allocations(stderr: &str) -> Vec<u64> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("lgmalloc: stats: "))
+        .filter_map(|l| l.split_once(" allocations, "))
+        .filter_map(|(n, _)| n.parse().ok())
+        .collect()
+}
+
+/// A program of the system (the distribution's, not a version manager's shim): panics
+/// with an installation hint when it is missing.
+fn system_program(name: &str) -> String {
+    let usr = format!("/usr/bin/{name}");
+    if Path::new(&usr).exists() {
+        return usr;
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(on_path, "{name} is not installed (apt-get install {name})");
+    name.to_string()
+}
+
+// ---- exported symbols ----------------------------------------------------------------------
+
+const FAMILY: &[&str] = &[
+    "malloc",
+    "free",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+    "malloc_usable_size",
+    "cfree",
+    "free_sized",
+    "free_aligned_sized",
+    "__libc_malloc",
+    "__libc_calloc",
+    "__libc_realloc",
+    "__libc_free",
+    "__libc_memalign",
+    "__libc_valloc",
+    "__libc_pvalloc",
+    "__posix_memalign",
+    "malloc_trim",
+    "mallopt",
+    "mallinfo",
+    "mallinfo2",
+    "malloc_stats",
+    "malloc_info",
+    "_Znwm",
+    "_Znam",
+    "_ZnwmRKSt9nothrow_t",
+    "_ZnamRKSt9nothrow_t",
+    "_ZnwmSt11align_val_t",
+    "_ZnamSt11align_val_t",
+    "_ZnwmSt11align_val_tRKSt9nothrow_t",
+    "_ZnamSt11align_val_tRKSt9nothrow_t",
+    "_ZdlPv",
+    "_ZdaPv",
+    "_ZdlPvm",
+    "_ZdaPvm",
+    "_ZdlPvSt11align_val_t",
+    "_ZdaPvSt11align_val_t",
+    "_ZdlPvmSt11align_val_t",
+    "_ZdaPvmSt11align_val_t",
+    "_ZdlPvRKSt9nothrow_t",
+    "_ZdaPvRKSt9nothrow_t",
+    "_ZdlPvSt11align_val_tRKSt9nothrow_t",
+    "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+];
+
+/// Names of the defined dynamic symbols of a shared library.
+fn dynamic_symbols(so: &Path) -> Vec<String> {
+    let o = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(so)
+        .output()
+        .expect("run nm");
+    assert!(
+        o.status.success(),
+        "nm -D {}: {}",
+        so.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .map(|s| s.split('@').next().unwrap_or(s).to_string())
+        .collect()
+}
+
+#[test]
+fn override_library_exports_the_whole_family() {
+    let syms = dynamic_symbols(&build().so);
+    let missing: Vec<_> = FAMILY
+        .iter()
+        .filter(|n| !syms.iter().any(|s| s == *n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not exported by the override build: {missing:?}"
+    );
+}
+
+#[test]
+fn library_without_the_feature_exports_none_of_the_family() {
+    // The cdylib cargo built for this test run, in the `deps/` directory of the test
+    // executable (with the features of this run).
+    let exe = std::env::current_exe().expect("test executable path");
+    let so = exe.parent().map(|d| d.join("liblgmalloc.so"));
+    let Some(so) = so.filter(|p| p.is_file()) else {
+        panic!(
+            "the cdylib of this build was not found next to {}",
+            exe.display()
+        );
+    };
+    let syms = dynamic_symbols(&so);
+    assert!(
+        syms.iter().any(|s| s == "lg_malloc"),
+        "{} is not lgmalloc",
+        so.display()
+    );
+    let exported: Vec<_> = FAMILY
+        .iter()
+        .filter(|n| syms.iter().any(|s| s == *n))
+        .collect();
+    if cfg!(feature = "override") {
+        assert_eq!(
+            exported.len(),
+            FAMILY.len(),
+            "{} (built with override)",
+            so.display()
+        );
+    } else {
+        assert!(
+            exported.is_empty(),
+            "exported without the override feature: {exported:?}"
+        );
+    }
+}
+
+// ---- C API semantics ---------------------------------------------------------------------
+
+#[test]
+fn c_family_semantics_under_preload() {
+    let exe = fixture_exe(
+        "semantics",
+        &["semantics.c"],
+        &["-Wno-deprecated-declarations"],
+    );
+    let r = run_lg(&mut Command::new(&exe)).success("semantics");
+    assert_eq!(r.stdout(), "semantics ok\n");
+    assert!(
+        stats_allocations(&r.stderr()).iter().any(|&n| n > 0),
+        "malloc_stats printed no summary:\n{}",
+        r.stderr()
+    );
+    r.ran_on_lgmalloc("semantics");
+}
+
+#[test]
+fn static_executable_links_with_the_archive() {
+    let libc_a = Path::new("/usr/lib/x86_64-linux-gnu/libc.a");
+    if !libc_a.exists() {
+        eprintln!(
+            "note: {} is absent: static link test skipped",
+            libc_a.display()
+        );
+        return;
+    }
+    let b = build();
+    let exe = work_dir().join("semantics-static");
+    let o = Command::new("gcc")
+        .args([
+            "-O2",
+            "-static",
+            "-DSTATIC_LINK",
+            "-Wno-deprecated-declarations",
+        ])
+        .arg(fixture("semantics.c"))
+        .arg(&b.archive)
+        .args([
+            "-Wl,--undefined=malloc",
+            "-lpthread",
+            "-ldl",
+            "-lm",
+            "-lrt",
+            "-lutil",
+            "-o",
+        ])
+        .arg(&exe)
+        .output()
+        .expect("run gcc");
+    let link_msgs = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "static link failed:\n{link_msgs}");
+    assert!(!link_msgs.contains("multiple definition"), "{link_msgs}");
+    // glibc's allocator must not have been linked in.
+    let nm = Command::new("nm").arg(&exe).output().expect("run nm");
+    let syms = String::from_utf8_lossy(&nm.stdout);
+    for glibc_internal in [
+        "_int_malloc",
+        "__malloc_arena_thread_freeres",
+        "__libc_mallinfo",
+    ] {
+        assert!(
+            !syms
+                .lines()
+                .any(|l| l.ends_with(&format!(" {glibc_internal}"))),
+            "glibc's malloc.o was linked ({glibc_internal})"
+        );
+    }
+    let out = Command::new(&exe)
+        .env_remove("LD_PRELOAD")
+        .output()
+        .expect("run the static executable");
+    assert!(
+        out.status.success(),
+        "static executable: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "semantics ok\n");
+    assert!(
+        stats_allocations(&String::from_utf8_lossy(&out.stderr))
+            .iter()
+            .any(|&n| n > 0)
+    );
+}
+
+// ---- real programs -----------------------------------------------------------------------
+
+const PYTHON_SCRIPT: &str = r#"
+import collections, json, threading
+results = {}
+lock = threading.Lock()
+def work(i):
+    d = {}
+    for j in range(20000):
+        d[(i, j)] = str(j) * (j % 7)
+    values = sorted(d.values(), key=lambda s: (len(s), s))
+    total = sum(len(v) for v in values)
+    counts = collections.Counter(v[:2] for v in values)
+    nested = [[k, list(range(k % 13))] for k in range(3000)]
+    with lock:
+        results[i] = [total, counts.most_common(1)[0][1], len(json.dumps(nested))]
+threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(sorted(results.items())))
+"#;
+
+#[test]
+fn python3_with_threads() {
+    let python = system_program("python3");
+    let expected = run_native(Command::new(&python).args(["-c", PYTHON_SCRIPT]));
+    let r = run_lg(Command::new(&python).args(["-c", PYTHON_SCRIPT])).success("python3");
+    assert_eq!(r.out.stdout, expected.stdout);
+    assert!(r.stdout().starts_with("[[0, ["), "{}", r.stdout());
+    r.ran_on_lgmalloc("python");
+}
+
+const PERL_SCRIPT: &str = r#"
+use strict; use warnings;
+my %h;
+for my $i (1 .. 200000) { $h{"key" . ($i * 7919 % 100003)} .= chr(65 + $i % 26); }
+my $total = 0;
+$total += length($h{$_}) for keys %h;
+my @top = (sort { length($h{$b}) <=> length($h{$a}) || $a cmp $b } keys %h)[0 .. 4];
+my $s = "";
+$s .= sprintf("%05d,", $_) for 1 .. 50000;
+my @parts = split /,/, $s;
+my %inv = reverse %h;
+my @words = map { join("", reverse split //, $_) } @parts[0 .. 999];
+print "keys ", scalar(keys %h), " total $total parts ", scalar(@parts),
+      " inv ", scalar(keys %inv), " top @top last $words[-1]\n";
+"#;
+
+#[test]
+fn perl_hashes_and_strings() {
+    let perl = system_program("perl");
+    let expected = run_native(Command::new(&perl).args(["-e", PERL_SCRIPT]));
+    let r = run_lg(Command::new(&perl).args(["-e", PERL_SCRIPT])).success("perl");
+    assert_eq!(r.out.stdout, expected.stdout);
+    assert!(r.stdout().starts_with("keys "), "{}", r.stdout());
+    r.ran_on_lgmalloc("perl");
+}
+
+#[test]
+fn git_init_add_commit_log() {
+    let dir = scratch("git");
+    let repo = dir.join("repo");
+    let git = |args: &[&str]| {
+        let mut c = Command::new(system_program("git"));
+        c.args([
+            "-c",
+            "user.name=lgmalloc test",
+            "-c",
+            "user.email=test@lgmalloc.invalid",
+        ])
+        .args([
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(&dir)
+        .env("HOME", &dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("LC_ALL", "C");
+        let r = run_lg(&mut c).success(&format!("git {args:?}"));
+        r.ran_on_lgmalloc("git");
+        r
+    };
+    git(&["init", "-q", "repo"]);
+    for i in 0..20 {
+        let body: String = (0..200)
+            .map(|j| format!("line {j} of file {i}\n"))
+            .collect();
+        fs::write(repo.join(format!("file{i}.txt")), body).expect("write a file");
+    }
+    git(&["-C", "repo", "add", "."]);
+    git(&["-C", "repo", "commit", "-q", "-m", "first commit"]);
+    fs::write(repo.join("file3.txt"), "changed\n").expect("write a file");
+    git(&["-C", "repo", "commit", "-q", "-a", "-m", "second commit"]);
+    let log = git(&["-C", "repo", "log", "--format=%s"]);
+    assert_eq!(log.stdout(), "second commit\nfirst commit\n");
+    let stat = git(&["-C", "repo", "log", "--stat", "--format=%an"]);
+    assert!(
+        stat.stdout()
+            .contains("20 files changed, 4000 insertions(+)"),
+        "{}",
+        stat.stdout()
+    );
+    let status = git(&["-C", "repo", "status", "--porcelain"]);
+    assert_eq!(status.stdout(), "");
+}
+
+const C_PROGRAM: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(void) {
+    int n = 1000000;
+    char *sieve = malloc(n);
+    memset(sieve, 1, n);
+    long count = 0, sum = 0;
+    for (long i = 2; i < n; i++) {
+        if (!sieve[i]) continue;
+        count++;
+        sum += i;
+        for (long j = i * i; j < n; j += i) sieve[j] = 0;
+    }
+    free(sieve);
+    printf("primes %ld sum %ld\n", count, sum);
+    return 0;
+}
+"#;
+
+#[test]
+fn gcc_compiles_a_program_that_runs() {
+    let dir = scratch("gcc");
+    fs::write(dir.join("primes.c"), C_PROGRAM).expect("write the source");
+    let r = run_lg(
+        Command::new("gcc")
+            .args(["-O2", "-Wall", "primes.c", "-o", "primes"])
+            .current_dir(&dir),
+    )
+    .success("gcc");
+    r.ran_on_lgmalloc("gcc");
+    r.ran_on_lgmalloc("cc1");
+    let run = run_lg(&mut Command::new(dir.join("primes"))).success("the compiled program");
+    assert_eq!(run.stdout(), "primes 78498 sum 37550402023\n");
+    run.ran_on_lgmalloc("primes");
+}
+
+#[test]
+fn sort_of_a_large_input() {
+    let dir = scratch("sort");
+    let mut x: u64 = 0x2545f4914f6cdd1d;
+    let mut lines: Vec<String> = (0..200_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = 8 + (x % 17) as usize;
+            (0..len)
+                .map(|i| (b'0' + ((x >> (i * 2)) % 75) as u8) as char)
+                .collect()
+        })
+        .collect();
+    let input = dir.join("input.txt");
+    fs::write(&input, lines.join("\n") + "\n").expect("write the input");
+    lines.sort();
+    let expected = lines.join("\n") + "\n";
+    let r = run_lg(
+        Command::new(system_program("sort"))
+            .args(["--parallel=2", "-S", "64M"])
+            .arg(&input)
+            .env("LC_ALL", "C")
+            .current_dir(&dir),
+    )
+    .success("sort");
+    assert!(
+        r.out.stdout == expected.as_bytes(),
+        "sort output differs from the expected order"
+    );
+    r.ran_on_lgmalloc("sort");
+}
+
+#[test]
+fn cxx_stl_with_eight_threads() {
+    let exe = fixture_exe("stl_threads", &["stl_threads.cpp"], &[]);
+    let expected = run_native(&mut Command::new(&exe));
+    let r = run_lg(&mut Command::new(&exe)).success("stl_threads");
+    assert_eq!(r.stdout(), String::from_utf8_lossy(&expected.stdout));
+    assert!(r.stdout().starts_with("stl total "), "{}", r.stdout());
+    r.ran_on_lgmalloc("stl_threads");
+}
+
+#[test]
+fn cxx_operator_new_delete_and_new_handler() {
+    let exe = fixture_exe("cxx_new", &["cxx_new.cpp"], &[]);
+    let r = run_lg(&mut Command::new(&exe)).success("cxx_new");
+    assert_eq!(r.stdout(), "cxx_new ok\n");
+    r.ran_on_lgmalloc("cxx_new");
+}
+
+// ---- process and thread life cycle -------------------------------------------------------
+
+#[test]
+fn fork_while_other_threads_allocate() {
+    let exe = fixture_exe("fork_threads", &["fork_threads.c"], &[]);
+    let r = run_lg(&mut Command::new(&exe)).success("fork_threads");
+    assert_eq!(r.stdout(), "fork ok\n");
+    r.ran_on_lgmalloc("fork_threads");
+    // The children exit with exit(): each reports too.
+    let children = r
+        .probes
+        .iter()
+        .filter(|p| p.comm.starts_with("fork_threads"))
+        .count();
+    assert!(children > 50, "{} processes reported", children);
+}
+
+#[test]
+fn dlopen_dlclose_of_an_allocating_library() {
+    let lib = work_dir().join("libdl_lib.so");
+    compile(
+        "gcc",
+        &[
+            fixture("dl_lib.c").as_os_str(),
+            "-shared".as_ref(),
+            "-fPIC".as_ref(),
+        ],
+        &lib,
+    );
+    let exe = fixture_exe("dl_main", &["dl_main.c"], &[]);
+    let r = run_lg(Command::new(&exe).arg(&lib)).success("dl_main");
+    assert_eq!(r.stdout(), "dlopen ok\n");
+    r.ran_on_lgmalloc("dl_main");
+}
+
+#[test]
+fn thread_exit_with_allocating_destructors() {
+    let exe = fixture_exe("thread_exit", &["thread_exit.cpp"], &[]);
+    let r = run_lg(&mut Command::new(&exe)).success("thread_exit");
+    assert_eq!(r.stdout(), "thread_exit ok 128\n");
+    r.ran_on_lgmalloc("thread_exit");
+}
+
+#[test]
+fn sixty_four_pthread_keys_with_allocating_destructors() {
+    let exe = fixture_exe("tsd_keys", &["tsd_keys.c"], &[]);
+    let r = run_lg(&mut Command::new(&exe)).success("tsd_keys");
+    assert_eq!(r.stdout(), "tsd ok 2304\n");
+    r.ran_on_lgmalloc("tsd_keys");
+}
+
+#[test]
+fn blocks_freed_after_their_thread_exited() {
+    let exe = fixture_exe("remote_free", &["remote_free.c"], &[]);
+    let r = run_lg(&mut Command::new(&exe)).success("remote_free");
+    assert_eq!(r.stdout(), "remote ok\n");
+    r.ran_on_lgmalloc("remote_free");
+}
+
+// ---- misuse ------------------------------------------------------------------------------
+
+fn assert_misuse_aborts(case: &str) {
+    let exe = fixture_exe("misuse", &["misuse.c"], &["-Wno-free-nonheap-object"]);
+    let r = run_lg(Command::new(&exe).arg(case));
+    assert_eq!(
+        r.out.status.signal(),
+        Some(libc::SIGABRT),
+        "misuse {case}: {}\nstdout: {}\nstderr: {}",
+        r.out.status,
+        r.stdout(),
+        r.stderr()
+    );
+    assert!(
+        r.stderr().contains("lgmalloc:"),
+        "misuse {case}: no lgmalloc message:\n{}",
+        r.stderr()
+    );
+}
+
+#[test]
+fn double_free_of_a_small_block_aborts() {
+    assert_misuse_aborts("double");
+}
+
+#[test]
+fn double_free_of_a_large_block_aborts() {
+    assert_misuse_aborts("double-large");
+}
+
+#[test]
+fn free_of_a_stack_pointer_aborts() {
+    assert_misuse_aborts("stack");
+}
+
+// ---- the launcher ------------------------------------------------------------------------
+
+fn launcher() -> PathBuf {
+    manifest_dir().join("scripts/lgmalloc-run")
+}
+
+#[test]
+fn launcher_with_lib_and_stats() {
+    let b = build();
+    let out = clean_env(&mut Command::new(launcher()))
+        .args(["--stats", "--lib"])
+        .arg(&b.so)
+        .args([system_program("python3").as_str(), "-c", "print(6 * 7)"])
+        .output()
+        .expect("run lgmalloc-run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+    assert!(
+        stats_allocations(&stderr).iter().any(|&n| n > 0),
+        "no statistics:\n{stderr}"
+    );
+}
+
+#[test]
+fn launcher_finds_the_installed_library_and_keeps_ld_preload() {
+    let b = build();
+    let prefix = scratch("launcher-install");
+    fs::create_dir_all(prefix.join("bin")).expect("mkdir");
+    fs::create_dir_all(prefix.join("lib")).expect("mkdir");
+    let script = prefix.join("bin/lgmalloc-run");
+    fs::copy(launcher(), &script).expect("copy the launcher");
+    fs::copy(&b.so, prefix.join("lib/liblgmalloc.so")).expect("copy the library");
+    let probe_file = prefix.join("probe.txt");
+    // Installed layout, no --lib, an existing LD_PRELOAD (the probe) kept after lgmalloc.
+    let out = clean_env(&mut Command::new(&script))
+        .arg("printenv")
+        .arg("LD_PRELOAD")
+        .env("LD_PRELOAD", &b.probe)
+        .env("LGPROBE_OUT", &probe_file)
+        .output()
+        .expect("run the installed launcher");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lib = fs::canonicalize(prefix.join("lib/liblgmalloc.so")).expect("canonical path");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        format!("{}:{}", lib.display(), b.probe.display())
+    );
+    let probes = fs::read_to_string(&probe_file).unwrap_or_default();
+    assert!(probes.starts_with("lgprobe printenv "), "probe: {probes:?}");
+
+    // LGMALLOC_LIB, and --verbose sets LGMALLOC_VERBOSE.
+    let out = clean_env(&mut Command::new(launcher()))
+        .args(["--verbose", "printenv", "LGMALLOC_VERBOSE", "LD_PRELOAD"])
+        .env("LGMALLOC_LIB", &b.so)
+        .output()
+        .expect("run the launcher");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("1\n{}\n", b.so.display())
+    );
+}
+
+#[test]
+fn launcher_refuses_missing_or_non_override_libraries() {
+    let help = Command::new(launcher())
+        .arg("--help")
+        .output()
+        .expect("run lgmalloc-run --help");
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: lgmalloc-run"));
+
+    let missing = clean_env(&mut Command::new(launcher()))
+        .args(["--lib", "/nonexistent/liblgmalloc.so", "true"])
+        .output()
+        .expect("run lgmalloc-run");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("library not found"));
+
+    // A shared library that does not export malloc (libm) stands for a build without
+    // the override feature.
+    let libm = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("libm.so.6");
+    let plain = clean_env(&mut Command::new(launcher()))
+        .args(["--lib", libm, "true"])
+        .output()
+        .expect("run lgmalloc-run");
+    assert!(!plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("does not export malloc"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+
+    let nothing = Command::new(launcher()).output().expect("run lgmalloc-run");
+    assert!(!nothing.status.success());
+}
