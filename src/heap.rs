@@ -647,6 +647,10 @@ static POOL: Pool = Pool {
 
 /// Counts of finished heaps, so statistics survive thread exit.
 static RETIRED_ALLOCS: [AtomicU64; MAX_CLASSES] = [const { AtomicU64::new(0) }; MAX_CLASSES];
+/// Finished heaps, and how many of them allocated from each class (what the plan
+/// learns about which classes every thread needs).
+static RETIRED_HEAPS: AtomicU64 = AtomicU64::new(0);
+static RETIRED_USING: [AtomicU64; MAX_CLASSES] = [const { AtomicU64::new(0) }; MAX_CLASSES];
 /// Heaps owned by running threads.
 pub static LIVE_HEAPS: AtomicUsize = AtomicUsize::new(0);
 
@@ -726,7 +730,11 @@ unsafe fn pool_give(heap: *mut Heap) {
         unsafe {
             for (c, n) in (*heap).alloc_count.iter().enumerate() {
                 RETIRED_ALLOCS[c].fetch_add(*n, Ordering::Relaxed);
+                if *n > 0 {
+                    RETIRED_USING[c].fetch_add(1, Ordering::Relaxed);
+                }
             }
+            RETIRED_HEAPS.fetch_add(1, Ordering::Relaxed);
             let (prev, next) = ((*heap).prev_live, (*heap).next_live);
             if prev.is_null() {
                 p.live = next;
@@ -761,6 +769,32 @@ pub fn counts(per_class: &mut [u64; MAX_CLASSES]) {
             }
         }
     });
+}
+
+/// Per class, how many heaps (threads, live or finished) allocated from it; returns
+/// the number of heaps.
+pub fn class_coverage(using: &mut [u64; MAX_CLASSES]) -> u64 {
+    for (c, slot) in using.iter_mut().enumerate() {
+        *slot = RETIRED_USING[c].load(Ordering::Relaxed);
+    }
+    let mut heaps = RETIRED_HEAPS.load(Ordering::Relaxed);
+    with_pool(|p| {
+        let mut h = p.live;
+        while !h.is_null() {
+            // SAFETY: live heaps stay valid while the pool lock is held (racy reads of
+            // owner-written counters are fine for statistics).
+            unsafe {
+                for (c, slot) in using.iter_mut().enumerate() {
+                    if ptr::read_volatile(&(*h).alloc_count[c]) > 0 {
+                        *slot += 1;
+                    }
+                }
+                h = (*h).next_live;
+            }
+            heaps += 1;
+        }
+    });
+    heaps
 }
 
 /// Collects everything pending for the calling thread's heap (for `lg_trim`).

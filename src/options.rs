@@ -1,15 +1,30 @@
 //! Options read from the environment at start-up, without allocating, and the
 //! allocator's own diagnostics (written with `write(2)`, never through stdio).
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 static SHOW_STATS: AtomicBool = AtomicBool::new(false);
+/// Where diagnostics go: a duplicate of stderr taken at start-up, so the summary at
+/// exit still reaches the terminal when the program closed its stderr (coreutils do).
+static DIAG_FD: AtomicI32 = AtomicI32::new(2);
 
 /// Reads `LGMALLOC_*` variables. `getenv` does not allocate.
 pub fn init() {
     VERBOSE.store(flag("LGMALLOC_VERBOSE\0"), Ordering::Relaxed);
     SHOW_STATS.store(flag("LGMALLOC_SHOW_STATS\0"), Ordering::Relaxed);
+    if show_stats() {
+        // SAFETY: fcntl on fd 2 has no memory effects; failure leaves fd 2 in use.
+        let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 64) };
+        if fd >= 0 {
+            DIAG_FD.store(fd, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The descriptor diagnostics are written to.
+pub fn diag_fd() -> i32 {
+    DIAG_FD.load(Ordering::Relaxed)
 }
 
 /// True when the variable is set to something other than empty, `0`, `no` or `off`.

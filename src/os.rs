@@ -171,10 +171,15 @@ pub fn errno() -> i32 {
 
 /// Writes a message to stderr without allocating.
 pub fn write_stderr(bytes: &[u8]) {
+    write_fd(crate::options::diag_fd(), bytes);
+}
+
+/// Writes all of `bytes` to `fd`, without allocating.
+pub fn write_fd(fd: i32, bytes: &[u8]) {
     let mut rest = bytes;
     while !rest.is_empty() {
         // SAFETY: writes from a valid slice.
-        let n = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+        let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
         if n <= 0 {
             return;
         }

@@ -98,11 +98,79 @@ pub const FLAG_DIRTY: u8 = 4;
 /// Page flag: the owner thread exited; the page waits to be adopted or swept.
 pub const FLAG_ABANDONED: u8 = 8;
 
+/// The atomic operations the remote-free protocol performs on `Page::remote_free`.
+/// Implemented by `AtomicUsize`; the loom models (`rust-tests/loom.rs`) implement it for
+/// loom's atomic, so they check these very functions.
+pub trait RemoteWord {
+    fn load(&self, order: Ordering) -> usize;
+    fn fetch_and(&self, val: usize, order: Ordering) -> usize;
+    fn compare_exchange(
+        &self,
+        current: usize,
+        new: usize,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<usize, usize>;
+    fn compare_exchange_weak(
+        &self,
+        current: usize,
+        new: usize,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<usize, usize>;
+}
+
+impl RemoteWord for AtomicUsize {
+    #[inline(always)]
+    fn load(&self, order: Ordering) -> usize {
+        AtomicUsize::load(self, order)
+    }
+    #[inline(always)]
+    fn fetch_and(&self, val: usize, order: Ordering) -> usize {
+        AtomicUsize::fetch_and(self, val, order)
+    }
+    #[inline(always)]
+    fn compare_exchange(
+        &self,
+        current: usize,
+        new: usize,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<usize, usize> {
+        AtomicUsize::compare_exchange(self, current, new, success, failure)
+    }
+    #[inline(always)]
+    fn compare_exchange_weak(
+        &self,
+        current: usize,
+        new: usize,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<usize, usize> {
+        AtomicUsize::compare_exchange_weak(self, current, new, success, failure)
+    }
+}
+
+/// The atomic read of `Page::heap` the remote-free protocol performs (see [`RemoteWord`]).
+pub trait HeapSlot {
+    fn load(&self, order: Ordering) -> *mut Heap;
+}
+
+impl HeapSlot for AtomicPtr<Heap> {
+    #[inline(always)]
+    fn load(&self, order: Ordering) -> *mut Heap {
+        AtomicPtr::load(self, order)
+    }
+}
+
 /// Metadata of one page (or of one free span, when `FLAG_FREE_SPAN` is set). Lives in
 /// its segment's metadata area, one per slice, 64 bytes so pages of different threads
 /// never share a cache line.
+///
+/// The allocator only uses the default parameters (`Page` is
+/// `Page<AtomicPtr<Heap>, AtomicUsize>`); other atomics are for the loom models.
 #[repr(C, align(64))]
-pub struct Page {
+pub struct Page<H = AtomicPtr<Heap>, R = AtomicUsize> {
     /// Owner-only: blocks ready to hand out.
     pub free: *mut Block,
     /// Owner-only: blocks handed out and not yet back on `free` (includes blocks
@@ -123,9 +191,9 @@ pub struct Page {
     /// spans and metadata, which no offset passes.
     pub magic: u64,
     /// The owning heap; null while abandoned or free.
-    pub heap: AtomicPtr<Heap>,
+    pub heap: H,
     /// Blocks freed by other threads, plus the notification state in the low bits.
-    pub remote_free: AtomicUsize,
+    pub remote_free: R,
     /// Links in the owner's class list or full list, a free-span bin, or the
     /// abandoned list.
     pub next: *mut Page,
@@ -138,32 +206,7 @@ unsafe impl Sync for Page {}
 
 impl Page {
     pub const fn empty() -> Page {
-        Page {
-            free: ptr::null_mut(),
-            used: 0,
-            carved: 0,
-            start_offset: 0,
-            class: 0,
-            flags: 0,
-            slice_count: 0,
-            magic: 0,
-            heap: AtomicPtr::new(ptr::null_mut()),
-            remote_free: AtomicUsize::new(0),
-            next: ptr::null_mut(),
-            prev: ptr::null_mut(),
-        }
-    }
-
-    /// Blocks in use (or waiting on the remote list).
-    #[inline]
-    pub fn used(&self) -> u32 {
-        self.used & !NOT_FULL
-    }
-
-    /// True while the page sits on its heap's full list.
-    #[inline]
-    pub fn in_full(&self) -> bool {
-        self.used & NOT_FULL == 0
+        Page::with_atomics(AtomicPtr::new(ptr::null_mut()), AtomicUsize::new(0))
     }
 
     /// First slice of the page (or span) in its segment.
@@ -195,6 +238,38 @@ impl Page {
     #[inline]
     pub fn bytes(&self) -> usize {
         (self.slice_count as usize) << segment::SLICE_SHIFT
+    }
+}
+
+impl<H, R> Page<H, R> {
+    /// An empty record holding the given `heap` and `remote_free` atomics.
+    pub const fn with_atomics(heap: H, remote_free: R) -> Page<H, R> {
+        Page {
+            free: ptr::null_mut(),
+            used: 0,
+            carved: 0,
+            start_offset: 0,
+            class: 0,
+            flags: 0,
+            slice_count: 0,
+            magic: 0,
+            heap,
+            remote_free,
+            next: ptr::null_mut(),
+            prev: ptr::null_mut(),
+        }
+    }
+
+    /// Blocks in use (or waiting on the remote list).
+    #[inline]
+    pub fn used(&self) -> u32 {
+        self.used & !NOT_FULL
+    }
+
+    /// True while the page sits on its heap's full list.
+    #[inline]
+    pub fn in_full(&self) -> bool {
+        self.used & NOT_FULL == 0
     }
 }
 
@@ -258,7 +333,7 @@ pub fn is_block_start(page: &Page, addr: usize) -> bool {
 
 /// Moves the blocks other threads freed onto `free`. Returns how many. Owner only (or
 /// the region lock holder for an abandoned page).
-pub fn collect_remote(page: &mut Page) -> u32 {
+pub fn collect_remote<H, R: RemoteWord>(page: &mut Page<H, R>) -> u32 {
     if page.remote_free.load(Ordering::Relaxed) & !STATE_MASK == 0 {
         return 0;
     }
@@ -294,7 +369,10 @@ pub fn collect_remote(page: &mut Page) -> u32 {
 /// # Safety
 /// `block` must be a live block of `page` that the caller gives up.
 #[inline]
-pub unsafe fn push_remote(page: &Page, block: *mut Block) -> *mut Heap {
+pub unsafe fn push_remote<H: HeapSlot, R: RemoteWord>(
+    page: &Page<H, R>,
+    block: *mut Block,
+) -> *mut Heap {
     let mut cur = page.remote_free.load(Ordering::Relaxed);
     loop {
         let state = cur & STATE_MASK;
@@ -328,14 +406,14 @@ pub unsafe fn push_remote(page: &Page, block: *mut Block) -> *mut Heap {
 
 /// Ends a notification begun by `push_remote` (state `FREEING` -> `NONE`).
 #[inline]
-pub fn end_notification(page: &Page) {
+pub fn end_notification<H, R: RemoteWord>(page: &Page<H, R>) {
     page.remote_free.fetch_and(!STATE_MASK, Ordering::Release);
 }
 
 /// Owner: asks to be told about the next remote free, for a page leaving the
 /// allocation list. Fails (returns false) when remote frees are already waiting; the
 /// caller should collect them instead.
-pub fn try_watch(page: &Page) -> bool {
+pub fn try_watch<H, R: RemoteWord>(page: &Page<H, R>) -> bool {
     page.remote_free
         .compare_exchange(STATE_NONE, STATE_WATCH, Ordering::AcqRel, Ordering::Relaxed)
         .is_ok()
@@ -343,7 +421,7 @@ pub fn try_watch(page: &Page) -> bool {
 
 /// Owner: stops watching, waiting out a remote freer that is mid-notification. After
 /// this returns no notification about `page` is in flight.
-pub fn unwatch(page: &Page) {
+pub fn unwatch<H, R: RemoteWord>(page: &Page<H, R>) {
     let mut cur = page.remote_free.load(Ordering::Acquire);
     loop {
         match cur & STATE_MASK {

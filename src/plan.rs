@@ -80,12 +80,13 @@ pub struct RuntimePlan {
     eager: Vec<usize>,
     pub analysis_us: u64,
     pub from_cache: bool,
-    pub text_bytes: u64,
     learned_path: Option<PathBuf>,
     /// Allocations per class when the plan came into force.
     allocs_at_start: Vec<u64>,
-    /// The observations (block size, allocations) the plan was built from.
-    observed: Vec<(usize, u64)>,
+    /// The observations the plan was built from.
+    observed: Learned,
+    /// Block sizes every new heap reserves a page for (learned thread coverage).
+    eager_sizes: Vec<usize>,
 }
 
 static PLAN: AtomicPtr<RuntimePlan> = AtomicPtr::new(core::ptr::null_mut());
@@ -236,17 +237,17 @@ fn naive_plan() -> RuntimePlan {
             }
         })
         .collect();
-    let eager = classes.iter().map(|c| c.class).collect();
+    let eager_sizes = classes.iter().map(|c| c.size).collect();
     RuntimePlan {
         classes,
         sites: Vec::new(),
-        eager,
+        eager: Vec::new(),
+        eager_sizes,
         analysis_us: 0,
         from_cache: false,
-        text_bytes: 0,
         learned_path: None,
         allocs_at_start: Vec::new(),
-        observed: Vec::new(),
+        observed: Learned::default(),
     }
 }
 
@@ -259,11 +260,36 @@ fn analyze(exe: &Path) -> Result<Analysis, String> {
     analysis::analyze_path(exe, true).map_err(|e| e.to_string())
 }
 
-/// Observed allocations per size from earlier runs: (block size, calls).
-#[derive(Default)]
+/// What earlier runs observed.
+#[derive(Default, Clone)]
 struct Learned {
-    classes: Vec<(usize, u64)>,
+    /// (block size, allocations, threads that allocated from it)
+    classes: Vec<(usize, u64, u64)>,
     total: u64,
+    threads: u64,
+}
+
+/// A class is reserved in every new heap when at least this share of a multi-threaded
+/// program's threads used it.
+const EAGER_MIN_COVERAGE: f32 = 0.5;
+/// Programs with fewer threads gain nothing from reserving pages in new heaps.
+const EAGER_MIN_THREADS: u64 = 4;
+
+impl Learned {
+    /// Block sizes that most threads used: the classes a new thread will need.
+    fn per_thread_sizes(&self) -> Vec<usize> {
+        if self.threads < EAGER_MIN_THREADS {
+            return Vec::new();
+        }
+        let mut sizes: Vec<(usize, u64)> = self
+            .classes
+            .iter()
+            .filter(|c| c.2 as f32 >= EAGER_MIN_COVERAGE * self.threads as f32)
+            .map(|c| (c.0, c.2))
+            .collect();
+        sizes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        sizes.into_iter().take(MAX_EAGER_CLASSES).map(|c| c.0).collect()
+    }
 }
 
 /// Builds the plan: static predictions, adjusted by what earlier runs observed.
@@ -281,7 +307,7 @@ fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
         }
     }
     // Sizes observed often that static analysis missed (wrappers, computed sizes).
-    for &(size, calls) in &learned.classes {
+    for &(size, calls, _) in &learned.classes {
         let covered = classes.iter().any(|c| c.size.next_multiple_of(16) == size);
         if covered || learned.total == 0 || size > TABLE_MAX_SIZE {
             continue;
@@ -310,12 +336,12 @@ fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
         classes,
         sites,
         eager: Vec::new(),
+        eager_sizes: learned.per_thread_sizes(),
         analysis_us: 0,
         from_cache: a.from_cache,
-        text_bytes: a.text_bytes,
         learned_path: None,
         allocs_at_start: Vec::new(),
-        observed: learned.classes.clone(),
+        observed: learned.clone(),
     }
 }
 
@@ -342,8 +368,8 @@ fn learned_share(learned: &Learned, size: usize) -> Option<f32> {
     learned
         .classes
         .iter()
-        .find(|&&(s, _)| s == bs)
-        .map(|&(_, calls)| calls as f32 / learned.total as f32)
+        .find(|c| c.0 == bs)
+        .map(|c| c.1 as f32 / learned.total as f32)
 }
 
 fn planned(size: usize, confidence: f32, source: Source, sites: u32) -> PlannedClass {
@@ -353,7 +379,7 @@ fn planned(size: usize, confidence: f32, source: Source, sites: u32) -> PlannedC
         confidence,
         source,
         // Expected demand: more sites, more blocks; at most 16 KiB per first page.
-        first_page_blocks: ((sites as usize * 8).clamp(8, 256).min((16 * 1024 / size.max(16)).max(1))) as u32,
+        first_page_blocks: ((sites as usize * 8).clamp(8, 256).min((4096 / size.max(16)).max(1))) as u32,
         exact_fit: false,
     }
 }
@@ -376,9 +402,10 @@ fn apply(plan: &mut RuntimePlan) {
         }
     }
     let mut eager: Vec<usize> = Vec::new();
-    for c in &plan.classes {
-        if eager.len() < MAX_EAGER_CLASSES && !eager.contains(&c.class) && c.class < MAX_CLASSES {
-            eager.push(c.class);
+    for &size in &plan.eager_sizes {
+        let class = size_class::size_class_of(size);
+        if eager.len() < MAX_EAGER_CLASSES && !eager.contains(&class) && class < MAX_CLASSES {
+            eager.push(class);
         }
     }
     plan.eager = eager;
@@ -413,72 +440,90 @@ fn describe(plan: &RuntimePlan) {
 
 // ---- learning across runs --------------------------------------------------------------
 
-/// Format: a first line `lgmalloc-learned 1`, then `size calls` lines.
+/// Format: a first line `lgmalloc-learned 2`, then `threads N` and
+/// `class BLOCK_SIZE ALLOCATIONS THREADS_USING` lines.
 fn read_learned(path: &Path) -> Option<Learned> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut lines = text.lines();
-    if lines.next()? != "lgmalloc-learned 1" {
+    if lines.next()? != "lgmalloc-learned 2" {
         return None;
     }
     let mut learned = Learned::default();
     for line in lines {
-        let mut it = line.split_ascii_whitespace();
-        let (Some(size), Some(calls)) = (it.next(), it.next()) else {
-            return None;
-        };
-        let (Ok(size), Ok(calls)) = (size.parse::<usize>(), calls.parse::<u64>()) else {
-            return None;
-        };
-        learned.total += calls;
-        learned.classes.push((size, calls));
+        parse_learned_line(&mut learned, line)?;
     }
     Some(learned)
 }
 
-/// At exit: if this run's allocations per class differ from what the plan was built
-/// on, store them (and drop the stored plan) so the next run plans from them.
+/// Parses one `threads` or `class` line into `learned` (shared with the plan file).
+fn parse_learned_line(learned: &mut Learned, line: &str) -> Option<()> {
+    let f: Vec<&str> = line.split_ascii_whitespace().collect();
+    match f.as_slice() {
+        ["threads", n] => learned.threads = n.parse().ok()?,
+        ["class", size, calls, using] => {
+            let calls: u64 = calls.parse().ok()?;
+            learned.total += calls;
+            learned.classes.push((size.parse().ok()?, calls, using.parse().ok()?));
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
+    let _ = writeln!(text, "{prefix}threads {}", learned.threads);
+    for (size, calls, using) in &learned.classes {
+        let _ = writeln!(text, "{prefix}class {size} {calls} {using}");
+    }
+}
+
+/// At exit: if this run's allocations per class (or which classes its threads use)
+/// differ from what the plan was built on, store them and drop the stored plan, so
+/// the next run plans from them.
 extern "C" fn learn_at_exit() {
     let Some(plan) = current() else { return };
     let Some(path) = plan.learned_path.as_deref() else { return };
     let mut s = crate::stats::LgStats::default();
     crate::stats::collect(&mut s);
-    let mut now: Vec<(usize, u64)> = Vec::new();
-    for (c, before) in s.classes.iter().zip(plan.allocs_at_start.iter()).take(s.class_count as usize) {
+    let mut using = [0u64; MAX_CLASSES];
+    let threads = crate::heap::class_coverage(&mut using);
+    let mut now = Learned { threads, ..Learned::default() };
+    let counted = s.classes.iter().zip(plan.allocs_at_start.iter()).zip(using.iter());
+    for ((c, before), using) in counted.take(s.class_count as usize) {
         // Only the program's own allocations, not the loader's or the analysis's.
         let calls = c.allocations.saturating_sub(*before);
         if calls > 0 {
-            now.push((c.block_size as usize, calls));
+            now.total += calls;
+            now.classes.push((c.block_size as usize, calls, *using));
         }
     }
     if !changed(&plan.observed, &now) {
         return;
     }
-    let mut text = String::from("lgmalloc-learned 1\n");
-    for (size, calls) in &now {
-        let _ = writeln!(text, "{size} {calls}");
-    }
+    let mut text = String::from("lgmalloc-learned 2\n");
+    learned_lines(&now, "", &mut text);
     write_atomically(path, text.as_bytes());
     let _ = std::fs::remove_file(path.with_extension("plan"));
 }
 
 /// The classes that take a real share of the allocations, with their shares.
-fn shares(observed: &[(usize, u64)]) -> Vec<(usize, f32)> {
-    let total: u64 = observed.iter().map(|o| o.1).sum();
-    if total == 0 {
+fn shares(observed: &Learned) -> Vec<(usize, f32)> {
+    if observed.total == 0 {
         return Vec::new();
     }
     observed
+        .classes
         .iter()
-        .map(|&(size, calls)| (size, calls as f32 / total as f32))
+        .map(|c| (c.0, c.1 as f32 / observed.total as f32))
         .filter(|&(_, share)| share >= LEARNED_MIN_SHARE)
         .collect()
 }
 
 /// True when two runs' observations would plan differently: another set of frequent
-/// classes, or a share that moved by more than 0.15.
-fn changed(before: &[(usize, u64)], now: &[(usize, u64)]) -> bool {
+/// classes, a share that moved by more than 0.15, or other per-thread classes.
+fn changed(before: &Learned, now: &Learned) -> bool {
     let (a, b) = (shares(before), shares(now));
-    if a.len() != b.len() {
+    if a.len() != b.len() || before.per_thread_sizes() != now.per_thread_sizes() {
         return true;
     }
     a.iter().any(|&(size, share)| b.iter().find(|o| o.0 == size).is_none_or(|o| (o.1 - share).abs() > 0.15))
@@ -486,10 +531,10 @@ fn changed(before: &[(usize, u64)], now: &[(usize, u64)]) -> bool {
 
 // ---- the stored plan ------------------------------------------------------------------------
 
-/// Format: `lgmalloc-plan 1`, then `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS` and
-/// `observed BLOCK_SIZE CALLS` lines.
+/// Format: `lgmalloc-plan 2`, then `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS`,
+/// `eager BLOCK_SIZE` and `observed ...` (the learned lines it was built from) lines.
 fn write_plan_file(path: &Path, plan: &RuntimePlan) {
-    let mut text = String::from("lgmalloc-plan 1\n");
+    let mut text = String::from("lgmalloc-plan 2\n");
     for c in &plan.classes {
         let source = match c.source {
             Source::Static => 'S',
@@ -498,20 +543,22 @@ fn write_plan_file(path: &Path, plan: &RuntimePlan) {
         };
         let _ = writeln!(text, "class {} {} {} {}", c.size, c.confidence, source, c.first_page_blocks);
     }
-    for (size, calls) in &plan.observed {
-        let _ = writeln!(text, "observed {size} {calls}");
+    for size in &plan.eager_sizes {
+        let _ = writeln!(text, "eager {size}");
     }
+    learned_lines(&plan.observed, "observed ", &mut text);
     write_atomically(path, text.as_bytes());
 }
 
 fn read_plan_file(path: &Path) -> Option<RuntimePlan> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut lines = text.lines();
-    if lines.next()? != "lgmalloc-plan 1" {
+    if lines.next()? != "lgmalloc-plan 2" {
         return None;
     }
     let mut classes = Vec::new();
-    let mut observed = Vec::new();
+    let mut observed = Learned::default();
+    let mut eager_sizes = Vec::new();
     for line in lines {
         let f: Vec<&str> = line.split_ascii_whitespace().collect();
         match f.as_slice() {
@@ -535,7 +582,8 @@ fn read_plan_file(path: &Path) -> Option<RuntimePlan> {
                     exact_fit: false,
                 });
             }
-            ["observed", size, calls] => observed.push((size.parse().ok()?, calls.parse().ok()?)),
+            ["eager", size] => eager_sizes.push(size.parse().ok()?),
+            ["observed", ..] => parse_learned_line(&mut observed, line.strip_prefix("observed ")?)?,
             _ => return None,
         }
     }
@@ -545,10 +593,10 @@ fn read_plan_file(path: &Path) -> Option<RuntimePlan> {
         eager: Vec::new(),
         analysis_us: 0,
         from_cache: true,
-        text_bytes: 0,
         learned_path: None,
         allocs_at_start: Vec::new(),
         observed,
+        eager_sizes,
     })
 }
 
@@ -612,7 +660,7 @@ fn caller_return_address() -> usize {
 
 /// Records the code range of the module holding lgmalloc (verify mode).
 fn find_own_code() {
-    let me = find_own_code as usize;
+    let me = find_own_code as *const () as usize;
     for_each_module(|base, phdrs| {
         let mut lo = usize::MAX;
         let mut hi = 0;

@@ -146,7 +146,14 @@ pub fn add_exact_class(size: usize, first_page_blocks: u32) -> Option<usize> {
     };
     t.div_magic[count] = div_magic(size);
     t.count = count + 1;
-    rebuild_small_table(t);
+    // Only the slots this class fits better than their current one change.
+    for slot in 0..TABLE_LEN {
+        let want = (slot * 16).max(1);
+        let cur = t.class_of_small[slot] as usize;
+        if size >= want && size < t.classes[cur].block_size as usize {
+            t.class_of_small[slot] = count as u8;
+        }
+    }
     Some(count)
 }
 
