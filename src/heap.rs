@@ -394,7 +394,7 @@ unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
         if (*page).in_full() {
             page::unwatch(&*page);
             full_remove(heap, page);
-            class_push_second(heap, page);
+            class_push_back(heap, page);
         }
         if (*page).used() == 0 {
             retire_if_spare(heap, page);
@@ -473,6 +473,10 @@ unsafe fn drain_delayed(heap: *mut Heap) {
 
 // ---- page lists ----------------------------------------------------------------------------
 
+// A class list is doubly linked through `next`/`prev`, except that the head's `prev`
+// points at the tail (not null), so pages can be appended in O(1) without a tail
+// pointer per class in the heap.
+
 /// # Safety
 /// Owner access; `page` is on no list.
 unsafe fn class_push_front(heap: *mut Heap, page: *mut Page) {
@@ -480,23 +484,25 @@ unsafe fn class_push_front(heap: *mut Heap, page: *mut Page) {
     unsafe {
         let class = (*page).class as usize;
         let head = (*heap).pages[class];
-        (*page).prev = ptr::null_mut();
         if head == empty_page() {
             (*page).next = ptr::null_mut();
+            (*page).prev = page;
         } else {
             (*page).next = head;
+            (*page).prev = (*head).prev;
             (*head).prev = page;
         }
         (*heap).pages[class] = page;
     }
 }
 
-/// Inserts after the current page, so a page that just got one block back does not
-/// take over allocation from a page with plenty of room.
+/// Appends a page that got blocks back while it was full: by the time allocation
+/// reaches it, more of its blocks will have come back (putting it first would make it
+/// full again after one allocation, and every free a slow path).
 ///
 /// # Safety
 /// Owner access; `page` is on no list.
-unsafe fn class_push_second(heap: *mut Heap, page: *mut Page) {
+unsafe fn class_push_back(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
         let class = (*page).class as usize;
@@ -505,13 +511,11 @@ unsafe fn class_push_second(heap: *mut Heap, page: *mut Page) {
             class_push_front(heap, page);
             return;
         }
-        let after = (*head).next;
-        (*page).prev = head;
-        (*page).next = after;
-        if !after.is_null() {
-            (*after).prev = page;
-        }
-        (*head).next = page;
+        let tail = (*head).prev;
+        (*tail).next = page;
+        (*page).prev = tail;
+        (*page).next = ptr::null_mut();
+        (*head).prev = page;
     }
 }
 
@@ -521,14 +525,24 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
         let class = (*page).class as usize;
-        let (prev, next) = ((*page).prev, (*page).next);
-        if prev.is_null() {
-            (*heap).pages[class] = if next.is_null() { empty_page() } else { next };
+        let head = (*heap).pages[class];
+        let next = (*page).next;
+        if page == head {
+            if next.is_null() {
+                (*heap).pages[class] = empty_page();
+            } else {
+                // The tail stays the tail (or `next` becomes its own tail).
+                (*next).prev = if (*page).prev == next { next } else { (*page).prev };
+                (*heap).pages[class] = next;
+            }
         } else {
+            let prev = (*page).prev;
             (*prev).next = next;
-        }
-        if !next.is_null() {
-            (*next).prev = prev;
+            if next.is_null() {
+                (*head).prev = prev;
+            } else {
+                (*next).prev = prev;
+            }
         }
         (*page).next = ptr::null_mut();
         (*page).prev = ptr::null_mut();
