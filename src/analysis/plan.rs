@@ -1,0 +1,109 @@
+//! Confidence of one site's size, and the size-class plan aggregated from all sites.
+//! The rules are documented in the module docs of [`crate::analysis`].
+
+use super::dataflow::{ARITH, CALL, JOIN};
+use super::{CallSite, PlannedSize};
+
+/// A literal on a straight-line path to a direct allocator call.
+pub(crate) const LITERAL: f32 = 0.95;
+/// Constant folded through arithmetic, or kept in a callee-saved register across a call.
+pub(crate) const DERIVED: f32 = 0.9;
+/// Constant proven equal on every path into a join.
+pub(crate) const JOINED: f32 = 0.85;
+/// Factor for a call to a wrapper, per wrapper level (capped at three levels).
+pub(crate) const WRAPPER_LEVEL: f32 = 0.9;
+/// Extra factor when the wrapper replaces some sizes (`if (n == 0) n = 1`).
+pub(crate) const ADJUSTED: f32 = 0.95;
+/// A size class is never certain.
+pub(crate) const CLASS_CAP: f32 = 0.99;
+
+/// Confidence of a constant derived with `flags`, reaching a callee `depth` wrappers
+/// away from the allocator.
+pub(crate) fn site_confidence(flags: u8, depth: u8, adjusted: bool) -> f32 {
+    let mut c = LITERAL;
+    if flags & (ARITH | CALL) != 0 {
+        c = c.min(DERIVED);
+    }
+    if flags & JOIN != 0 {
+        c = c.min(JOINED);
+    }
+    let levels = i32::from(depth.min(3));
+    // 0.95 * 0.9 = 0.855 for a literal passed to xmalloc.
+    c *= WRAPPER_LEVEL.powi(levels);
+    if adjusted {
+        c *= ADJUSTED;
+    }
+    c
+}
+
+/// Groups sites with a predicted size: per size, the number of sites and
+/// `1 - prod(1 - c_i)` (the chance that at least one site's prediction holds), capped.
+pub(crate) fn size_classes(sites: &[CallSite]) -> Vec<PlannedSize> {
+    let mut sized: Vec<(u64, f32)> = sites
+        .iter()
+        .filter_map(|s| s.size.map(|z| (z, s.confidence)))
+        .collect();
+    sized.sort_unstable_by_key(|e| e.0);
+    let mut out: Vec<PlannedSize> = Vec::new();
+    let mut miss = 1.0f32;
+    for (size, conf) in sized {
+        match out.last_mut() {
+            Some(last) if last.size == size => {
+                last.sites += 1;
+            }
+            _ => {
+                miss = 1.0;
+                out.push(PlannedSize {
+                    size,
+                    sites: 1,
+                    confidence: 0.0,
+                });
+            }
+        }
+        miss *= 1.0 - conf.clamp(0.0, 1.0);
+        if let Some(last) = out.last_mut() {
+            last.confidence = (1.0 - miss).min(CLASS_CAP);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confidences_are_ordered() {
+        let lit = site_confidence(0, 0, false);
+        let arith = site_confidence(ARITH, 0, false);
+        let join = site_confidence(JOIN, 0, false);
+        let wrapped = site_confidence(0, 1, false);
+        assert!(lit > arith && arith > join);
+        assert!(lit > wrapped && wrapped > site_confidence(0, 2, false));
+        assert!((0.0..=1.0).contains(&site_confidence(ARITH | JOIN | CALL, 9, true)));
+    }
+
+    #[test]
+    fn classes_combine_sites() {
+        let site = |size, confidence| CallSite {
+            site: 0,
+            len: 5,
+            tail: false,
+            callee: 0,
+            size,
+            confidence,
+            via_wrapper: false,
+        };
+        let sites = [
+            site(Some(32), 0.5),
+            site(None, 0.0),
+            site(Some(32), 0.5),
+            site(Some(8), 0.9),
+        ];
+        let plan = size_classes(&sites);
+        assert_eq!(plan.len(), 2);
+        assert_eq!((plan[0].size, plan[0].sites), (8, 1));
+        assert_eq!((plan[1].size, plan[1].sites), (32, 2));
+        assert!((plan[1].confidence - 0.75).abs() < 1e-6);
+    }
+}

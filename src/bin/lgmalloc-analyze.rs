@@ -1,0 +1,323 @@
+//! `lgmalloc-analyze`: the allocation call sites of ELF executables, their predicted
+//! sizes and the wrappers found, as a table or as JSON.
+//!
+//! JSON: one object for one file; an array of objects (one per file analysed
+//! successfully) for several files. Failures go to stderr as
+//! `lgmalloc-analyze: <path>: <reason>` and make the exit code 1.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use lgmalloc::analysis::{Analysis, CallSite, analyze_path};
+
+const USAGE: &str = "\
+usage: lgmalloc-analyze [--json] [--no-cache] ELF...
+
+Finds the allocation call sites of x86-64 ELF executables (malloc, calloc, realloc,
+aligned/posix_memalign, C++ operator new, Rust __rust_alloc, lg_* and their wrappers)
+and the request size at each site where the code proves it.
+
+options:
+  --json       print JSON (one object per file; an array for several files)
+  --no-cache   analyse afresh; neither read nor write the result cache
+  -h, --help   print this help
+
+The cache lives in $LGMALLOC_CACHE_DIR, else $XDG_CACHE_HOME/lgmalloc, else
+$HOME/.cache/lgmalloc.
+
+exit status: 0 success, 1 a file could not be analysed, 2 usage error
+";
+
+struct Options {
+    json: bool,
+    cache: bool,
+    files: Vec<PathBuf>,
+}
+
+enum Cli {
+    Run(Options),
+    Help,
+    Usage(String),
+}
+
+fn parse_args(args: impl Iterator<Item = std::ffi::OsString>) -> Cli {
+    let mut opts = Options {
+        json: false,
+        cache: true,
+        files: Vec::new(),
+    };
+    let mut only_files = false;
+    for arg in args {
+        if only_files {
+            opts.files.push(arg.into());
+            continue;
+        }
+        match arg.to_str() {
+            Some("--json") => opts.json = true,
+            Some("--no-cache") => opts.cache = false,
+            Some("-h" | "--help") => return Cli::Help,
+            Some("--") => only_files = true,
+            Some(s) if s.starts_with('-') && s.len() > 1 => {
+                return Cli::Usage(format!("unknown option '{s}'"));
+            }
+            _ => opts.files.push(arg.into()),
+        }
+    }
+    if opts.files.is_empty() {
+        return Cli::Usage("no ELF file given".into());
+    }
+    Cli::Run(opts)
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_args(std::env::args_os().skip(1)) {
+        Cli::Run(o) => o,
+        Cli::Help => {
+            emit(USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Cli::Usage(msg) => {
+            eprint!("lgmalloc-analyze: {msg}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if run(&opts) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Analyses every file and prints the results; false if any file failed.
+fn run(opts: &Options) -> bool {
+    let mut ok = true;
+    let mut objects = Vec::new();
+    for path in &opts.files {
+        let start = Instant::now();
+        match analyze_path(path, opts.cache) {
+            Ok(a) => {
+                let us = start.elapsed().as_micros();
+                if opts.json {
+                    objects.push(json(path, &a, us));
+                } else {
+                    emit(&table(path, &a, us));
+                }
+            }
+            Err(e) => {
+                eprintln!("lgmalloc-analyze: {}: {e}", path.display());
+                ok = false;
+            }
+        }
+    }
+    if opts.json {
+        if opts.files.len() == 1 {
+            for o in &objects {
+                emit(&format!("{o}\n"));
+            }
+        } else {
+            emit(&format!("[{}]\n", objects.join(",\n")));
+        }
+    }
+    ok
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+fn callee_name<'a>(a: &'a Analysis, s: &CallSite) -> &'a str {
+    a.callee(s).map_or("?", |c| c.name.as_str())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+// ---------------------------------------------------------------- table
+
+fn table(path: &Path, a: &Analysis, us: u128) -> String {
+    let mut o = String::new();
+    let sized = a.call_sites.iter().filter(|s| s.size.is_some()).count();
+    let share = percent(sized, a.call_sites.len());
+    let _ = writeln!(o, "{}", path.display());
+    let _ = writeln!(
+        o,
+        "  build-id {}  code {:.1} MiB  {}  analysed in {:.2} ms{}",
+        a.build_id.as_deref().map_or("none".into(), hex),
+        a.text_bytes as f64 / (1024.0 * 1024.0),
+        if a.pie { "PIE" } else { "non-PIE" },
+        us as f64 / 1000.0,
+        if a.from_cache { " (cached)" } else { "" },
+    );
+    let _ = writeln!(
+        o,
+        "  {} call sites, {sized} with a constant size ({share:.1}%), {} wrappers",
+        a.call_sites.len(),
+        a.wrappers().count()
+    );
+    callee_rows(&mut o, a);
+    wrapper_rows(&mut o, a);
+    class_rows(&mut o, a);
+    o.push('\n');
+    o
+}
+
+fn percent(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+fn callee_rows(o: &mut String, a: &Analysis) {
+    let _ = writeln!(
+        o,
+        "\n  {:<40} {:>6} {:>6}  size argument",
+        "callee", "sites", "const"
+    );
+    for (i, c) in a.callees.iter().enumerate() {
+        let sites: Vec<&CallSite> = a
+            .call_sites
+            .iter()
+            .filter(|s| s.callee as usize == i)
+            .collect();
+        if sites.is_empty() {
+            continue;
+        }
+        let sized = sites.iter().filter(|s| s.size.is_some()).count();
+        let _ = writeln!(
+            o,
+            "  {:<40} {:>6} {:>6}  {}",
+            c.name,
+            sites.len(),
+            sized,
+            c.arg.describe()
+        );
+    }
+}
+
+fn wrapper_rows(o: &mut String, a: &Analysis) {
+    if a.wrappers().next().is_none() {
+        return;
+    }
+    let _ = writeln!(o, "\n  wrappers");
+    for w in a.wrappers() {
+        let inner = w
+            .wraps
+            .and_then(|i| a.callees.get(i as usize))
+            .map_or("?", |c| c.name.as_str());
+        let zero = w.zero_to.map_or(String::new(), |z| format!(" (0 -> {z})"));
+        let _ = writeln!(
+            o,
+            "  {:#10x}  {:<40} {} -> {inner}{zero}",
+            w.addr,
+            w.name,
+            w.arg.describe()
+        );
+    }
+}
+
+fn class_rows(o: &mut String, a: &Analysis) {
+    if a.size_classes.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "\n  {:>10} {:>6}  confidence", "size", "sites");
+    for c in a.plan() {
+        let _ = writeln!(o, "  {:>10} {:>6}  {:.3}", c.size, c.sites, c.confidence);
+    }
+}
+
+// ---------------------------------------------------------------- JSON
+
+/// A JSON string literal.
+fn jstr(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '\r' => o.push_str("\\r"),
+            '\t' => o.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json(path: &Path, a: &Analysis, us: u128) -> String {
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        "{{\"path\":{},\"build_id\":{},\"text_bytes\":{},\"pie\":{},\"cached\":{},\"analysis_us\":{us},",
+        jstr(&path.to_string_lossy()),
+        a.build_id
+            .as_deref()
+            .map_or("null".into(), |b| jstr(&hex(b))),
+        a.text_bytes,
+        a.pie,
+        a.from_cache,
+    );
+    o.push_str("\"call_sites\":[");
+    for (i, s) in a.call_sites.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        let _ = write!(
+            o,
+            "{{\"site\":\"{:#x}\",\"callee\":{},\"size\":{},\"confidence\":{:.3},\"via_wrapper\":{},\"tail\":{}}}",
+            s.site,
+            jstr(callee_name(a, s)),
+            s.size.map_or("null".into(), |z| z.to_string()),
+            s.confidence,
+            s.via_wrapper,
+            s.tail,
+        );
+    }
+    o.push_str("],\"wrappers\":[");
+    for (i, w) in a.wrappers().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        let inner = w
+            .wraps
+            .and_then(|i| a.callees.get(i as usize))
+            .map_or("?", |c| c.name.as_str());
+        let _ = write!(
+            o,
+            "{{\"name\":{},\"addr\":\"{:#x}\",\"arg\":{},\"wraps\":{},\"allocator\":{},\"depth\":{}}}",
+            jstr(&w.name),
+            w.addr,
+            jstr(&w.arg.describe()),
+            jstr(inner),
+            jstr(w.func.name()),
+            w.depth,
+        );
+    }
+    o.push_str("],\"size_classes\":[");
+    for (i, c) in a.plan().iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        let _ = write!(
+            o,
+            "{{\"size\":{},\"sites\":{},\"confidence\":{:.3}}}",
+            c.size, c.sites, c.confidence
+        );
+    }
+    o.push_str("]}");
+    o
+}
