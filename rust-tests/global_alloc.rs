@@ -28,7 +28,10 @@ fn collections_run_on_lgmalloc() {
     for i in (0..10_000u64).step_by(7) {
         assert_eq!(map[&format!("key-{i}")], vec![i; (i % 17) as usize]);
     }
-    assert!(alloc_count() >= before + 10_000, "the global allocator is not lgmalloc");
+    assert!(
+        alloc_count() >= before + 10_000,
+        "the global allocator is not lgmalloc"
+    );
     let mut s = String::new();
     for i in 0..10_000 {
         s.push_str(&i.to_string());
@@ -43,7 +46,9 @@ fn over_aligned_types_are_aligned() {
         assert_eq!(&**l as *const Line as usize % 64, 0);
         assert!(l.0.iter().all(|&b| b == i as u8));
     }
-    let pages: Vec<Box<PageAligned>> = (0..50).map(|i| Box::new(PageAligned([i as u8; 4096]))).collect();
+    let pages: Vec<Box<PageAligned>> = (0..50)
+        .map(|i| Box::new(PageAligned([i as u8; 4096])))
+        .collect();
     for (i, p) in pages.iter().enumerate() {
         assert_eq!(&**p as *const PageAligned as usize % 4096, 0);
         assert!(p.0.iter().all(|&b| b == i as u8));

@@ -13,15 +13,15 @@ fn override_symbols(root: &Path) -> Vec<String> {
     let mut names = Vec::new();
     for line in src.lines() {
         let line = line.trim();
-        if let Some(rest) = line.split("export_name = \"").nth(1) {
-            if let Some(name) = rest.split('"').next() {
-                names.push(name.to_string());
-            }
+        if let Some(rest) = line.split("export_name = \"").nth(1)
+            && let Some(name) = rest.split('"').next()
+        {
+            names.push(name.to_string());
         }
-        if let Some(rest) = line.split("extern \"C\" fn ").nth(1) {
-            if let Some(name) = rest.split('(').next() {
-                names.push(name.trim().to_string());
-            }
+        if let Some(rest) = line.split("extern \"C\" fn ").nth(1)
+            && let Some(name) = rest.split('(').next()
+        {
+            names.push(name.trim().to_string());
         }
     }
     names.retain(|n| !n.starts_with("lg_"));
@@ -38,12 +38,14 @@ fn internal_constants(dir: &Path, out: &mut Vec<String>) {
         } else if path.extension().is_some_and(|e| e == "rs") {
             let src = std::fs::read_to_string(&path).unwrap();
             for line in src.lines() {
-                if let Some(rest) = line.trim_start().strip_prefix("pub const ").or(line.trim_start().strip_prefix("const ")) {
-                    if let Some(name) = rest.split(':').next() {
-                        if !name.starts_with("LG_") {
-                            out.push(name.trim().to_string());
-                        }
-                    }
+                let trimmed = line.trim_start();
+                if let Some(rest) = trimmed
+                    .strip_prefix("pub const ")
+                    .or(trimmed.strip_prefix("const "))
+                    && let Some(name) = rest.split(':').next()
+                    && !name.starts_with("LG_")
+                {
+                    out.push(name.trim().to_string());
                 }
             }
         }
@@ -51,7 +53,8 @@ fn internal_constants(dir: &Path, out: &mut Vec<String>) {
 }
 
 fn generate(root: &Path) -> String {
-    let mut config = cbindgen::Config::from_file(root.join("cbindgen.toml")).expect("cbindgen.toml");
+    let mut config =
+        cbindgen::Config::from_file(root.join("cbindgen.toml")).expect("cbindgen.toml");
     config.export.exclude.extend(override_symbols(root));
     internal_constants(&root.join("src"), &mut config.export.exclude);
     let mut out = Vec::new();
@@ -69,13 +72,28 @@ fn header_matches_sources() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("include/lgmalloc.h");
     let fresh = generate(root);
-    for name in ["lg_malloc", "lg_free", "lg_calloc", "lg_realloc", "lg_free_sized", "lg_aligned_alloc",
-        "lg_posix_memalign", "lg_usable_size", "lg_stats", "lg_trim", "lg_version", "struct lg_stats",
-        "LG_MAX_CLASSES"] {
+    for name in [
+        "lg_malloc",
+        "lg_free",
+        "lg_calloc",
+        "lg_realloc",
+        "lg_free_sized",
+        "lg_aligned_alloc",
+        "lg_posix_memalign",
+        "lg_usable_size",
+        "lg_stats",
+        "lg_trim",
+        "lg_version",
+        "struct lg_stats",
+        "LG_MAX_CLASSES",
+    ] {
         assert!(fresh.contains(name), "generated header lacks {name}");
     }
     for name in ["void *malloc(", "void free(", "_Znwm"] {
-        assert!(!fresh.contains(name), "override symbol {name} leaked into the header");
+        assert!(
+            !fresh.contains(name),
+            "override symbol {name} leaked into the header"
+        );
     }
     if std::env::var_os("LGMALLOC_BLESS").is_some() {
         std::fs::write(&path, &fresh).unwrap();

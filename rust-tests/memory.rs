@@ -31,17 +31,26 @@ fn rss_returns_after_freeing_everything() {
         ptrs.push(p);
     }
     let peak = rss_bytes();
-    assert!(peak > start + (100 << 20), "working set not resident? {start} -> {peak}");
+    assert!(
+        peak > start + (100 << 20),
+        "working set not resident? {start} -> {peak}"
+    );
     for p in ptrs.drain(..) {
         unsafe { lg_free(p.cast()) };
     }
     drop(ptrs);
     let after = rss_bytes();
     // Without any call to lg_trim, free memory beyond the purge threshold went back.
-    assert!(after < start + (24 << 20), "RSS stayed high: start {start}, peak {peak}, after free {after}");
+    assert!(
+        after < start + (24 << 20),
+        "RSS stayed high: start {start}, peak {peak}, after free {after}"
+    );
     lg_trim();
     let trimmed = rss_bytes();
-    assert!(trimmed < start + (16 << 20), "RSS after trim {trimmed}, start {start}");
+    assert!(
+        trimmed < start + (16 << 20),
+        "RSS after trim {trimmed}, start {start}"
+    );
 }
 
 #[test]
@@ -57,7 +66,10 @@ fn one_object_loop_never_maps_or_unmaps() {
             unsafe { lg_free(p) };
         }
         let after = stats();
-        assert_eq!(before.bytes_reserved, after.bytes_reserved, "size {size}: address space changed");
+        assert_eq!(
+            before.bytes_reserved, after.bytes_reserved,
+            "size {size}: address space changed"
+        );
         assert!(
             after.bytes_committed <= before.bytes_committed + 65536,
             "size {size}: committed grew {} -> {}",

@@ -43,13 +43,20 @@ fn write(p: usize, size: usize, fill: u8) {
 fn verify(p: usize, l: Live) {
     for i in sample(l.size) {
         let got = unsafe { *((p + i) as *const u8) };
-        assert_eq!(got, pattern(p, i, l.fill), "block {p:#x} size {} byte {i} corrupted", l.size);
+        assert_eq!(
+            got,
+            pattern(p, i, l.fill),
+            "block {p:#x} size {} byte {i} corrupted",
+            l.size
+        );
     }
 }
 
 fn sample(size: usize) -> impl Iterator<Item = usize> {
     let step = (size / 32).max(1);
-    (0..size.min(64)).chain((0..size).step_by(step)).chain(size.saturating_sub(64)..size)
+    (0..size.min(64))
+        .chain((0..size).step_by(step))
+        .chain(size.saturating_sub(64)..size)
 }
 
 impl Model {
@@ -59,7 +66,11 @@ impl Model {
         let usable = unsafe { lg_usable_size(p as *const _) };
         assert!(usable >= size, "usable {usable} < {size}");
         if let Some((&q, l)) = self.live.range(..=p).next_back() {
-            assert!(q + l.size.max(1) <= p, "{p:#x} overlaps block {q:#x}+{}", l.size);
+            assert!(
+                q + l.size.max(1) <= p,
+                "{p:#x} overlaps block {q:#x}+{}",
+                l.size
+            );
         }
         if let Some((&q, _)) = self.live.range(p..).next() {
             assert!(p + size.max(1) <= q, "{p:#x}+{size} overlaps block {q:#x}");
@@ -79,7 +90,11 @@ impl Model {
             return None;
         }
         let key = rng.next() as usize;
-        self.live.range(key..).next().or_else(|| self.live.iter().next()).map(|(&p, _)| p)
+        self.live
+            .range(key..)
+            .next()
+            .or_else(|| self.live.iter().next())
+            .map(|(&p, _)| p)
     }
 }
 
@@ -94,7 +109,9 @@ fn random_size(rng: &mut Rng) -> usize {
 
 fn run(seed: u64, ops: usize) {
     let mut rng = Rng(seed);
-    let mut m = Model { live: BTreeMap::new() };
+    let mut m = Model {
+        live: BTreeMap::new(),
+    };
     let (tx, rx) = mpsc::channel::<Vec<(usize, Live)>>();
     let freer = std::thread::spawn(move || {
         for batch in rx {
@@ -136,7 +153,12 @@ fn run(seed: u64, ops: usize) {
                     let keep = old.size.min(size);
                     for i in sample(old.size).filter(|&i| i < keep) {
                         let got = unsafe { *((q + i) as *const u8) };
-                        assert_eq!(got, pattern(p, i, old.fill), "realloc {p:#x}+{} -> {q:#x}+{size} byte {i}", old.size);
+                        assert_eq!(
+                            got,
+                            pattern(p, i, old.fill),
+                            "realloc {p:#x}+{} -> {q:#x}+{size} byte {i}",
+                            old.size
+                        );
                     }
                     m.insert(q, size, 16, fill);
                 }
@@ -176,7 +198,9 @@ fn random_operations_match_the_model() {
 
 #[test]
 fn random_operations_in_parallel() {
-    let hs: Vec<_> = (0..4u64).map(|t| std::thread::spawn(move || run(0xDEAD_BEEF + t, 40_000))).collect();
+    let hs: Vec<_> = (0..4u64)
+        .map(|t| std::thread::spawn(move || run(0xDEAD_BEEF + t, 40_000)))
+        .collect();
     for h in hs {
         h.join().unwrap();
     }

@@ -294,7 +294,9 @@ pub unsafe extern "C" fn lg_posix_memalign(
     alignment: usize,
     size: usize,
 ) -> c_int {
-    if !alignment.is_power_of_two() || alignment % core::mem::size_of::<*mut c_void>() != 0 {
+    if !alignment.is_power_of_two()
+        || !alignment.is_multiple_of(core::mem::size_of::<*mut c_void>())
+    {
         return libc::EINVAL;
     }
     let saved = os::errno();

@@ -532,7 +532,11 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
                 (*heap).pages[class] = empty_page();
             } else {
                 // The tail stays the tail (or `next` becomes its own tail).
-                (*next).prev = if (*page).prev == next { next } else { (*page).prev };
+                (*next).prev = if (*page).prev == next {
+                    next
+                } else {
+                    (*page).prev
+                };
                 (*heap).pages[class] = next;
             }
         } else {

@@ -57,7 +57,10 @@ const CACHE_MAX_RESIDENT: usize = 16 << 20;
 
 static CACHE: Cache = Cache {
     lock: Mutex::new(),
-    inner: UnsafeCell::new(CacheInner { slots: [(0, 0, false); CACHE_SLOTS], resident: 0 }),
+    inner: UnsafeCell::new(CacheInner {
+        slots: [(0, 0, false); CACHE_SLOTS],
+        resident: 0,
+    }),
 };
 
 fn with_cache<R>(f: impl FnOnce(&mut CacheInner) -> R) -> R {
@@ -79,7 +82,7 @@ fn cache_take(needed: usize) -> Option<(usize, usize, bool)> {
             }
         }
         let i = best?;
-        let slot = core::mem::replace(&mut c.slots[i], (0, 0, false));
+        let slot = core::mem::take(&mut c.slots[i]);
         if slot.2 {
             c.resident -= slot.1;
         }
@@ -255,7 +258,7 @@ fn finish(base: usize, map_size: usize, user: usize, size: usize, align: usize, 
 fn lookup(p: usize, kind: u8) -> Option<*mut Header> {
     let offset = p & (CHUNK - 1);
     let plausible = match kind {
-        KIND_LARGE => p % OS_PAGE_SIZE == 0 && offset >= OS_PAGE_SIZE,
+        KIND_LARGE => p.is_multiple_of(OS_PAGE_SIZE) && offset >= OS_PAGE_SIZE,
         KIND_LARGE_AT_BASE => offset == 0,
         _ => false,
     };

@@ -38,7 +38,8 @@ const MAX_COLD_FILE: u64 = 64 << 20;
 /// constructors at priority 99, this one follows.
 #[used]
 #[unsafe(link_section = ".init_array.00101")]
-static PLAN_AT_START: extern "C" fn(c_int, *const *const c_char, *const *const c_char) = plan_at_start;
+static PLAN_AT_START: extern "C" fn(c_int, *const *const c_char, *const *const c_char) =
+    plan_at_start;
 
 /// Where each planned class's confidence came from.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -123,7 +124,13 @@ pub fn read_options() {
         _ => MODE_PREDICT,
     };
     MODE.store(mode, Ordering::Relaxed);
-    LEARN.store(!matches!(options::var("LGMALLOC_LEARN\0"), Some(b"0" | b"off" | b"no")), Ordering::Relaxed);
+    LEARN.store(
+        !matches!(
+            options::var("LGMALLOC_LEARN\0"),
+            Some(b"0" | b"off" | b"no")
+        ),
+        Ordering::Relaxed,
+    );
     VERIFY.store(options::flag("LGMALLOC_VERIFY\0"), Ordering::Relaxed);
 }
 
@@ -145,7 +152,11 @@ pub fn eager_classes() -> &'static [usize] {
     current().map_or(&[], |p| p.eager.as_slice())
 }
 
-extern "C" fn plan_at_start(_argc: c_int, _argv: *const *const c_char, _envp: *const *const c_char) {
+extern "C" fn plan_at_start(
+    _argc: c_int,
+    _argv: *const *const c_char,
+    _envp: *const *const c_char,
+) {
     if !crate::init::ensure_initialized() {
         return;
     }
@@ -168,8 +179,13 @@ extern "C" fn plan_at_start(_argc: c_int, _argv: *const *const c_char, _envp: *c
     let start = now_us();
     let learn = LEARN.load(Ordering::Relaxed);
     let entry = analysis::cache_entry(&exe);
-    let learned_path = entry.as_ref().filter(|_| learn).map(|e| e.with_extension("learned"));
-    let plan_path = entry.as_ref().map(|e| e.with_extension(if learn { "plan" } else { "static-plan" }));
+    let learned_path = entry
+        .as_ref()
+        .filter(|_| learn)
+        .map(|e| e.with_extension("learned"));
+    let plan_path = entry
+        .as_ref()
+        .map(|e| e.with_extension(if learn { "plan" } else { "static-plan" }));
     // A stored plan is a few hundred bytes; the analysis it came from is only needed
     // again in verify mode (for the call sites) or when what was learned changed.
     let stored = match (&plan_path, mode == MODE_PREDICT && !verify()) {
@@ -190,7 +206,10 @@ extern "C" fn plan_at_start(_argc: c_int, _argv: *const *const c_char, _envp: *c
                     return;
                 }
             };
-            let learned = learned_path.as_deref().and_then(read_learned).unwrap_or_default();
+            let learned = learned_path
+                .as_deref()
+                .and_then(read_learned)
+                .unwrap_or_default();
             let plan = build(&analysis, learned, bias_of_main_program());
             if let Some(p) = &plan_path {
                 write_plan_file(p, &plan);
@@ -288,7 +307,11 @@ impl Learned {
             .map(|c| (c.0, c.2))
             .collect();
         sizes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        sizes.into_iter().take(MAX_EAGER_CLASSES).map(|c| c.0).collect()
+        sizes
+            .into_iter()
+            .take(MAX_EAGER_CLASSES)
+            .map(|c| c.0)
+            .collect()
     }
 }
 
@@ -301,7 +324,11 @@ fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
         if size == 0 || size > TABLE_MAX_SIZE {
             continue;
         }
-        let (confidence, source) = adjust(p.confidence, learned_share(learned, size), learned.total > 0);
+        let (confidence, source) = adjust(
+            p.confidence,
+            learned_share(learned, size),
+            learned.total > 0,
+        );
         if confidence >= HIGH_CONFIDENCE {
             classes.push(planned(size, confidence, source, p.sites));
         }
@@ -326,7 +353,12 @@ fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
         .filter_map(|s| {
             let size = s.size?;
             let ret = if a.pie { bias as u64 } else { 0 } + s.site + s.len as u64;
-            Some(Site { ret: ret as usize, size, calls: AtomicU64::new(0), exact: AtomicU64::new(0) })
+            Some(Site {
+                ret: ret as usize,
+                size,
+                calls: AtomicU64::new(0),
+                exact: AtomicU64::new(0),
+            })
         })
         .collect::<Vec<_>>();
     let mut sites = sites;
@@ -379,7 +411,9 @@ fn planned(size: usize, confidence: f32, source: Source, sites: u32) -> PlannedC
         confidence,
         source,
         // Expected demand: more sites, more blocks; at most 16 KiB per first page.
-        first_page_blocks: ((sites as usize * 8).clamp(8, 256).min((4096 / size.max(16)).max(1))) as u32,
+        first_page_blocks: ((sites as usize * 8)
+            .clamp(8, 256)
+            .min((4096 / size.max(16)).max(1))) as u32,
         exact_fit: false,
     }
 }
@@ -463,7 +497,9 @@ fn parse_learned_line(learned: &mut Learned, line: &str) -> Option<()> {
         ["class", size, calls, using] => {
             let calls: u64 = calls.parse().ok()?;
             learned.total += calls;
-            learned.classes.push((size.parse().ok()?, calls, using.parse().ok()?));
+            learned
+                .classes
+                .push((size.parse().ok()?, calls, using.parse().ok()?));
         }
         _ => return None,
     }
@@ -482,13 +518,22 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
 /// the next run plans from them.
 extern "C" fn learn_at_exit() {
     let Some(plan) = current() else { return };
-    let Some(path) = plan.learned_path.as_deref() else { return };
+    let Some(path) = plan.learned_path.as_deref() else {
+        return;
+    };
     let mut s = crate::stats::LgStats::default();
     crate::stats::collect(&mut s);
     let mut using = [0u64; MAX_CLASSES];
     let threads = crate::heap::class_coverage(&mut using);
-    let mut now = Learned { threads, ..Learned::default() };
-    let counted = s.classes.iter().zip(plan.allocs_at_start.iter()).zip(using.iter());
+    let mut now = Learned {
+        threads,
+        ..Learned::default()
+    };
+    let counted = s
+        .classes
+        .iter()
+        .zip(plan.allocs_at_start.iter())
+        .zip(using.iter());
     for ((c, before), using) in counted.take(s.class_count as usize) {
         // Only the program's own allocations, not the loader's or the analysis's.
         let calls = c.allocations.saturating_sub(*before);
@@ -526,7 +571,11 @@ fn changed(before: &Learned, now: &Learned) -> bool {
     if a.len() != b.len() || before.per_thread_sizes() != now.per_thread_sizes() {
         return true;
     }
-    a.iter().any(|&(size, share)| b.iter().find(|o| o.0 == size).is_none_or(|o| (o.1 - share).abs() > 0.15))
+    a.iter().any(|&(size, share)| {
+        b.iter()
+            .find(|o| o.0 == size)
+            .is_none_or(|o| (o.1 - share).abs() > 0.15)
+    })
 }
 
 // ---- the stored plan ------------------------------------------------------------------------
@@ -541,7 +590,11 @@ fn write_plan_file(path: &Path, plan: &RuntimePlan) {
             Source::Learned => 'L',
             Source::Both => 'B',
         };
-        let _ = writeln!(text, "class {} {} {} {}", c.size, c.confidence, source, c.first_page_blocks);
+        let _ = writeln!(
+            text,
+            "class {} {} {} {}",
+            c.size, c.confidence, source, c.first_page_blocks
+        );
     }
     for size in &plan.eager_sizes {
         let _ = writeln!(text, "eager {size}");
@@ -644,7 +697,10 @@ fn caller_return_address() -> usize {
     extern "C" fn visit(ctx: *mut c_void, arg: *mut c_void) -> c_int {
         // SAFETY: the unwinder passes a valid context; `arg` is our `usize`.
         let ip = unsafe { _Unwind_GetIP(ctx) };
-        let (lo, hi) = (OWN_CODE[0].load(Ordering::Relaxed), OWN_CODE[1].load(Ordering::Relaxed));
+        let (lo, hi) = (
+            OWN_CODE[0].load(Ordering::Relaxed),
+            OWN_CODE[1].load(Ordering::Relaxed),
+        );
         if ip == 0 || (ip >= lo && ip < hi) {
             return URC_NO_REASON;
         }
@@ -691,7 +747,11 @@ extern "C" fn report_at_exit() {
         return;
     }
     let Some(plan) = current() else { return };
-    for s in plan.sites.iter().filter(|s| s.calls.load(Ordering::Relaxed) > 0) {
+    for s in plan
+        .sites
+        .iter()
+        .filter(|s| s.calls.load(Ordering::Relaxed) > 0)
+    {
         m.clear();
         let _ = writeln!(
             m,
@@ -745,7 +805,10 @@ fn bias_of_main_program() -> usize {
 }
 
 fn now_us() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: writes into `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000

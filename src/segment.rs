@@ -52,7 +52,7 @@ struct Segment {
 
 const _: () = assert!(core::mem::size_of::<Segment>() <= SLICE_HEAD_OFFSET);
 const _: () = assert!(core::mem::size_of::<Page>() == 64);
-const _: () = assert!(PAGES_OFFSET % 64 == 0);
+const _: () = assert!(PAGES_OFFSET.is_multiple_of(64));
 
 #[inline(always)]
 fn segment_base(addr: usize) -> usize {

@@ -244,7 +244,7 @@ pub fn aligned_class_of(size: usize, align: usize) -> Option<usize> {
     // Standard classes ascend; powers of two from 128 up are all classes, so this ends
     // within one doubling.
     while c < STANDARD_CLASSES {
-        if block_size(c) % align == 0 {
+        if block_size(c).is_multiple_of(align) {
             return Some(c);
         }
         c += 1;
@@ -262,7 +262,7 @@ mod tests {
         let mut prev = 0;
         for c in 0..STANDARD_CLASSES {
             let bs = block_size(c);
-            assert!(bs > prev && bs % 16 == 0, "class {c} size {bs}");
+            assert!(bs > prev && bs.is_multiple_of(16), "class {c} size {bs}");
             prev = bs;
         }
         assert_eq!(block_size(STANDARD_CLASSES - 1), MAX_SMALL_SIZE);

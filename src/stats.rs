@@ -107,7 +107,8 @@ pub fn collect(out: &mut LgStats) {
         .max(committed);
     out.bytes_committed = committed as u64;
     out.peak_bytes_committed = peak as u64;
-    out.bytes_reserved = (segment::SEGMENT_BYTES.load(Ordering::Relaxed) + large_bytes + cached) as u64;
+    out.bytes_reserved =
+        (segment::SEGMENT_BYTES.load(Ordering::Relaxed) + large_bytes + cached) as u64;
     out.live_heaps = heap::LIVE_HEAPS.load(Ordering::Relaxed) as u64;
     out.large_live = large::LIVE_COUNT.load(Ordering::Relaxed) as u64;
     out.alloc_count = per_class.iter().sum::<u64>() + LARGE_ALLOCS.load(Ordering::Relaxed) as u64;
