@@ -87,6 +87,8 @@ struct lg_stats {
   struct lg_class_stats classes[LG_MAX_CLASSES];
 };
 
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

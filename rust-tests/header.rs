@@ -28,13 +28,14 @@ fn override_symbols(root: &Path) -> Vec<String> {
     names
 }
 
-/// Every `const` in the sources except the public `LG_*` ones (internal constants are
-/// not C API).
-fn internal_constants(dir: &Path, out: &mut Vec<String>) {
+/// Every `const` and function name in the sources except the public `LG_*` constants
+/// and `lg_*` functions: only those are C API (this keeps out internal constants,
+/// `extern` declarations and the override's malloc family).
+fn internal_names(dir: &Path, out: &mut Vec<String>) {
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let path = entry.path();
         if path.is_dir() {
-            internal_constants(&path, out);
+            internal_names(&path, out);
         } else if path.extension().is_some_and(|e| e == "rs") {
             let src = std::fs::read_to_string(&path).unwrap();
             for line in src.lines() {
@@ -47,6 +48,13 @@ fn internal_constants(dir: &Path, out: &mut Vec<String>) {
                 {
                     out.push(name.trim().to_string());
                 }
+                if let Some(rest) = line.split("fn ").nth(1)
+                    && let Some(name) = rest.split(['(', '<']).next()
+                    && !name.starts_with("lg_")
+                    && !name.is_empty()
+                {
+                    out.push(name.trim().to_string());
+                }
             }
         }
     }
@@ -56,7 +64,7 @@ fn generate(root: &Path) -> String {
     let mut config =
         cbindgen::Config::from_file(root.join("cbindgen.toml")).expect("cbindgen.toml");
     config.export.exclude.extend(override_symbols(root));
-    internal_constants(&root.join("src"), &mut config.export.exclude);
+    internal_names(&root.join("src"), &mut config.export.exclude);
     let mut out = Vec::new();
     cbindgen::Builder::new()
         .with_crate(root)
