@@ -32,33 +32,49 @@ struct Header {
     zeroed: bool,
 }
 
-/// Freed mappings kept for reuse, so a program that allocates and frees a large buffer
-/// in a loop does not map and unmap it every time. Resident cached bytes are bounded;
-/// beyond that a mapping is decommitted before it is cached.
+/// Freed mappings kept for reuse, so a program that allocates and frees large buffers
+/// in a loop does not map, fault in and unmap them every time. Resident cached bytes
+/// are bounded, and a mapping that stays unused for a while is decommitted (checked
+/// whenever the cache is used), so memory goes back to the OS after a burst.
 struct Cache {
     lock: Mutex,
     inner: UnsafeCell<CacheInner>,
 }
 
 struct CacheInner {
-    /// (mapping base, mapping size, still resident)
-    slots: [(usize, usize, bool); CACHE_SLOTS],
+    slots: [Cached; CACHE_SLOTS],
     resident: usize,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Cached {
+    base: usize,
+    size: usize,
+    resident: bool,
+    /// When it was cached (coarse monotonic milliseconds).
+    since_ms: u64,
 }
 
 // SAFETY: `inner` is only touched with `lock` held.
 unsafe impl Sync for Cache {}
 
-const CACHE_SLOTS: usize = 8;
+const CACHE_SLOTS: usize = 16;
 /// Mappings larger than this are never cached.
 const CACHE_MAX_MAPPING: usize = 64 << 20;
 /// Resident bytes the cache may hold.
-const CACHE_MAX_RESIDENT: usize = 16 << 20;
+const CACHE_MAX_RESIDENT: usize = 64 << 20;
+/// A cached mapping unused for this long is decommitted.
+const CACHE_DECAY_MS: u64 = 1000;
 
 static CACHE: Cache = Cache {
     lock: Mutex::new(),
     inner: UnsafeCell::new(CacheInner {
-        slots: [(0, 0, false); CACHE_SLOTS],
+        slots: [Cached {
+            base: 0,
+            size: 0,
+            resident: false,
+            since_ms: 0,
+        }; CACHE_SLOTS],
         resident: 0,
     }),
 };
@@ -74,19 +90,19 @@ fn with_cache<R>(f: impl FnOnce(&mut CacheInner) -> R) -> R {
 /// `(base, size, resident)`.
 fn cache_take(needed: usize) -> Option<(usize, usize, bool)> {
     with_cache(|c| {
+        c.decay(now_ms());
         let mut best: Option<usize> = None;
         for (i, s) in c.slots.iter().enumerate() {
-            let fits = s.1 >= needed && s.1 - needed <= needed / 2;
-            if s.0 != 0 && fits && best.is_none_or(|b| s.1 < c.slots[b].1) {
+            let fits = s.size >= needed && s.size - needed <= needed / 2;
+            if s.base != 0 && fits && best.is_none_or(|b| s.size < c.slots[b].size) {
                 best = Some(i);
             }
         }
-        let i = best?;
-        let slot = core::mem::take(&mut c.slots[i]);
-        if slot.2 {
-            c.resident -= slot.1;
+        let slot = core::mem::take(&mut c.slots[best?]);
+        if slot.resident {
+            c.resident -= slot.size;
         }
-        Some(slot)
+        Some((slot.base, slot.size, slot.resident))
     })
 }
 
@@ -96,7 +112,9 @@ fn cache_put(base: usize, size: usize) -> bool {
         return false;
     }
     with_cache(|c| {
-        let Some(i) = c.slots.iter().position(|s| s.0 == 0) else {
+        let now = now_ms();
+        c.decay(now);
+        let Some(i) = c.slots.iter().position(|s| s.base == 0) else {
             return false;
         };
         let resident = c.resident + size <= CACHE_MAX_RESIDENT;
@@ -106,9 +124,38 @@ fn cache_put(base: usize, size: usize) -> bool {
             // SAFETY: the mapping is ours and holds nothing live.
             unsafe { os::decommit(base as *mut u8, size) };
         }
-        c.slots[i] = (base, size, resident);
+        c.slots[i] = Cached {
+            base,
+            size,
+            resident,
+            since_ms: now,
+        };
         true
     })
+}
+
+impl CacheInner {
+    /// Decommits resident mappings that have waited longer than `CACHE_DECAY_MS`.
+    fn decay(&mut self, now: u64) {
+        for s in self.slots.iter_mut() {
+            if s.base != 0 && s.resident && now.saturating_sub(s.since_ms) > CACHE_DECAY_MS {
+                // SAFETY: cached mappings are ours and hold nothing live.
+                unsafe { os::decommit(s.base as *mut u8, s.size) };
+                s.resident = false;
+                self.resident -= s.size;
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into `ts`; the coarse clock is a vDSO read.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 /// Unmaps every cached mapping (for `lg_trim`). Returns the resident bytes released.
@@ -116,10 +163,10 @@ pub fn cache_release() -> usize {
     with_cache(|c| {
         let released = c.resident;
         for s in c.slots.iter_mut() {
-            if s.0 != 0 {
+            if s.base != 0 {
                 // SAFETY: cached mappings are ours and hold nothing live.
-                unsafe { os::unmap(s.0 as *mut u8, s.1) };
-                *s = (0, 0, false);
+                unsafe { os::unmap(s.base as *mut u8, s.size) };
+                *s = Cached::default();
             }
         }
         c.resident = 0;
@@ -129,7 +176,7 @@ pub fn cache_release() -> usize {
 
 /// Bytes of cached mappings, and how many of them are resident (statistics).
 pub fn cache_figures() -> (usize, usize) {
-    with_cache(|c| (c.slots.iter().map(|s| s.1).sum(), c.resident))
+    with_cache(|c| (c.slots.iter().map(|s| s.size).sum(), c.resident))
 }
 
 /// True when the bytes of the large object at `p` are known to be zero.

@@ -118,6 +118,11 @@ pub trait RemoteWord {
         success: Ordering,
         failure: Ordering,
     ) -> Result<usize, usize>;
+    /// Called in each round of a wait for another thread (a model checker yields here).
+    #[inline(always)]
+    fn pause(&self) {
+        core::hint::spin_loop();
+    }
 }
 
 impl RemoteWord for AtomicUsize {
@@ -287,7 +292,7 @@ pub fn init_page(page: &mut Page, heap: *mut Heap, class: usize) {
     page.prev = ptr::null_mut();
 }
 
-/// Carves more blocks from the untouched tail onto `free`: at most one OS page worth
+/// Carves more blocks from the untouched tail onto `free`: at most one slice worth
 /// (at least one block), so a page only becomes resident as it is used.
 pub fn extend(page: &mut Page) {
     let bs = page.block_size();
@@ -295,7 +300,9 @@ pub fn extend(page: &mut Page) {
     if remaining == 0 {
         return;
     }
-    let n = (crate::os::OS_PAGE_SIZE / bs).clamp(1, remaining);
+    // One slice worth at a time: a thread that holds a few blocks touches (and keeps
+    // resident) only what it uses, even when its page was planned large.
+    let n = (segment::SLICE_SIZE / bs).clamp(1, remaining);
     let first = page.start().wrapping_add(page.carved as usize);
     let mut cur = first;
     for _ in 1..n {
@@ -427,7 +434,7 @@ pub fn unwatch<H, R: RemoteWord>(page: &Page<H, R>) {
         match cur & STATE_MASK {
             STATE_NONE => return,
             STATE_FREEING => {
-                core::hint::spin_loop();
+                page.remote_free.pause();
                 cur = page.remote_free.load(Ordering::Acquire);
             }
             _ => {

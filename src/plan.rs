@@ -295,6 +295,13 @@ const EAGER_MIN_COVERAGE: f32 = 0.5;
 const EAGER_MIN_THREADS: u64 = 4;
 
 impl Learned {
+    /// Allocations per using thread of the class serving `size`, if observed.
+    fn per_thread(&self, size: usize) -> Option<f32> {
+        let bs = size.next_multiple_of(16);
+        let c = self.classes.iter().find(|c| c.0 == bs)?;
+        Some(c.1 as f32 / c.2.max(1) as f32)
+    }
+
     /// Block sizes that most threads used: the classes a new thread will need.
     fn per_thread_sizes(&self) -> Vec<usize> {
         if self.threads < EAGER_MIN_THREADS {
@@ -330,7 +337,7 @@ fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
             learned.total > 0,
         );
         if confidence >= HIGH_CONFIDENCE {
-            classes.push(planned(size, confidence, source, p.sites));
+            classes.push(planned(size, confidence, source, learned.per_thread(size)));
         }
     }
     // Sizes observed often that static analysis missed (wrappers, computed sizes).
@@ -342,7 +349,12 @@ fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
         let share = calls as f32 / learned.total as f32;
         if share >= LEARNED_MIN_SHARE {
             let confidence = (0.5 + 2.0 * share).min(0.95);
-            classes.push(planned(size, confidence, Source::Learned, 1));
+            classes.push(planned(
+                size,
+                confidence,
+                Source::Learned,
+                learned.per_thread(size),
+            ));
         }
     }
     classes.sort_by(|x, y| y.confidence.total_cmp(&x.confidence));
@@ -404,19 +416,30 @@ fn learned_share(learned: &Learned, size: usize) -> Option<f32> {
         .map(|c| c.1 as f32 / learned.total as f32)
 }
 
-fn planned(size: usize, confidence: f32, source: Source, sites: u32) -> PlannedClass {
+/// A planned class. Its first page holds one slice, the least a thread can touch,
+/// unless earlier runs showed each thread allocating many blocks of it: then up to one
+/// OS page, so heavy users skip the early growth steps. (A larger first page for a
+/// thread that holds a few blocks would spread every thread's blocks over more OS
+/// pages and cost resident memory.)
+fn planned(size: usize, confidence: f32, source: Source, per_thread: Option<f32>) -> PlannedClass {
+    let bs = size.next_multiple_of(16).max(16);
+    let one_slice = (crate::segment::SLICE_SIZE / bs).max(4);
+    let first_page_blocks = match per_thread {
+        Some(n) if n >= HEAVY_PER_THREAD => (crate::os::OS_PAGE_SIZE / bs).max(one_slice),
+        _ => one_slice,
+    };
     PlannedClass {
         size,
         class: size_class::size_class_of(size),
         confidence,
         source,
-        // Expected demand: more sites, more blocks; at most 16 KiB per first page.
-        first_page_blocks: ((sites as usize * 8)
-            .clamp(8, 256)
-            .min((4096 / size.max(16)).max(1))) as u32,
+        first_page_blocks: first_page_blocks as u32,
         exact_fit: false,
     }
 }
+
+/// Allocations per thread and run from which a class counts as heavily used.
+const HEAVY_PER_THREAD: f32 = 256.0;
 
 /// Hands the plan to the size-class table and records which classes heaps reserve.
 fn apply(plan: &mut RuntimePlan) {
