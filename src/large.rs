@@ -62,7 +62,7 @@ const CACHE_SLOTS: usize = 16;
 /// Mappings larger than this are never cached.
 const CACHE_MAX_MAPPING: usize = 64 << 20;
 /// Resident bytes the cache may hold.
-const CACHE_MAX_RESIDENT: usize = 64 << 20;
+const CACHE_MAX_RESIDENT: usize = 128 << 20;
 /// A cached mapping unused for this long is decommitted.
 const CACHE_DECAY_MS: u64 = 1000;
 
@@ -86,21 +86,30 @@ fn with_cache<R>(f: impl FnOnce(&mut CacheInner) -> R) -> R {
     })
 }
 
-/// A cached mapping of at least `needed` bytes (and not wastefully more), as
-/// `(base, size, resident)`.
+/// The smallest cached mapping of at least `needed` bytes (a page multiple), as
+/// `(base, size, resident)`; one more than twice too big gives its tail back first,
+/// so a reused mapping never holds much more than its object.
 fn cache_take(needed: usize) -> Option<(usize, usize, bool)> {
     with_cache(|c| {
         c.decay(now_ms());
-        let mut best: Option<usize> = None;
-        for (i, s) in c.slots.iter().enumerate() {
-            let fits = s.size >= needed && s.size - needed <= needed / 2;
-            if s.base != 0 && fits && best.is_none_or(|b| s.size < c.slots[b].size) {
-                best = Some(i);
-            }
-        }
-        let slot = core::mem::take(&mut c.slots[best?]);
+        // Resident mappings first (reusing one saves the page faults too), then the
+        // smallest that fits.
+        let rank = |s: &Cached| (s.resident, core::cmp::Reverse(s.size));
+        let best = c
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.base != 0 && s.size >= needed)
+            .max_by_key(|(_, s)| rank(s))
+            .map(|(i, _)| i);
+        let mut slot = core::mem::take(&mut c.slots[best?]);
         if slot.resident {
             c.resident -= slot.size;
+        }
+        if slot.size > 2 * needed {
+            // SAFETY: the tail of a cached mapping is ours and holds nothing.
+            unsafe { os::unmap((slot.base + needed) as *mut u8, slot.size - needed) };
+            slot.size = needed;
         }
         Some((slot.base, slot.size, slot.resident))
     })
@@ -117,6 +126,9 @@ fn cache_put(base: usize, size: usize) -> bool {
         let Some(i) = c.slots.iter().position(|s| s.base == 0) else {
             return false;
         };
+        // The newest mapping is the likeliest to be reused: make room for it by
+        // decommitting the oldest resident ones.
+        while c.resident + size > CACHE_MAX_RESIDENT && c.decommit_oldest() {}
         let resident = c.resident + size <= CACHE_MAX_RESIDENT;
         if resident {
             c.resident += size;
@@ -135,6 +147,23 @@ fn cache_put(base: usize, size: usize) -> bool {
 }
 
 impl CacheInner {
+    /// Decommits the resident mapping cached longest ago. False when none is resident.
+    fn decommit_oldest(&mut self) -> bool {
+        let oldest = self
+            .slots
+            .iter_mut()
+            .filter(|s| s.base != 0 && s.resident)
+            .min_by_key(|s| s.since_ms);
+        let Some(s) = oldest else {
+            return false;
+        };
+        // SAFETY: cached mappings are ours and hold nothing live.
+        unsafe { os::decommit(s.base as *mut u8, s.size) };
+        s.resident = false;
+        self.resident -= s.size;
+        true
+    }
+
     /// Decommits resident mappings that have waited longer than `CACHE_DECAY_MS`.
     fn decay(&mut self, now: u64) {
         for s in self.slots.iter_mut() {
