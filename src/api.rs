@@ -197,7 +197,15 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
         KIND_NONE => misuse("realloc of a pointer lgmalloc never returned", addr),
         _ => misuse("realloc of a pointer lgmalloc never returned", addr),
     };
-    let q = malloc(size);
+    // A block that outgrows its class is likely to keep growing (strings, logs,
+    // buffers): give it a quarter more room than asked, so growth by small steps
+    // copies every ~25% instead of at every (finer) class boundary.
+    let want = if size > old_usable && size <= MAX_SMALL_SIZE {
+        size.max(old_usable + old_usable / 4).min(MAX_SMALL_SIZE)
+    } else {
+        size
+    };
+    let q = malloc(want);
     if q.is_null() {
         return q;
     }
