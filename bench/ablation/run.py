@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Ablation of lgmalloc's predictive runtime.
+
+Arms (all through LD_PRELOAD of the override build):
+  A  prediction off                 LGMALLOC_PREDICT=0
+  B  analysis run, result ignored   LGMALLOC_PREDICT=analyze
+  C  prediction on, static plan     LGMALLOC_PREDICT=1 LGMALLOC_LEARN=0
+  D  naive plan (8 smallest classes reserved in every thread)   LGMALLOC_PREDICT=naive
+  E  plan learned from a previous run                           LGMALLOC_PREDICT=1
+
+Workloads: a constant-size multi-threaded server with cross-thread frees, 500 threads
+holding a few objects, python3, g++ compiling a real file, git, and python3 start-up.
+Metrics: wall time, peak RSS, minor page faults, and each workload's own figure.
+
+Usage: python3 bench/ablation/run.py [--reps N] [--quick]
+Writes bench/ablation/results.md and bench/ablation/ablation.png (if matplotlib is
+installed: pip install matplotlib).
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+OUT = os.path.join(HERE, "out")
+
+ARMS = {
+    "A off": {"LGMALLOC_PREDICT": "0"},
+    "B analyze only": {"LGMALLOC_PREDICT": "analyze"},
+    "C static plan": {"LGMALLOC_PREDICT": "1", "LGMALLOC_LEARN": "0"},
+    "D naive plan": {"LGMALLOC_PREDICT": "naive"},
+    "E learned plan": {"LGMALLOC_PREDICT": "1"},
+}
+
+
+def sh(cmd, **kw):
+    subprocess.run(cmd, check=True, **kw)
+
+
+def build(quick):
+    os.makedirs(OUT, exist_ok=True)
+    print("building lgmalloc (release, override) ...", flush=True)
+    sh(["cargo", "build", "--release", "--locked", "--features", "override,global-allocator"], cwd=ROOT)
+    for name in ("server", "threads"):
+        sh(["cc", "-O2", "-pthread", os.path.join(HERE, name + ".c"), "-o", os.path.join(OUT, name)])
+    return os.path.join(ROOT, "target", "release", "liblgmalloc.so")
+
+
+def workloads(quick):
+    py = shutil.which("python3.11") or "/usr/bin/python3"
+    obj = os.path.join(tempfile.gettempdir(), "lgmalloc-ablation.o")
+    return {
+        "server": ([os.path.join(OUT, "server"), "100000" if quick else "400000"], "ops_per_sec"),
+        "500 threads": ([os.path.join(OUT, "threads"), "500"], "bytes_per_thread"),
+        "python3": ([py, os.path.join(HERE, "work.py")], None),
+        "g++ -O1": (["g++", "-O1", "-c", os.path.join(HERE, "compile_me.cpp"), "-o", obj], None),
+        "git log -p": (["git", "-C", ROOT, "log", "-p", "-n", "200", "--no-color"], None),
+        "python3 -c pass": ([py, "-c", "pass"], None),
+    }
+
+
+def run_once(cmd, env):
+    p = subprocess.run(cmd, env=env, capture_output=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd} failed ({p.returncode}): {p.stderr.decode()[-2000:]}")
+
+
+def figure(out, key):
+    for token in out.split():
+        if token.startswith(key + "="):
+            return float(token.split("=", 1)[1])
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    reps = 3 if args.quick else args.reps
+    lib = build(args.quick)
+    wl = workloads(args.quick)
+    caches = {arm: tempfile.mkdtemp(prefix="lgmalloc-abl-") for arm in ARMS}
+    base_env = dict(os.environ)
+    base_env.pop("LD_PRELOAD", None)
+
+    def env_for(arm):
+        env = dict(base_env)
+        env.update(ARMS[arm])
+        env["LD_PRELOAD"] = lib
+        env["LGMALLOC_CACHE_DIR"] = caches[arm]
+        return env
+
+    # Warm every arm once: the analysis cache for B, C, E; the learned file for E
+    # (its second warm-up run sees the first run's observations).
+    print("warming caches ...", flush=True)
+    for name, (cmd, _) in wl.items():
+        for arm in ARMS:
+            run_once(cmd, env_for(arm))
+        run_once(cmd, env_for("E learned plan"))
+
+    # Peak RSS per run needs a fresh RUSAGE_CHILDREN high-water mark: run each
+    # measurement in a small forked helper so the mark starts at zero.
+    results = {name: {arm: [] for arm in ARMS} for name in wl}
+    arms = list(ARMS)
+    total = reps * len(wl) * len(arms)
+    done = 0
+    for r in range(reps):
+        order = arms[r % len(arms):] + arms[: r % len(arms)]
+        for name, (cmd, key) in wl.items():
+            for arm in order:
+                sample = isolated(cmd, env_for(arm), key)
+                results[name][arm].append(sample)
+                done += 1
+                print(f"\r[{done}/{total}] {name:<16} {arm:<16}", end="", flush=True)
+    print()
+    report(results, wl, reps)
+    for d in caches.values():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def isolated(cmd, env, key):
+    """Measures one run in a forked child so ru_maxrss is this run's alone."""
+    import resource
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        try:
+            start = time.perf_counter()
+            p = subprocess.run(cmd, env=env, capture_output=True)
+            wall = time.perf_counter() - start
+            ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+            fig = figure(p.stdout.decode(), key) if key else None
+            msg = f"{p.returncode} {wall} {ru.ru_maxrss} {ru.ru_minflt} {fig if fig is not None else 'nan'}"
+            if p.returncode != 0:
+                sys.stderr.write(p.stderr.decode()[-2000:])
+        except Exception as e:  # noqa: BLE001 - reported through the pipe
+            msg = f"1 0 0 0 nan {e}"
+        os.write(wfd, msg.encode())
+        os._exit(0)
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 4096):
+        data += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    rc, wall, rss, flt, fig = data.decode().split()[:5]
+    if rc != "0":
+        raise RuntimeError(f"{cmd} failed under {env.get('LGMALLOC_PREDICT')}")
+    return {"time": float(wall), "rss": int(rss), "faults": int(flt), "figure": float(fig)}
+
+
+def med(samples, k):
+    vals = [s[k] for s in samples if s[k] == s[k]]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def spread(samples, k):
+    vals = [s[k] for s in samples if s[k] == s[k]]
+    return (min(vals), max(vals)) if vals else (float("nan"), float("nan"))
+
+
+def machine():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return f"{os.cpu_count()} cores, {cpu}, kernel {os.uname().release}, lgmalloc {commit}"
+
+
+def report(results, wl, reps):
+    lines = ["# Ablation of the predictive runtime", "",
+             f"Machine: {machine()}. {reps} interleaved repetitions per arm; medians, "
+             "with min-max in parentheses; ratios are to arm A (prediction off).", "",
+             "| workload | arm | time (s) | ratio | peak RSS (KiB) | ratio | minor faults | figure |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, (_, key) in wl.items():
+        base_t = med(results[name]["A off"], "time")
+        base_r = med(results[name]["A off"], "rss")
+        for arm in ARMS:
+            s = results[name][arm]
+            t, r = med(s, "time"), med(s, "rss")
+            lo, hi = spread(s, "time")
+            fig = med(s, "figure")
+            fig_txt = f"{key} {fig:,.0f}" if key else ""
+            lines.append(f"| {name} | {arm} | {t:.3f} ({lo:.3f}-{hi:.3f}) | {t / base_t:.3f} | {r:,.0f} | "
+                         f"{r / base_r:.3f} | {med(s, 'faults'):,.0f} | {fig_txt} |")
+    path = os.path.join(HERE, "results.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    plot(results, wl)
+
+
+def plot(results, wl):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install matplotlib): no plot")
+        return
+    names = list(wl)
+    arms = list(ARMS)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, metric, title in ((axes[0], "time", "wall time"), (axes[1], "rss", "peak RSS")):
+        width = 0.8 / len(arms)
+        for i, arm in enumerate(arms):
+            vals = [med(results[n][arm], metric) / med(results[n]["A off"], metric) for n in names]
+            ax.bar([x + i * width for x in range(len(names))], vals, width, label=arm)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))])
+        ax.set_xticklabels(names, rotation=20, ha="right")
+        ax.set_ylabel(f"{title}, ratio to A (lower is better)")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = os.path.join(HERE, "ablation.png")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
