@@ -45,7 +45,11 @@ fn link_key(b: *const Block) -> usize {
 /// The stored form of `next` as the link of `b` (identity unless hardened).
 #[inline(always)]
 pub fn encode_link(b: *const Block, next: *mut Block) -> *mut Block {
-    if HARDENED { ((next as usize) ^ link_key(b)) as *mut Block } else { next }
+    if HARDENED {
+        ((next as usize) ^ link_key(b)) as *mut Block
+    } else {
+        next
+    }
 }
 
 /// The next block of the local free list after `b`. Hardened builds check the decoded
