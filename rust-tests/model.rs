@@ -6,18 +6,8 @@ use lgmalloc::api::*;
 use std::collections::BTreeMap;
 use std::sync::mpsc;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::Rng;
 
 #[derive(Clone, Copy)]
 struct Live {
