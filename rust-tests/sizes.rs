@@ -122,3 +122,17 @@ fn posix_memalign_matrix() {
         }
     }
 }
+
+#[test]
+fn zero_size_with_huge_alignment_is_usable() {
+    // Found by fuzzing: the usable bytes of a 0-byte, 4 MiB-aligned block must be mapped.
+    for align in [4usize << 20, 8 << 20] {
+        let p = lg_aligned_alloc(align, 0) as *mut u8;
+        assert!(!p.is_null());
+        let n = unsafe { lg_usable_size(p.cast()) };
+        unsafe { std::ptr::write_bytes(p, 1, n) };
+        let q = unsafe { lg_realloc(p.cast(), 10_000) };
+        assert!(!q.is_null());
+        unsafe { lg_free(q) };
+    }
+}

@@ -296,7 +296,7 @@ fn map_chunk_aligned(size: usize, align: usize) -> usize {
     let raw = raw as usize;
     let user = (raw + OS_PAGE_SIZE + align - 1) & !(align - 1);
     let base = user - OS_PAGE_SIZE;
-    let Some(end) = os::align_up(user + size, OS_PAGE_SIZE) else {
+    let Some(end) = os::align_up(user + size.max(1), OS_PAGE_SIZE) else {
         return 0;
     };
     // SAFETY: head and tail are parts of our fresh mapping outside [base, end).
