@@ -12,7 +12,10 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use goblin::elf::Elf;
-use lgmalloc::analysis::{Analysis, AnalysisError, ArgReg, CallSite, SizeArg, analyze_elf};
+use lgmalloc::analysis::{
+    Analysis, AnalysisError, ArgReg, CallSite, SizeArg, analyze_elf, analyze_elf_within,
+    analyze_path_within,
+};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rust-tests/fixtures/analysis");
 const BIN: &str = env!("CARGO_BIN_EXE_lgmalloc-analyze");
@@ -470,6 +473,31 @@ fn patched(base: &[u8], at: usize, with: &[u8]) -> Vec<u8> {
     let mut b = base.to_vec();
     b[at..at + with.len()].copy_from_slice(with);
     b
+}
+
+#[test]
+fn budget_stops_the_analysis() {
+    use std::time::Duration;
+    // The test binary itself: several MiB of code, many allocation sites.
+    let exe = std::env::current_exe().unwrap();
+    let bytes = std::fs::read(&exe).unwrap();
+    assert_eq!(
+        analyze_elf_within(&bytes, Duration::from_nanos(1)),
+        Err(AnalysisError::BudgetExceeded)
+    );
+    assert_eq!(
+        analyze_path_within(&exe, false, Duration::from_nanos(1)),
+        Err(AnalysisError::BudgetExceeded)
+    );
+    assert!(!AnalysisError::BudgetExceeded.to_string().is_empty());
+    let full = analyze_elf(&bytes).unwrap();
+    assert!(!full.call_sites.is_empty());
+    let generous = Duration::from_secs(600);
+    assert_eq!(analyze_elf_within(&bytes, generous).as_ref(), Ok(&full));
+    assert_eq!(
+        analyze_path_within(&exe, false, generous).as_ref(),
+        Ok(&full)
+    );
 }
 
 #[test]

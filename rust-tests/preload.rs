@@ -191,6 +191,11 @@ fn clean_env(cmd: &mut Command) -> &mut Command {
 
 /// Runs `cmd` with lgmalloc and the probe preloaded.
 fn run_lg(cmd: &mut Command) -> Run {
+    run_lg_with(cmd, &[])
+}
+
+/// Runs `cmd` with lgmalloc and the probe preloaded, and `env` set.
+fn run_lg_with(cmd: &mut Command, env: &[(&str, &str)]) -> Run {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
     let b = build();
     let probe_file = work_dir().join(format!(
@@ -200,7 +205,11 @@ fn run_lg(cmd: &mut Command) -> Run {
     ));
     let _ = fs::remove_file(&probe_file);
     let preload = format!("{}:{}", b.so.display(), b.probe.display());
-    let out = clean_env(cmd)
+    clean_env(cmd);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
         .env("LD_PRELOAD", preload)
         .env("LGPROBE_OUT", &probe_file)
         .output()
@@ -878,4 +887,186 @@ fn launcher_refuses_missing_or_non_override_libraries() {
 
     let nothing = Command::new(launcher()).output().expect("run lgmalloc-run");
     assert!(!nothing.status.success());
+}
+
+// ---- the predictive runtime --------------------------------------------------------------
+
+/// `predict_main` linked with `libpredict_lib.so` (found through its rpath).
+fn predict_exe() -> PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let dir = work_dir().join("predict");
+        fs::create_dir_all(&dir).expect("create the predict directory");
+        let lib = dir.join("libpredict_lib.so");
+        compile(
+            "gcc",
+            &[
+                fixture("predict_lib.c").as_os_str(),
+                "-shared".as_ref(),
+                "-fPIC".as_ref(),
+            ],
+            &lib,
+        );
+        let exe = dir.join("predict_main");
+        let rpath = format!("-Wl,-rpath,{}", dir.display());
+        compile(
+            "gcc",
+            &[
+                fixture("predict_main.c").as_os_str(),
+                "-L".as_ref(),
+                dir.as_os_str(),
+                "-lpredict_lib".as_ref(),
+                rpath.as_ref(),
+            ],
+            &exe,
+        );
+        exe
+    })
+    .clone()
+}
+
+/// Runs `predict_main ROUNDS` with lgmalloc, the cache in `cache` and `env`.
+fn run_predict(cache: &Path, rounds: u32, env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(predict_exe());
+    cmd.arg(rounds.to_string())
+        .env("LGMALLOC_CACHE_DIR", cache)
+        .env_remove("LGMALLOC_PREDICT")
+        .env_remove("LGMALLOC_VERIFY")
+        .env_remove("LGMALLOC_LEARN")
+        .env_remove("LGMALLOC_ANALYSIS_BUDGET_MS");
+    let r = run_lg_with(&mut cmd, env).success("predict_main");
+    r.ran_on_lgmalloc("predict_main");
+    r
+}
+
+/// Files of the cache directory, by name.
+fn cache_files(cache: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(cache)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Analysis entries (no extension) in the cache directory.
+fn analysis_entries(cache: &Path) -> usize {
+    cache_files(cache)
+        .iter()
+        .filter(|n| !n.contains('.'))
+        .count()
+}
+
+#[test]
+fn verify_matches_the_sites_of_the_program_and_its_library() {
+    let cache = scratch("predict-verify");
+    let r = run_predict(
+        &cache,
+        20_000,
+        &[("LGMALLOC_VERIFY", "1"), ("LGMALLOC_VERBOSE", "1")],
+    );
+    let err = r.stderr();
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("lgmalloc: verify calls="))
+        .collect();
+    assert_eq!(lines.len(), 1, "one verify line expected:\n{err}");
+    let field = |name: &str| -> u64 {
+        lines[0]
+            .split(' ')
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {}", lines[0]))
+    };
+    let (calls, predicted, exact) = (field("calls"), field("predicted"), field("exact"));
+    assert!(calls >= 60_000, "{}", lines[0]);
+    assert!(
+        predicted * 100 >= calls * 95,
+        "under 95% predicted: {}",
+        lines[0]
+    );
+    assert_eq!(exact, predicted, "{}", lines[0]);
+    // The library's site (200 bytes) is among those matched: shared objects are analysed.
+    assert!(
+        err.lines().any(|l| l.starts_with("lgmalloc: verify site")
+            && l.contains(" size=200 ")
+            && l.contains(" calls=20000 exact=20000")),
+        "the library's 200-byte site was not matched:\n{err}"
+    );
+}
+
+#[test]
+fn a_predicted_size_gets_an_exact_fit_class_and_predict_0_turns_it_off() {
+    let cache = scratch("predict-exact");
+    let on = run_predict(&cache, 10, &[]);
+    assert_eq!(on.stdout(), "usable 4112\n", "{}", on.stderr());
+    // Analysed: the program and its library; not the C runtime, not the preloaded probe.
+    assert_eq!(analysis_entries(&cache), 2, "{:?}", cache_files(&cache));
+    // What the run observed is stored for the next (which drops the stored plan).
+    let names = cache_files(&cache);
+    assert!(names.iter().any(|n| n.ends_with(".learned")), "{names:?}");
+
+    let off_cache = scratch("predict-off");
+    let off = run_predict(&off_cache, 10, &[("LGMALLOC_PREDICT", "0")]);
+    assert_eq!(off.stdout(), "usable 4608\n", "{}", off.stderr());
+    assert!(
+        cache_files(&off_cache).is_empty(),
+        "PREDICT=0 analysed anyway"
+    );
+}
+
+#[test]
+fn the_second_run_plans_from_the_cache_and_what_the_first_observed() {
+    let cache = scratch("predict-learn");
+    let verbose = [("LGMALLOC_VERBOSE", "1")];
+    let first = run_predict(&cache, 1000, &verbose);
+    assert!(
+        first.stderr().contains("lgmalloc: plan: ") && !first.stderr().contains("(cached)"),
+        "{}",
+        first.stderr()
+    );
+    let second = run_predict(&cache, 1000, &verbose);
+    let err = second.stderr();
+    assert!(err.contains("(cached)"), "{err}");
+    // Observed and predicted by the analysis: the confidence comes from both.
+    assert!(
+        err.lines().any(|l| l.contains("size   4112")
+            && l.contains("from Both")
+            && l.contains("exact-fit")),
+        "{err}"
+    );
+    assert_eq!(second.stdout(), "usable 4112\n");
+}
+
+#[test]
+fn an_analysis_over_the_start_up_budget_runs_at_exit_instead() {
+    let cache = scratch("predict-budget");
+    let env = [
+        ("LGMALLOC_VERBOSE", "1"),
+        ("LGMALLOC_ANALYSIS_BUDGET_MS", "0"),
+    ];
+    // No time for a cold analysis before main: the plain allocator serves this run, and
+    // the analyses run when it exits, in a child process.
+    let first = run_predict(&cache, 10, &env);
+    let err = first.stderr();
+    assert!(err.contains("deferred: over the start-up budget"), "{err}");
+    assert!(!err.contains("lgmalloc: plan: "), "{err}");
+    assert_eq!(first.stdout(), "usable 4608\n", "{err}");
+    // The analyses run in a detached child after the program exited.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while analysis_entries(&cache) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(analysis_entries(&cache), 2, "{:?}", cache_files(&cache));
+    // Cached analyses cost no budget: the next run is planned before main.
+    let second = run_predict(&cache, 10, &env);
+    assert!(
+        second.stderr().contains("lgmalloc: plan: "),
+        "{}",
+        second.stderr()
+    );
+    assert_eq!(second.stdout(), "usable 4112\n");
 }

@@ -19,8 +19,9 @@ use core::ffi::{c_char, c_int, c_void};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::analysis::{self, Analysis};
+use crate::analysis::{self, Analysis, AnalysisError};
 use crate::options::{self, Message};
 use crate::size_class::{self, MAX_CLASSES, TABLE_MAX_SIZE};
 
@@ -30,9 +31,14 @@ pub const HIGH_CONFIDENCE: f32 = 0.5;
 const WASTE_SHIFT: usize = 4;
 /// At most this many classes are reserved up front in every new thread heap.
 const MAX_EAGER_CLASSES: usize = 8;
-/// Executables larger than this are not analysed at start-up unless their analysis is
-/// cached (a cold analysis runs at roughly 200 MB/s here; this bounds it to ~0.3 s).
-const MAX_COLD_FILE: u64 = 64 << 20;
+/// CPU time the analyses of a cold start may take, all modules together
+/// (`LGMALLOC_ANALYSIS_BUDGET_MS` overrides it): small programs and libraries are
+/// analysed before `main`; a module that does not fit is analysed by a detached child
+/// process when the program exits, so the next start is warm and no start is slow.
+const DEFAULT_BUDGET_US: u64 = 2_000;
+/// Cold analysis speed used to estimate a module's cost before trying it, in bytes of
+/// code per microsecond of CPU (measured: python3.11 270, cargo 370).
+const COLD_BYTES_PER_US: u64 = 250;
 
 /// Runs before `main` in every build (cdylib, staticlib, rlib): std registers its own
 /// constructors at priority 99, this one follows.
@@ -79,6 +85,8 @@ pub struct RuntimePlan {
     sites: Vec<Site>,
     /// Classes every new heap reserves a page for.
     eager: Vec<usize>,
+    /// Cache-entry names of the modules the plan was built from (the main program first).
+    modules: Vec<String>,
     pub analysis_us: u64,
     pub from_cache: bool,
     learned_path: Option<PathBuf>,
@@ -94,6 +102,7 @@ static PLAN: AtomicPtr<RuntimePlan> = AtomicPtr::new(core::ptr::null_mut());
 static MODE: AtomicU8 = AtomicU8::new(MODE_PREDICT);
 static LEARN: AtomicBool = AtomicBool::new(true);
 static VERIFY: AtomicBool = AtomicBool::new(false);
+static BUDGET_US: AtomicU64 = AtomicU64::new(DEFAULT_BUDGET_US);
 
 /// `LGMALLOC_PREDICT=0`: the plain allocator, no analysis.
 const MODE_OFF: u8 = 0;
@@ -132,6 +141,12 @@ pub fn read_options() {
         Ordering::Relaxed,
     );
     VERIFY.store(options::flag("LGMALLOC_VERIFY\0"), Ordering::Relaxed);
+    if let Some(ms) = options::var("LGMALLOC_ANALYSIS_BUDGET_MS\0")
+        .and_then(|v| core::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        BUDGET_US.store(ms.saturating_mul(1000), Ordering::Relaxed);
+    }
 }
 
 /// True in verify mode: every allocation takes the slow path and is matched to a site.
@@ -178,40 +193,34 @@ extern "C" fn plan_at_start(
     };
     let start = now_us();
     let learn = LEARN.load(Ordering::Relaxed);
-    let entry = analysis::cache_entry(&exe);
-    let learned_path = entry
-        .as_ref()
-        .filter(|_| learn)
-        .map(|e| e.with_extension("learned"));
-    let plan_path = entry
-        .as_ref()
-        .map(|e| e.with_extension(if learn { "plan" } else { "static-plan" }));
-    // A stored plan is a few hundred bytes; the analysis it came from is only needed
+    let modules = modules_to_plan(&exe);
+    let entry = modules.first().and_then(|m| m.entry.as_ref());
+    let learned_path = entry.filter(|_| learn).map(|e| e.with_extension("learned"));
+    let plan_path = entry.map(|e| e.with_extension(if learn { "plan" } else { "static-plan" }));
+    // A stored plan is a few hundred bytes; the analyses it came from are only needed
     // again in verify mode (for the call sites) or when what was learned changed.
     let stored = match (&plan_path, mode == MODE_PREDICT && !verify()) {
-        (Some(p), true) => read_plan_file(p),
+        (Some(p), true) => read_plan_file(p, &modules),
         _ => None,
     };
     let mut plan = match stored {
         Some(p) => p,
         None => {
-            let analysis = match analyze(&exe) {
-                Ok(a) => a,
-                Err(e) => {
-                    if options::verbose() {
-                        let mut m = Message::new();
-                        let _ = writeln!(m, "lgmalloc: no plan for {}: {e}", exe.display());
-                        crate::os::write_stderr(m.as_bytes());
-                    }
-                    return;
-                }
-            };
+            let (analysed, deferred) = analyse_modules(&modules);
+            if !deferred.is_empty() {
+                defer_analysis(deferred);
+            }
+            if analysed.is_empty() {
+                return;
+            }
             let learned = learned_path
                 .as_deref()
                 .and_then(read_learned)
                 .unwrap_or_default();
-            let plan = build(&analysis, learned, bias_of_main_program());
-            if let Some(p) = &plan_path {
+            let plan = build(&analysed, learned);
+            // A plan missing a module's analysis is not stored: the next run, with that
+            // analysis cached, plans from all of them.
+            if let (Some(p), true) = (&plan_path, plan.modules.len() == modules.len()) {
                 write_plan_file(p, &plan);
             }
             plan
@@ -262,6 +271,7 @@ fn naive_plan() -> RuntimePlan {
         sites: Vec::new(),
         eager: Vec::new(),
         eager_sizes,
+        modules: Vec::new(),
         analysis_us: 0,
         from_cache: false,
         learned_path: None,
@@ -270,13 +280,214 @@ fn naive_plan() -> RuntimePlan {
     }
 }
 
-fn analyze(exe: &Path) -> Result<Analysis, String> {
-    let cached = analysis::cache_entry(exe).is_some_and(|p| p.exists());
-    let size = std::fs::metadata(exe).map_or(0, |m| m.len());
-    if !cached && size > MAX_COLD_FILE {
-        return Err(format!("{size} bytes is too large to analyse before main"));
+// ---- the modules a plan covers ------------------------------------------------------------
+
+/// A loaded ELF file whose allocation call sites the plan covers.
+struct Module {
+    path: PathBuf,
+    /// Load bias: added to the analysis's link-time addresses (PIE, shared objects).
+    bias: usize,
+    /// Its analysis cache entry; `None` without a cache directory.
+    entry: Option<PathBuf>,
+    /// Bytes of executable segments, to estimate the cost of a cold analysis.
+    code_bytes: u64,
+}
+
+impl Module {
+    fn entry_name(&self) -> String {
+        self.entry
+            .as_deref()
+            .and_then(Path::file_name)
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     }
-    analysis::analyze_path(exe, true).map_err(|e| e.to_string())
+
+    fn cold_cost_us(&self) -> u64 {
+        self.code_bytes / COLD_BYTES_PER_US
+    }
+}
+
+/// Shared objects whose allocations are the C runtime's own: few, and not the program's
+/// pattern, so analysing them does not pay.
+const RUNTIME_LIBRARIES: [&str; 10] = [
+    "ld-linux",
+    "libc.so",
+    "libm.so",
+    "libmvec.so",
+    "libpthread.so",
+    "libdl.so",
+    "librt.so",
+    "libgcc_s.so",
+    "libutil.so",
+    "linux-vdso",
+];
+
+/// The main program, then the loaded shared objects worth analysing: not the C runtime,
+/// not lgmalloc's own library, and none named in `LD_PRELOAD` (tools' shims: a probe,
+/// valgrind's preloads; analysing them does not pay, and would make the plan of the
+/// same program differ from one tool to the next).
+fn modules_to_plan(exe: &Path) -> Vec<Module> {
+    let me = modules_to_plan as *const () as usize;
+    let preload = std::env::var("LD_PRELOAD").unwrap_or_default();
+    let preloaded = |name: &str| {
+        let file = Path::new(name).file_name();
+        preload
+            .split([':', ' '])
+            .filter(|p| !p.is_empty())
+            .any(|p| p == name || (!p.contains('/') && Some(p.as_ref()) == file))
+    };
+    let mut modules = Vec::new();
+    for_each_module(|base, phdrs, name| {
+        let (lo, hi, code_bytes) = code_range(base, phdrs);
+        let path = if modules.is_empty() {
+            exe.to_path_buf()
+        } else {
+            let own = me >= lo && me < hi;
+            let file = Path::new(name).file_name().map(|f| f.to_string_lossy());
+            let runtime = file.is_none_or(|f| RUNTIME_LIBRARIES.iter().any(|r| f.starts_with(r)));
+            if own || runtime || !name.starts_with('/') || preloaded(name) {
+                return;
+            }
+            PathBuf::from(name)
+        };
+        modules.push(Module {
+            entry: analysis::cache_entry(&path),
+            path,
+            bias: base,
+            code_bytes,
+        });
+    });
+    modules
+}
+
+/// Start and end of a module's executable segments, and their size.
+fn code_range(base: usize, phdrs: &[libc::Elf64_Phdr]) -> (usize, usize, u64) {
+    let mut lo = usize::MAX;
+    let mut hi = 0;
+    let mut bytes = 0;
+    for ph in phdrs {
+        if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+            lo = lo.min(base + ph.p_vaddr as usize);
+            hi = hi.max(base + (ph.p_vaddr + ph.p_memsz) as usize);
+            bytes += ph.p_memsz;
+        }
+    }
+    (lo, hi, bytes)
+}
+
+/// Analyses (or loads the cached analyses of) `modules` within the CPU-time budget.
+/// Returns the analyses, and the modules whose cold analysis did not fit.
+fn analyse_modules(modules: &[Module]) -> (Vec<(Analysis, &Module)>, Vec<PathBuf>) {
+    // Verify mode needs every site: it is a diagnostic run, not a start-up to protect.
+    let budget = if verify() {
+        u64::MAX
+    } else {
+        BUDGET_US.load(Ordering::Relaxed)
+    };
+    let start = thread_cpu_us();
+    let mut analysed = Vec::new();
+    let mut deferred = Vec::new();
+    for m in modules {
+        let spent = thread_cpu_us().saturating_sub(start);
+        let left = budget.saturating_sub(spent);
+        let cached = m.entry.as_deref().is_some_and(Path::exists);
+        if !cached && (left == 0 || m.cold_cost_us() > left) {
+            deferred.push(m.path.clone());
+            continue;
+        }
+        match analysis::analyze_path_within(&m.path, true, Duration::from_micros(left)) {
+            Ok(a) => analysed.push((a, m)),
+            Err(AnalysisError::BudgetExceeded) => deferred.push(m.path.clone()),
+            Err(e) => {
+                if options::verbose() {
+                    let mut msg = Message::new();
+                    let _ = writeln!(msg, "lgmalloc: no plan for {}: {e}", m.path.display());
+                    crate::os::write_stderr(msg.as_bytes());
+                }
+            }
+        }
+    }
+    (analysed, deferred)
+}
+
+/// Modules whose analysis was deferred, and the process that deferred them.
+static DEFERRED: AtomicPtr<Vec<PathBuf>> = AtomicPtr::new(core::ptr::null_mut());
+static DEFERRED_BY: AtomicU64 = AtomicU64::new(0);
+
+/// Leaves the analysis of `paths` to the end of the run (see [`analyse_deferred_at_exit`]).
+fn defer_analysis(paths: Vec<PathBuf>) {
+    if options::verbose() {
+        for p in &paths {
+            let mut m = Message::new();
+            let _ = writeln!(
+                m,
+                "lgmalloc: analysis of {} deferred: over the start-up budget",
+                p.display()
+            );
+            crate::os::write_stderr(m.as_bytes());
+        }
+    }
+    // SAFETY: getpid has no preconditions.
+    DEFERRED_BY.store(unsafe { libc::getpid() } as u64, Ordering::Relaxed);
+    DEFERRED.store(Box::into_raw(Box::new(paths)), Ordering::Release);
+    // SAFETY: registers a plain function.
+    unsafe { libc::atexit(analyse_deferred_at_exit) };
+}
+
+/// At exit: analyses (and caches) the modules that did not fit the start-up budget in a
+/// child process, so the program's exit is not delayed and its next start is warm (as
+/// `git gc --auto` detaches). The child never forks or execs, and leaves with `_exit`
+/// (no exit handlers), so it cannot start another.
+extern "C" fn analyse_deferred_at_exit() {
+    // Only the process that deferred them: not a child it forked that exits normally.
+    // SAFETY: getpid has no preconditions.
+    if DEFERRED_BY.load(Ordering::Relaxed) != unsafe { libc::getpid() } as u64 {
+        return;
+    }
+    let p = DEFERRED.swap(core::ptr::null_mut(), Ordering::Acquire);
+    // SAFETY: a published list is leaked, and the swap hands it to this call only.
+    let Some(paths) = (unsafe { p.as_ref() }) else {
+        return;
+    };
+    // SAFETY: fork has no preconditions; lgmalloc's own locks are handled by its
+    // atfork handlers, and the child only runs the analysis before `_exit`.
+    match unsafe { libc::fork() } {
+        0 => {
+            detach_from_parent();
+            for path in paths {
+                let _ = analysis::analyze_path(path, true);
+            }
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(0) }
+        }
+        pid if pid < 0 && options::verbose() => {
+            crate::os::write_stderr(b"lgmalloc: deferred analysis not started: fork failed\n")
+        }
+        _ => {}
+    }
+}
+
+/// In the analysis child: a session of its own (the terminal's signals are not for it),
+/// low priority, and none of the parent's files, so a reader of the parent's pipes sees
+/// end-of-file when the parent exits, not when the analysis ends.
+fn detach_from_parent() {
+    // SAFETY: plain system calls on this process's own attributes and descriptors;
+    // `/dev/null` is a constant C string.
+    unsafe {
+        libc::setsid();
+        libc::nice(10);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        for fd in 0..3 {
+            libc::dup2(null, fd);
+        }
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            for fd in 3..1024 {
+                libc::close(fd);
+            }
+        }
+        // A lock another thread of the parent held at the fork (the environment's,
+        // stdio's) would stop the child for good: it gives up after a minute instead.
+        libc::alarm(60);
+    }
 }
 
 /// What earlier runs observed.
@@ -323,10 +534,10 @@ impl Learned {
 }
 
 /// Builds the plan: static predictions, adjusted by what earlier runs observed.
-fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
+fn build(analysed: &[(Analysis, &Module)], learned: Learned) -> RuntimePlan {
     let learned = &learned;
     let mut classes: Vec<PlannedClass> = Vec::new();
-    for p in a.plan() {
+    for p in combined_sizes(analysed) {
         let size = p.size as usize;
         if size == 0 || size > TABLE_MAX_SIZE {
             continue;
@@ -358,22 +569,10 @@ fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
         }
     }
     classes.sort_by(|x, y| y.confidence.total_cmp(&x.confidence));
-    let sites = a
-        .call_sites
+    let mut sites: Vec<Site> = analysed
         .iter()
-        .filter(|s| !s.tail)
-        .filter_map(|s| {
-            let size = s.size?;
-            let ret = if a.pie { bias as u64 } else { 0 } + s.site + s.len as u64;
-            Some(Site {
-                ret: ret as usize,
-                size,
-                calls: AtomicU64::new(0),
-                exact: AtomicU64::new(0),
-            })
-        })
-        .collect::<Vec<_>>();
-    let mut sites = sites;
+        .flat_map(|(a, m)| constant_sites(a, m.bias))
+        .collect();
     sites.sort_by_key(|s| s.ret);
     sites.dedup_by_key(|s| s.ret);
     RuntimePlan {
@@ -381,12 +580,51 @@ fn build(a: &Analysis, learned: Learned, bias: usize) -> RuntimePlan {
         sites,
         eager: Vec::new(),
         eager_sizes: learned.per_thread_sizes(),
+        modules: analysed.iter().map(|(_, m)| m.entry_name()).collect(),
         analysis_us: 0,
-        from_cache: a.from_cache,
+        from_cache: analysed.iter().all(|(a, _)| a.from_cache),
         learned_path: None,
         allocs_at_start: Vec::new(),
         observed: learned.clone(),
     }
+}
+
+/// The predicted sizes of all modules: a size predicted in several modules combines
+/// their confidences as the analysis combines sites (`1 - prod(1 - c)`, capped).
+fn combined_sizes(analysed: &[(Analysis, &Module)]) -> Vec<analysis::PlannedSize> {
+    let mut all: Vec<analysis::PlannedSize> = analysed
+        .iter()
+        .flat_map(|(a, _)| a.plan().iter().copied())
+        .collect();
+    all.sort_by_key(|p| p.size);
+    let mut out: Vec<analysis::PlannedSize> = Vec::with_capacity(all.len());
+    for p in all {
+        match out.last_mut() {
+            Some(last) if last.size == p.size => {
+                last.sites += p.sites;
+                let miss = (1.0 - last.confidence) * (1.0 - p.confidence);
+                last.confidence = (1.0 - miss).min(0.99);
+            }
+            _ => out.push(p),
+        }
+    }
+    out
+}
+
+/// Sites with a constant prediction, keyed by their run-time return address.
+fn constant_sites(a: &Analysis, bias: usize) -> impl Iterator<Item = Site> + '_ {
+    let bias = if a.pie { bias as u64 } else { 0 };
+    a.call_sites
+        .iter()
+        .filter(|s| !s.tail)
+        .filter_map(move |s| {
+            Some(Site {
+                ret: (bias + s.site + s.len as u64) as usize,
+                size: s.size?,
+                calls: AtomicU64::new(0),
+                exact: AtomicU64::new(0),
+            })
+        })
 }
 
 /// A class must take at least this share of a run's allocations to count as observed.
@@ -603,10 +841,14 @@ fn changed(before: &Learned, now: &Learned) -> bool {
 
 // ---- the stored plan ------------------------------------------------------------------------
 
-/// Format: `lgmalloc-plan 2`, then `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS`,
-/// `eager BLOCK_SIZE` and `observed ...` (the learned lines it was built from) lines.
+/// Format: `lgmalloc-plan 3`, then `module CACHE_ENTRY` (the modules analysed, main
+/// program first), `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS`, `eager BLOCK_SIZE`
+/// and `observed ...` (the learned lines it was built from) lines.
 fn write_plan_file(path: &Path, plan: &RuntimePlan) {
-    let mut text = String::from("lgmalloc-plan 2\n");
+    let mut text = String::from("lgmalloc-plan 3\n");
+    for m in &plan.modules {
+        let _ = writeln!(text, "module {m}");
+    }
     for c in &plan.classes {
         let source = match c.source {
             Source::Static => 'S',
@@ -626,12 +868,15 @@ fn write_plan_file(path: &Path, plan: &RuntimePlan) {
     write_atomically(path, text.as_bytes());
 }
 
-fn read_plan_file(path: &Path) -> Option<RuntimePlan> {
+/// The plan stored at `path`, if it was built from the same `modules` (the same files:
+/// cache entries are named by build-id, or inode, size and mtime).
+fn read_plan_file(path: &Path, modules: &[Module]) -> Option<RuntimePlan> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut lines = text.lines();
-    if lines.next()? != "lgmalloc-plan 2" {
+    if lines.next()? != "lgmalloc-plan 3" {
         return None;
     }
+    let mut stored_modules = Vec::new();
     let mut classes = Vec::new();
     let mut observed = Learned::default();
     let mut eager_sizes = Vec::new();
@@ -659,14 +904,20 @@ fn read_plan_file(path: &Path) -> Option<RuntimePlan> {
                 });
             }
             ["eager", size] => eager_sizes.push(size.parse().ok()?),
+            ["module", name] => stored_modules.push(name.to_string()),
             ["observed", ..] => parse_learned_line(&mut observed, line.strip_prefix("observed ")?)?,
             _ => return None,
         }
+    }
+    let current = modules.iter().map(Module::entry_name);
+    if !current.eq(stored_modules.iter().cloned()) {
+        return None;
     }
     Some(RuntimePlan {
         classes,
         sites: Vec::new(),
         eager: Vec::new(),
+        modules: stored_modules,
         analysis_us: 0,
         from_cache: true,
         learned_path: None,
@@ -740,15 +991,8 @@ fn caller_return_address() -> usize {
 /// Records the code range of the module holding lgmalloc (verify mode).
 fn find_own_code() {
     let me = find_own_code as *const () as usize;
-    for_each_module(|base, phdrs| {
-        let mut lo = usize::MAX;
-        let mut hi = 0;
-        for ph in phdrs {
-            if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
-                lo = lo.min(base + ph.p_vaddr as usize);
-                hi = hi.max(base + (ph.p_vaddr + ph.p_memsz) as usize);
-            }
-        }
+    for_each_module(|base, phdrs, _| {
+        let (lo, hi, _) = code_range(base, phdrs);
         if me >= lo && me < hi {
             OWN_CODE[0].store(lo, Ordering::Relaxed);
             OWN_CODE[1].store(hi, Ordering::Relaxed);
@@ -795,44 +1039,54 @@ fn executable_path() -> Option<PathBuf> {
     std::fs::read_link("/proc/self/exe").ok()
 }
 
-/// Calls `f(load bias, program headers)` for each loaded module.
-fn for_each_module(mut f: impl FnMut(usize, &[libc::Elf64_Phdr])) {
+/// What [`for_each_module`] calls: load bias, program headers, path ("" for the main
+/// program, or a name that is not a path for the vDSO).
+type ModuleVisitor<'a> = &'a mut dyn FnMut(usize, &[libc::Elf64_Phdr], &str);
+
+/// Calls `f` for each loaded module, the main program first.
+fn for_each_module(mut f: impl FnMut(usize, &[libc::Elf64_Phdr], &str)) {
     extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
-        // SAFETY: `data` is the closure passed below; `info` is valid for this call.
+        // SAFETY: `data` is the closure passed below; `info`, its headers and its name
+        // are valid for this call.
         unsafe {
-            let f = &mut *data.cast::<&mut dyn FnMut(usize, &[libc::Elf64_Phdr])>();
+            let f = &mut *data.cast::<ModuleVisitor>();
             let info = &*info;
             let phdrs = if info.dlpi_phdr.is_null() {
                 &[][..]
             } else {
                 core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize)
             };
-            f(info.dlpi_addr as usize, phdrs);
+            let name = if info.dlpi_name.is_null() {
+                ""
+            } else {
+                core::ffi::CStr::from_ptr(info.dlpi_name)
+                    .to_str()
+                    .unwrap_or("")
+            };
+            f(info.dlpi_addr as usize, phdrs, name);
         }
         0
     }
-    let mut dynf: &mut dyn FnMut(usize, &[libc::Elf64_Phdr]) = &mut f;
+    let mut dynf: ModuleVisitor = &mut f;
     // SAFETY: the callback only uses `data` as the closure above.
     unsafe { libc::dl_iterate_phdr(Some(visit), (&raw mut dynf).cast()) };
 }
 
-/// Load bias of the main program (the first module `dl_iterate_phdr` reports).
-fn bias_of_main_program() -> usize {
-    let mut first = None;
-    for_each_module(|base, _| {
-        if first.is_none() {
-            first = Some(base);
-        }
-    });
-    first.unwrap_or(0)
+fn now_us() -> u64 {
+    clock_us(libc::CLOCK_MONOTONIC)
 }
 
-fn now_us() -> u64 {
+/// CPU time of the calling thread.
+fn thread_cpu_us() -> u64 {
+    clock_us(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn clock_us(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: writes into `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }

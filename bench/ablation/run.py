@@ -9,8 +9,14 @@ Arms (all through LD_PRELOAD of the override build):
   E  plan learned from a previous run                           LGMALLOC_PREDICT=1
 
 Workloads: a constant-size multi-threaded server with cross-thread frees, 500 threads
-holding a few objects, python3, g++ compiling a real file, git, and python3 start-up.
-Metrics: wall time, peak RSS, minor page faults, and each workload's own figure.
+holding a few objects, python3, g++ compiling a real file, git, and python3 start-up
+with a warm and with a cold analysis cache. Metrics: wall time, peak RSS, minor page
+faults, and each workload's own figure. Runs are started by bench/src/launch.c, so the
+peak RSS is the program's own (not the Python runner's carried across exec).
+
+A start-up section compares `python3 -c pass` with glibc (no LD_PRELOAD): wall-time
+medians of many interleaved runs, and instruction counts under callgrind (repeatable on
+a loaded machine) for warm and cold caches.
 
 Usage: python3 bench/ablation/run.py [--reps N] [--quick]
 Writes bench/ablation/results.md and bench/ablation/ablation.png (if matplotlib is
@@ -49,6 +55,7 @@ def build(quick):
     sh(["cargo", "build", "--release", "--locked", "--features", "override,global-allocator"], cwd=ROOT)
     for name in ("server", "threads"):
         sh(["cc", "-O2", "-pthread", os.path.join(HERE, name + ".c"), "-o", os.path.join(OUT, name)])
+    sh(["cc", "-O2", os.path.join(ROOT, "bench", "src", "launch.c"), "-o", os.path.join(OUT, "launch")])
     return os.path.join(ROOT, "target", "release", "liblgmalloc.so")
 
 
@@ -62,7 +69,12 @@ def workloads(quick):
         "g++ -O1": (["g++", "-O1", "-c", os.path.join(HERE, "compile_me.cpp"), "-o", obj], None),
         "git log -p": (["git", "-C", ROOT, "log", "-p", "-n", "200", "--no-color"], None),
         "python3 -c pass": ([py, "-c", "pass"], None),
+        "python3 -c pass, cold cache": ([py, "-c", "pass"], COLD),
     }
+
+
+# A workload whose runs each start with an empty analysis cache.
+COLD = "cold"
 
 
 def run_once(cmd, env):
@@ -97,6 +109,8 @@ def main():
         env["LGMALLOC_CACHE_DIR"] = caches[arm]
         return env
 
+    startup = startup_section(lib, wl["python3 -c pass"][0], base_env, reps)
+
     # Warm every arm once: the analysis cache for B, C, E; the learned file for E
     # (its second warm-up run sees the first run's observations).
     print("warming caches ...", flush=True)
@@ -115,47 +129,96 @@ def main():
         order = arms[r % len(arms):] + arms[: r % len(arms)]
         for name, (cmd, key) in wl.items():
             for arm in order:
-                sample = isolated(cmd, env_for(arm), key)
+                env = env_for(arm)
+                if key == COLD:
+                    env["LGMALLOC_CACHE_DIR"] = tempfile.mkdtemp(prefix="lgmalloc-cold-")
+                sample = isolated(cmd, env, None if key == COLD else key)
+                if key == COLD:
+                    settle_cold(env)
                 results[name][arm].append(sample)
                 done += 1
                 print(f"\r[{done}/{total}] {name:<16} {arm:<16}", end="", flush=True)
     print()
-    report(results, wl, reps)
+    report(results, wl, reps, startup)
     for d in caches.values():
         shutil.rmtree(d, ignore_errors=True)
 
 
 def isolated(cmd, env, key):
-    """Measures one run in a forked child so ru_maxrss is this run's alone."""
-    import resource
+    """Measures one run through the launcher: its peak RSS, faults and wall time are the
+    program's own. LD_PRELOAD reaches the program only, never the launcher."""
+    env = dict(env)
+    preload = env.pop("LD_PRELOAD", None)
+    settings = [f"LD_PRELOAD={preload}"] if preload else []
+    with tempfile.NamedTemporaryFile("r", prefix="lgmalloc-launch-") as rep:
+        p = subprocess.run([os.path.join(OUT, "launch"), "-r", rep.name, "-t", "600", *settings, "--", *cmd],
+                           env=env, capture_output=True)
+        line = rep.read().strip()
+    kv = dict(t.split("=", 1) for t in line.split()[1:] if "=" in t)
+    if p.returncode != 0 or kv.get("status") != "exit:0":
+        sys.stderr.write(p.stderr.decode()[-2000:])
+        raise RuntimeError(f"{cmd} failed ({kv.get('status')}) under {env.get('LGMALLOC_PREDICT')}")
+    fig = figure(p.stdout.decode(), key) if key else None
+    return {"time": float(kv["wall_s"]), "rss": int(kv["maxrss_kib"]), "faults": int(kv["minflt"]),
+            "figure": float("nan") if fig is None else fig}
 
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(rfd)
-        try:
-            start = time.perf_counter()
-            p = subprocess.run(cmd, env=env, capture_output=True)
-            wall = time.perf_counter() - start
-            ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-            fig = figure(p.stdout.decode(), key) if key else None
-            msg = f"{p.returncode} {wall} {ru.ru_maxrss} {ru.ru_minflt} {fig if fig is not None else 'nan'}"
-            if p.returncode != 0:
-                sys.stderr.write(p.stderr.decode()[-2000:])
-        except Exception as e:  # noqa: BLE001 - reported through the pipe
-            msg = f"1 0 0 0 nan {e}"
-        os.write(wfd, msg.encode())
-        os._exit(0)
-    os.close(wfd)
-    data = b""
-    while chunk := os.read(rfd, 4096):
-        data += chunk
-    os.close(rfd)
-    os.waitpid(pid, 0)
-    rc, wall, rss, flt, fig = data.decode().split()[:5]
-    if rc != "0":
-        raise RuntimeError(f"{cmd} failed under {env.get('LGMALLOC_PREDICT')}")
-    return {"time": float(wall), "rss": int(rss), "faults": int(flt), "figure": float(fig)}
+
+def startup_section(lib, cmd, base_env, reps):
+    """`python3 -c pass` under glibc, lgmalloc with a warm cache and with a cold one:
+    wall-time medians of interleaved runs, and callgrind instruction counts."""
+    print("start-up against glibc ...", flush=True)
+    warm_dir = tempfile.mkdtemp(prefix="lgmalloc-warm-")
+
+    def env_of(kind):
+        env = dict(base_env)
+        if kind == "glibc":
+            return env
+        env["LD_PRELOAD"] = lib
+        env["LGMALLOC_CACHE_DIR"] = warm_dir if kind == "warm" else tempfile.mkdtemp(prefix="lgmalloc-cold-")
+        return env
+
+    kinds = ("glibc", "warm", "cold")
+    for _ in range(3):  # the warm cache, with what learning stores, reaches its steady state
+        run_once(cmd, env_of("warm"))
+    walls = {k: [] for k in kinds}
+    for r in range(max(15, 4 * reps)):
+        for k in kinds[r % 3:] + kinds[: r % 3]:
+            env = env_of(k)
+            walls[k].append(isolated(cmd, env, None)["time"])
+            if k == "cold":
+                settle_cold(env)
+    instr = {}
+    if shutil.which("valgrind"):
+        for k in kinds:
+            env = env_of(k)
+            instr[k] = callgrind_instructions(cmd, env)
+            if k == "cold":
+                settle_cold(env)
+    shutil.rmtree(warm_dir, ignore_errors=True)
+    return {"walls": walls, "instr": instr}
+
+
+def settle_cold(env):
+    """After a cold run: the analysis that did not fit the start-up budget runs in a
+    detached child once the program exited; let it finish before the next measurement
+    (so it does not load the machine under another run), then drop the cache."""
+    time.sleep(0.3)
+    shutil.rmtree(env["LGMALLOC_CACHE_DIR"], ignore_errors=True)
+
+
+def callgrind_instructions(cmd, env):
+    """Instructions the program executes (not those of a deferred analysis child: each
+    process writes its own file, the program's is the one named by its pid)."""
+    with tempfile.TemporaryDirectory() as d:
+        p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={d}/cg.%p", *cmd],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p.wait()
+        time.sleep(1.0)  # a deferred analysis child, if any, ends under valgrind too
+        with open(os.path.join(d, f"cg.{p.pid}")) as f:
+            for line in f:
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    return int(line.split()[1])
+    return 0
 
 
 def med(samples, k):
@@ -179,7 +242,7 @@ def machine():
     return f"{os.cpu_count()} cores, {cpu}, kernel {os.uname().release}, lgmalloc {commit}"
 
 
-def report(results, wl, reps):
+def report(results, wl, reps, startup):
     lines = ["# Ablation of the predictive runtime", "",
              f"Machine: {machine()}. {reps} interleaved repetitions per arm; medians, "
              "with min-max in parentheses; ratios are to arm A (prediction off).", "",
@@ -196,12 +259,30 @@ def report(results, wl, reps):
             fig_txt = f"{key} {fig:,.0f}" if key else ""
             lines.append(f"| {name} | {arm} | {t:.3f} ({lo:.3f}-{hi:.3f}) | {t / base_t:.3f} | {r:,.0f} | "
                          f"{r / base_r:.3f} | {med(s, 'faults'):,.0f} | {fig_txt} |")
+    lines += startup_lines(startup)
     path = os.path.join(HERE, "results.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {path}")
     plot(results, wl)
+
+
+def startup_lines(startup):
+    walls, instr = startup["walls"], startup["instr"]
+    g = statistics.median(walls["glibc"])
+    lines = ["", "## Start-up: `python3 -c pass` against glibc", "",
+             f"Wall time: medians of {len(walls['glibc'])} interleaved runs each. Instructions: callgrind, "
+             "one run each (repeatable whatever the machine's load).", "",
+             "| allocator | wall (ms) | ratio to glibc | instructions | ratio to glibc |",
+             "|---|---|---|---|---|"]
+    names = {"glibc": "glibc", "warm": "lgmalloc, warm cache", "cold": "lgmalloc, cold cache (analysis runs)"}
+    for k, label in names.items():
+        w = statistics.median(walls[k])
+        i = instr.get(k)
+        itxt = f"{i:,} | {i / instr['glibc']:.3f}" if i and instr.get("glibc") else "n/a | n/a"
+        lines.append(f"| {label} | {w * 1000:.2f} | {w / g:.3f} | {itxt} |")
+    return lines
 
 
 def plot(results, wl):

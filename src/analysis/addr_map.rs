@@ -76,6 +76,11 @@ impl AddrMap {
             .map(|e| e.1)
     }
 
+    /// The lowest and highest address, when not empty.
+    pub fn bounds(&self) -> Option<(u64, u64)> {
+        Some((self.entries.first()?.0, self.entries.last()?.0))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

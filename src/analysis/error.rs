@@ -22,6 +22,9 @@ pub enum AnalysisError {
     WrongArch(u16),
     /// No executable code in the file.
     NoCode,
+    /// The analysis used up its CPU-time budget before finishing (see
+    /// [`analyze_elf_within`](super::analyze_elf_within)); nothing was cached.
+    BudgetExceeded,
 }
 
 impl fmt::Display for AnalysisError {
@@ -38,6 +41,7 @@ impl fmt::Display for AnalysisError {
                 machine_name(*m)
             ),
             Self::NoCode => f.write_str("no executable code in the ELF file"),
+            Self::BudgetExceeded => f.write_str("analysis stopped: CPU-time budget exceeded"),
         }
     }
 }

@@ -51,6 +51,7 @@
 mod addr_map;
 mod alloc_fn;
 mod bounds;
+mod budget;
 mod cache;
 mod cfg;
 mod dataflow;
@@ -66,6 +67,9 @@ mod targets;
 mod wrappers;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use budget::Budget;
 
 pub use alloc_fn::{AllocFn, ArgReg, SizeArg};
 pub use error::AnalysisError;
@@ -155,8 +159,19 @@ impl Analysis {
 
 /// Analyses the contents of an ELF file (a mapped file or a copy of its bytes).
 pub fn analyze_elf(bytes: &[u8]) -> Result<Analysis, AnalysisError> {
+    analyze_with(bytes, &mut Budget::unlimited())
+}
+
+/// [`analyze_elf`] within `budget` of the calling thread's CPU time: past it the
+/// analysis stops with [`AnalysisError::BudgetExceeded`]. The clock is read every few
+/// dozen functions, so the analysis may overrun by a fraction of a millisecond.
+pub fn analyze_elf_within(bytes: &[u8], budget: Duration) -> Result<Analysis, AnalysisError> {
+    analyze_with(bytes, &mut Budget::new(budget))
+}
+
+fn analyze_with(bytes: &[u8], budget: &mut Budget) -> Result<Analysis, AnalysisError> {
     let elf = elf::Elf::parse(bytes)?;
-    let (callees, call_sites) = pipeline::run(&elf);
+    let (callees, call_sites) = pipeline::run(&elf, budget)?;
     let size_classes = plan::size_classes(&call_sites);
     Ok(Analysis {
         build_id: elf.build_id.map(<[u8]>::to_vec),
@@ -173,6 +188,25 @@ pub fn analyze_elf(bytes: &[u8]) -> Result<Analysis, AnalysisError> {
 /// for the same build-id (or inode, size and mtime) is returned instead, and a fresh
 /// result is stored; see the `cache` module for the location (`LGMALLOC_CACHE_DIR`).
 pub fn analyze_path(path: &Path, use_cache: bool) -> Result<Analysis, AnalysisError> {
+    analyze_path_with(path, use_cache, &mut Budget::unlimited())
+}
+
+/// [`analyze_path`] within `budget` of the calling thread's CPU time (mapping the file
+/// and reading the cache included). A cached result is returned whatever the budget; an
+/// analysis that runs out returns [`AnalysisError::BudgetExceeded`] and stores nothing.
+pub fn analyze_path_within(
+    path: &Path,
+    use_cache: bool,
+    budget: Duration,
+) -> Result<Analysis, AnalysisError> {
+    analyze_path_with(path, use_cache, &mut Budget::new(budget))
+}
+
+fn analyze_path_with(
+    path: &Path,
+    use_cache: bool,
+    budget: &mut Budget,
+) -> Result<Analysis, AnalysisError> {
     let map = mmap::Mapping::open(path)?;
     let bytes = map.bytes();
     let key = if use_cache {
@@ -185,7 +219,7 @@ pub fn analyze_path(path: &Path, use_cache: bool) -> Result<Analysis, AnalysisEr
     {
         return Ok(hit);
     }
-    let analysis = analyze_elf(bytes)?;
+    let analysis = analyze_with(bytes, budget)?;
     if let Some(k) = &key {
         cache::store(k, &analysis);
     }

@@ -4,12 +4,14 @@
 
 use iced_x86::{FlowControl, Instruction, InstructionInfoFactory, OpKind};
 
+use super::AnalysisError;
 use super::bounds::Bounds;
+use super::budget::Budget;
 use super::cfg::FnCode;
 use super::dataflow::{ADDR, Eval, Scratch, Val};
 use super::elf::Elf;
 use super::plan::site_confidence;
-use super::scan::scan;
+use super::scan::{Candidates, rescan, scan};
 use super::targets::{Targets, find_allocators, relative_slots};
 use super::wrappers::{Candidate, SymbolNames, drop_bad, promote};
 use super::{CallSite, Callee, SizeArg};
@@ -26,6 +28,8 @@ struct Pipeline<'e, 'a> {
     info: InstructionInfoFactory,
     scratch: Scratch,
     hits: Vec<u64>,
+    /// Transfers recorded by the first scan, filtered by the later passes.
+    transfers: Candidates,
     cands: Vec<Candidate>,
     names: SymbolNames,
     callees: Vec<Callee>,
@@ -34,8 +38,11 @@ struct Pipeline<'e, 'a> {
     bad: Vec<u32>,
 }
 
-/// Runs all passes over `elf`.
-pub(crate) fn run(elf: &Elf) -> (Vec<Callee>, Vec<CallSite>) {
+/// Runs all passes over `elf`, or stops when `budget` is spent.
+pub(crate) fn run(
+    elf: &Elf,
+    budget: &mut Budget,
+) -> Result<(Vec<Callee>, Vec<CallSite>), AnalysisError> {
     let mut p = Pipeline {
         elf,
         bounds: Bounds::new(elf),
@@ -44,6 +51,7 @@ pub(crate) fn run(elf: &Elf) -> (Vec<Callee>, Vec<CallSite>) {
         info: InstructionInfoFactory::new(),
         scratch: Scratch::default(),
         hits: Vec::new(),
+        transfers: Candidates::default(),
         cands: Vec::new(),
         names: SymbolNames::default(),
         callees: Vec::new(),
@@ -51,27 +59,33 @@ pub(crate) fn run(elf: &Elf) -> (Vec<Callee>, Vec<CallSite>) {
         bad: Vec::new(),
     };
     find_allocators(elf, &mut p.callees, &mut p.targets);
-    for _ in 0..MAX_PASSES {
+    for pass in 0..MAX_PASSES {
         if p.targets.is_empty() {
             break;
         }
-        p.pass();
+        budget.check()?;
+        p.pass(pass == 0, budget)?;
         let first_new = promote(elf, &mut p.cands, &mut p.callees, &mut p.names, &mut p.bad);
         p.next_targets(first_new);
     }
     drop_bad(&mut p.callees, &mut p.sites, &p.bad);
     p.sites.sort_by_key(|s| s.site);
     p.sites.dedup_by_key(|s| s.site);
-    (p.callees, p.sites)
+    Ok((p.callees, p.sites))
 }
 
 impl Pipeline<'_, '_> {
     /// Scans for the current targets and handles every function holding a hit.
-    fn pass(&mut self) {
+    fn pass(&mut self, first: bool, budget: &mut Budget) -> Result<(), AnalysisError> {
         self.hits.clear();
         self.cands.clear();
-        scan(self.elf, &self.targets, &mut self.hits);
+        if first {
+            scan(self.elf, &self.targets, &mut self.hits, &mut self.transfers);
+        } else {
+            rescan(self.elf, &self.targets, &mut self.hits, &mut self.transfers);
+        }
         self.hits.sort_unstable();
+        budget.check()?;
         let mut i = 0;
         while let Some(&hit) = self.hits.get(i) {
             i += 1;
@@ -86,6 +100,7 @@ impl Pipeline<'_, '_> {
             {
                 i += 1;
             }
+            budget.tick()?;
             if self
                 .code
                 .load(self.elf, func, &mut self.bounds, &mut self.info)
@@ -93,6 +108,7 @@ impl Pipeline<'_, '_> {
                 self.function_sites();
             }
         }
+        Ok(())
     }
 
     /// Targets of the next pass: the wrappers just promoted.

@@ -5,9 +5,55 @@
 //! A hit is only a candidate (the bytes may sit inside another instruction); the
 //! decoder confirms it. Only the functions holding hits are decoded, which is what makes
 //! the analysis several times faster than disassembling everything.
+//!
+//! The first scan also remembers every candidate whose destination lies in the code
+//! ([`Candidates`]): the later passes, whose targets are the wrappers just found, filter
+//! that list instead of reading the whole code again.
 
 use super::elf::{CodeRange, Elf};
 use super::targets::Targets;
+
+/// Candidate transfers of the whole code, recorded by the first scan.
+#[derive(Default)]
+pub(crate) struct Candidates {
+    /// Lowest code address; `rel` offsets are relative to it.
+    base: u64,
+    /// One past the highest code address.
+    limit: u64,
+    /// `(site, destination)` of `E8`/`E9`/`EB` candidates landing in `base..limit`.
+    rel: Vec<(u32, u32)>,
+    /// `(site, slot)` of `FF 15`/`FF 25` candidates.
+    slots: Vec<(u64, u64)>,
+    /// The list covers the code (its span fits the 32-bit offsets).
+    complete: bool,
+}
+
+impl Candidates {
+    fn prepare(&mut self, elf: &Elf) {
+        self.rel.clear();
+        self.slots.clear();
+        self.base = elf.code.iter().map(|r| r.start).min().unwrap_or(0);
+        self.limit = elf.code.iter().map(|r| r.end).max().unwrap_or(0);
+        self.complete = self.limit.saturating_sub(self.base) <= u64::from(u32::MAX);
+    }
+
+    /// Whether every code target of `targets` can be found in the list.
+    fn covers(&self, targets: &Targets) -> bool {
+        self.complete
+            && targets
+                .code
+                .bounds()
+                .is_none_or(|(lo, hi)| lo >= self.base && hi < self.limit)
+    }
+
+    #[inline]
+    fn record_rel(&mut self, here: u64, dest: u64) {
+        if self.complete && dest >= self.base && dest < self.limit {
+            self.rel
+                .push(((here - self.base) as u32, (dest - self.base) as u32));
+        }
+    }
+}
 
 const LO7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
 const E8S: u64 = 0xe8e8_e8e8_e8e8_e8e8;
@@ -33,13 +79,34 @@ fn candidates(w: u64, next: u64) -> u64 {
         | (zero_bytes(!w) & zero_bytes((next | X30) ^ X35))
 }
 
-/// Appends the address of every hit (the opcode byte) to `out`, in address order.
-pub(crate) fn scan(elf: &Elf, targets: &Targets, out: &mut Vec<u64>) {
+/// Appends the address of every hit (the opcode byte) to `out`, in address order, and
+/// records all candidates in `cands` for [`rescan`].
+pub(crate) fn scan(elf: &Elf, targets: &Targets, out: &mut Vec<u64>, cands: &mut Candidates) {
+    cands.prepare(elf);
+    for range in &elf.code {
+        scan_range(elf, range, targets, out, cands);
+    }
+}
+
+/// The hits for new `targets` among the candidates of the first [`scan`] (the same as
+/// scanning again), appended to `out` in no particular order.
+pub(crate) fn rescan(elf: &Elf, targets: &Targets, out: &mut Vec<u64>, cands: &mut Candidates) {
     if targets.is_empty() {
         return;
     }
-    for range in &elf.code {
-        scan_range(elf, range, targets, out);
+    if !cands.covers(targets) {
+        return scan(elf, targets, out, cands);
+    }
+    let base = cands.base;
+    for &(site, dest) in &cands.rel {
+        if targets.code.get(base + u64::from(dest)).is_some() {
+            out.push(base + u64::from(site));
+        }
+    }
+    for &(site, slot) in &cands.slots {
+        if targets.slot_callee(elf, slot).is_some() {
+            out.push(site);
+        }
     }
 }
 
@@ -49,14 +116,26 @@ fn word(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(s.try_into().ok()?))
 }
 
-fn scan_range(elf: &Elf, range: &CodeRange, targets: &Targets, out: &mut Vec<u64>) {
+fn scan_range(
+    elf: &Elf,
+    range: &CodeRange,
+    targets: &Targets,
+    out: &mut Vec<u64>,
+    cands: &mut Candidates,
+) {
     let bytes = elf.range_bytes(range);
-    let done = blocks(bytes, &mut |p| {
-        check(elf, bytes, range.start, p, targets, out)
-    });
+    let mut scan = Check {
+        elf,
+        bytes,
+        base: range.start,
+        targets,
+        out,
+        cands,
+    };
+    let done = blocks(bytes, |p| scan.check(p));
     for j in done..bytes.len() {
         if matches!(bytes.get(j), Some(0xe8 | 0xe9 | 0xeb | 0xff)) {
-            check(elf, bytes, range.start, j, targets, out);
+            scan.check(j);
         }
     }
 }
@@ -65,14 +144,14 @@ fn scan_range(elf: &Elf, range: &CodeRange, targets: &Targets, out: &mut Vec<u64
 /// at least 16 bytes after the last block so that operands and the next byte are in
 /// the slice; returns where the byte-wise tail starts.
 #[cfg(target_arch = "x86_64")]
-fn blocks(bytes: &[u8], found: &mut dyn FnMut(usize)) -> usize {
+fn blocks(bytes: &[u8], found: impl FnMut(usize)) -> usize {
     // SAFETY: SSE2 is part of the x86-64 baseline, always available.
     unsafe { blocks_sse2(bytes, found) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse2")]
-fn blocks_sse2(bytes: &[u8], found: &mut dyn FnMut(usize)) -> usize {
+fn blocks_sse2(bytes: &[u8], mut found: impl FnMut(usize)) -> usize {
     use core::arch::x86_64::{
         __m128i, _mm_and_si128, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
         _mm_set1_epi8,
@@ -117,7 +196,7 @@ fn blocks_sse2(bytes: &[u8], found: &mut dyn FnMut(usize)) -> usize {
 
 /// Portable version of the block scan, eight bytes at a time.
 #[cfg(not(target_arch = "x86_64"))]
-fn blocks(bytes: &[u8], found: &mut dyn FnMut(usize)) -> usize {
+fn blocks(bytes: &[u8], mut found: impl FnMut(usize)) -> usize {
     let mut i = 0usize;
     while i + 16 <= bytes.len() {
         let (Some(w), Some(next)) = (word(bytes, i), word(bytes, i + 1)) else {
@@ -139,39 +218,57 @@ fn rel32(bytes: &[u8], at: usize) -> Option<i64> {
     Some(i32::from_le_bytes(s.try_into().ok()?) as i64)
 }
 
-#[inline]
-fn check(elf: &Elf, bytes: &[u8], base: u64, p: usize, targets: &Targets, out: &mut Vec<u64>) {
-    let here = base + p as u64;
-    match bytes.get(p) {
-        // A tail call to a neighbouring wrapper can be a short `jmp`.
-        Some(0xeb) => {
-            let Some(&rel) = bytes.get(p + 1) else {
-                return;
-            };
-            let dest = here.wrapping_add(2).wrapping_add(rel as i8 as i64 as u64);
-            if targets.code.get(dest).is_some() {
-                out.push(here);
+/// One code range being scanned.
+struct Check<'s, 'a> {
+    elf: &'s Elf<'a>,
+    bytes: &'a [u8],
+    base: u64,
+    targets: &'s Targets,
+    out: &'s mut Vec<u64>,
+    cands: &'s mut Candidates,
+}
+
+impl Check<'_, '_> {
+    #[inline]
+    fn check(&mut self, p: usize) {
+        let here = self.base + p as u64;
+        let bytes = self.bytes;
+        match bytes.get(p) {
+            // A tail call to a neighbouring wrapper can be a short `jmp`.
+            Some(0xeb) => {
+                let Some(&rel) = bytes.get(p + 1) else {
+                    return;
+                };
+                let dest = here.wrapping_add(2).wrapping_add(rel as i8 as i64 as u64);
+                self.transfer(here, dest);
             }
-        }
-        Some(0xe8 | 0xe9) => {
-            let Some(rel) = rel32(bytes, p + 1) else {
-                return;
-            };
-            let dest = here.wrapping_add(5).wrapping_add(rel as u64);
-            if targets.code.get(dest).is_some() {
-                out.push(here);
+            Some(0xe8 | 0xe9) => {
+                let Some(rel) = rel32(bytes, p + 1) else {
+                    return;
+                };
+                let dest = here.wrapping_add(5).wrapping_add(rel as u64);
+                self.transfer(here, dest);
             }
-        }
-        Some(0xff) if matches!(bytes.get(p + 1), Some(0x15 | 0x25)) => {
-            let Some(rel) = rel32(bytes, p + 2) else {
-                return;
-            };
-            let slot = here.wrapping_add(6).wrapping_add(rel as u64);
-            if targets.slot_callee(elf, slot).is_some() {
-                out.push(here);
+            Some(0xff) if matches!(bytes.get(p + 1), Some(0x15 | 0x25)) => {
+                let Some(rel) = rel32(bytes, p + 2) else {
+                    return;
+                };
+                let slot = here.wrapping_add(6).wrapping_add(rel as u64);
+                self.cands.slots.push((here, slot));
+                if self.targets.slot_callee(self.elf, slot).is_some() {
+                    self.out.push(here);
+                }
             }
+            _ => {}
         }
-        _ => {}
+    }
+
+    #[inline]
+    fn transfer(&mut self, here: u64, dest: u64) {
+        self.cands.record_rel(here, dest);
+        if self.targets.code.get(dest).is_some() {
+            self.out.push(here);
+        }
     }
 }
 
@@ -201,5 +298,39 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod rescan_tests {
+    use super::{Candidates, rescan, scan};
+    use crate::analysis::elf::Elf;
+    use crate::analysis::targets::Targets;
+
+    /// For any code targets, filtering the first scan's candidates finds exactly what a
+    /// full scan finds.
+    #[test]
+    fn rescan_equals_a_full_scan() {
+        let bytes = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let elf = Elf::parse(&bytes).unwrap();
+        let mut first = Targets::default();
+        first.finish();
+        let mut cands = Candidates::default();
+        scan(&elf, &first, &mut Vec::new(), &mut cands);
+        assert!(cands.complete && !cands.rel.is_empty());
+        // Targets: a spread of destinations seen by the scan (real and false ones).
+        let mut targets = Targets::default();
+        for (i, &(_, dest)) in cands.rel.iter().step_by(97).enumerate() {
+            targets.code.insert(cands.base + u64::from(dest), i as u32);
+        }
+        targets.finish();
+        let mut full = Vec::new();
+        scan(&elf, &targets, &mut full, &mut Candidates::default());
+        let mut filtered = Vec::new();
+        rescan(&elf, &targets, &mut filtered, &mut cands);
+        full.sort_unstable();
+        filtered.sort_unstable();
+        assert!(!full.is_empty());
+        assert_eq!(full, filtered);
     }
 }

@@ -8,12 +8,12 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use lgmalloc::analysis::{Analysis, CallSite, analyze_path};
+use lgmalloc::analysis::{Analysis, CallSite, analyze_path, analyze_path_within};
 
 const USAGE: &str = "\
-usage: lgmalloc-analyze [--json] [--no-cache] ELF...
+usage: lgmalloc-analyze [--json] [--no-cache] [--budget-ms N] ELF...
 
 Finds the allocation call sites of x86-64 ELF executables (malloc, calloc, realloc,
 aligned/posix_memalign, C++ operator new, Rust __rust_alloc, lg_* and their wrappers)
@@ -22,6 +22,7 @@ and the request size at each site where the code proves it.
 options:
   --json       print JSON (one object per file; an array for several files)
   --no-cache   analyse afresh; neither read nor write the result cache
+  --budget-ms N  give up on a file whose analysis takes more than N ms of CPU time
   -h, --help   print this help
 
 The cache lives in $LGMALLOC_CACHE_DIR, else $XDG_CACHE_HOME/lgmalloc, else
@@ -33,6 +34,7 @@ exit status: 0 success, 1 a file could not be analysed, 2 usage error
 struct Options {
     json: bool,
     cache: bool,
+    budget: Option<Duration>,
     files: Vec<PathBuf>,
 }
 
@@ -46,10 +48,12 @@ fn parse_args(args: impl Iterator<Item = std::ffi::OsString>) -> Cli {
     let mut opts = Options {
         json: false,
         cache: true,
+        budget: None,
         files: Vec::new(),
     };
     let mut only_files = false;
-    for arg in args {
+    let mut args = args;
+    while let Some(arg) = args.next() {
         if only_files {
             opts.files.push(arg.into());
             continue;
@@ -57,6 +61,12 @@ fn parse_args(args: impl Iterator<Item = std::ffi::OsString>) -> Cli {
         match arg.to_str() {
             Some("--json") => opts.json = true,
             Some("--no-cache") => opts.cache = false,
+            Some("--budget-ms") => {
+                match args.next().and_then(|v| v.to_str()?.parse::<u64>().ok()) {
+                    Some(ms) => opts.budget = Some(Duration::from_millis(ms)),
+                    None => return Cli::Usage("--budget-ms needs a number of milliseconds".into()),
+                }
+            }
             Some("-h" | "--help") => return Cli::Help,
             Some("--") => only_files = true,
             Some(s) if s.starts_with('-') && s.len() > 1 => {
@@ -96,7 +106,11 @@ fn run(opts: &Options) -> bool {
     let mut objects = Vec::new();
     for path in &opts.files {
         let start = Instant::now();
-        match analyze_path(path, opts.cache) {
+        let result = match opts.budget {
+            Some(b) => analyze_path_within(path, opts.cache, b),
+            None => analyze_path(path, opts.cache),
+        };
+        match result {
             Ok(a) => {
                 let us = start.elapsed().as_micros();
                 if opts.json {
