@@ -33,6 +33,10 @@ pub struct Heap {
     /// Per class: the page allocations come from (head of that class's list), or the
     /// static empty page.
     pub pages: [*mut Page; MAX_CLASSES],
+    /// `page::link_key()`, kept here so the fast paths encode and decode free-list links
+    /// (`hardened`) with one load from the heap they already hold. Zero in the empty heap
+    /// (whose pages have no free blocks) and when not hardened.
+    link_key: usize,
     /// Per class: allocations served (statistics; owner-written, read racily).
     pub alloc_count: [u64; MAX_CLASSES],
     /// Pages of each class this heap has acquired so far (saturating), to size the next.
@@ -61,6 +65,7 @@ pub static EMPTY_PAGE: Page = Page::empty();
 /// The heap of a thread that has not allocated yet. Never written.
 pub static EMPTY_HEAP: Heap = Heap {
     pages: [&raw const EMPTY_PAGE as *mut Page; MAX_CLASSES],
+    link_key: 0,
     alloc_count: [0; MAX_CLASSES],
     page_growth: [0; MAX_CLASSES],
     full: ptr::null_mut(),
@@ -95,8 +100,14 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
     unsafe {
         let page = *(*heap).pages.get_unchecked(class);
         let block = (*page).free;
-        if !block.is_null() {
-            (*page).free = page::next_free(block);
+        // Hardened: the segment check also fails for null (see `is_in_page_segment`).
+        let ok = if page::HARDENED {
+            page::is_in_page_segment(page, block)
+        } else {
+            !block.is_null()
+        };
+        if ok {
+            (*page).free = page::next_free((*heap).link_key, block);
             (*page).used += 1;
             if CHECKED {
                 (*block).freed_mark = 0;
@@ -104,8 +115,29 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
             *(*heap).alloc_count.get_unchecked_mut(class) += 1;
             return block.cast();
         }
+        if page::HARDENED {
+            return alloc_empty_or_corrupted(heap, class, size, block);
+        }
         alloc_slow(heap, class, size)
     }
+}
+
+/// `alloc_small` (hardened) when the page's next block failed the segment check: the
+/// list is empty (take the slow path) or corrupted (stop). Reached by a tail jump, so
+/// the fast path needs no stack frame.
+#[cold]
+#[inline(never)]
+unsafe fn alloc_empty_or_corrupted(
+    heap: *mut Heap,
+    class: usize,
+    size: usize,
+    block: *mut Block,
+) -> *mut u8 {
+    if !block.is_null() {
+        page::corrupted_link(block);
+    }
+    // SAFETY: as for `alloc_small`.
+    unsafe { alloc_slow(heap, class, size) }
 }
 
 /// Frees a block of a small-object page, stopping with a message if `block` is not a
@@ -122,17 +154,17 @@ pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
     unsafe {
         let b = block.cast::<Block>();
         if CHECKED {
-            if !page::is_block_start(&*page, block as usize) {
+            if !page::is_block_start(page, block as usize) {
                 return free_invalid(page, block);
             }
-            let mark = page::freed_mark(&*page, block as usize);
+            let mark = page::freed_mark(page, block as usize);
             if (*b).freed_mark == mark {
                 return free_invalid(page, block);
             }
             (*b).freed_mark = mark;
         }
         if (*page).heap.load(Ordering::Relaxed) == heap {
-            (*b).next = page::encode_link(b, (*page).free);
+            (*b).next = page::encode_link((*heap).link_key, (*page).free);
             (*page).free = b;
             let used = (*page).used - 1;
             (*page).used = used;
@@ -179,10 +211,10 @@ pub unsafe fn check_live(page: *const Page, block: *const u8, invalid: &str, fre
     }
     // SAFETY: as in `free_block`.
     unsafe {
-        if !page::is_block_start(&*page, block as usize) {
+        if !page::is_block_start(page, block as usize) {
             misuse(invalid, block as usize);
         }
-        if (*block.cast::<Block>()).freed_mark == page::freed_mark(&*page, block as usize) {
+        if (*block.cast::<Block>()).freed_mark == page::freed_mark(page, block as usize) {
             misuse(freed, block as usize);
         }
     }
@@ -218,7 +250,10 @@ unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
             return ptr::null_mut();
         }
         let block = (*page).free;
-        (*page).free = page::next_free(block);
+        if page::HARDENED && !page::is_in_page_segment(page, block) {
+            page::corrupted_link(block);
+        }
+        (*page).free = page::next_free((*heap).link_key, block);
         (*page).used += 1;
         if CHECKED {
             (*block).freed_mark = 0;
@@ -337,17 +372,17 @@ unsafe fn first_page_with_room(heap: *mut Heap, class: usize) -> *mut Page {
                 return ptr::null_mut();
             }
             if (*page).free.is_null() {
-                page::collect_remote(&mut *page);
+                page::collect_remote(page);
             }
             if (*page).free.is_null() {
-                page::extend(&mut *page);
+                page::extend(page);
             }
             if !(*page).free.is_null() {
                 return page;
             }
             // Full: park it where remote frees will tell us about it. If a remote
             // free raced in, the next round collects it.
-            if page::try_watch(&*page) {
+            if page::try_watch(page) {
                 class_remove(heap, page);
                 full_push(heap, page);
             }
@@ -379,7 +414,7 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
             return page;
         }
         (*heap).page_growth[class] = growth.saturating_add(1);
-        page::extend(&mut *page);
+        page::extend(page);
         class_push_front(heap, page);
         page
     }
@@ -392,7 +427,7 @@ unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
     // SAFETY: owner access.
     unsafe {
         if (*page).in_full() {
-            page::unwatch(&*page);
+            page::unwatch(page);
             full_remove(heap, page);
             class_push_back(heap, page);
         }
@@ -414,7 +449,7 @@ unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page) {
         if (*heap).pages[class] == page && (*page).next.is_null() {
             return;
         }
-        page::collect_remote(&mut *page);
+        page::collect_remote(page);
         class_remove(heap, page);
         (*heap).page_growth[class] = (*heap).page_growth[class].saturating_sub(1);
         segment::free_page(page);
@@ -426,7 +461,7 @@ unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page) {
 unsafe fn free_remote(page: *mut Page, block: *mut Block) {
     // SAFETY: the caller gives up `block`, a live block of `page`.
     unsafe {
-        let owner = page::push_remote(&*page, block);
+        let owner = page::push_remote(page, block);
         if !owner.is_null() {
             // The page was full and watched: hand the block to its owner directly.
             let list = &(*owner).delayed_free;
@@ -439,7 +474,7 @@ unsafe fn free_remote(page: *mut Page, block: *mut Block) {
                     Err(now) => head = now,
                 }
             }
-            page::end_notification(&*page);
+            page::end_notification(page);
         }
     }
 }
@@ -460,7 +495,7 @@ unsafe fn drain_delayed(heap: *mut Heap) {
         while !b.is_null() {
             let next = (*b).next;
             let page = segment::page_of(b as usize);
-            (*b).next = page::encode_link(b, (*page).free);
+            (*b).next = page::encode_link((*heap).link_key, (*page).free);
             (*page).free = b;
             (*page).used -= 1;
             if (*page).used <= NOT_FULL {
@@ -602,7 +637,7 @@ pub unsafe fn abandon(heap: *mut Heap) {
         // Stop all notifications first, so no block can be on its way to us afterwards.
         let mut p = (*heap).full;
         while !p.is_null() {
-            page::unwatch(&*p);
+            page::unwatch(p);
             p = (*p).next;
         }
         drain_delayed(heap);
@@ -618,7 +653,7 @@ pub unsafe fn abandon(heap: *mut Heap) {
                     break;
                 }
                 class_remove(heap, p);
-                page::collect_remote(&mut *p);
+                page::collect_remote(p);
                 if (*p).used() == 0 {
                     segment::free_page(p);
                 } else {
@@ -717,6 +752,7 @@ fn pool_take() -> *mut Heap {
         unsafe {
             h.write(Heap {
                 pages: [empty_page(); MAX_CLASSES],
+                link_key: page::link_key(),
                 alloc_count: [0; MAX_CLASSES],
                 page_growth: [0; MAX_CLASSES],
                 full: ptr::null_mut(),
@@ -828,7 +864,7 @@ pub fn collect_own() {
             let mut p = (*heap).pages[class];
             while p != empty_page() && !p.is_null() {
                 let next = (*p).next;
-                page::collect_remote(&mut *p);
+                page::collect_remote(p);
                 if (*p).used() == 0 {
                     retire_if_spare(heap, p);
                 }

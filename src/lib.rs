@@ -89,3 +89,11 @@ unsafe impl GlobalAlloc for LgMalloc {
 #[cfg(feature = "global-allocator")]
 #[global_allocator]
 static GLOBAL: LgMalloc = LgMalloc;
+
+/// The lock-free page protocol, for the loom models in `rust-tests/loom.rs` only.
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_api {
+    pub use crate::heap::Heap;
+    pub use crate::page::*;
+}

@@ -5,7 +5,7 @@
 //! which drops the pages and makes them read as zero on the next touch.
 //!
 //! Under Miri only plain `mmap`/`munmap` of whole mappings are modelled, so the Miri
-//! variant over-maps and never trims or advises.
+//! variant over-maps, never trims, unmaps or advises, and never moves a mapping.
 
 use core::ptr;
 
@@ -56,6 +56,7 @@ fn map_flags() -> libc::c_int {
 ///
 /// # Safety
 /// `[p, p + size)` must be memory lgmalloc mapped and no longer uses.
+#[cfg(not(miri))]
 pub unsafe fn unmap(p: *mut u8, size: usize) {
     if size == 0 {
         return;
@@ -64,6 +65,16 @@ pub unsafe fn unmap(p: *mut u8, size: usize) {
     // would leave the range mapped (a leak, never corruption).
     unsafe { libc::munmap(p.cast(), size) };
 }
+
+/// Miri only unmaps whole mappings from their start, while lgmalloc unmaps parts of
+/// them (the slack of an aligned reservation, the tail of a shrunk or reused large
+/// object) and the Miri `map_aligned` hands out pointers inside a larger mapping. Under
+/// Miri memory is therefore never given back: the ranges stay mapped, unused.
+///
+/// # Safety
+/// As for the real `unmap`.
+#[cfg(miri)]
+pub unsafe fn unmap(_p: *mut u8, _size: usize) {}
 
 /// Maps `size` bytes whose start is a multiple of `align` (a power of two that is a
 /// multiple of the page size). Returns the start, or null when the OS refuses.

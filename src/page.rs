@@ -17,7 +17,7 @@
 //! the segment (see `segment::page_of`).
 
 use core::ptr;
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 use crate::heap::Heap;
 use crate::segment;
@@ -34,56 +34,72 @@ pub struct Block {
 /// Whether links of the local free lists are stored encoded (the `hardened` feature).
 pub const HARDENED: bool = cfg!(feature = "hardened");
 
-/// The key a link stored in block `b` is mixed with: the process secret and the
-/// block's own address, so a use-after-free write cannot choose where the allocator
-/// goes next, and one leaked link does not reveal the key of another block.
+/// The key links are encoded with: the per-process secret with its top bit set (so a
+/// link overwritten with zero never decodes into a segment). Every heap keeps a copy
+/// (`Heap::link_key`), which the fast paths read from the heap they already hold
+/// instead of loading the secret through the GOT. Zero unless hardened.
 #[inline(always)]
-fn link_key(b: *const Block) -> usize {
-    (b as usize).rotate_left(32) ^ crate::init::secret()
+pub fn link_key() -> usize {
+    if HARDENED {
+        crate::init::secret() | 1 << (usize::BITS - 1)
+    } else {
+        0
+    }
 }
 
-/// The stored form of `next` as the link of `b` (identity unless hardened).
+/// The stored form of `next` as a link of the local free list: `next ^ key`, or `next`
+/// itself unless hardened.
 #[inline(always)]
-pub fn encode_link(b: *const Block, next: *mut Block) -> *mut Block {
+pub fn encode_link(key: usize, next: *mut Block) -> *mut Block {
     if HARDENED {
-        ((next as usize) ^ link_key(b)) as *mut Block
+        ((next as usize) ^ key) as *mut Block
     } else {
         next
     }
 }
 
-/// The next block of the local free list after `b`. Hardened builds check the decoded
-/// link stays in `b`'s segment (or ends the list) and stop the program otherwise.
+/// The next block of the local free list after `b`, whose link was encoded under `key`.
+/// Not checked here: a hardened build checks every block with [`is_in_page_segment`]
+/// before it hands it out or reads its link.
 ///
 /// # Safety
 /// `b` is a block on a local free list.
 #[inline(always)]
-pub unsafe fn next_free(b: *mut Block) -> *mut Block {
+pub unsafe fn next_free(key: usize, b: *mut Block) -> *mut Block {
     // SAFETY: per the contract the block's first word is its link.
-    let raw = unsafe { (*b).next };
-    if !HARDENED {
-        return raw;
-    }
-    let next = ((raw as usize) ^ link_key(b)) as *mut Block;
-    if next.is_null() || ((next as usize) ^ (b as usize)) >> segment::SEGMENT_SHIFT == 0 {
-        next
-    } else {
-        corrupted_link(b)
-    }
+    encode_link(key, unsafe { (*b).next })
 }
 
+/// Hardened builds' check of a block about to be handed out from `page`'s free list:
+/// it lies in the page's segment. The list's end (null) fails it too, so on the fast
+/// path this one comparison replaces the null test. A use-after-free write of a link
+/// (any value chosen without knowing the key) decodes to an address outside the
+/// segment, so the allocator never hands out or follows it: [`corrupted_link`] stops
+/// the program instead.
+#[inline(always)]
+pub fn is_in_page_segment(page: *const Page, block: *mut Block) -> bool {
+    ((block as usize) ^ (page as usize)) >> segment::SEGMENT_SHIFT == 0
+}
+
+/// Stops the program: a free list led to `block`, which is no block of the page.
 #[cold]
 #[inline(never)]
-fn corrupted_link(b: *mut Block) -> ! {
-    crate::options::misuse("corrupted free list (use after free?)", b as usize)
+pub fn corrupted_link(block: *mut Block) -> ! {
+    crate::options::misuse("corrupted free list (use after free?)", block as usize)
 }
 
 /// The mark a free block carries: its address mixed with its page's divisibility
 /// constant (a large odd-looking number), so ordinary user data never matches it by
 /// accident, at the cost of one register operation on the free path.
+///
+/// # Safety
+/// `page` is a live page record (any thread may call this: `magic` only changes while
+/// no block of the page is live).
 #[inline(always)]
-pub fn freed_mark(page: &Page, addr: usize) -> usize {
-    addr ^ page.magic as usize
+pub unsafe fn freed_mark(page: *const Page, addr: usize) -> usize {
+    // SAFETY: per the contract; read through the raw pointer, without a reference to
+    // the record the owner is writing.
+    addr ^ unsafe { (*page).magic } as usize
 }
 
 pub const STATE_NONE: usize = 0;
@@ -187,8 +203,12 @@ pub struct Page<H = AtomicPtr<Heap>, R = AtomicUsize> {
     /// Read it through [`Page::used`] and [`Page::in_full`].
     pub used: u32,
     /// Bytes carved into blocks from the page start so far (the rest is untouched).
-    /// Zero for free spans, so no pointer into one passes as a block.
-    pub carved: u32,
+    /// Zero for free spans, so no pointer into one passes as a block. Written by the
+    /// owner (or under the region lock), read by any thread that frees a block of the
+    /// page (the block-start check): atomic, accessed `Relaxed` (plain moves on x86-64).
+    /// A freer always sees a value at least as large as when its block was carved, since
+    /// the block reached it after that.
+    pub carved: AtomicU32,
     /// Offset of the page (or span) start from its segment base.
     pub start_offset: u32,
     pub class: u8,
@@ -256,7 +276,7 @@ impl<H, R> Page<H, R> {
         Page {
             free: ptr::null_mut(),
             used: 0,
-            carved: 0,
+            carved: AtomicU32::new(0),
             start_offset: 0,
             class: 0,
             flags: 0,
@@ -282,32 +302,58 @@ impl<H, R> Page<H, R> {
     }
 }
 
-/// Prepares page metadata for a fresh page of `block_size` blocks owned by `heap`.
-pub fn init_page(page: &mut Page, heap: *mut Heap, class: usize) {
-    page.free = ptr::null_mut();
-    page.used = NOT_FULL;
-    page.carved = 0;
-    page.magic = crate::size_class::div_magic_of(class);
-    page.class = class as u8;
-    page.flags = 0;
-    page.heap.store(heap, Ordering::Release);
-    page.remote_free.store(0, Ordering::Relaxed);
-    page.next = ptr::null_mut();
-    page.prev = ptr::null_mut();
+/// Prepares page metadata for a fresh page of `class` blocks owned by `heap`.
+///
+/// The record's `flags` are left alone: the region cleared them under its lock when it
+/// split the span off, and other threads may read them (a neighbour's `release_span`
+/// checks whether this span is free) while this runs outside the lock.
+///
+/// # Safety
+/// `page` heads a span the region just handed to the calling thread.
+pub unsafe fn init_page(page: *mut Page, heap: *mut Heap, class: usize) {
+    // SAFETY: per the contract the owner-side fields are the caller's; fields are
+    // written one by one through the raw pointer, so no reference covers `flags`.
+    unsafe {
+        (*page).free = ptr::null_mut();
+        (*page).used = NOT_FULL;
+        (*page).carved.store(0, Ordering::Relaxed);
+        (*page).magic = crate::size_class::div_magic_of(class);
+        (*page).class = class as u8;
+        (*page).heap.store(heap, Ordering::Release);
+        (*page).remote_free.store(0, Ordering::Relaxed);
+        (*page).next = ptr::null_mut();
+        (*page).prev = ptr::null_mut();
+    }
 }
 
 /// Carves more blocks from the untouched tail onto `free`: at most one slice worth
 /// (at least one block), so a page only becomes resident as it is used.
-pub fn extend(page: &mut Page) {
-    let bs = page.block_size();
-    let remaining = (page.usable_bytes() - page.carved) as usize / bs;
+///
+/// # Safety
+/// The calling thread owns `page`.
+pub unsafe fn extend(page: *mut Page) {
+    // SAFETY: owner access; the shared reference covers no field another thread writes
+    // (`carved`, `heap` and `remote_free` are atomics).
+    let (bs, usable, start, carved) = unsafe {
+        let p = &*page;
+        (
+            p.block_size(),
+            p.usable_bytes(),
+            p.start(),
+            p.carved.load(Ordering::Relaxed),
+        )
+    };
+    let remaining = (usable - carved) as usize / bs;
     if remaining == 0 {
         return;
     }
+    let key = link_key();
+    // SAFETY: reading `magic` of our own page.
+    let magic = unsafe { (*page).magic } as usize;
     // One slice worth at a time: a thread that holds a few blocks touches (and keeps
     // resident) only what it uses, even when its page was planned large.
     let n = (segment::SLICE_SIZE / bs).clamp(1, remaining);
-    let first = page.start().wrapping_add(page.carved as usize);
+    let first = start.wrapping_add(carved as usize);
     let mut cur = first;
     for _ in 1..n {
         let next = cur.wrapping_add(bs);
@@ -316,60 +362,89 @@ pub fn extend(page: &mut Page) {
         // one that was never handed out is caught like a double free.
         unsafe {
             cur.cast::<Block>().write(Block {
-                next: encode_link(cur.cast(), next.cast()),
-                freed_mark: freed_mark(page, cur as usize),
+                next: encode_link(key, next.cast()),
+                freed_mark: cur as usize ^ magic,
             })
         };
         cur = next;
     }
-    // SAFETY: `cur` is the last carved block, as above.
+    // SAFETY: `cur` is the last carved block, as above; owner access to the page.
     unsafe {
         cur.cast::<Block>().write(Block {
-            next: encode_link(cur.cast(), page.free),
-            freed_mark: freed_mark(page, cur as usize),
-        })
+            next: encode_link(key, (*page).free),
+            freed_mark: cur as usize ^ magic,
+        });
+        (*page).free = first.cast();
+    }
+    // Blocks carved here reach other threads only through later synchronisation (the
+    // program handing them over), which also orders this store before their reads.
+    // SAFETY: owner access.
+    unsafe {
+        (*page)
+            .carved
+            .store(carved + (n * bs) as u32, Ordering::Relaxed)
     };
-    page.free = first.cast();
-    page.carved += (n * bs) as u32;
 }
 
 /// True when `addr` is the start of a block carved from `page`: the offset from the page
 /// start is below `carved` and a multiple of the block size. Divisibility is the
 /// multiplicative check of `size_class::divides`, not a division.
+///
+/// # Safety
+/// `page` is a page (or span) record of a live segment. Any thread may call this: it
+/// reads the record through the raw pointer (no reference to a record whose owner is
+/// writing it), `carved` atomically.
 #[inline(always)]
-pub fn is_block_start(page: &Page, addr: usize) -> bool {
-    let offset = (addr & (segment::SEGMENT_SIZE - 1)).wrapping_sub(page.start_offset as usize);
-    offset < page.carved as usize && (offset as u64).wrapping_mul(page.magic) < page.magic
+pub unsafe fn is_block_start(page: *const Page, addr: usize) -> bool {
+    // SAFETY: per the contract.
+    let (start_offset, carved, magic) = unsafe {
+        (
+            (*page).start_offset,
+            (*page).carved.load(Ordering::Relaxed),
+            (*page).magic,
+        )
+    };
+    let offset = (addr & (segment::SEGMENT_SIZE - 1)).wrapping_sub(start_offset as usize);
+    offset < carved as usize && (offset as u64).wrapping_mul(magic) < magic
 }
 
 /// Moves the blocks other threads freed onto `free`. Returns how many. Owner only (or
 /// the region lock holder for an abandoned page).
-pub fn collect_remote<H, R: RemoteWord>(page: &mut Page<H, R>) -> u32 {
-    if page.remote_free.load(Ordering::Relaxed) & !STATE_MASK == 0 {
+///
+/// # Safety
+/// `page` is a live record and the caller has owner access to its owner-side fields;
+/// other threads may be pushing onto `remote_free` meanwhile.
+pub unsafe fn collect_remote<H, R: RemoteWord>(page: *mut Page<H, R>) -> u32 {
+    // SAFETY: a reference to the atomic word only (other threads use it atomically).
+    let remote = unsafe { &(*page).remote_free };
+    if remote.load(Ordering::Relaxed) & !STATE_MASK == 0 {
         return 0;
     }
     // Take the whole list, keep the state bits.
-    let taken = page.remote_free.fetch_and(STATE_MASK, Ordering::Acquire) & !STATE_MASK;
+    let taken = remote.fetch_and(STATE_MASK, Ordering::Acquire) & !STATE_MASK;
     let head = taken as *mut Block;
     if head.is_null() {
         return 0;
     }
+    let key = link_key();
     let mut count = 1;
     let mut tail = head;
     // SAFETY: the remote list holds blocks of this page that their freers handed over;
     // each one's first word links the next (plainly: encoded links are only used on
-    // the owner's list, so they are encoded here, on the way over).
+    // the owner's list, so they are encoded here, on the way over). Owner access to
+    // `free` and `used`.
     unsafe {
         while !(*tail).next.is_null() {
             let next = (*tail).next;
-            (*tail).next = encode_link(tail, next);
+            (*tail).next = encode_link(key, next);
             tail = next;
             count += 1;
         }
-        (*tail).next = encode_link(tail, page.free);
+        (*tail).next = encode_link(key, (*page).free);
+        (*page).free = head;
+        let used = (*page).used;
+        (*page).used = used - count.min(used & !NOT_FULL);
     }
-    page.free = head;
-    page.used -= count.min(page.used());
     count
 }
 
@@ -377,25 +452,25 @@ pub fn collect_remote<H, R: RemoteWord>(page: &mut Page<H, R>) -> u32 {
 /// must be told (the page is full and off its owner's list) together with ownership of
 /// the block, or null when the block was just queued on the page.
 ///
+/// Takes a raw pointer: the owner writes the record's other fields meanwhile, so this
+/// side never holds a reference to the whole record, only to its atomics.
+///
 /// # Safety
-/// `block` must be a live block of `page` that the caller gives up.
+/// `page` is a live record and `block` a live block of it that the caller gives up.
 #[inline]
 pub unsafe fn push_remote<H: HeapSlot, R: RemoteWord>(
-    page: &Page<H, R>,
+    page: *const Page<H, R>,
     block: *mut Block,
 ) -> *mut Heap {
-    let mut cur = page.remote_free.load(Ordering::Relaxed);
+    // SAFETY: per the contract; references to the atomic fields only.
+    let (remote, heap) = unsafe { (&(*page).remote_free, &(*page).heap) };
+    let mut cur = remote.load(Ordering::Relaxed);
     loop {
         let state = cur & STATE_MASK;
         if state == STATE_WATCH {
             let freeing = (cur & !STATE_MASK) | STATE_FREEING;
-            match page.remote_free.compare_exchange_weak(
-                cur,
-                freeing,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return page.heap.load(Ordering::Acquire),
+            match remote.compare_exchange_weak(cur, freeing, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return heap.load(Ordering::Acquire),
                 Err(now) => {
                     cur = now;
                     continue;
@@ -405,10 +480,7 @@ pub unsafe fn push_remote<H: HeapSlot, R: RemoteWord>(
         // SAFETY: the caller gave us the block; its first word is ours to write.
         unsafe { (*block).next = (cur & !STATE_MASK) as *mut Block };
         let new = block as usize | state;
-        match page
-            .remote_free
-            .compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed)
-        {
+        match remote.compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed) {
             Ok(_) => return ptr::null_mut(),
             Err(now) => cur = now,
         }
@@ -416,33 +488,46 @@ pub unsafe fn push_remote<H: HeapSlot, R: RemoteWord>(
 }
 
 /// Ends a notification begun by `push_remote` (state `FREEING` -> `NONE`).
+///
+/// # Safety
+/// `page` is a live record whose notification the caller began.
 #[inline]
-pub fn end_notification<H, R: RemoteWord>(page: &Page<H, R>) {
-    page.remote_free.fetch_and(!STATE_MASK, Ordering::Release);
+pub unsafe fn end_notification<H, R: RemoteWord>(page: *const Page<H, R>) {
+    // SAFETY: per the contract; a reference to the atomic word only.
+    unsafe { &(*page).remote_free }.fetch_and(!STATE_MASK, Ordering::Release);
 }
 
 /// Owner: asks to be told about the next remote free, for a page leaving the
 /// allocation list. Fails (returns false) when remote frees are already waiting; the
 /// caller should collect them instead.
-pub fn try_watch<H, R: RemoteWord>(page: &Page<H, R>) -> bool {
-    page.remote_free
+///
+/// # Safety
+/// `page` is a live record the caller owns.
+pub unsafe fn try_watch<H, R: RemoteWord>(page: *const Page<H, R>) -> bool {
+    // SAFETY: per the contract; a reference to the atomic word only.
+    unsafe { &(*page).remote_free }
         .compare_exchange(STATE_NONE, STATE_WATCH, Ordering::AcqRel, Ordering::Relaxed)
         .is_ok()
 }
 
 /// Owner: stops watching, waiting out a remote freer that is mid-notification. After
 /// this returns no notification about `page` is in flight.
-pub fn unwatch<H, R: RemoteWord>(page: &Page<H, R>) {
-    let mut cur = page.remote_free.load(Ordering::Acquire);
+///
+/// # Safety
+/// `page` is a live record the caller owns.
+pub unsafe fn unwatch<H, R: RemoteWord>(page: *const Page<H, R>) {
+    // SAFETY: per the contract; a reference to the atomic word only.
+    let remote = unsafe { &(*page).remote_free };
+    let mut cur = remote.load(Ordering::Acquire);
     loop {
         match cur & STATE_MASK {
             STATE_NONE => return,
             STATE_FREEING => {
-                page.remote_free.pause();
-                cur = page.remote_free.load(Ordering::Acquire);
+                remote.pause();
+                cur = remote.load(Ordering::Acquire);
             }
             _ => {
-                match page.remote_free.compare_exchange_weak(
+                match remote.compare_exchange_weak(
                     cur,
                     cur & !STATE_MASK,
                     Ordering::AcqRel,

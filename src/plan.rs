@@ -444,16 +444,19 @@ extern "C" fn analyse_deferred_at_exit() {
         return;
     }
     let p = DEFERRED.swap(core::ptr::null_mut(), Ordering::Acquire);
-    // SAFETY: a published list is leaked, and the swap hands it to this call only.
-    let Some(paths) = (unsafe { p.as_ref() }) else {
+    if p.is_null() {
         return;
-    };
+    }
+    // SAFETY: `defer_analysis` published the list with `Box::into_raw`, and the swap
+    // hands it to this call only. The parent frees it when this returns (the child
+    // leaves with `_exit` first).
+    let paths = unsafe { Box::from_raw(p) };
     // SAFETY: fork has no preconditions; lgmalloc's own locks are handled by its
     // atfork handlers, and the child only runs the analysis before `_exit`.
     match unsafe { libc::fork() } {
         0 => {
             detach_from_parent();
-            for path in paths {
+            for path in paths.iter() {
                 let _ = analysis::analyze_path(path, true);
             }
             // SAFETY: ends the child without running the parent's exit handlers.

@@ -229,7 +229,7 @@ impl RegionInner {
             (*head).flags = FLAG_FREE_SPAN | if dirty { FLAG_DIRTY } else { 0 };
             (*head).start_offset = (start << SLICE_SHIFT) as u32;
             (*head).slice_count = count as u16;
-            (*head).carved = 0;
+            (*head).carved.store(0, Ordering::Relaxed);
             (*head).magic = 0;
             (*head).heap.store(ptr::null_mut(), Ordering::Relaxed);
             set_head(seg, start, start);
@@ -361,7 +361,7 @@ impl RegionInner {
             let mut count = (*page).slice_count as usize;
             // Slices of a free span may still map to this record: make sure no pointer
             // into them passes as a block from now on.
-            (*page).carved = 0;
+            (*page).carved.store(0, Ordering::Relaxed);
             (*page).magic = 0;
             (*(seg as *mut Segment)).used_slices -= count;
             let mut dirty = true;
@@ -449,7 +449,7 @@ impl RegionInner {
                 // only thread that may touch their owner-side fields.
                 unsafe {
                     let next = (*p).next;
-                    page::collect_remote(&mut *p);
+                    page::collect_remote(p);
                     if (*p).used() == 0 {
                         list_remove(&mut self.abandoned[class], p);
                         self.abandoned_count -= 1;
@@ -484,7 +484,7 @@ pub fn alloc_page(heap: *mut Heap, class: usize, block_size: usize, slices: usiz
     });
     if !page.is_null() {
         // SAFETY: the span is ours now; nobody else references its record.
-        unsafe { page::init_page(&mut *page, heap, class) };
+        unsafe { page::init_page(page, heap, class) };
     }
     page
 }
@@ -538,7 +538,7 @@ pub fn adopt_page(heap: *mut Heap, class: usize) -> *mut Page {
                 list_remove(list, p);
                 r.abandoned_count -= 1;
                 (*p).flags = 0;
-                page::collect_remote(&mut *p);
+                page::collect_remote(p);
                 if (*p).used() == 0 {
                     r.release_span(p);
                     continue;

@@ -60,7 +60,8 @@ def build(quick):
 
 
 def workloads(quick):
-    py = shutil.which("python3.11") or "/usr/bin/python3"
+    # The distribution's interpreter, not a version manager's shim (a shell script).
+    py = next((p for p in ("/usr/bin/python3.11", "/usr/bin/python3") if os.path.exists(p)), None) or shutil.which("python3")
     obj = os.path.join(tempfile.gettempdir(), "lgmalloc-ablation.o")
     return {
         "server": ([os.path.join(OUT, "server"), "100000" if quick else "400000"], "ops_per_sec"),
@@ -110,6 +111,7 @@ def main():
         return env
 
     startup = startup_section(lib, wl["python3 -c pass"][0], base_env, reps)
+    startup["verify"] = verify_lines(wl, env_for("C static plan"))
 
     # Warm every arm once: the analysis cache for B, C, E; the learned file for E
     # (its second warm-up run sees the first run's observations).
@@ -150,6 +152,7 @@ def isolated(cmd, env, key):
     env = dict(env)
     preload = env.pop("LD_PRELOAD", None)
     settings = [f"LD_PRELOAD={preload}"] if preload else []
+    cmd = [shutil.which(cmd[0]) or cmd[0], *cmd[1:]]  # the launcher uses execve: no PATH search
     with tempfile.NamedTemporaryFile("r", prefix="lgmalloc-launch-") as rep:
         p = subprocess.run([os.path.join(OUT, "launch"), "-r", rep.name, "-t", "600", *settings, "--", *cmd],
                            env=env, capture_output=True)
@@ -256,7 +259,7 @@ def report(results, wl, reps, startup):
             t, r = med(s, "time"), med(s, "rss")
             lo, hi = spread(s, "time")
             fig = med(s, "figure")
-            fig_txt = f"{key} {fig:,.0f}" if key else ""
+            fig_txt = f"{key} {fig:,.0f}" if key and key != COLD else ""
             lines.append(f"| {name} | {arm} | {t:.3f} ({lo:.3f}-{hi:.3f}) | {t / base_t:.3f} | {r:,.0f} | "
                          f"{r / base_r:.3f} | {med(s, 'faults'):,.0f} | {fig_txt} |")
     lines += startup_lines(startup)
@@ -266,6 +269,21 @@ def report(results, wl, reps, startup):
     print("\n".join(lines))
     print(f"wrote {path}")
     plot(results, wl)
+
+
+def verify_lines(wl, env):
+    """LGMALLOC_VERIFY=1 on each workload: the share of calls from sites with a constant
+    prediction, and how many of those asked for the predicted size."""
+    out = {}
+    env = dict(env, LGMALLOC_VERIFY="1")
+    for name, (cmd, key) in wl.items():
+        if key == COLD:
+            continue
+        p = subprocess.run(cmd, env=env, capture_output=True)
+        lines = [l for l in p.stderr.decode(errors="replace").splitlines() if l.startswith("lgmalloc: verify calls=")]
+        # Programs that run others (g++ -> cc1plus, as) print one line per process.
+        out[name] = lines
+    return out
 
 
 def startup_lines(startup):
@@ -282,6 +300,13 @@ def startup_lines(startup):
         i = instr.get(k)
         itxt = f"{i:,} | {i / instr['glibc']:.3f}" if i and instr.get("glibc") else "n/a | n/a"
         lines.append(f"| {label} | {w * 1000:.2f} | {w / g:.3f} | {itxt} |")
+    lines += ["", "## Verify mode (`LGMALLOC_VERIFY=1`, static plan)", "",
+              "One line per process; predicted = calls from sites with a constant prediction, "
+              "exact = those that asked for the predicted size.", "",
+              "| workload | verify |", "|---|---|"]
+    for name, vlines in startup.get("verify", {}).items():
+        text = "<br>".join(l.removeprefix("lgmalloc: verify ") for l in vlines) or "no line"
+        lines.append(f"| {name} | {text} |")
     return lines
 
 
