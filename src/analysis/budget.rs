@@ -80,6 +80,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri has no per-thread CPU clock")]
     fn zero_budget_runs_out_and_unlimited_never_does() {
         let mut b = Budget::new(Duration::ZERO);
         // Burn a little CPU so that the clock moves past the deadline.

@@ -310,6 +310,10 @@ mod rescan_tests {
     /// For any code targets, filtering the first scan's candidates finds exactly what a
     /// full scan finds.
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "reads a real executable: file access is isolated under Miri"
+    )]
     fn rescan_equals_a_full_scan() {
         let bytes = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         let elf = Elf::parse(&bytes).unwrap();
