@@ -64,7 +64,7 @@ def workloads(quick):
     py = next((p for p in ("/usr/bin/python3.11", "/usr/bin/python3") if os.path.exists(p)), None) or shutil.which("python3")
     obj = os.path.join(tempfile.gettempdir(), "lgmalloc-ablation.o")
     return {
-        "server": ([os.path.join(OUT, "server"), "100000" if quick else "400000"], "ops_per_sec"),
+        "server": ([os.path.join(OUT, "server"), "400000" if quick else "4000000"], "ops_per_sec"),
         "500 threads": ([os.path.join(OUT, "threads"), "500"], "bytes_per_thread"),
         "python3": ([py, os.path.join(HERE, "work.py")], None),
         "g++ -O1": (["g++", "-O1", "-c", os.path.join(HERE, "compile_me.cpp"), "-o", obj], None),
