@@ -385,20 +385,29 @@ fn remote_free_list() {
 /// zero. With `abandon`, the owner then gives the page up as `heap::abandon` does
 /// (unwatch, drain, collect, then `segment::abandon_page` clears `heap`), and the frees
 /// that come later are collected by the next owner.
-fn notification(abandon: bool) {
-    let name = if abandon {
-        "notification_then_abandon"
-    } else {
-        "notification_unwatch"
+///
+/// With one remote freer (two threads) the search is exhaustive; with two (three
+/// threads) it is bounded by `NOTIFICATION_BOUND` preemptions.
+fn notification(abandon: bool, freers: usize) {
+    let name = match (abandon, freers) {
+        (true, 1) => "notification_then_abandon_2_threads",
+        (true, _) => "notification_then_abandon",
+        (false, 1) => "notification_unwatch_2_threads",
+        (false, _) => "notification_unwatch",
     };
-    model(name, NOTIFICATION_BOUND, move || {
-        let w = World::new(2, true);
-        let spawn_free = |i: usize| {
-            let w = w.clone();
-            thread::spawn(move || w.free_remote(i))
-        };
-        let t1 = spawn_free(0);
-        let t2 = spawn_free(1);
+    let bound = if freers == 1 {
+        None
+    } else {
+        NOTIFICATION_BOUND
+    };
+    model(name, bound, move || {
+        let w = World::new(freers, true);
+        let freeing: Vec<_> = (0..freers)
+            .map(|i| {
+                let w = w.clone();
+                thread::spawn(move || w.free_remote(i))
+            })
+            .collect();
         let mut returned = 0;
         // SAFETY: this thread is the page's owner throughout.
         unsafe {
@@ -432,8 +441,9 @@ fn notification(abandon: bool) {
                 w.page().heap.0.store(ptr::null_mut(), Ordering::Release);
             }
         }
-        t1.join().unwrap();
-        t2.join().unwrap();
+        for t in freeing {
+            t.join().unwrap();
+        }
         // Anything on `delayed` now arrived after the owner closed it.
         assert!(
             w.delayed.load(Ordering::SeqCst).is_null(),
@@ -479,12 +489,22 @@ fn watched_page_announces_one_remote_free() {
 
 #[test]
 fn watch_notification_unwatch() {
-    notification(false);
+    notification(false, 2);
 }
 
 #[test]
 fn watch_notification_then_abandon() {
-    notification(true);
+    notification(true, 2);
+}
+
+#[test]
+fn watch_notification_unwatch_2_threads() {
+    notification(false, 1);
+}
+
+#[test]
+fn watch_notification_then_abandon_2_threads() {
+    notification(true, 1);
 }
 
 /// (c) The heap's `delayed_free` list on its own: two remote threads push (one of them
