@@ -167,3 +167,59 @@ fn twenty_thousand_short_lived_threads_do_not_grow_memory() {
         live_heaps()
     );
 }
+
+/// `fork` while other threads take and give back large mappings (the large-object
+/// cache's lock): the child must find every allocator lock free. A child that hangs is
+/// killed by its alarm and fails the test.
+#[test]
+fn fork_while_threads_cycle_large_objects() {
+    use std::sync::atomic::AtomicBool;
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(41 + t);
+                while !stop.load(Ordering::Relaxed) {
+                    let size = (300 << 10) + rng.below(2 << 20) as usize;
+                    let p = lg_malloc(size);
+                    assert!(!p.is_null());
+                    // SAFETY: `p` holds `size` bytes and is freed once.
+                    unsafe {
+                        p.cast::<u8>().write(1);
+                        lg_free(p);
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..300 {
+        // SAFETY: the child only allocates through lgmalloc and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: async-signal-safe calls and lgmalloc's own API in the child.
+            unsafe {
+                libc::alarm(5);
+                let p = lg_malloc(1 << 20);
+                let ok = !p.is_null();
+                if ok {
+                    libc::memset(p, 7, 1 << 20);
+                    lg_free(p);
+                }
+                libc::_exit(if ok { 0 } else { 1 });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child failed or hung (status {status:#x})"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+}

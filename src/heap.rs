@@ -16,7 +16,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
-use crate::lock::Mutex;
+use crate::lock::Locked;
 use crate::options::misuse;
 use crate::os;
 use crate::page::{self, Block, NOT_FULL, Page};
@@ -670,11 +670,6 @@ pub unsafe fn abandon(heap: *mut Heap) {
 
 // ---- the heap pool ---------------------------------------------------------------------------
 
-struct Pool {
-    lock: Mutex,
-    inner: core::cell::UnsafeCell<PoolInner>,
-}
-
 struct PoolInner {
     /// Heap records ready for reuse (linked through `next_live`).
     spare: *mut Heap,
@@ -685,18 +680,12 @@ struct PoolInner {
     bump_end: usize,
 }
 
-// SAFETY: `inner` is only touched with `lock` held.
-unsafe impl Sync for Pool {}
-
-static POOL: Pool = Pool {
-    lock: Mutex::new(),
-    inner: core::cell::UnsafeCell::new(PoolInner {
-        spare: ptr::null_mut(),
-        live: ptr::null_mut(),
-        bump: 0,
-        bump_end: 0,
-    }),
-};
+static POOL: Locked<PoolInner> = Locked::new(PoolInner {
+    spare: ptr::null_mut(),
+    live: ptr::null_mut(),
+    bump: 0,
+    bump_end: 0,
+});
 
 /// Counts of finished heaps, so statistics survive thread exit.
 static RETIRED_ALLOCS: [AtomicU64; MAX_CLASSES] = [const { AtomicU64::new(0) }; MAX_CLASSES];
@@ -710,22 +699,15 @@ pub static LIVE_HEAPS: AtomicUsize = AtomicUsize::new(0);
 const POOL_CHUNK: usize = 64 * 1024;
 
 fn with_pool<R>(f: impl FnOnce(&mut PoolInner) -> R) -> R {
-    POOL.lock.with(|| {
-        // SAFETY: the lock is held.
-        let p = unsafe { &mut *POOL.inner.get() };
-        f(p)
-    })
+    POOL.with(f)
 }
 
+/// Lock hooks for `fork`.
 pub fn lock_for_fork() {
-    POOL.lock.lock();
+    POOL.lock_for_fork();
 }
 pub fn unlock_after_fork(child: bool) {
-    if child {
-        POOL.lock.reset_in_child();
-    } else {
-        POOL.lock.unlock();
-    }
+    POOL.unlock_after_fork(child);
 }
 
 /// A fresh heap record for the calling thread, on the live list.

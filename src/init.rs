@@ -106,17 +106,22 @@ extern "C" fn thread_exit(value: *mut libc::c_void) {
     unsafe { heap::abandon(heap) };
 }
 
+// The locks are taken in the order the allocator nests them (heap pool, then region)
+// and released in reverse; the large-object cache nests with neither.
 extern "C" fn fork_prepare() {
     heap::lock_for_fork();
     segment::lock_for_fork();
+    crate::large::lock_for_fork();
 }
 
 extern "C" fn fork_parent() {
+    crate::large::unlock_after_fork(false);
     segment::unlock_after_fork(false);
     heap::unlock_after_fork(false);
 }
 
 extern "C" fn fork_child() {
+    crate::large::unlock_after_fork(true);
     segment::unlock_after_fork(true);
     heap::unlock_after_fork(true);
 }

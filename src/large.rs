@@ -11,9 +11,8 @@ use core::ptr;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::chunk_map::{self, CHUNK_SHIFT, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE};
-use crate::lock::Mutex;
+use crate::lock::Locked;
 use crate::os::{self, OS_PAGE_SIZE};
-use core::cell::UnsafeCell;
 
 const CHUNK: usize = 1 << CHUNK_SHIFT;
 
@@ -36,11 +35,6 @@ struct Header {
 /// in a loop does not map, fault in and unmap them every time. Resident cached bytes
 /// are bounded, and a mapping that stays unused for a while is decommitted (checked
 /// whenever the cache is used), so memory goes back to the OS after a burst.
-struct Cache {
-    lock: Mutex,
-    inner: UnsafeCell<CacheInner>,
-}
-
 struct CacheInner {
     slots: [Cached; CACHE_SLOTS],
     resident: usize,
@@ -55,9 +49,6 @@ struct Cached {
     since_ms: u64,
 }
 
-// SAFETY: `inner` is only touched with `lock` held.
-unsafe impl Sync for Cache {}
-
 const CACHE_SLOTS: usize = 16;
 /// Mappings larger than this are never cached.
 const CACHE_MAX_MAPPING: usize = 64 << 20;
@@ -66,24 +57,27 @@ const CACHE_MAX_RESIDENT: usize = 128 << 20;
 /// A cached mapping unused for this long is decommitted.
 const CACHE_DECAY_MS: u64 = 1000;
 
-static CACHE: Cache = Cache {
-    lock: Mutex::new(),
-    inner: UnsafeCell::new(CacheInner {
-        slots: [Cached {
-            base: 0,
-            size: 0,
-            resident: false,
-            since_ms: 0,
-        }; CACHE_SLOTS],
-        resident: 0,
-    }),
-};
+static CACHE: Locked<CacheInner> = Locked::new(CacheInner {
+    slots: [Cached {
+        base: 0,
+        size: 0,
+        resident: false,
+        since_ms: 0,
+    }; CACHE_SLOTS],
+    resident: 0,
+});
 
 fn with_cache<R>(f: impl FnOnce(&mut CacheInner) -> R) -> R {
-    CACHE.lock.with(|| {
-        // SAFETY: the lock is held.
-        f(unsafe { &mut *CACHE.inner.get() })
-    })
+    CACHE.with(f)
+}
+
+/// Lock hooks for `fork`: a thread caching or taking a mapping while another forks
+/// must not leave the child's cache locked.
+pub fn lock_for_fork() {
+    CACHE.lock_for_fork();
+}
+pub fn unlock_after_fork(child: bool) {
+    CACHE.unlock_after_fork(child);
 }
 
 /// The smallest cached mapping of at least `needed` bytes (a page multiple), as

@@ -17,7 +17,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::chunk_map::{self, CHUNK_SHIFT, KIND_NONE, KIND_SEGMENT};
 use crate::heap::Heap;
-use crate::lock::Mutex;
+use crate::lock::Locked;
 use crate::os;
 use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, Page};
 use crate::size_class::MAX_CLASSES;
@@ -114,11 +114,6 @@ pub fn span_alignment(block_size: usize) -> usize {
     (pow2 >> SLICE_SHIFT).max(1)
 }
 
-struct Region {
-    lock: Mutex,
-    inner: core::cell::UnsafeCell<RegionInner>,
-}
-
 struct RegionInner {
     segments: *mut Segment,
     segment_count: usize,
@@ -130,22 +125,16 @@ struct RegionInner {
     dirty_bytes: usize,
 }
 
-// SAFETY: `inner` is only touched with `lock` held.
-unsafe impl Sync for Region {}
-
-static REGION: Region = Region {
-    lock: Mutex::new(),
-    inner: core::cell::UnsafeCell::new(RegionInner {
-        segments: ptr::null_mut(),
-        segment_count: 0,
-        bins: [ptr::null_mut(); SPAN_BINS],
-        abandoned: [ptr::null_mut(); MAX_CLASSES],
-        abandoned_count: 0,
-        sweep_class: 0,
-        free_bytes: 0,
-        dirty_bytes: 0,
-    }),
-};
+static REGION: Locked<RegionInner> = Locked::new(RegionInner {
+    segments: ptr::null_mut(),
+    segment_count: 0,
+    bins: [ptr::null_mut(); SPAN_BINS],
+    abandoned: [ptr::null_mut(); MAX_CLASSES],
+    abandoned_count: 0,
+    sweep_class: 0,
+    free_bytes: 0,
+    dirty_bytes: 0,
+});
 
 /// Bytes of address space held in segments (statistics).
 pub static SEGMENT_BYTES: AtomicUsize = AtomicUsize::new(0);
@@ -154,23 +143,15 @@ static CLEAN_FREE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs `f` on the region with its lock held.
 fn with_region<R>(f: impl FnOnce(&mut RegionInner) -> R) -> R {
-    REGION.lock.with(|| {
-        // SAFETY: the lock is held, so this is the only reference.
-        let r = unsafe { &mut *REGION.inner.get() };
-        f(r)
-    })
+    REGION.with(f)
 }
 
 /// Lock hooks for `fork`.
 pub fn lock_for_fork() {
-    REGION.lock.lock();
+    REGION.lock_for_fork();
 }
 pub fn unlock_after_fork(child: bool) {
-    if child {
-        REGION.lock.reset_in_child();
-    } else {
-        REGION.lock.unlock();
-    }
+    REGION.unlock_after_fork(child);
 }
 
 fn bin_of(slices: usize) -> usize {
