@@ -540,7 +540,8 @@ impl Learned {
 fn build(analysed: &[(Analysis, &Module)], learned: Learned) -> RuntimePlan {
     let learned = &learned;
     let mut classes: Vec<PlannedClass> = Vec::new();
-    for p in combined_sizes(analysed) {
+    let sizes = analysis::merge_plans(analysed.iter().flat_map(|(a, _)| a.plan().iter().copied()));
+    for p in sizes {
         let size = p.size as usize;
         if size == 0 || size > TABLE_MAX_SIZE {
             continue;
@@ -590,28 +591,6 @@ fn build(analysed: &[(Analysis, &Module)], learned: Learned) -> RuntimePlan {
         allocs_at_start: Vec::new(),
         observed: learned.clone(),
     }
-}
-
-/// The predicted sizes of all modules: a size predicted in several modules combines
-/// their confidences as the analysis combines sites (`1 - prod(1 - c)`, capped).
-fn combined_sizes(analysed: &[(Analysis, &Module)]) -> Vec<analysis::PlannedSize> {
-    let mut all: Vec<analysis::PlannedSize> = analysed
-        .iter()
-        .flat_map(|(a, _)| a.plan().iter().copied())
-        .collect();
-    all.sort_by_key(|p| p.size);
-    let mut out: Vec<analysis::PlannedSize> = Vec::with_capacity(all.len());
-    for p in all {
-        match out.last_mut() {
-            Some(last) if last.size == p.size => {
-                last.sites += p.sites;
-                let miss = (1.0 - last.confidence) * (1.0 - p.confidence);
-                last.confidence = (1.0 - miss).min(0.99);
-            }
-            _ => out.push(p),
-        }
-    }
-    out
 }
 
 /// Sites with a constant prediction, keyed by their run-time return address.

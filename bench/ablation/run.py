@@ -36,6 +36,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(HERE, "out")
 
+# The benchmark suite's helpers: its interpreter choice and its parser of launch reports.
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from run import parse_kv, python_for_startup  # noqa: E402
+
 ARMS = {
     "A off": {"LGMALLOC_PREDICT": "0"},
     "B analyze only": {"LGMALLOC_PREDICT": "analyze"},
@@ -60,8 +64,7 @@ def build(quick):
 
 
 def workloads(quick):
-    # The distribution's interpreter, not a version manager's shim (a shell script).
-    py = next((p for p in ("/usr/bin/python3.11", "/usr/bin/python3") if os.path.exists(p)), None) or shutil.which("python3")
+    py = python_for_startup()
     obj = os.path.join(tempfile.gettempdir(), "lgmalloc-ablation.o")
     return {
         "server": ([os.path.join(OUT, "server"), "400000" if quick else "4000000"], "ops_per_sec"),
@@ -157,7 +160,7 @@ def isolated(cmd, env, key):
         p = subprocess.run([os.path.join(OUT, "launch"), "-r", rep.name, "-t", "600", *settings, "--", *cmd],
                            env=env, capture_output=True)
         line = rep.read().strip()
-    kv = dict(t.split("=", 1) for t in line.split()[1:] if "=" in t)
+    kv = parse_kv(line)
     if p.returncode != 0 or kv.get("status") != "exit:0":
         sys.stderr.write(p.stderr.decode()[-2000:])
         raise RuntimeError(f"{cmd} failed ({kv.get('status')}) under {env.get('LGMALLOC_PREDICT')}")

@@ -157,6 +157,12 @@ impl Analysis {
     }
 }
 
+/// The plans of several files (a program and its shared objects) as one: a size planned
+/// in more than one file combines its confidences as call sites do.
+pub fn merge_plans(plans: impl IntoIterator<Item = PlannedSize>) -> Vec<PlannedSize> {
+    plan::merge(plans.into_iter().collect())
+}
+
 /// Analyses the contents of an ELF file (a mapped file or a copy of its bytes).
 pub fn analyze_elf(bytes: &[u8]) -> Result<Analysis, AnalysisError> {
     analyze_with(bytes, &mut Budget::unlimited())

@@ -39,28 +39,43 @@ pub(crate) fn site_confidence(flags: u8, depth: u8, adjusted: bool) -> f32 {
 /// Groups sites with a predicted size: per size, the number of sites and
 /// `1 - prod(1 - c_i)` (the chance that at least one site's prediction holds), capped.
 pub(crate) fn size_classes(sites: &[CallSite]) -> Vec<PlannedSize> {
-    let mut sized: Vec<(u64, f32)> = sites
-        .iter()
-        .filter_map(|s| s.size.map(|z| (z, s.confidence)))
-        .collect();
-    sized.sort_unstable_by_key(|e| e.0);
+    group(
+        sites
+            .iter()
+            .filter_map(|s| {
+                Some(PlannedSize {
+                    size: s.size?,
+                    sites: 1,
+                    confidence: s.confidence,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Several files' plans as one (a program and its shared objects): a size planned in
+/// more than one combines as sites do.
+pub(crate) fn merge(plans: Vec<PlannedSize>) -> Vec<PlannedSize> {
+    group(plans)
+}
+
+/// Per size: the sites added up and the confidences combined, ascending by size.
+fn group(mut items: Vec<PlannedSize>) -> Vec<PlannedSize> {
+    items.sort_unstable_by_key(|p| p.size);
     let mut out: Vec<PlannedSize> = Vec::new();
     let mut miss = 1.0f32;
-    for (size, conf) in sized {
+    for p in items {
         match out.last_mut() {
-            Some(last) if last.size == size => {
-                last.sites += 1;
-            }
+            Some(last) if last.size == p.size => last.sites += p.sites,
             _ => {
                 miss = 1.0;
                 out.push(PlannedSize {
-                    size,
-                    sites: 1,
                     confidence: 0.0,
+                    ..p
                 });
             }
         }
-        miss *= 1.0 - conf.clamp(0.0, 1.0);
+        miss *= 1.0 - p.confidence.clamp(0.0, 1.0);
         if let Some(last) = out.last_mut() {
             last.confidence = (1.0 - miss).min(CLASS_CAP);
         }
@@ -105,5 +120,23 @@ mod tests {
         assert_eq!((plan[0].size, plan[0].sites), (8, 1));
         assert_eq!((plan[1].size, plan[1].sites), (32, 2));
         assert!((plan[1].confidence - 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn plans_of_several_files_merge_by_size() {
+        let planned = |size, sites, confidence| PlannedSize {
+            size,
+            sites,
+            confidence,
+        };
+        let merged = merge(vec![
+            planned(32, 1, 0.5),
+            planned(8, 1, 0.9),
+            planned(32, 2, 0.5),
+        ]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!((merged[0].size, merged[0].sites), (8, 1));
+        assert_eq!((merged[1].size, merged[1].sites), (32, 3));
+        assert!((merged[1].confidence - 0.75).abs() < 1e-6);
     }
 }
