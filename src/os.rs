@@ -217,3 +217,11 @@ pub fn random_u64() -> u64 {
     }
     v | 1
 }
+
+/// True in secure-execution mode: a setuid or setgid program, or one with file
+/// capabilities, run by a user who may not have those rights. The environment then
+/// belongs to a less privileged caller, so nothing in it may steer the process.
+pub fn secure_execution() -> bool {
+    // SAFETY: getauxval has no preconditions; an absent entry reads as 0.
+    unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
+}
