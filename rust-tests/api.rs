@@ -1,6 +1,6 @@
 //! C API semantics: errno, NULL handling, sizes, alignment, realloc and calloc.
 
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 use std::ffi::c_void;
 use std::ptr;
 

@@ -8,7 +8,7 @@ static GLOBAL: lgmalloc::LgMalloc = lgmalloc::LgMalloc;
 
 fn alloc_count() -> u64 {
     let mut s = lgmalloc::LgStats::default();
-    unsafe { lgmalloc::api::lg_stats(&mut s) };
+    unsafe { lgmalloc::c_api::lg_stats(&mut s) };
     s.alloc_count
 }
 

@@ -23,8 +23,8 @@ use std::collections::BTreeSet;
 use std::ptr;
 
 use lgmalloc::loom_api::{
-    Block, Heap, HeapSlot, NOT_FULL, Page, RemoteWord, STATE_NONE, collect_remote, encode_link,
-    end_notification, link_key, next_free, push_remote, try_watch, unwatch,
+    Block, NOT_FULL_BIAS, Owner, OwnerSlot, Page, RemoteWord, STATE_NONE, collect_remote,
+    encode_link, end_notification, link_key, next_free, push_remote, try_watch, unwatch,
 };
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
@@ -68,15 +68,15 @@ impl RemoteWord for Word {
 }
 
 /// `Page::heap` as a loom atomic.
-struct HeapPtr(AtomicPtr<Heap>);
+struct OwnerPtr(AtomicPtr<Owner>);
 
-impl HeapSlot for HeapPtr {
-    fn load(&self, order: Ordering) -> *mut Heap {
+impl OwnerSlot for OwnerPtr {
+    fn load(&self, order: Ordering) -> *mut Owner {
         self.0.load(order)
     }
 }
 
-type LoomPage = Page<HeapPtr, Word>;
+type LoomPage = Page<OwnerPtr, Word>;
 
 /// A block as the allocator hands it out: 16-byte aligned (the low bits of
 /// `remote_free` carry the state), its first two words the free-list `Block`.
@@ -88,7 +88,7 @@ struct Slot {
 }
 
 /// The owning heap as the protocol sees it: an address it is compared by, never read.
-fn owner_heap() -> *mut Heap {
+fn owner_heap() -> *mut Owner {
     ptr::dangling_mut()
 }
 
@@ -114,13 +114,13 @@ unsafe impl Sync for World {}
 
 impl World {
     /// A page of `blocks` blocks, all handed out, with `used` as the owner keeps it
-    /// (plus `NOT_FULL` when the page is on its class list rather than the full list).
+    /// (plus `NOT_FULL_BIAS` when the page is on its class list rather than the full list).
     fn new(blocks: usize, on_full_list: bool) -> Arc<World> {
         let mut page = Box::new(Page::with_atomics(
-            HeapPtr(AtomicPtr::new(owner_heap())),
+            OwnerPtr(AtomicPtr::new(owner_heap())),
             Word(AtomicUsize::new(STATE_NONE)),
         ));
-        page.used = blocks as u32 | if on_full_list { 0 } else { NOT_FULL };
+        page.used = blocks as u32 | if on_full_list { 0 } else { NOT_FULL_BIAS };
         let slots = (0..blocks)
             .map(|_| {
                 Box::into_raw(Box::new(Slot {

@@ -1,7 +1,7 @@
 //! Memory comes back: RSS after freeing a large working set, no page churn in a
 //! one-object loop, and lean thread heaps.
 
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 use std::sync::{Arc, Barrier};
 
 fn rss_bytes() -> usize {

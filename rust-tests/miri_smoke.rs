@@ -8,7 +8,7 @@
 //! cross-thread frees (data races between the owner and remote threads), and the large
 //! object headers.
 
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 use std::ffi::c_void;
 
 fn fill(p: *mut u8, n: usize, seed: u8) {

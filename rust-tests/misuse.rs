@@ -1,7 +1,7 @@
 //! Heap misuse is stopped with an `lgmalloc:` message and SIGABRT, never silently.
 //! Each case runs in a child process (this test binary re-run with one case selected).
 
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 use std::ffi::c_void;
 use std::process::Command;
 

@@ -2,7 +2,7 @@
 //! contents, no two live blocks overlap, sizes and alignments hold, including blocks
 //! handed to another thread to free.
 
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 use std::collections::BTreeMap;
 use std::sync::mpsc;
 

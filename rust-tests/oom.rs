@@ -8,7 +8,7 @@
 //! the blocks it takes are chained through their own first words, and results go into
 //! a fixed array that is checked and printed once the limit is lifted.
 
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 use lgmalloc::os::{errno, set_errno};
 use std::ffi::c_void;
 use std::process::{Command, Stdio};

@@ -1,6 +1,6 @@
 //! Every size and alignment: blocks are big enough, aligned, disjoint and keep content.
 
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 
 fn fill(p: *mut u8, n: usize, seed: usize) {
     for i in 0..n {

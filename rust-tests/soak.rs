@@ -10,7 +10,7 @@
 //! growing in the second half of the run, and prints the figures.
 
 use lgmalloc::LgStats;
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! Threads: cross-thread frees with content checks, frees after the allocating thread
 //! exited, and thread churn that must not grow memory.
 
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier};

@@ -8,7 +8,7 @@
 use core::sync::atomic::{AtomicU8, Ordering};
 
 /// log2 of the chunk size; segments are exactly one chunk, aligned.
-pub const CHUNK_SHIFT: usize = 22;
+pub const CHUNK_SHIFT: usize = crate::geometry::SEGMENT_SHIFT;
 /// 2^47 bytes of user address space, in chunks.
 const CHUNKS: usize = 1 << (47 - CHUNK_SHIFT);
 

@@ -16,12 +16,12 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
+use crate::diag::misuse;
+use crate::geometry::SLICE_SIZE;
 use crate::lock::Locked;
-use crate::options::misuse;
-use crate::os;
-use crate::page::{self, Block, NOT_FULL, Page};
-use crate::segment::{self, SLICE_SIZE};
+use crate::page::{self, Block, NOT_FULL_BIAS, Owner, Page};
 use crate::size_class::{self, MAX_CLASSES};
+use crate::{options, os, segment, tls};
 
 /// Largest page a heap asks for while growing a class (bigger blocks get one block).
 const MAX_PAGE_BYTES: usize = 64 * 1024;
@@ -86,6 +86,52 @@ pub fn empty_heap() -> *mut Heap {
     &raw const EMPTY_HEAP as *mut Heap
 }
 
+// The thread's heap pointer, in initial-exec TLS (see `tls`): it starts at the empty
+// heap, so the fast path needs no null check; the second slot holds verify mode's real
+// heap.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+core::arch::global_asm!(
+    ".pushsection .tdata,\"awT\",@progbits",
+    ".p2align 3",
+    ".globl __lgmalloc_thread_heap",
+    ".hidden __lgmalloc_thread_heap",
+    ".type __lgmalloc_thread_heap, @object",
+    ".size __lgmalloc_thread_heap, 8",
+    "__lgmalloc_thread_heap:",
+    ".quad {empty}",
+    ".globl __lgmalloc_verify_heap",
+    ".hidden __lgmalloc_verify_heap",
+    ".type __lgmalloc_verify_heap, @object",
+    ".size __lgmalloc_verify_heap, 8",
+    "__lgmalloc_verify_heap:",
+    ".quad 0",
+    ".popsection",
+    empty = sym EMPTY_HEAP,
+);
+
+/// The heap of the calling thread (the empty heap before the thread's first malloc).
+#[inline(always)]
+pub fn thread_heap() -> *mut Heap {
+    let heap = tls::thread_heap().cast::<Heap>();
+    if tls::SLOTS_START_NULL && heap.is_null() {
+        return empty_heap();
+    }
+    heap
+}
+
+/// In verify mode the thread's real heap (the main slot then stays on the empty heap so
+/// that every allocation reaches the slow path, where it is matched to its call site).
+#[inline]
+pub fn verify_heap() -> *mut Heap {
+    tls::verify_heap().cast()
+}
+
+/// `heap` as the owner its page records store.
+#[inline(always)]
+fn owner(heap: *mut Heap) -> *mut Owner {
+    heap.cast()
+}
+
 // ---- the fast paths --------------------------------------------------------------------
 
 /// Pops a block of class `class` (chosen for a request of `size` bytes), or takes the
@@ -148,7 +194,7 @@ unsafe fn alloc_empty_or_corrupted(
 /// segments.
 #[inline(always)]
 pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
-    let heap = crate::tls::thread_heap();
+    let heap = thread_heap();
     // SAFETY: `page` is a record in our segment metadata; once `block` is known to be a
     // block start of it, its two words are ours to read and write.
     unsafe {
@@ -163,12 +209,12 @@ pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
             }
             (*b).freed_mark = mark;
         }
-        if (*page).heap.load(Ordering::Relaxed) == heap {
+        if (*page).heap.load(Ordering::Relaxed) == owner(heap) {
             (*b).next = page::encode_link((*heap).link_key, (*page).free);
             (*page).free = b;
             let used = (*page).used - 1;
             (*page).used = used;
-            if used <= NOT_FULL {
+            if used <= NOT_FULL_BIAS {
                 free_local_slow(heap, page);
             }
         } else {
@@ -231,7 +277,7 @@ unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
         // made before the class table was built: classify again once it exists.
         let h = thread_heap_or_create();
         class = size_class::size_class_of(size);
-        if crate::plan::verify() {
+        if options::verify() {
             verify_record(h, size);
         }
         h
@@ -265,16 +311,16 @@ unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
 
 /// The calling thread's heap, creating it if needed. Null when out of memory.
 pub fn thread_heap_or_create() -> *mut Heap {
-    let heap = crate::tls::thread_heap();
+    let heap = thread_heap();
     if heap != empty_heap() {
         return heap;
     }
     if !crate::init::ensure_initialized() {
         return ptr::null_mut();
     }
-    let verify = crate::plan::verify();
+    let verify = options::verify();
     if verify {
-        let real = crate::tls::verify_heap();
+        let real = verify_heap();
         if !real.is_null() {
             return real;
         }
@@ -287,9 +333,9 @@ pub fn thread_heap_or_create() -> *mut Heap {
     // allocate, and that nested call must find this heap. In verify mode the main
     // slot stays on the empty heap so every allocation is seen.
     if verify {
-        crate::tls::set_verify_heap(heap);
+        tls::set_verify_heap(heap.cast());
     } else {
-        crate::tls::set_thread_heap(heap);
+        tls::set_thread_heap(heap.cast());
     }
     crate::init::register_thread_heap(heap);
     reserve_planned_pages(heap);
@@ -308,22 +354,40 @@ pub fn verify_record(heap: *mut Heap, size: usize) {
             return;
         }
         (*heap).verifying = true;
-        crate::plan::record_call(size);
+        let hook = VERIFY_HOOK.load(Ordering::Acquire);
+        if !hook.is_null() {
+            // SAFETY: only `set_verify_hook` stores here, always a `fn(usize)`.
+            let hook: fn(usize) = core::mem::transmute::<*mut (), fn(usize)>(hook);
+            hook(size);
+        }
         (*heap).verifying = false;
     }
 }
 
-/// Gives a new heap the first pages of the classes the plan expects every thread to
-/// use, sized to the expected demand. Only address space is taken: blocks are carved
-/// (and memory touched) as the thread allocates.
+/// Verify mode's matcher, installed by the predictive runtime (which sits above this
+/// layer): told the size of every allocation made while it is set.
+static VERIFY_HOOK: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+
+/// Installs `hook` to be called with the size of each allocation in verify mode.
+pub fn set_verify_hook(hook: fn(usize)) {
+    VERIFY_HOOK.store(hook as *mut (), Ordering::Release);
+}
+
+/// Gives a new heap the first pages of the classes the class table marks as reserved
+/// (the classes the plan expects every thread to use), sized to the expected demand.
+/// Only address space is taken: blocks are carved (and memory touched) as the thread
+/// allocates.
 fn reserve_planned_pages(heap: *mut Heap) {
-    for &class in crate::plan::eager_classes() {
+    if !size_class::any_reserved() {
+        return;
+    }
+    for class in (0..size_class::class_count()).filter(|&c| size_class::class_info(c).reserved) {
         // SAFETY: `heap` is the calling thread's new heap.
         unsafe {
             if (*heap).pages[class] == empty_page() {
                 let bs = size_class::block_size(class);
                 let slices = page_slices(class, 0);
-                let page = segment::alloc_page(heap, class, bs, slices);
+                let page = segment::alloc_page(owner(heap), class, bs, slices);
                 if page.is_null() {
                     return;
                 }
@@ -349,7 +413,7 @@ unsafe fn find_page(heap: *mut Heap, class: usize) -> *mut Page {
             }
             // Nothing on our list: adopt a page of an exited thread (it goes through
             // the same checks), or make a new one.
-            let adopted = segment::adopt_page(heap, class);
+            let adopted = segment::adopt_page(owner(heap), class);
             if adopted.is_null() {
                 return new_page(heap, class);
             }
@@ -409,7 +473,7 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
         let growth = (*heap).page_growth[class];
         let slices = page_slices(class, growth);
         let bs = size_class::block_size(class);
-        let page = segment::alloc_page(heap, class, bs, slices);
+        let page = segment::alloc_page(owner(heap), class, bs, slices);
         if page.is_null() {
             return page;
         }
@@ -461,7 +525,7 @@ unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page) {
 unsafe fn free_remote(page: *mut Page, block: *mut Block) {
     // SAFETY: the caller gives up `block`, a live block of `page`.
     unsafe {
-        let owner = page::push_remote(page, block);
+        let owner = page::push_remote(page, block).cast::<Heap>();
         if !owner.is_null() {
             // The page was full and watched: hand the block to its owner directly.
             let list = &(*owner).delayed_free;
@@ -498,7 +562,7 @@ unsafe fn drain_delayed(heap: *mut Heap) {
             (*b).next = page::encode_link((*heap).link_key, (*page).free);
             (*page).free = b;
             (*page).used -= 1;
-            if (*page).used <= NOT_FULL {
+            if (*page).used <= NOT_FULL_BIAS {
                 free_local_slow(heap, page);
             }
             b = next;
@@ -593,7 +657,7 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
 unsafe fn full_push(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
-        (*page).used &= !NOT_FULL;
+        (*page).used &= !NOT_FULL_BIAS;
         (*page).prev = ptr::null_mut();
         (*page).next = (*heap).full;
         if !(*heap).full.is_null() {
@@ -608,7 +672,7 @@ unsafe fn full_push(heap: *mut Heap, page: *mut Page) {
 unsafe fn full_remove(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
-        (*page).used |= NOT_FULL;
+        (*page).used |= NOT_FULL_BIAS;
         let (prev, next) = ((*page).prev, (*page).next);
         if prev.is_null() {
             (*heap).full = next;
@@ -661,8 +725,8 @@ pub unsafe fn abandon(heap: *mut Heap) {
                 }
             }
         }
-        crate::tls::set_thread_heap(empty_heap());
-        crate::tls::set_verify_heap(ptr::null_mut());
+        tls::set_thread_heap(empty_heap().cast());
+        tls::set_verify_heap(ptr::null_mut());
         pool_give(heap);
     }
     segment::sweep_some();
@@ -835,7 +899,7 @@ pub fn class_coverage(using: &mut [u64; MAX_CLASSES]) -> u64 {
 
 /// Collects everything pending for the calling thread's heap (for `lg_trim`).
 pub fn collect_own() {
-    let heap = crate::tls::thread_heap();
+    let heap = thread_heap();
     if heap == empty_heap() {
         return;
     }

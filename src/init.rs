@@ -6,10 +6,10 @@
 //! `pthread_setspecific`), the core is already usable, so those nested calls are served
 //! normally; other threads wait.
 
-use core::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use crate::heap::{self, Heap};
-use crate::{options, os, segment, size_class};
+use crate::{diag, large, options, secret, segment, size_class};
 
 const UNINIT: u8 = 0;
 const CORE_READY: u8 = 1;
@@ -17,7 +17,6 @@ const READY: u8 = 2;
 
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
 static INIT_THREAD: AtomicUsize = AtomicUsize::new(0);
-static SECRET: AtomicU64 = AtomicU64::new(0);
 /// `pthread_key_t + 1` once the thread-exit key exists (0 before).
 static EXIT_KEY: AtomicUsize = AtomicUsize::new(0);
 
@@ -57,9 +56,11 @@ fn initialize() -> bool {
 /// Steps that never call back into malloc.
 fn init_core() {
     size_class::init();
-    SECRET.store(os::random_u64(), Ordering::Relaxed);
+    secret::init();
     options::init();
-    crate::plan::read_options();
+    if options::show_stats() {
+        diag::keep_stderr_copy();
+    }
 }
 
 /// Steps that may allocate (served by the already usable core).
@@ -71,21 +72,11 @@ fn init_process_hooks() {
     }
     // SAFETY: the handlers are plain functions valid for the whole process.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
-    if options::show_stats() {
-        // SAFETY: registers a plain function.
-        unsafe { libc::atexit(print_stats_at_exit) };
-    }
     // The initialising thread may already have a heap (its first malloc got us here).
-    let heap = crate::tls::thread_heap();
+    let heap = heap::thread_heap();
     if heap != heap::empty_heap() {
         register_thread_heap(heap);
     }
-}
-
-/// The per-process secret (hardening and check words). Non-zero once initialised.
-#[inline]
-pub fn secret() -> usize {
-    SECRET.load(Ordering::Relaxed) as usize
 }
 
 /// Arranges for `heap` to be abandoned when the calling thread exits.
@@ -99,7 +90,7 @@ pub fn register_thread_heap(heap: *mut Heap) {
 
 extern "C" fn thread_exit(value: *mut libc::c_void) {
     let heap = value.cast::<Heap>();
-    if heap.is_null() || (heap != crate::tls::thread_heap() && heap != crate::tls::verify_heap()) {
+    if heap.is_null() || (heap != heap::thread_heap() && heap != heap::verify_heap()) {
         return;
     }
     // SAFETY: the value is the exiting thread's own live heap.
@@ -111,21 +102,17 @@ extern "C" fn thread_exit(value: *mut libc::c_void) {
 extern "C" fn fork_prepare() {
     heap::lock_for_fork();
     segment::lock_for_fork();
-    crate::large::lock_for_fork();
+    large::lock_for_fork();
 }
 
 extern "C" fn fork_parent() {
-    crate::large::unlock_after_fork(false);
+    large::unlock_after_fork(false);
     segment::unlock_after_fork(false);
     heap::unlock_after_fork(false);
 }
 
 extern "C" fn fork_child() {
-    crate::large::unlock_after_fork(true);
+    large::unlock_after_fork(true);
     segment::unlock_after_fork(true);
     heap::unlock_after_fork(true);
-}
-
-extern "C" fn print_stats_at_exit() {
-    crate::stats::print_summary();
 }

@@ -213,7 +213,7 @@ pub static LIVE_COUNT: AtomicUsize = AtomicUsize::new(0);
 pub static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 fn check_word(user: usize) -> usize {
-    user ^ crate::init::secret()
+    user ^ crate::secret::get()
 }
 
 #[inline]
@@ -222,12 +222,8 @@ fn header_of(user: usize) -> *mut Header {
 }
 
 /// Allocates `size` bytes aligned to `align` (any power of two). Null + ENOMEM on
-/// failure.
+/// failure. The caller has initialised the allocator (the check word needs the secret).
 pub fn alloc(size: usize, align: usize) -> *mut u8 {
-    if !crate::init::ensure_initialized() {
-        os::set_errno(libc::ENOMEM);
-        return ptr::null_mut();
-    }
     let align = align.max(OS_PAGE_SIZE);
     let user = if align < CHUNK {
         map_below_chunk(size, align)
@@ -235,7 +231,7 @@ pub fn alloc(size: usize, align: usize) -> *mut u8 {
         map_chunk_aligned(size, align)
     };
     if user == 0 {
-        crate::options::report_os_failure(size);
+        crate::diag::report_os_failure(size);
         os::set_errno(libc::ENOMEM);
         return ptr::null_mut();
     }

@@ -1,34 +1,68 @@
-//! Options read from the environment at start-up, without allocating, and the
-//! allocator's own diagnostics (written with `write(2)`, never through stdio).
+//! Every `LGMALLOC_*` variable, read once at initialisation without allocating
+//! (`getenv` returns a pointer into `environ`).
+//!
+//! In secure-execution mode (a setuid, setgid or file-capability program; see
+//! [`os::secure_execution`]) the environment belongs to a less privileged caller: no
+//! variable is read and every option keeps its default, as glibc ignores its own
+//! `MALLOC_*` variables there.
 
-use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
+use crate::os;
+
+/// What the predictive runtime does (`LGMALLOC_PREDICT`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum PredictMode {
+    /// `0`: the plain allocator, no analysis.
+    Off = 0,
+    /// `analyze`: obtain the plan, then ignore it (measures its cost).
+    AnalyzeOnly = 1,
+    /// The default: analyse and shape the heap.
+    Predict = 2,
+    /// `naive`: no analysis; reserve the smallest classes in every heap (a baseline).
+    Naive = 3,
+}
+
+/// CPU time the analyses of a cold start may take, all modules together, by default.
+const DEFAULT_BUDGET_US: u64 = 2_000;
+
+static SECURE: AtomicBool = AtomicBool::new(false);
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 static SHOW_STATS: AtomicBool = AtomicBool::new(false);
-/// Where diagnostics go: a duplicate of stderr taken at start-up, so the summary at
-/// exit still reaches the terminal when the program closed its stderr (coreutils do).
-static DIAG_FD: AtomicI32 = AtomicI32::new(2);
+static VERIFY: AtomicBool = AtomicBool::new(false);
+static LEARN: AtomicBool = AtomicBool::new(true);
+static PREDICT: AtomicU8 = AtomicU8::new(PredictMode::Predict as u8);
+static BUDGET_US: AtomicU64 = AtomicU64::new(DEFAULT_BUDGET_US);
 
-/// Reads `LGMALLOC_*` variables. `getenv` does not allocate.
+/// Reads the variables (initialisation, before threads allocate).
 pub fn init() {
+    if os::secure_execution() {
+        SECURE.store(true, Ordering::Relaxed);
+        return;
+    }
     VERBOSE.store(flag("LGMALLOC_VERBOSE\0"), Ordering::Relaxed);
     SHOW_STATS.store(flag("LGMALLOC_SHOW_STATS\0"), Ordering::Relaxed);
-    if show_stats() {
-        // SAFETY: fcntl on fd 2 has no memory effects; failure leaves fd 2 in use.
-        let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 64) };
-        if fd >= 0 {
-            DIAG_FD.store(fd, Ordering::Relaxed);
-        }
+    VERIFY.store(flag("LGMALLOC_VERIFY\0"), Ordering::Relaxed);
+    let learn = !matches!(var("LGMALLOC_LEARN\0"), Some(b"0" | b"off" | b"no"));
+    LEARN.store(learn, Ordering::Relaxed);
+    let mode = match var("LGMALLOC_PREDICT\0") {
+        Some(b"0" | b"off" | b"no" | b"false") => PredictMode::Off,
+        Some(b"analyze") => PredictMode::AnalyzeOnly,
+        Some(b"naive") => PredictMode::Naive,
+        _ => PredictMode::Predict,
+    };
+    PREDICT.store(mode as u8, Ordering::Relaxed);
+    if let Some(ms) = var("LGMALLOC_ANALYSIS_BUDGET_MS\0")
+        .and_then(|v| core::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        BUDGET_US.store(ms.saturating_mul(1000), Ordering::Relaxed);
     }
 }
 
-/// The descriptor diagnostics are written to.
-pub fn diag_fd() -> i32 {
-    DIAG_FD.load(Ordering::Relaxed)
-}
-
 /// True when the variable is set to something other than empty, `0`, `no` or `off`.
-pub fn flag(name_nul: &str) -> bool {
+fn flag(name_nul: &str) -> bool {
     match var(name_nul) {
         Some(v) => !matches!(v, b"" | b"0" | b"no" | b"off" | b"false"),
         None => false,
@@ -36,7 +70,7 @@ pub fn flag(name_nul: &str) -> bool {
 }
 
 /// The value of an environment variable (name must end in NUL), borrowed from environ.
-pub fn var(name_nul: &str) -> Option<&'static [u8]> {
+fn var(name_nul: &str) -> Option<&'static [u8]> {
     // SAFETY: the name is NUL-terminated; getenv returns null or a C string that stays
     // valid as long as nobody modifies the environment (start-up reads only).
     unsafe {
@@ -48,79 +82,44 @@ pub fn var(name_nul: &str) -> Option<&'static [u8]> {
     }
 }
 
+/// Secure-execution mode: the environment was ignored, and nothing may be written on the
+/// caller's behalf (no cache, no analysis child, no diagnostics but misuse aborts).
+pub fn secure() -> bool {
+    SECURE.load(Ordering::Relaxed)
+}
+
+/// `LGMALLOC_VERBOSE`: report notable events on stderr.
 pub fn verbose() -> bool {
     VERBOSE.load(Ordering::Relaxed)
 }
 
+/// `LGMALLOC_SHOW_STATS`: print a summary at exit.
 pub fn show_stats() -> bool {
     SHOW_STATS.load(Ordering::Relaxed)
 }
 
-/// A fixed-size text buffer for messages: formatting never allocates.
-pub struct Message {
-    buf: [u8; 512],
-    len: usize,
+/// `LGMALLOC_VERIFY`: every allocation takes the slow path and is matched to its site.
+#[inline]
+pub fn verify() -> bool {
+    VERIFY.load(Ordering::Relaxed)
 }
 
-impl Message {
-    pub const fn new() -> Self {
-        Message {
-            buf: [0; 512],
-            len: 0,
-        }
-    }
-    pub fn as_bytes(&self) -> &[u8] {
-        self.buf.get(..self.len).unwrap_or(&[])
-    }
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
+/// `LGMALLOC_LEARN` (default on): plan from what earlier runs observed, and record it.
+pub fn learn() -> bool {
+    LEARN.load(Ordering::Relaxed)
 }
 
-impl Default for Message {
-    fn default() -> Self {
-        Self::new()
+/// `LGMALLOC_PREDICT`.
+pub fn predict_mode() -> PredictMode {
+    match PREDICT.load(Ordering::Relaxed) {
+        0 => PredictMode::Off,
+        1 => PredictMode::AnalyzeOnly,
+        3 => PredictMode::Naive,
+        _ => PredictMode::Predict,
     }
 }
 
-impl core::fmt::Write for Message {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let room = self.buf.len() - self.len;
-        let n = s.len().min(room);
-        if let (Some(dst), Some(src)) = (
-            self.buf.get_mut(self.len..self.len + n),
-            s.as_bytes().get(..n),
-        ) {
-            dst.copy_from_slice(src);
-            self.len += n;
-        }
-        Ok(())
-    }
-}
-
-/// Heap misuse: report `lgmalloc: <what> at <address>` and abort. Continuing would
-/// corrupt memory far from the bug.
-#[cold]
-#[inline(never)]
-pub fn misuse(what: &str, addr: usize) -> ! {
-    use core::fmt::Write;
-    let mut m = Message::new();
-    let _ = writeln!(m, "lgmalloc: {what} at {addr:#x}");
-    crate::os::write_stderr(m.as_bytes());
-    // SAFETY: abort has no preconditions.
-    unsafe { libc::abort() }
-}
-
-/// Notes an OS refusal to map memory when verbose (the caller returns ENOMEM).
-#[cold]
-pub fn report_os_failure(bytes: usize) {
-    if verbose() {
-        use core::fmt::Write;
-        let mut m = Message::new();
-        let _ = writeln!(
-            m,
-            "lgmalloc: the OS refused {bytes} bytes of memory (ENOMEM)"
-        );
-        crate::os::write_stderr(m.as_bytes());
-    }
+/// `LGMALLOC_ANALYSIS_BUDGET_MS`, in microseconds of CPU time.
+pub fn analysis_budget_us() -> u64 {
+    BUDGET_US.load(Ordering::Relaxed)
 }

@@ -180,11 +180,6 @@ pub fn errno() -> i32 {
     unsafe { *libc::__errno_location() }
 }
 
-/// Writes a message to stderr without allocating.
-pub fn write_stderr(bytes: &[u8]) {
-    write_fd(crate::options::diag_fd(), bytes);
-}
-
 /// Writes all of `bytes` to `fd`, without allocating.
 pub fn write_fd(fd: i32, bytes: &[u8]) {
     let mut rest = bytes;

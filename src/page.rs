@@ -19,8 +19,8 @@
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
-use crate::heap::Heap;
-use crate::segment;
+use crate::geometry::{SEGMENT_MASK, SEGMENT_SHIFT, SLICE_SHIFT, SLICE_SIZE, segment_base};
+use crate::size_class;
 
 /// A free block: its first word links to the next free block; the second holds
 /// [`freed_mark`] while it is free (and zero once handed out), which is how a second
@@ -36,12 +36,12 @@ pub const HARDENED: bool = cfg!(feature = "hardened");
 
 /// The key links are encoded with: the per-process secret with its top bit set (so a
 /// link overwritten with zero never decodes into a segment). Every heap keeps a copy
-/// (`Heap::link_key`), which the fast paths read from the heap they already hold
+/// (`heap::Heap::link_key`), which the fast paths read from the heap they already hold
 /// instead of loading the secret through the GOT. Zero unless hardened.
 #[inline(always)]
 pub fn link_key() -> usize {
     if HARDENED {
-        crate::init::secret() | 1 << (usize::BITS - 1)
+        crate::secret::get() | 1 << (usize::BITS - 1)
     } else {
         0
     }
@@ -78,14 +78,14 @@ pub unsafe fn next_free(key: usize, b: *mut Block) -> *mut Block {
 /// the program instead.
 #[inline(always)]
 pub fn is_in_page_segment(page: *const Page, block: *mut Block) -> bool {
-    ((block as usize) ^ (page as usize)) >> segment::SEGMENT_SHIFT == 0
+    ((block as usize) ^ (page as usize)) >> SEGMENT_SHIFT == 0
 }
 
 /// Stops the program: a free list led to `block`, which is no block of the page.
 #[cold]
 #[inline(never)]
 pub fn corrupted_link(block: *mut Block) -> ! {
-    crate::options::misuse("corrupted free list (use after free?)", block as usize)
+    crate::diag::misuse("corrupted free list (use after free?)", block as usize)
 }
 
 /// The mark a free block carries: its address mixed with its page's divisibility
@@ -93,13 +93,13 @@ pub fn corrupted_link(block: *mut Block) -> ! {
 /// accident, at the cost of one register operation on the free path.
 ///
 /// # Safety
-/// `page` is a live page record (any thread may call this: `magic` only changes while
+/// `page` is a live page record (any thread may call this: `div_magic` only changes while
 /// no block of the page is live).
 #[inline(always)]
 pub unsafe fn freed_mark(page: *const Page, addr: usize) -> usize {
     // SAFETY: per the contract; read through the raw pointer, without a reference to
     // the record the owner is writing.
-    addr ^ unsafe { (*page).magic } as usize
+    addr ^ unsafe { (*page).div_magic } as usize
 }
 
 pub const STATE_NONE: usize = 0;
@@ -108,9 +108,9 @@ pub const STATE_FREEING: usize = 2;
 const STATE_MASK: usize = 3;
 
 /// Added to `Page::used` while the page is *not* on its heap's full list. The free fast
-/// path then needs one comparison after decrementing: a result of at most `NOT_FULL`
+/// path then needs one comparison after decrementing: a result of at most `NOT_FULL_BIAS`
 /// means "now empty" or "on the full list", the two cases that need the slow path.
-pub const NOT_FULL: u32 = 1 << 31;
+pub const NOT_FULL_BIAS: u32 = 1 << 31;
 /// Span flag: this is the head of a free span of slices (not a page).
 pub const FLAG_FREE_SPAN: u8 = 2;
 /// Span flag: the free span's memory may still be resident (not yet decommitted).
@@ -176,14 +176,21 @@ impl RemoteWord for AtomicUsize {
     }
 }
 
-/// The atomic read of `Page::heap` the remote-free protocol performs (see [`RemoteWord`]).
-pub trait HeapSlot {
-    fn load(&self, order: Ordering) -> *mut Heap;
+/// The heap that owns a page, as this layer sees it: an address to store, compare and
+/// hand back, never dereferenced here. The heap layer (`heap::Heap`) is behind it.
+#[repr(C)]
+pub struct Owner {
+    _opaque: [u8; 0],
 }
 
-impl HeapSlot for AtomicPtr<Heap> {
+/// The atomic read of `Page::heap` the remote-free protocol performs (see [`RemoteWord`]).
+pub trait OwnerSlot {
+    fn load(&self, order: Ordering) -> *mut Owner;
+}
+
+impl OwnerSlot for AtomicPtr<Owner> {
     #[inline(always)]
-    fn load(&self, order: Ordering) -> *mut Heap {
+    fn load(&self, order: Ordering) -> *mut Owner {
         AtomicPtr::load(self, order)
     }
 }
@@ -193,13 +200,13 @@ impl HeapSlot for AtomicPtr<Heap> {
 /// never share a cache line.
 ///
 /// The allocator only uses the default parameters (`Page` is
-/// `Page<AtomicPtr<Heap>, AtomicUsize>`); other atomics are for the loom models.
+/// `Page<AtomicPtr<Owner>, AtomicUsize>`); other atomics are for the loom models.
 #[repr(C, align(64))]
-pub struct Page<H = AtomicPtr<Heap>, R = AtomicUsize> {
+pub struct Page<H = AtomicPtr<Owner>, R = AtomicUsize> {
     /// Owner-only: blocks ready to hand out.
     pub free: *mut Block,
     /// Owner-only: blocks handed out and not yet back on `free` (includes blocks
-    /// waiting on `remote_free`), plus [`NOT_FULL`] unless the page is on the full list.
+    /// waiting on `remote_free`), plus [`NOT_FULL_BIAS`] unless the page is on the full list.
     /// Read it through [`Page::used`] and [`Page::in_full`].
     pub used: u32,
     /// Bytes carved into blocks from the page start so far (the rest is untouched).
@@ -218,7 +225,7 @@ pub struct Page<H = AtomicPtr<Heap>, R = AtomicUsize> {
     /// The class's divisibility constant (`size_class::div_magic`), kept here so the
     /// free path checks block starts without touching the class table; zero for free
     /// spans and metadata, which no offset passes.
-    pub magic: u64,
+    pub div_magic: u64,
     /// The owning heap; null while abandoned or free.
     pub heap: H,
     /// Blocks freed by other threads, plus the notification state in the low bits.
@@ -241,13 +248,13 @@ impl Page {
     /// First slice of the page (or span) in its segment.
     #[inline]
     pub fn slice_index(&self) -> usize {
-        (self.start_offset >> segment::SLICE_SHIFT) as usize
+        (self.start_offset >> SLICE_SHIFT) as usize
     }
 
     /// Bytes per block.
     #[inline]
     pub fn block_size(&self) -> usize {
-        crate::size_class::block_size(self.class as usize)
+        size_class::block_size(self.class as usize)
     }
 
     /// Bytes of the page that hold whole blocks.
@@ -257,16 +264,16 @@ impl Page {
         (self.bytes() / bs * bs) as u32
     }
 
-    /// Address of the first block.
+    /// Address of the first block (the record lives in the same segment as its page).
     #[inline]
     pub fn start(&self) -> *mut u8 {
-        segment::slice_address(self)
+        (segment_base(self as *const Page as usize) + self.start_offset as usize) as *mut u8
     }
 
     /// Bytes the page covers.
     #[inline]
     pub fn bytes(&self) -> usize {
-        (self.slice_count as usize) << segment::SLICE_SHIFT
+        (self.slice_count as usize) << SLICE_SHIFT
     }
 }
 
@@ -281,7 +288,7 @@ impl<H, R> Page<H, R> {
             class: 0,
             flags: 0,
             slice_count: 0,
-            magic: 0,
+            div_magic: 0,
             heap,
             remote_free,
             next: ptr::null_mut(),
@@ -292,13 +299,13 @@ impl<H, R> Page<H, R> {
     /// Blocks in use (or waiting on the remote list).
     #[inline]
     pub fn used(&self) -> u32 {
-        self.used & !NOT_FULL
+        self.used & !NOT_FULL_BIAS
     }
 
     /// True while the page sits on its heap's full list.
     #[inline]
     pub fn in_full(&self) -> bool {
-        self.used & NOT_FULL == 0
+        self.used & NOT_FULL_BIAS == 0
     }
 }
 
@@ -310,14 +317,14 @@ impl<H, R> Page<H, R> {
 ///
 /// # Safety
 /// `page` heads a span the region just handed to the calling thread.
-pub unsafe fn init_page(page: *mut Page, heap: *mut Heap, class: usize) {
+pub unsafe fn init_page(page: *mut Page, heap: *mut Owner, class: usize) {
     // SAFETY: per the contract the owner-side fields are the caller's; fields are
     // written one by one through the raw pointer, so no reference covers `flags`.
     unsafe {
         (*page).free = ptr::null_mut();
-        (*page).used = NOT_FULL;
+        (*page).used = NOT_FULL_BIAS;
         (*page).carved.store(0, Ordering::Relaxed);
-        (*page).magic = crate::size_class::div_magic_of(class);
+        (*page).div_magic = size_class::div_magic_of(class);
         (*page).class = class as u8;
         (*page).heap.store(heap, Ordering::Release);
         (*page).remote_free.store(0, Ordering::Relaxed);
@@ -348,11 +355,11 @@ pub unsafe fn extend(page: *mut Page) {
         return;
     }
     let key = link_key();
-    // SAFETY: reading `magic` of our own page.
-    let magic = unsafe { (*page).magic } as usize;
+    // SAFETY: reading `div_magic` of our own page.
+    let magic = unsafe { (*page).div_magic } as usize;
     // One slice worth at a time: a thread that holds a few blocks touches (and keeps
     // resident) only what it uses, even when its page was planned large.
-    let n = (segment::SLICE_SIZE / bs).clamp(1, remaining);
+    let n = (SLICE_SIZE / bs).clamp(1, remaining);
     let first = start.wrapping_add(carved as usize);
     let mut cur = first;
     for _ in 1..n {
@@ -401,10 +408,10 @@ pub unsafe fn is_block_start(page: *const Page, addr: usize) -> bool {
         (
             (*page).start_offset,
             (*page).carved.load(Ordering::Relaxed),
-            (*page).magic,
+            (*page).div_magic,
         )
     };
-    let offset = (addr & (segment::SEGMENT_SIZE - 1)).wrapping_sub(start_offset as usize);
+    let offset = (addr & SEGMENT_MASK).wrapping_sub(start_offset as usize);
     offset < carved as usize && (offset as u64).wrapping_mul(magic) < magic
 }
 
@@ -443,7 +450,7 @@ pub unsafe fn collect_remote<H, R: RemoteWord>(page: *mut Page<H, R>) -> u32 {
         (*tail).next = encode_link(key, (*page).free);
         (*page).free = head;
         let used = (*page).used;
-        (*page).used = used - count.min(used & !NOT_FULL);
+        (*page).used = used - count.min(used & !NOT_FULL_BIAS);
     }
     count
 }
@@ -458,10 +465,10 @@ pub unsafe fn collect_remote<H, R: RemoteWord>(page: *mut Page<H, R>) -> u32 {
 /// # Safety
 /// `page` is a live record and `block` a live block of it that the caller gives up.
 #[inline]
-pub unsafe fn push_remote<H: HeapSlot, R: RemoteWord>(
+pub unsafe fn push_remote<H: OwnerSlot, R: RemoteWord>(
     page: *const Page<H, R>,
     block: *mut Block,
-) -> *mut Heap {
+) -> *mut Owner {
     // SAFETY: per the contract; references to the atomic fields only.
     let (remote, heap) = unsafe { (&(*page).remote_free, &(*page).heap) };
     let mut cur = remote.load(Ordering::Relaxed);

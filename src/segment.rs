@@ -15,19 +15,12 @@
 use core::ptr;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::chunk_map::{self, CHUNK_SHIFT, KIND_NONE, KIND_SEGMENT};
-use crate::heap::Heap;
+use crate::chunk_map::{self, KIND_NONE, KIND_SEGMENT};
+use crate::geometry::{SEGMENT_SIZE, SLICE_SHIFT, SLICE_SIZE, SLICES, segment_base};
 use crate::lock::Locked;
 use crate::os;
-use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, Page};
+use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, Owner, Page};
 use crate::size_class::MAX_CLASSES;
-
-pub const SEGMENT_SHIFT: usize = CHUNK_SHIFT;
-pub const SEGMENT_SIZE: usize = 1 << SEGMENT_SHIFT;
-const SEGMENT_MASK: usize = SEGMENT_SIZE - 1;
-pub const SLICE_SHIFT: usize = 10;
-pub const SLICE_SIZE: usize = 1 << SLICE_SHIFT;
-pub const SLICES: usize = SEGMENT_SIZE / SLICE_SIZE;
 
 /// Per slice, the byte offset (from the segment base) of the record of the page that
 /// holds the slice: storing the offset rather than an index saves the free path a shift.
@@ -53,11 +46,6 @@ struct Segment {
 const _: () = assert!(core::mem::size_of::<Segment>() <= SLICE_HEAD_OFFSET);
 const _: () = assert!(core::mem::size_of::<Page>() == 64);
 const _: () = assert!(PAGES_OFFSET.is_multiple_of(64));
-
-#[inline(always)]
-fn segment_base(addr: usize) -> usize {
-    addr & !SEGMENT_MASK
-}
 
 #[inline(always)]
 fn slice_heads(seg: usize) -> *mut u32 {
@@ -98,13 +86,6 @@ pub fn page_of(addr: usize) -> *mut Page {
     // SAFETY: the chunk map said this chunk is a segment, so its slice-head map is
     // mapped; `slice < SLICES`.
     unsafe { head_page(seg, slice) }
-}
-
-/// The first address covered by a page record.
-#[inline]
-pub fn slice_address(page: &Page) -> *mut u8 {
-    let seg = segment_base(page as *const Page as usize);
-    (seg + page.start_offset as usize) as *mut u8
 }
 
 /// Slices a page of `block_size` should be aligned to, so that every block is aligned
@@ -211,7 +192,7 @@ impl RegionInner {
             (*head).start_offset = (start << SLICE_SHIFT) as u32;
             (*head).slice_count = count as u16;
             (*head).carved.store(0, Ordering::Relaxed);
-            (*head).magic = 0;
+            (*head).div_magic = 0;
             (*head).heap.store(ptr::null_mut(), Ordering::Relaxed);
             set_head(seg, start, start);
             set_head(seg, start + count - 1, start);
@@ -300,7 +281,7 @@ impl RegionInner {
     fn add_segment(&mut self) -> bool {
         let base = os::map_aligned(SEGMENT_SIZE, SEGMENT_SIZE);
         if base.is_null() {
-            crate::options::report_os_failure(SEGMENT_SIZE);
+            crate::diag::report_os_failure(SEGMENT_SIZE);
             return false;
         }
         let seg = base as usize;
@@ -343,7 +324,7 @@ impl RegionInner {
             // Slices of a free span may still map to this record: make sure no pointer
             // into them passes as a block from now on.
             (*page).carved.store(0, Ordering::Relaxed);
-            (*page).magic = 0;
+            (*page).div_magic = 0;
             (*(seg as *mut Segment)).used_slices -= count;
             let mut dirty = true;
             let end = start + count;
@@ -406,7 +387,7 @@ impl RegionInner {
                 unsafe {
                     if (*p).flags & FLAG_DIRTY != 0 {
                         let bytes = ((*p).slice_count as usize) << SLICE_SHIFT;
-                        returned += os::decommit(slice_address(&*p), bytes);
+                        returned += os::decommit((*p).start(), bytes);
                         (*p).flags &= !FLAG_DIRTY;
                         self.dirty_bytes -= bytes;
                         CLEAN_FREE_BYTES.fetch_add(bytes, Ordering::Relaxed);
@@ -450,7 +431,7 @@ impl RegionInner {
 
 /// A fresh page of `slices` slices for `class`, owned by `heap`, aligned for its block
 /// size. Null when the OS has no memory left.
-pub fn alloc_page(heap: *mut Heap, class: usize, block_size: usize, slices: usize) -> *mut Page {
+pub fn alloc_page(heap: *mut Owner, class: usize, block_size: usize, slices: usize) -> *mut Page {
     let align = span_alignment(block_size);
     let page = with_region(|r| {
         let mut p = r.take_span(slices, align);
@@ -504,7 +485,7 @@ pub unsafe fn abandon_page(page: *mut Page) {
 
 /// Hands an abandoned page of `class` to `heap`, freeing abandoned pages of that class
 /// that turned out empty on the way. Null when none is left.
-pub fn adopt_page(heap: *mut Heap, class: usize) -> *mut Page {
+pub fn adopt_page(heap: *mut Owner, class: usize) -> *mut Page {
     with_region(|r| {
         loop {
             let Some(list) = r.abandoned.get_mut(class) else {

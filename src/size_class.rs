@@ -32,6 +32,26 @@ pub struct ClassInfo {
     pub first_page_blocks: u32,
     /// True for an exact-fit class added by the predictive plan.
     pub predicted: bool,
+    /// True when every new thread heap takes a first page of this class up front (the
+    /// plan expects every thread to use it).
+    pub reserved: bool,
+}
+
+impl ClassInfo {
+    const NONE: ClassInfo = ClassInfo {
+        block_size: 0,
+        first_page_blocks: 0,
+        predicted: false,
+        reserved: false,
+    };
+
+    fn standard(block_size: usize) -> ClassInfo {
+        ClassInfo {
+            block_size: block_size as u32,
+            first_page_blocks: default_first_page_blocks(block_size),
+            ..ClassInfo::NONE
+        }
+    }
 }
 
 struct Tables {
@@ -41,6 +61,8 @@ struct Tables {
     div_magic: [u64; MAX_CLASSES],
     classes: [ClassInfo; MAX_CLASSES],
     count: usize,
+    /// Some class is reserved (saves new heaps a walk over the table when none is).
+    any_reserved: bool,
 }
 
 struct TableCell(UnsafeCell<Tables>);
@@ -51,12 +73,9 @@ unsafe impl Sync for TableCell {}
 static TABLES: TableCell = TableCell(UnsafeCell::new(Tables {
     class_of_small: [0; TABLE_LEN],
     div_magic: [0; MAX_CLASSES],
-    classes: [ClassInfo {
-        block_size: 0,
-        first_page_blocks: 0,
-        predicted: false,
-    }; MAX_CLASSES],
+    classes: [ClassInfo::NONE; MAX_CLASSES],
     count: 0,
+    any_reserved: false,
 }));
 
 #[inline(always)]
@@ -88,11 +107,7 @@ pub fn init() {
     let t = unsafe { &mut *TABLES.0.get() };
     for i in 0..STANDARD_CLASSES {
         let size = standard_size(i);
-        t.classes[i] = ClassInfo {
-            block_size: size as u32,
-            first_page_blocks: default_first_page_blocks(size),
-            predicted: false,
-        };
+        t.classes[i] = ClassInfo::standard(size);
         t.div_magic[i] = div_magic(size);
     }
     t.count = STANDARD_CLASSES;
@@ -137,10 +152,11 @@ pub fn add_exact_class(size: usize, first_page_blocks: u32) -> Option<usize> {
     if count >= MAX_CLASSES {
         return None;
     }
+    let standard = ClassInfo::standard(size);
     t.classes[count] = ClassInfo {
-        block_size: size as u32,
-        first_page_blocks: first_page_blocks.max(default_first_page_blocks(size)),
+        first_page_blocks: first_page_blocks.max(standard.first_page_blocks),
         predicted: true,
+        ..standard
     };
     t.div_magic[count] = div_magic(size);
     t.count = count + 1;
@@ -162,6 +178,22 @@ pub fn set_first_page_blocks(class: usize, blocks: u32) {
     if let Some(c) = t.classes.get_mut(class) {
         c.first_page_blocks = c.first_page_blocks.max(blocks);
     }
+}
+
+/// Marks `class` as reserved in every new thread heap (start-up only).
+pub fn set_reserved(class: usize) {
+    // SAFETY: start-up only, see `TableCell`.
+    let t = unsafe { &mut *TABLES.0.get() };
+    if let Some(c) = t.classes.get_mut(class) {
+        c.reserved = true;
+        t.any_reserved = true;
+    }
+}
+
+/// True when some class is reserved in every new thread heap.
+#[inline]
+pub fn any_reserved() -> bool {
+    tables().any_reserved
 }
 
 fn div_magic(block_size: usize) -> u64 {
@@ -216,11 +248,7 @@ pub fn block_size(c: usize) -> usize {
 /// Full description of class `c`.
 #[inline]
 pub fn class_info(c: usize) -> ClassInfo {
-    tables().classes.get(c).copied().unwrap_or(ClassInfo {
-        block_size: 0,
-        first_page_blocks: 0,
-        predicted: false,
-    })
+    tables().classes.get(c).copied().unwrap_or(ClassInfo::NONE)
 }
 
 /// How many classes exist now.

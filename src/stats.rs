@@ -5,12 +5,12 @@
 //! with the locks of the heap pool and the region held; owner-written words are read as
 //! a racy snapshot.
 
-use core::fmt::Write;
+use core::ffi::{c_char, c_int};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::options::Message;
+use crate::diag::diag;
 use crate::size_class::{self, MAX_CLASSES};
-use crate::{heap, large, os, segment};
+use crate::{heap, init, large, options, segment};
 
 /// Number of entries in [`LgStats::classes`].
 pub const LG_MAX_CLASSES: usize = 112;
@@ -126,36 +126,60 @@ fn kib(bytes: u64) -> u64 {
 pub fn print_summary() {
     let mut s = LgStats::default();
     collect(&mut s);
-    let mut m = Message::new();
-    let _ = writeln!(
-        m,
+    diag!(
         "lgmalloc: stats: allocated {} KiB, committed {} KiB (peak {} KiB), reserved {} KiB",
         kib(s.bytes_allocated),
         kib(s.bytes_committed),
         kib(s.peak_bytes_committed),
         kib(s.bytes_reserved)
     );
-    let _ = writeln!(
-        m,
+    diag!(
         "lgmalloc: stats: {} allocations, {} frees, {} live heaps, {} live large objects",
-        s.alloc_count, s.free_count, s.live_heaps, s.large_live
+        s.alloc_count,
+        s.free_count,
+        s.live_heaps,
+        s.large_live
     );
-    let _ = writeln!(
-        m,
+    diag!(
         "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}",
-        "class", "allocs", "live", "pages"
+        "class",
+        "allocs",
+        "live",
+        "pages"
     );
-    os::write_stderr(m.as_bytes());
     for c in s.classes.iter().take(s.class_count as usize) {
         if c.allocations == 0 && c.live_blocks == 0 {
             continue;
         }
-        m.clear();
-        let _ = writeln!(
-            m,
+        diag!(
             "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}",
-            c.block_size, c.allocations, c.live_blocks, c.pages
+            c.block_size,
+            c.allocations,
+            c.live_blocks,
+            c.pages
         );
-        os::write_stderr(m.as_bytes());
     }
+}
+
+/// Registers the summary at exit when `LGMALLOC_SHOW_STATS` asks for it. An entry of its
+/// own in `.init_array` (before the predictive runtime's, so the summary prints after
+/// its reports at exit), so that initialisation knows nothing of reports.
+#[used]
+#[unsafe(link_section = ".init_array.00100")]
+static SUMMARY_AT_EXIT: extern "C" fn(c_int, *const *const c_char, *const *const c_char) =
+    register_summary_at_exit;
+
+extern "C" fn register_summary_at_exit(
+    _argc: c_int,
+    _argv: *const *const c_char,
+    _envp: *const *const c_char,
+) {
+    if init::ensure_initialized() && options::show_stats() {
+        // SAFETY: registers a plain function.
+        unsafe { libc::atexit(print_summary_at_exit) };
+    }
+}
+
+extern "C" fn print_summary_at_exit() {
+    print_summary();
 }

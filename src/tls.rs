@@ -1,133 +1,115 @@
-//! The calling thread's heap pointer, in one initial-exec TLS slot.
+//! Two pointer-sized thread-local slots, in the initial-exec TLS model.
 //!
 //! glibc requires a malloc replacement to use the initial-exec TLS model: the
 //! general-dynamic model that stable Rust gives a cdylib's `thread_local!` calls
-//! `__tls_get_addr`, which may itself allocate. One 8-byte `.tdata` slot is defined in
-//! assembly and read through its GOT offset from `fs`; this marks the library
-//! `STATIC_TLS` and works in a `.so`, a `.a` and a `-static` executable. The slot starts
-//! pointing at the static empty heap, so the fast path needs no null check.
+//! `__tls_get_addr`, which may itself allocate. Each slot is an 8-byte `.tdata` symbol
+//! read through its GOT offset from `fs`; this marks the library `STATIC_TLS` and works
+//! in a `.so`, a `.a` and a `-static` executable.
+//!
+//! The slots are defined by the heap layer (`heap.rs`), next to the empty heap the first
+//! one starts pointing at, so the fast path needs no null check. This module only
+//! reaches them, by symbol name, and knows nothing of what they point to.
+//!
+//! Elsewhere (Miri, other architectures) the slots are `thread_local!` cells that start
+//! null ([`SLOTS_START_NULL`]); the heap layer then reads null as its empty heap.
 
-use crate::heap::{EMPTY_HEAP, Heap};
+/// True where the slots start null instead of at the empty heap.
+pub const SLOTS_START_NULL: bool = cfg!(any(not(target_arch = "x86_64"), miri));
 
+/// Reads the slot named `$slot` of the calling thread.
 #[cfg(all(target_arch = "x86_64", not(miri)))]
-core::arch::global_asm!(
-    ".pushsection .tdata,\"awT\",@progbits",
-    ".p2align 3",
-    ".globl __lgmalloc_thread_heap",
-    ".hidden __lgmalloc_thread_heap",
-    ".type __lgmalloc_thread_heap, @object",
-    ".size __lgmalloc_thread_heap, 8",
-    "__lgmalloc_thread_heap:",
-    ".quad {empty}",
-    ".globl __lgmalloc_verify_heap",
-    ".hidden __lgmalloc_verify_heap",
-    ".type __lgmalloc_verify_heap, @object",
-    ".size __lgmalloc_verify_heap, 8",
-    "__lgmalloc_verify_heap:",
-    ".quad 0",
-    ".popsection",
-    empty = sym EMPTY_HEAP,
-);
+macro_rules! read_slot {
+    ($slot:literal) => {{
+        let value: *mut ();
+        // SAFETY: reads this thread's slot (defined in `heap.rs`); `fs` is the thread
+        // pointer and the GOT entry holds the slot's offset from it.
+        unsafe {
+            core::arch::asm!(
+                concat!("mov {v}, qword ptr [rip + ", $slot, "@GOTTPOFF]"),
+                "mov {v}, qword ptr fs:[{v}]",
+                v = out(reg) value,
+                options(nostack, readonly, preserves_flags, pure)
+            );
+        }
+        value
+    }};
+}
 
-/// The heap of the calling thread (the empty heap before the thread's first malloc).
+/// Writes `$value` into the slot named `$slot` of the calling thread.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+macro_rules! write_slot {
+    ($slot:literal, $value:expr) => {{
+        let value: *mut () = $value;
+        // SAFETY: writes this thread's slot (defined in `heap.rs`).
+        unsafe {
+            core::arch::asm!(
+                concat!("mov {t}, qword ptr [rip + ", $slot, "@GOTTPOFF]"),
+                "mov qword ptr fs:[{t}], {v}",
+                t = out(reg) _,
+                v = in(reg) value,
+                options(nostack, preserves_flags)
+            );
+        }
+    }};
+}
+
+/// The calling thread's heap slot.
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 #[inline(always)]
-pub fn thread_heap() -> *mut Heap {
-    let heap: *mut Heap;
-    // SAFETY: reads this thread's slot, defined above; `fs` is the thread pointer.
-    unsafe {
-        core::arch::asm!(
-            "mov {h}, qword ptr [rip + __lgmalloc_thread_heap@GOTTPOFF]",
-            "mov {h}, qword ptr fs:[{h}]",
-            h = out(reg) heap,
-            options(nostack, readonly, preserves_flags, pure)
-        );
-    }
-    heap
-}
-
-/// Makes `heap` the calling thread's heap.
-#[cfg(all(target_arch = "x86_64", not(miri)))]
-#[inline]
-pub fn set_thread_heap(heap: *mut Heap) {
-    // SAFETY: writes this thread's slot, defined above.
-    unsafe {
-        core::arch::asm!(
-            "mov {t}, qword ptr [rip + __lgmalloc_thread_heap@GOTTPOFF]",
-            "mov qword ptr fs:[{t}], {h}",
-            t = out(reg) _,
-            h = in(reg) heap,
-            options(nostack, preserves_flags)
-        );
-    }
-}
-
-/// In verify mode the thread's real heap (the main slot then stays on the empty heap so
-/// that every allocation reaches the slow path, where it is matched to its call site).
-#[cfg(all(target_arch = "x86_64", not(miri)))]
-#[inline]
-pub fn verify_heap() -> *mut Heap {
-    let heap: *mut Heap;
-    // SAFETY: reads this thread's second slot, defined above.
-    unsafe {
-        core::arch::asm!(
-            "mov {h}, qword ptr [rip + __lgmalloc_verify_heap@GOTTPOFF]",
-            "mov {h}, qword ptr fs:[{h}]",
-            h = out(reg) heap,
-            options(nostack, readonly, preserves_flags)
-        );
-    }
-    heap
+pub fn thread_heap() -> *mut () {
+    read_slot!("__lgmalloc_thread_heap")
 }
 
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 #[inline]
-pub fn set_verify_heap(heap: *mut Heap) {
-    // SAFETY: writes this thread's second slot, defined above.
-    unsafe {
-        core::arch::asm!(
-            "mov {t}, qword ptr [rip + __lgmalloc_verify_heap@GOTTPOFF]",
-            "mov qword ptr fs:[{t}], {h}",
-            t = out(reg) _,
-            h = in(reg) heap,
-            options(nostack, preserves_flags)
-        );
-    }
+pub fn set_thread_heap(heap: *mut ()) {
+    write_slot!("__lgmalloc_thread_heap", heap)
+}
+
+/// The calling thread's second slot (verify mode's real heap).
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[inline]
+pub fn verify_heap() -> *mut () {
+    read_slot!("__lgmalloc_verify_heap")
+}
+
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[inline]
+pub fn set_verify_heap(heap: *mut ()) {
+    write_slot!("__lgmalloc_verify_heap", heap)
 }
 
 #[cfg(any(not(target_arch = "x86_64"), miri))]
 mod fallback {
-    use super::Heap;
     use core::cell::Cell;
     std::thread_local! {
         // A const-initialised Cell of a raw pointer has no destructor, so no TLS
         // destructor registration (which would call calloc) ever happens.
-        pub static THREAD_HEAP: Cell<*mut Heap> =
-            const { Cell::new(&raw const crate::heap::EMPTY_HEAP as *mut Heap) };
-        pub static VERIFY_HEAP: Cell<*mut Heap> = const { Cell::new(core::ptr::null_mut()) };
+        pub static THREAD_HEAP: Cell<*mut ()> = const { Cell::new(core::ptr::null_mut()) };
+        pub static VERIFY_HEAP: Cell<*mut ()> = const { Cell::new(core::ptr::null_mut()) };
     }
 }
 
 #[cfg(any(not(target_arch = "x86_64"), miri))]
-#[inline]
-pub fn verify_heap() -> *mut Heap {
-    fallback::VERIFY_HEAP.with(|h| h.get())
-}
-
-#[cfg(any(not(target_arch = "x86_64"), miri))]
-#[inline]
-pub fn set_verify_heap(heap: *mut Heap) {
-    fallback::VERIFY_HEAP.with(|h| h.set(heap))
-}
-
-#[cfg(any(not(target_arch = "x86_64"), miri))]
 #[inline(always)]
-pub fn thread_heap() -> *mut Heap {
+pub fn thread_heap() -> *mut () {
     fallback::THREAD_HEAP.with(|h| h.get())
 }
 
 #[cfg(any(not(target_arch = "x86_64"), miri))]
 #[inline]
-pub fn set_thread_heap(heap: *mut Heap) {
+pub fn set_thread_heap(heap: *mut ()) {
     fallback::THREAD_HEAP.with(|h| h.set(heap))
+}
+
+#[cfg(any(not(target_arch = "x86_64"), miri))]
+#[inline]
+pub fn verify_heap() -> *mut () {
+    fallback::VERIFY_HEAP.with(|h| h.get())
+}
+
+#[cfg(any(not(target_arch = "x86_64"), miri))]
+#[inline]
+pub fn set_verify_heap(heap: *mut ()) {
+    fallback::VERIFY_HEAP.with(|h| h.set(heap))
 }

@@ -14,7 +14,7 @@ use std::ffi::c_void;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Mutex, OnceLock};
 
-use lgmalloc::api::*;
+use lgmalloc::c_api::*;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Clone, Copy, Debug)]

@@ -1,28 +1,28 @@
-//! The public C API (`lg_*`) and the request logic it shares with the Rust
-//! `GlobalAlloc` and the libc override: size checks, errno, alignment, realloc.
+//! The request layer: what every face of lgmalloc (the `lg_*` C API, the libc override,
+//! the C++ operators, Rust's `GlobalAlloc`) asks of the allocator, with the rules they
+//! share: size limits and errno, alignment, zeroing, realloc, misuse reports. It also
+//! makes sure the allocator is initialised before any path that needs it beyond the
+//! thread heap's own lazy start.
 
-use core::ffi::{c_char, c_int, c_void};
+use core::ffi::{c_int, c_void};
 use core::ptr;
+use core::sync::atomic::Ordering;
 
 use crate::chunk_map::{self, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE, KIND_SEGMENT};
-use crate::heap;
-use crate::options::misuse;
-use crate::os;
-use crate::segment;
+use crate::diag::misuse;
 use crate::size_class::{self, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
 use crate::stats::{self, LgStats};
+use crate::{heap, init, large, options, os, segment};
 
 /// Requests above this fail with ENOMEM, as in glibc.
 const MAX_REQUEST: usize = isize::MAX as usize;
 /// Alignment every block has.
 pub const MIN_ALIGN: usize = 16;
 
-// ---- shared request logic ------------------------------------------------------------------
-
 /// `malloc`: a block of at least `size` bytes, 16-byte aligned; null + ENOMEM on failure.
 #[inline(always)]
 pub fn malloc(size: usize) -> *mut u8 {
-    let heap = crate::tls::thread_heap();
+    let heap = heap::thread_heap();
     if size <= TABLE_MAX_SIZE {
         // SAFETY: `heap` is the calling thread's heap; the class comes from the table.
         return unsafe { heap::alloc_small(heap, size_class::class_of_table_size(size), size) };
@@ -44,12 +44,16 @@ fn malloc_beyond_table(heap: *mut heap::Heap, size: usize) -> *mut u8 {
 }
 
 fn large_alloc(size: usize, align: usize) -> *mut u8 {
-    if crate::plan::verify() {
+    if !init::ensure_initialized() {
+        os::set_errno(libc::ENOMEM);
+        return ptr::null_mut();
+    }
+    if options::verify() {
         heap::verify_record(heap::thread_heap_or_create(), size);
     }
-    let p = crate::large::alloc(size, align);
+    let p = large::alloc(size, align);
     if !p.is_null() {
-        stats::LARGE_ALLOCS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        stats::LARGE_ALLOCS.fetch_add(1, Ordering::Relaxed);
     }
     p
 }
@@ -79,8 +83,8 @@ fn free_not_small(addr: usize, kind: u8) {
     }
     let saved = os::errno();
     match kind {
-        KIND_LARGE | KIND_LARGE_AT_BASE if crate::large::free(addr, kind) => {
-            stats::LARGE_FREES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        KIND_LARGE | KIND_LARGE_AT_BASE if large::free(addr, kind) => {
+            stats::LARGE_FREES.fetch_add(1, Ordering::Relaxed);
         }
         KIND_LARGE | KIND_LARGE_AT_BASE => {
             misuse("free of an invalid or already freed pointer", addr)
@@ -102,7 +106,7 @@ pub fn calloc(count: usize, size: usize) -> *mut u8 {
     }
     let kind = chunk_map::kind_of(p as usize);
     // Fresh (or decommitted) large mappings read as zero already; blocks do not.
-    if kind == KIND_SEGMENT || !crate::large::known_zero(p as usize, kind) {
+    if kind == KIND_SEGMENT || !large::known_zero(p as usize, kind) {
         // SAFETY: `p` is a fresh block of at least `total` bytes.
         unsafe { ptr::write_bytes(p, 0, total) };
     }
@@ -117,7 +121,7 @@ pub fn usable_size(p: *const u8) -> usize {
             // SAFETY: the chunk is one of our segments.
             unsafe { (*segment::page_of(addr)).block_size() }
         }
-        k @ (KIND_LARGE | KIND_LARGE_AT_BASE) => crate::large::usable_size(addr, k),
+        k @ (KIND_LARGE | KIND_LARGE_AT_BASE) => large::usable_size(addr, k),
         _ => 0,
     }
 }
@@ -137,7 +141,7 @@ pub fn aligned(align: usize, size: usize) -> *mut u8 {
             os::set_errno(libc::ENOMEM);
             return ptr::null_mut();
         }
-        if crate::plan::verify() {
+        if options::verify() {
             heap::verify_record(heap, size);
         }
         // SAFETY: `heap` is the calling thread's live heap.
@@ -182,12 +186,12 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
             bs
         }
         KIND_LARGE | KIND_LARGE_AT_BASE => {
-            let usable = crate::large::usable_size(addr, kind);
+            let usable = large::usable_size(addr, kind);
             if usable == 0 {
                 misuse("realloc of an invalid or already freed pointer", addr);
             }
             if size > MAX_SMALL_SIZE {
-                let q = crate::large::realloc_in_place_or_move(addr, kind, size);
+                let q = large::realloc_in_place_or_move(addr, kind, size);
                 if !q.is_null() {
                     return q;
                 }
@@ -220,88 +224,41 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
 /// Returns free memory to the OS: collects the caller's pending frees, sweeps pages of
 /// exited threads and decommits free spans. Returns the bytes given back.
 pub fn trim() -> usize {
-    if !crate::init::ensure_initialized() {
+    if !init::ensure_initialized() {
         return 0;
     }
     heap::collect_own();
-    segment::trim() + crate::large::cache_release()
+    segment::trim() + large::cache_release()
 }
 
-// ---- the C API --------------------------------------------------------------------------------
-
-/// Allocates `size` bytes aligned to 16. Returns NULL and sets errno to ENOMEM when
-/// memory is exhausted or `size` exceeds PTRDIFF_MAX. `lg_malloc(0)` returns a unique
-/// pointer that must be freed.
-#[unsafe(no_mangle)]
-pub extern "C" fn lg_malloc(size: usize) -> *mut c_void {
-    malloc(size).cast()
-}
-
-/// Allocates zeroed memory for `count` elements of `size` bytes. NULL + ENOMEM when the
-/// product overflows or memory is exhausted.
-#[unsafe(no_mangle)]
-pub extern "C" fn lg_calloc(count: usize, size: usize) -> *mut c_void {
-    calloc(count, size).cast()
-}
-
-/// Resizes `ptr` to `size` bytes, keeping its contents. `lg_realloc(NULL, n)` is
-/// `lg_malloc(n)`. On failure returns NULL (errno ENOMEM) and `ptr` stays valid.
+/// Frees `p`, whose allocation size the caller states as `size`: a size larger than the
+/// block is misuse (C23 `free_sized`).
 ///
 /// # Safety
-/// `ptr` is NULL or a live pointer returned by lgmalloc.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lg_realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
-    // SAFETY: forwarded contract.
-    unsafe { realloc(ptr.cast(), size).cast() }
-}
-
-/// Frees `ptr` (NULL is ignored). Preserves errno. Aborts with an `lgmalloc:` message
-/// for a pointer lgmalloc did not return or already freed.
-///
-/// # Safety
-/// `ptr` is NULL or a live pointer returned by lgmalloc.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lg_free(ptr: *mut c_void) {
-    // SAFETY: forwarded contract.
-    unsafe { free(ptr.cast()) }
-}
-
-/// Frees `ptr`, whose allocation size the caller states as `size`.
-///
-/// # Safety
-/// As `lg_free`; `size` is the size requested when `ptr` was allocated.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lg_free_sized(ptr: *mut c_void, size: usize) {
-    if !ptr.is_null() && size > usable_size(ptr.cast()) && usable_size(ptr.cast()) != 0 {
-        misuse("free_sized with a size larger than the block", ptr as usize);
+/// As [`free`].
+pub unsafe fn free_sized(p: *mut u8, size: usize) {
+    if !p.is_null() && size > usable_size(p) && usable_size(p) != 0 {
+        misuse("free_sized with a size larger than the block", p as usize);
     }
     // SAFETY: forwarded contract.
-    unsafe { free(ptr.cast()) }
+    unsafe { free(p) }
 }
 
-/// Allocates `size` bytes aligned to `alignment`, which must be a power of two (else
-/// NULL + EINVAL). NULL + ENOMEM when memory is exhausted.
-#[unsafe(no_mangle)]
-pub extern "C" fn lg_aligned_alloc(alignment: usize, size: usize) -> *mut c_void {
+/// C11 `aligned_alloc`: an alignment that is not a power of two fails with EINVAL.
+pub fn aligned_alloc(alignment: usize, size: usize) -> *mut u8 {
     if !alignment.is_power_of_two() {
         os::set_errno(libc::EINVAL);
         return ptr::null_mut();
     }
-    aligned(alignment, size).cast()
+    aligned(alignment, size)
 }
 
-/// POSIX `posix_memalign`: stores memory aligned to `alignment` in `*out`. Returns 0,
-/// EINVAL when `alignment` is not a power of two multiple of `sizeof(void *)`, or ENOMEM.
-/// errno is left unchanged.
+/// POSIX `posix_memalign`: 0, EINVAL (alignment not a power-of-two multiple of
+/// `sizeof(void *)`) or ENOMEM; errno untouched; `*out` only written on success.
 ///
 /// # Safety
 /// `out` must be valid for a pointer write.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lg_posix_memalign(
-    out: *mut *mut c_void,
-    alignment: usize,
-    size: usize,
-) -> c_int {
+pub unsafe fn posix_memalign(out: *mut *mut c_void, alignment: usize, size: usize) -> c_int {
     if !alignment.is_power_of_two()
         || !alignment.is_multiple_of(core::mem::size_of::<*mut c_void>())
     {
@@ -318,40 +275,17 @@ pub unsafe extern "C" fn lg_posix_memalign(
     0
 }
 
-/// Bytes usable at `ptr` (at least the size requested); 0 for NULL.
-///
-/// # Safety
-/// `ptr` is NULL or a live pointer returned by lgmalloc.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lg_usable_size(ptr: *const c_void) -> usize {
-    usable_size(ptr.cast())
-}
-
-/// Fills `*out` with a snapshot of the allocator's figures.
-///
-/// # Safety
-/// `out` must be valid for writing one `struct lg_stats`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn lg_stats(out: *mut LgStats) {
-    if out.is_null() {
-        return;
+/// A snapshot of the allocator's figures (all zero before initialisation).
+pub fn collect_stats(out: &mut LgStats) {
+    if init::ensure_initialized() {
+        stats::collect(out);
     }
-    let mut s = LgStats::default();
-    if crate::init::ensure_initialized() {
-        stats::collect(&mut s);
+}
+
+/// Prints the statistics summary on stderr.
+#[cfg(feature = "override")]
+pub fn print_stats() {
+    if init::ensure_initialized() {
+        stats::print_summary();
     }
-    // SAFETY: the caller guarantees `out` is writable.
-    unsafe { out.write(s) };
-}
-
-/// Returns free memory to the OS now. Returns the number of bytes given back.
-#[unsafe(no_mangle)]
-pub extern "C" fn lg_trim() -> usize {
-    trim()
-}
-
-/// The lgmalloc version as a NUL-terminated string, e.g. "0.1.0".
-#[unsafe(no_mangle)]
-pub extern "C" fn lg_version() -> *const c_char {
-    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }

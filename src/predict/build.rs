@@ -1,0 +1,158 @@
+//! Building the plan: predicted sizes from the analyses, adjusted by what earlier runs
+//! observed, become planned classes; `apply` writes them into the class table.
+
+use super::learn::{LEARNED_MIN_SHARE, Learned, MAX_RESERVED_CLASSES};
+use super::modules::Module;
+use super::verify::Site;
+use super::{PlannedClass, RuntimePlan, Source};
+use crate::analysis::{self, Analysis};
+use crate::geometry::SLICE_SIZE;
+use crate::os::OS_PAGE_SIZE;
+use crate::size_class::{self, MAX_CLASSES, TABLE_MAX_SIZE};
+
+/// Confidence at or above which a predicted size shapes the heap.
+const HIGH_CONFIDENCE: f32 = 0.5;
+/// Exact-fit classes are added where the standard class wastes more than 1/16.
+const WASTE_SHIFT: usize = 4;
+
+/// Builds the plan: static predictions, adjusted by what earlier runs observed.
+pub(super) fn build(analysed: &[(Analysis, &Module)], learned: Learned) -> RuntimePlan {
+    let learned = &learned;
+    let mut classes: Vec<PlannedClass> = Vec::new();
+    let sizes = analysis::merge_plans(analysed.iter().flat_map(|(a, _)| a.plan().iter().copied()));
+    for p in sizes {
+        let size = p.size as usize;
+        if size == 0 || size > TABLE_MAX_SIZE {
+            continue;
+        }
+        let (confidence, source) = adjust(
+            p.confidence,
+            learned_share(learned, size),
+            learned.total > 0,
+        );
+        if confidence >= HIGH_CONFIDENCE {
+            classes.push(planned(size, confidence, source, learned.per_thread(size)));
+        }
+    }
+    // Sizes observed often that static analysis missed (wrappers, computed sizes).
+    for &(size, calls, _) in &learned.classes {
+        let covered = classes.iter().any(|c| c.size.next_multiple_of(16) == size);
+        if covered || learned.total == 0 || size > TABLE_MAX_SIZE {
+            continue;
+        }
+        let share = calls as f32 / learned.total as f32;
+        if share >= LEARNED_MIN_SHARE {
+            let confidence = (0.5 + 2.0 * share).min(0.95);
+            classes.push(planned(
+                size,
+                confidence,
+                Source::Learned,
+                learned.per_thread(size),
+            ));
+        }
+    }
+    classes.sort_by(|x, y| y.confidence.total_cmp(&x.confidence));
+    let mut sites: Vec<Site> = analysed
+        .iter()
+        .flat_map(|(a, m)| constant_sites(a, m.bias))
+        .collect();
+    sites.sort_by_key(|s| s.ret);
+    sites.dedup_by_key(|s| s.ret);
+    RuntimePlan {
+        classes,
+        sites,
+        reserved_sizes: learned.per_thread_sizes(),
+        modules: analysed.iter().map(|(_, m)| m.entry_name()).collect(),
+        from_cache: analysed.iter().all(|(a, _)| a.from_cache),
+        observed: learned.clone(),
+        ..RuntimePlan::default()
+    }
+}
+
+/// Sites with a constant prediction, keyed by their run-time return address.
+fn constant_sites(a: &Analysis, bias: usize) -> impl Iterator<Item = Site> + '_ {
+    let bias = if a.pie { bias as u64 } else { 0 };
+    a.call_sites
+        .iter()
+        .filter(|s| !s.tail)
+        .filter_map(move |s| Some(Site::new((bias + s.site + s.len as u64) as usize, s.size?)))
+}
+
+/// Combines a static confidence with what earlier runs saw: a class they used often is
+/// confirmed (its doubt halves), one they never used is weakened (halved), and without
+/// observations the static value stands.
+fn adjust(static_confidence: f32, share: Option<f32>, observed_anything: bool) -> (f32, Source) {
+    match share {
+        Some(s) if s >= LEARNED_MIN_SHARE => (1.0 - (1.0 - static_confidence) * 0.5, Source::Both),
+        Some(_) => (static_confidence, Source::Both),
+        None if observed_anything => (static_confidence * 0.5, Source::Learned),
+        None => (static_confidence, Source::Static),
+    }
+}
+
+fn learned_share(learned: &Learned, size: usize) -> Option<f32> {
+    if learned.total == 0 {
+        return None;
+    }
+    let bs = size.next_multiple_of(16);
+    learned
+        .classes
+        .iter()
+        .find(|c| c.0 == bs)
+        .map(|c| c.1 as f32 / learned.total as f32)
+}
+
+/// A planned class. Its first page holds one slice, the least a thread can touch,
+/// unless earlier runs showed each thread allocating many blocks of it: then up to one
+/// OS page, so heavy users skip the early growth steps. (A larger first page for a
+/// thread that holds a few blocks would spread every thread's blocks over more OS
+/// pages and cost resident memory.)
+fn planned(size: usize, confidence: f32, source: Source, per_thread: Option<f32>) -> PlannedClass {
+    let bs = size.next_multiple_of(16).max(16);
+    let one_slice = (SLICE_SIZE / bs).max(4);
+    let first_page_blocks = match per_thread {
+        Some(n) if n >= HEAVY_PER_THREAD => (OS_PAGE_SIZE / bs).max(one_slice),
+        _ => one_slice,
+    };
+    PlannedClass {
+        size,
+        class: size_class::size_class_of(size),
+        confidence,
+        source,
+        first_page_blocks: first_page_blocks as u32,
+        exact_fit: false,
+    }
+}
+
+/// Allocations per thread and run from which a class counts as heavily used.
+const HEAVY_PER_THREAD: f32 = 256.0;
+
+/// Hands the plan to the size-class table and records which classes heaps reserve.
+pub(super) fn apply(plan: &mut RuntimePlan) {
+    for c in plan.classes.iter_mut() {
+        let standard = size_class::size_class_of(c.size);
+        let bs = size_class::block_size(standard);
+        let want = c.size.next_multiple_of(16);
+        let class = if (bs - want) << WASTE_SHIFT > bs {
+            c.exact_fit = true;
+            size_class::add_exact_class(want, c.first_page_blocks)
+        } else {
+            size_class::set_first_page_blocks(standard, c.first_page_blocks);
+            Some(standard)
+        };
+        if let Some(class) = class {
+            c.class = class;
+        }
+    }
+    let mut reserved: Vec<usize> = Vec::new();
+    for &size in &plan.reserved_sizes {
+        let class = size_class::size_class_of(size);
+        if reserved.len() < MAX_RESERVED_CLASSES
+            && !reserved.contains(&class)
+            && class < MAX_CLASSES
+        {
+            reserved.push(class);
+            size_class::set_reserved(class);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Learning across runs: what a run observed (allocations per class, which classes its
+//! threads used), and whether that would change the plan enough to store it.
+
+use super::current;
+use super::store::write_learned;
+use crate::heap;
+use crate::size_class::MAX_CLASSES;
+use crate::stats::{self, LgStats};
+
+/// A class must take at least this share of a run's allocations to count as observed.
+pub(super) const LEARNED_MIN_SHARE: f32 = 0.05;
+/// At most this many classes are reserved up front in every new thread heap.
+pub(super) const MAX_RESERVED_CLASSES: usize = 8;
+
+/// What earlier runs observed.
+#[derive(Default, Clone)]
+pub(super) struct Learned {
+    /// (block size, allocations, threads that allocated from it)
+    pub(super) classes: Vec<(usize, u64, u64)>,
+    pub(super) total: u64,
+    pub(super) threads: u64,
+}
+
+/// A class is reserved in every new heap when at least this share of a multi-threaded
+/// program's threads used it.
+const RESERVE_MIN_COVERAGE: f32 = 0.5;
+
+/// Programs with fewer threads gain nothing from reserving pages in new heaps.
+const RESERVE_MIN_THREADS: u64 = 4;
+
+impl Learned {
+    /// Allocations per using thread of the class serving `size`, if observed.
+    pub(super) fn per_thread(&self, size: usize) -> Option<f32> {
+        let bs = size.next_multiple_of(16);
+        let c = self.classes.iter().find(|c| c.0 == bs)?;
+        Some(c.1 as f32 / c.2.max(1) as f32)
+    }
+
+    /// Block sizes that most threads used: the classes a new thread will need.
+    pub(super) fn per_thread_sizes(&self) -> Vec<usize> {
+        if self.threads < RESERVE_MIN_THREADS {
+            return Vec::new();
+        }
+        let mut sizes: Vec<(usize, u64)> = self
+            .classes
+            .iter()
+            .filter(|c| c.2 as f32 >= RESERVE_MIN_COVERAGE * self.threads as f32)
+            .map(|c| (c.0, c.2))
+            .collect();
+        sizes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        sizes
+            .into_iter()
+            .take(MAX_RESERVED_CLASSES)
+            .map(|c| c.0)
+            .collect()
+    }
+}
+
+/// At exit: if this run's allocations per class (or which classes its threads use)
+/// differ from what the plan was built on, store them and drop the stored plan, so
+/// the next run plans from them.
+pub(super) extern "C" fn learn_at_exit() {
+    let Some(plan) = current() else { return };
+    let Some(path) = plan.learned_path.as_deref() else {
+        return;
+    };
+    let mut s = LgStats::default();
+    stats::collect(&mut s);
+    let mut using = [0u64; MAX_CLASSES];
+    let threads = heap::class_coverage(&mut using);
+    let mut now = Learned {
+        threads,
+        ..Learned::default()
+    };
+    let counted = s
+        .classes
+        .iter()
+        .zip(plan.allocs_at_start.iter())
+        .zip(using.iter());
+    for ((c, before), using) in counted.take(s.class_count as usize) {
+        // Only the program's own allocations, not the loader's or the analysis's.
+        let calls = c.allocations.saturating_sub(*before);
+        if calls > 0 {
+            now.total += calls;
+            now.classes.push((c.block_size as usize, calls, *using));
+        }
+    }
+    if !changed(&plan.observed, &now) {
+        return;
+    }
+    write_learned(path, &now);
+}
+
+/// The classes that take a real share of the allocations, with their shares.
+fn shares(observed: &Learned) -> Vec<(usize, f32)> {
+    if observed.total == 0 {
+        return Vec::new();
+    }
+    observed
+        .classes
+        .iter()
+        .map(|c| (c.0, c.1 as f32 / observed.total as f32))
+        .filter(|&(_, share)| share >= LEARNED_MIN_SHARE)
+        .collect()
+}
+
+/// True when two runs' observations would plan differently: another set of frequent
+/// classes, a share that moved by more than 0.15, or other per-thread classes.
+fn changed(before: &Learned, now: &Learned) -> bool {
+    let (a, b) = (shares(before), shares(now));
+    if a.len() != b.len() || before.per_thread_sizes() != now.per_thread_sizes() {
+        return true;
+    }
+    a.iter().any(|&(size, share)| {
+        b.iter()
+            .find(|o| o.0 == size)
+            .is_none_or(|o| (o.1 - share).abs() > 0.15)
+    })
+}

@@ -1,0 +1,157 @@
+//! The `.init_array` entry: which plan this process runs with, where it comes from (the
+//! stored plan, or analyses within the start-up budget), and putting it in force.
+
+use core::ffi::{c_char, c_int};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::build::{apply, build};
+use super::deferred::defer_analysis;
+use super::learn::learn_at_exit;
+use super::modules::{Module, executable_path, modules_to_plan};
+use super::store::{read_learned, read_plan_file, write_plan_file};
+use super::{PlannedClass, RuntimePlan, Source, now_us, publish, thread_cpu_us, verify};
+use crate::analysis::{self, Analysis, AnalysisError};
+use crate::diag::diag;
+use crate::options::{self, PredictMode};
+use crate::size_class;
+
+/// Runs before `main` in every build (cdylib, staticlib, rlib): std registers its own
+/// constructors at priority 99, this one follows.
+#[used]
+#[unsafe(link_section = ".init_array.00101")]
+static PLAN_AT_START: extern "C" fn(c_int, *const *const c_char, *const *const c_char) =
+    plan_at_start;
+
+/// Classes the naive plan reserves.
+const NAIVE_CLASSES: usize = 8;
+
+extern "C" fn plan_at_start(
+    _argc: c_int,
+    _argv: *const *const c_char,
+    _envp: *const *const c_char,
+) {
+    if !crate::init::ensure_initialized() {
+        return;
+    }
+    if options::verify() {
+        verify::start();
+    }
+    let mode = options::predict_mode();
+    if mode == PredictMode::Off {
+        return;
+    }
+    if mode == PredictMode::Naive {
+        let mut plan = naive_plan();
+        apply(&mut plan);
+        publish(plan);
+        return;
+    }
+    let Some(exe) = executable_path() else {
+        return;
+    };
+    let start = now_us();
+    let learn = options::learn();
+    let modules = modules_to_plan(&exe);
+    let entry = modules.first().and_then(|m| m.entry.as_ref());
+    let learned_path = entry.filter(|_| learn).map(|e| e.with_extension("learned"));
+    let plan_path = entry.map(|e| e.with_extension(if learn { "plan" } else { "static-plan" }));
+    // A stored plan is a few hundred bytes; the analyses it came from are only needed
+    // again in verify mode (for the call sites) or when what was learned changed.
+    let stored = match (
+        &plan_path,
+        mode == PredictMode::Predict && !options::verify(),
+    ) {
+        (Some(p), true) => read_plan_file(p, &modules),
+        _ => None,
+    };
+    let mut plan = match stored {
+        Some(p) => p,
+        None => {
+            let (analysed, deferred) = analyse_modules(&modules);
+            if !deferred.is_empty() {
+                defer_analysis(deferred);
+            }
+            if analysed.is_empty() {
+                return;
+            }
+            let learned = learned_path
+                .as_deref()
+                .and_then(read_learned)
+                .unwrap_or_default();
+            let plan = build(&analysed, learned);
+            // A plan missing a module's analysis is not stored: the next run, with that
+            // analysis cached, plans from all of them.
+            if let (Some(p), true) = (&plan_path, plan.modules.len() == modules.len()) {
+                write_plan_file(p, &plan);
+            }
+            plan
+        }
+    };
+    plan.analysis_us = now_us() - start;
+    plan.learned_path = learned_path;
+    if mode == PredictMode::AnalyzeOnly {
+        return;
+    }
+    apply(&mut plan);
+    publish(plan);
+    if learn && !options::verify() {
+        // SAFETY: registers a plain function.
+        unsafe { libc::atexit(learn_at_exit) };
+    }
+}
+
+/// The naive baseline: the smallest classes, reserved in every heap, no analysis.
+fn naive_plan() -> RuntimePlan {
+    let classes: Vec<PlannedClass> = (0..NAIVE_CLASSES)
+        .map(|c| {
+            let size = size_class::block_size(c);
+            PlannedClass {
+                size,
+                class: c,
+                confidence: 1.0,
+                source: Source::Static,
+                first_page_blocks: size_class::class_info(c).first_page_blocks,
+                exact_fit: false,
+            }
+        })
+        .collect();
+    RuntimePlan {
+        reserved_sizes: classes.iter().map(|c| c.size).collect(),
+        classes,
+        ..RuntimePlan::default()
+    }
+}
+
+/// Analyses (or loads the cached analyses of) `modules` within the CPU-time budget.
+/// Returns the analyses, and the modules whose cold analysis did not fit.
+fn analyse_modules(modules: &[Module]) -> (Vec<(Analysis, &Module)>, Vec<PathBuf>) {
+    // Verify mode needs every site: it is a diagnostic run, not a start-up to protect.
+    let budget = if options::verify() {
+        u64::MAX
+    } else {
+        options::analysis_budget_us()
+    };
+    let start = thread_cpu_us();
+    let mut analysed = Vec::new();
+    let mut deferred = Vec::new();
+    for m in modules {
+        let spent = thread_cpu_us().saturating_sub(start);
+        let left = budget.saturating_sub(spent);
+        let cached = m.entry.as_deref().is_some_and(Path::exists);
+        if !cached && (left == 0 || m.cold_cost_us() > left) {
+            deferred.push(m.path.clone());
+            continue;
+        }
+        match analysis::analyze_path_within(&m.path, true, Duration::from_micros(left)) {
+            Ok(a) => analysed.push((a, m)),
+            Err(AnalysisError::BudgetExceeded) => deferred.push(m.path.clone()),
+            Err(e) => {
+                if options::verbose() {
+                    diag!("lgmalloc: no plan for {}: {e}", m.path.display());
+                }
+            }
+        }
+    }
+    (analysed, deferred)
+}
