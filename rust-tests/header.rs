@@ -5,26 +5,42 @@
 
 use std::path::Path;
 
-/// Names exported by `src/override_libc.rs` (malloc, free, operator new, ...).
+/// Names the `override` feature exports from `src/abi/` (malloc, free, operator new,
+/// ...): `export_name`s, `extern "C" fn` names, and the names listed in the
+/// `c_exports!` table (`[malloc, __libc_malloc] fn(...)`).
 fn override_symbols(root: &Path) -> Vec<String> {
-    let Ok(src) = std::fs::read_to_string(root.join("src/override_libc.rs")) else {
-        return Vec::new();
-    };
     let mut names = Vec::new();
-    for line in src.lines() {
-        let line = line.trim();
-        if let Some(rest) = line.split("export_name = \"").nth(1)
-            && let Some(name) = rest.split('"').next()
-        {
-            names.push(name.to_string());
-        }
-        if let Some(rest) = line.split("extern \"C\" fn ").nth(1)
-            && let Some(name) = rest.split('(').next()
-        {
-            names.push(name.trim().to_string());
+    for file in ["malloc_family.rs", "glibc_extras.rs", "cxx_operators.rs"] {
+        let path = root.join("src/abi").join(file);
+        let src = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (the override moved?)", path.display()));
+        for line in src.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.split("export_name = \"").nth(1)
+                && let Some(name) = rest.split('"').next()
+            {
+                names.push(name.to_string());
+            }
+            if let Some(rest) = line.split("extern \"C\" fn ").nth(1)
+                && let Some(name) = rest.split('(').next()
+            {
+                names.push(name.trim().to_string());
+            }
+            if let Some(list) = line.strip_prefix('[')
+                && let Some((list, _)) = list.split_once(']')
+                && (line.contains("] fn(") || line.contains("] unsafe fn("))
+            {
+                names.extend(list.split(',').map(|n| n.trim().to_string()));
+            }
         }
     }
-    names.retain(|n| !n.starts_with("lg_"));
+    names.retain(|n| !n.starts_with("lg_") && !n.is_empty());
+    for must in ["malloc", "__libc_malloc", "cfree", "mallinfo2", "_Znwm"] {
+        assert!(
+            names.iter().any(|n| n == must),
+            "override symbol {must} not found in src/abi/"
+        );
+    }
     names
 }
 
