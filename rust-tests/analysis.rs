@@ -443,12 +443,16 @@ fn rust_allocations() {
 }
 
 #[test]
-fn size_class_plan() {
+fn predicted_sizes_ascend_and_count_sites() {
     let a = analyze(fixture("c-O2"));
-    assert_eq!(a.plan(), a.size_classes.as_slice());
-    assert!(a.plan().windows(2).all(|w| w[0].size < w[1].size));
+    assert_eq!(a.predicted_sizes(), a.size_classes.as_slice());
+    assert!(
+        a.predicted_sizes()
+            .windows(2)
+            .all(|w| w[0].size < w[1].size)
+    );
     let forty = a
-        .plan()
+        .predicted_sizes()
         .iter()
         .find(|c| c.size == 40)
         .expect("two sites of 40");
@@ -460,7 +464,7 @@ fn size_class_plan() {
         .unwrap()
         .confidence;
     assert!(forty.confidence > one && forty.confidence <= 0.99);
-    let total: u32 = a.plan().iter().map(|c| c.sites).sum();
+    let total: u32 = a.predicted_sizes().iter().map(|c| c.sites).sum();
     assert_eq!(
         total as usize,
         a.call_sites.iter().filter(|s| s.size.is_some()).count()

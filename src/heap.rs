@@ -21,7 +21,7 @@ use crate::geometry::SLICE_SIZE;
 use crate::lock::Locked;
 use crate::page::{self, Block, NOT_FULL_BIAS, Owner, Page};
 use crate::size_class::{self, MAX_CLASSES};
-use crate::{options, os, segment, tls};
+use crate::{list, options, os, segment, tls};
 
 /// Largest page a heap asks for while growing a class (bigger blocks get one block).
 const MAX_PAGE_BYTES: usize = 64 * 1024;
@@ -57,6 +57,19 @@ pub struct Heap {
 // SAFETY: heaps are reached from other threads only through `delayed_free` (atomic)
 // and statistics reads under the pool lock.
 unsafe impl Sync for Heap {}
+
+// SAFETY: `next_live` and `prev_live` are the record's links on the pool's lists, written
+// only under the pool lock.
+unsafe impl list::Linked for Heap {
+    unsafe fn next(this: *mut Self) -> *mut *mut Self {
+        // SAFETY: `this` is a live record per the contract.
+        unsafe { &raw mut (*this).next_live }
+    }
+    unsafe fn prev(this: *mut Self) -> *mut *mut Self {
+        // SAFETY: `this` is a live record per the contract.
+        unsafe { &raw mut (*this).prev_live }
+    }
+}
 
 /// The page every class of a new heap points at: it has no free block, so the fast path
 /// falls through to the slow path, which finds a real page.
@@ -572,9 +585,9 @@ unsafe fn drain_delayed(heap: *mut Heap) {
 
 // ---- page lists ----------------------------------------------------------------------------
 
-// A class list is doubly linked through `next`/`prev`, except that the head's `prev`
-// points at the tail (not null), so pages can be appended in O(1) without a tail
-// pointer per class in the heap.
+// A class list is a tailed list (`list::tailed_*`): its head's `prev` points at the
+// tail, so pages can be appended without a tail pointer per class, and an empty class
+// points at the empty page. The full list is a plain list.
 
 /// # Safety
 /// Owner access; `page` is on no list.
@@ -582,16 +595,7 @@ unsafe fn class_push_front(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
         let class = (*page).class as usize;
-        let head = (*heap).pages[class];
-        if head == empty_page() {
-            (*page).next = ptr::null_mut();
-            (*page).prev = page;
-        } else {
-            (*page).next = head;
-            (*page).prev = (*head).prev;
-            (*head).prev = page;
-        }
-        (*heap).pages[class] = page;
+        list::tailed_push_front(&mut (*heap).pages[class], empty_page(), page);
     }
 }
 
@@ -605,16 +609,7 @@ unsafe fn class_push_back(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
         let class = (*page).class as usize;
-        let head = (*heap).pages[class];
-        if head == empty_page() {
-            class_push_front(heap, page);
-            return;
-        }
-        let tail = (*head).prev;
-        (*tail).next = page;
-        (*page).prev = tail;
-        (*page).next = ptr::null_mut();
-        (*head).prev = page;
+        list::tailed_push_back(&mut (*heap).pages[class], empty_page(), page);
     }
 }
 
@@ -624,31 +619,7 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
         let class = (*page).class as usize;
-        let head = (*heap).pages[class];
-        let next = (*page).next;
-        if page == head {
-            if next.is_null() {
-                (*heap).pages[class] = empty_page();
-            } else {
-                // The tail stays the tail (or `next` becomes its own tail).
-                (*next).prev = if (*page).prev == next {
-                    next
-                } else {
-                    (*page).prev
-                };
-                (*heap).pages[class] = next;
-            }
-        } else {
-            let prev = (*page).prev;
-            (*prev).next = next;
-            if next.is_null() {
-                (*head).prev = prev;
-            } else {
-                (*next).prev = prev;
-            }
-        }
-        (*page).next = ptr::null_mut();
-        (*page).prev = ptr::null_mut();
+        list::tailed_remove(&mut (*heap).pages[class], empty_page(), page);
     }
 }
 
@@ -658,12 +629,7 @@ unsafe fn full_push(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
         (*page).used &= !NOT_FULL_BIAS;
-        (*page).prev = ptr::null_mut();
-        (*page).next = (*heap).full;
-        if !(*heap).full.is_null() {
-            (*(*heap).full).prev = page;
-        }
-        (*heap).full = page;
+        list::push_front(&mut (*heap).full, page);
     }
 }
 
@@ -673,17 +639,7 @@ unsafe fn full_remove(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
         (*page).used |= NOT_FULL_BIAS;
-        let (prev, next) = ((*page).prev, (*page).next);
-        if prev.is_null() {
-            (*heap).full = next;
-        } else {
-            (*prev).next = next;
-        }
-        if !next.is_null() {
-            (*next).prev = prev;
-        }
-        (*page).next = ptr::null_mut();
-        (*page).prev = ptr::null_mut();
+        list::remove(&mut (*heap).full, page);
     }
 }
 
@@ -735,7 +691,7 @@ pub unsafe fn abandon(heap: *mut Heap) {
 // ---- the heap pool ---------------------------------------------------------------------------
 
 struct PoolInner {
-    /// Heap records ready for reuse (linked through `next_live`).
+    /// Heap records ready for reuse (a plain list through `next_live`/`prev_live`).
     spare: *mut Heap,
     /// Heaps owned by running threads.
     live: *mut Heap,
@@ -780,7 +736,7 @@ fn pool_take() -> *mut Heap {
         let mut h = p.spare;
         if !h.is_null() {
             // SAFETY: spare records are ours under the lock.
-            p.spare = unsafe { (*h).next_live };
+            unsafe { list::remove(&mut p.spare, h) };
         } else {
             let size = core::mem::size_of::<Heap>().next_multiple_of(128);
             if p.bump + size > p.bump_end {
@@ -802,18 +758,15 @@ fn pool_take() -> *mut Heap {
                 alloc_count: [0; MAX_CLASSES],
                 page_growth: [0; MAX_CLASSES],
                 full: ptr::null_mut(),
-                next_live: p.live,
+                next_live: ptr::null_mut(),
                 prev_live: ptr::null_mut(),
                 // SAFETY: pthread_self has no preconditions.
                 thread: libc::pthread_self() as usize,
                 verifying: false,
                 delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
             });
-            if !p.live.is_null() {
-                (*p.live).prev_live = h;
-            }
+            list::push_front(&mut p.live, h);
         }
-        p.live = h;
         h
     });
     if !heap.is_null() {
@@ -835,17 +788,8 @@ unsafe fn pool_give(heap: *mut Heap) {
                 }
             }
             RETIRED_HEAPS.fetch_add(1, Ordering::Relaxed);
-            let (prev, next) = ((*heap).prev_live, (*heap).next_live);
-            if prev.is_null() {
-                p.live = next;
-            } else {
-                (*prev).next_live = next;
-            }
-            if !next.is_null() {
-                (*next).prev_live = prev;
-            }
-            (*heap).next_live = p.spare;
-            p.spare = heap;
+            list::remove(&mut p.live, heap);
+            list::push_front(&mut p.spare, heap);
         }
     });
     LIVE_HEAPS.fetch_sub(1, Ordering::Relaxed);

@@ -14,6 +14,7 @@ mod geometry;
 mod heap;
 mod init;
 mod large;
+mod list;
 mod lock;
 mod options;
 pub mod os;

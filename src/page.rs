@@ -240,6 +240,19 @@ pub struct Page<H = AtomicPtr<Owner>, R = AtomicUsize> {
 // is atomic, the rest is owner-only or guarded by the region lock.
 unsafe impl Sync for Page {}
 
+// SAFETY: `next` and `prev` are the record's two list links; only the list's owner (the
+// owner thread, or the region lock holder) writes them.
+unsafe impl crate::list::Linked for Page {
+    unsafe fn next(this: *mut Self) -> *mut *mut Self {
+        // SAFETY: `this` is a live record per the contract.
+        unsafe { &raw mut (*this).next }
+    }
+    unsafe fn prev(this: *mut Self) -> *mut *mut Self {
+        // SAFETY: `this` is a live record per the contract.
+        unsafe { &raw mut (*this).prev }
+    }
+}
+
 impl Page {
     pub const fn empty() -> Page {
         Page::with_atomics(AtomicPtr::new(ptr::null_mut()), AtomicUsize::new(0))

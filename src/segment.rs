@@ -17,6 +17,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::chunk_map::{self, KIND_NONE, KIND_SEGMENT};
 use crate::geometry::{SEGMENT_SIZE, SLICE_SHIFT, SLICE_SIZE, SLICES, segment_base};
+use crate::list;
 use crate::lock::Locked;
 use crate::os;
 use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, Owner, Page};
@@ -144,38 +145,16 @@ fn bin_of(slices: usize) -> usize {
     }
 }
 
-// ---- free-span lists ------------------------------------------------------------------
-
-/// # Safety
-/// `list` and `page` belong to the region (lock held); `page` is not on a list.
-unsafe fn list_push(list: &mut *mut Page, page: *mut Page) {
-    // SAFETY: per the contract all pages are valid region metadata.
-    unsafe {
-        (*page).prev = ptr::null_mut();
-        (*page).next = *list;
-        if !(*list).is_null() {
-            (**list).prev = page;
-        }
+// SAFETY: `next` and `prev` are the segment's two list links, written only under the
+// region lock.
+unsafe impl list::Linked for Segment {
+    unsafe fn next(this: *mut Self) -> *mut *mut Self {
+        // SAFETY: `this` is a live segment per the contract.
+        unsafe { &raw mut (*this).next }
     }
-    *list = page;
-}
-
-/// # Safety
-/// `page` is on `list` (lock held).
-unsafe fn list_remove(list: &mut *mut Page, page: *mut Page) {
-    // SAFETY: per the contract `page` and its neighbours are on `list`.
-    unsafe {
-        let (prev, next) = ((*page).prev, (*page).next);
-        if prev.is_null() {
-            *list = next;
-        } else {
-            (*prev).next = next;
-        }
-        if !next.is_null() {
-            (*next).prev = prev;
-        }
-        (*page).next = ptr::null_mut();
-        (*page).prev = ptr::null_mut();
+    unsafe fn prev(this: *mut Self) -> *mut *mut Self {
+        // SAFETY: `this` is a live segment per the contract.
+        unsafe { &raw mut (*this).prev }
     }
 }
 
@@ -196,7 +175,7 @@ impl RegionInner {
             (*head).heap.store(ptr::null_mut(), Ordering::Relaxed);
             set_head(seg, start, start);
             set_head(seg, start + count - 1, start);
-            list_push(&mut self.bins[bin_of(count)], head);
+            list::push_front(&mut self.bins[bin_of(count)], head);
         }
         self.free_bytes += count << SLICE_SHIFT;
         if dirty {
@@ -212,7 +191,7 @@ impl RegionInner {
         // SAFETY: per the contract.
         unsafe {
             let count = (*head).slice_count as usize;
-            list_remove(&mut self.bins[bin_of(count)], head);
+            list::remove(&mut self.bins[bin_of(count)], head);
             self.free_bytes -= count << SLICE_SHIFT;
             if (*head).flags & FLAG_DIRTY != 0 {
                 self.dirty_bytes -= count << SLICE_SHIFT;
@@ -294,12 +273,7 @@ impl RegionInner {
         // SAFETY: fresh zeroed mapping of a whole segment.
         unsafe {
             (*s).used_slices = 0;
-            (*s).prev = ptr::null_mut();
-            (*s).next = self.segments;
-            if !self.segments.is_null() {
-                (*self.segments).prev = s;
-            }
-            self.segments = s;
+            list::push_front(&mut self.segments, s);
             // Metadata slices map to record 0, which stays all zero (no block in it).
             for slice in 0..FIRST_SLICE {
                 set_head(seg, slice, 0);
@@ -361,15 +335,7 @@ impl RegionInner {
         let s = seg as *mut Segment;
         // SAFETY: per the contract; the segment is on our list.
         unsafe {
-            let (prev, next) = ((*s).prev, (*s).next);
-            if prev.is_null() {
-                self.segments = next;
-            } else {
-                (*prev).next = next;
-            }
-            if !next.is_null() {
-                (*next).prev = prev;
-            }
+            list::remove(&mut self.segments, s);
             chunk_map::set_kind(seg, KIND_NONE);
             os::unmap(s.cast(), SEGMENT_SIZE);
         }
@@ -413,7 +379,7 @@ impl RegionInner {
                     let next = (*p).next;
                     page::collect_remote(p);
                     if (*p).used() == 0 {
-                        list_remove(&mut self.abandoned[class], p);
+                        list::remove(&mut self.abandoned[class], p);
                         self.abandoned_count -= 1;
                         (*p).flags = 0;
                         self.release_span(p);
@@ -476,7 +442,7 @@ pub unsafe fn abandon_page(page: *mut Page) {
             (*page).heap.store(ptr::null_mut(), Ordering::Release);
             let class = (*page).class as usize;
             if let Some(list) = r.abandoned.get_mut(class) {
-                list_push(list, page);
+                list::push_front(list, page);
                 r.abandoned_count += 1;
             }
         }
@@ -497,7 +463,7 @@ pub fn adopt_page(heap: *mut Owner, class: usize) -> *mut Page {
             }
             // SAFETY: abandoned pages are region property while the lock is held.
             unsafe {
-                list_remove(list, p);
+                list::remove(list, p);
                 r.abandoned_count -= 1;
                 (*p).flags = 0;
                 page::collect_remote(p);

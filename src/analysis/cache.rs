@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use super::alloc_fn::{AllocFn, ArgReg, SizeArg};
 use super::elf::quick_build_id;
 use super::mmap::FileId;
-use super::{Analysis, CallSite, Callee, plan};
+use super::{Analysis, CallSite, Callee, confidence};
 
 const MAGIC: &[u8; 8] = b"LGMACACH";
 pub(crate) const FORMAT_VERSION: u32 = 2;
@@ -183,7 +183,7 @@ pub(crate) fn decode(data: &[u8]) -> Option<Analysis> {
     {
         return None;
     }
-    let size_classes = plan::size_classes(&call_sites);
+    let size_classes = confidence::predicted_sizes(&call_sites);
     Some(Analysis {
         build_id,
         text_bytes,
@@ -339,7 +339,7 @@ mod tests {
                 via_wrapper: true,
             },
         ];
-        let size_classes = plan::size_classes(&call_sites);
+        let size_classes = confidence::predicted_sizes(&call_sites);
         Analysis {
             build_id: Some(vec![1, 2, 3]),
             text_bytes: 4096,

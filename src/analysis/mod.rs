@@ -3,7 +3,7 @@
 //! [`analyze_path`] (or [`analyze_elf`] on the file's bytes) finds every `call`/`jmp` to
 //! an allocation function and, where the instructions before it prove it, the number of
 //! bytes requested there. The predictive runtime turns the result into the size classes
-//! it prepares per thread ([`Analysis::plan`]).
+//! it prepares per thread ([`Analysis::predicted_sizes`]).
 //!
 //! # What is found
 //! - Allocators by symbol (`.symtab`, `.dynsym`, aliases such as `__libc_malloc`): the
@@ -40,8 +40,8 @@
 //! - A wrapper compiled without optimisation spills its argument to the stack and is
 //!   not recognised; conditional tail calls (`jcc` to an allocator) are not sites.
 //!
-//! # Size-class plan
-//! [`PlannedSize`]: per predicted size, the number of sites and `1 - prod(1 - c_i)` over
+//! # Predicted sizes
+//! [`PredictedSize`]: per predicted size, the number of sites and `1 - prod(1 - c_i)` over
 //! its sites (the chance that at least one prediction holds), capped at 0.99.
 //!
 //! # Robustness
@@ -54,6 +54,7 @@ mod bounds;
 mod budget;
 mod cache;
 mod cfg;
+mod confidence;
 mod dataflow;
 mod dwarf;
 mod elf;
@@ -61,7 +62,6 @@ mod error;
 mod lsda;
 mod mmap;
 mod pipeline;
-mod plan;
 mod scan;
 mod targets;
 mod wrappers;
@@ -114,7 +114,7 @@ pub struct CallSite {
 
 /// One predicted size and how strongly it is predicted.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PlannedSize {
+pub struct PredictedSize {
     pub size: u64,
     pub sites: u32,
     /// `1 - prod(1 - c_i)` over the sites, capped at 0.99.
@@ -135,14 +135,14 @@ pub struct Analysis {
     /// All sites, by address.
     pub call_sites: Vec<CallSite>,
     /// Predicted sizes, ascending.
-    pub size_classes: Vec<PlannedSize>,
+    pub size_classes: Vec<PredictedSize>,
     /// Loaded from the cache rather than computed.
     pub from_cache: bool,
 }
 
 impl Analysis {
-    /// The size-class plan: predicted sizes with their site counts and confidence.
-    pub fn plan(&self) -> &[PlannedSize] {
+    /// The predicted sizes, with their site counts and confidence.
+    pub fn predicted_sizes(&self) -> &[PredictedSize] {
         &self.size_classes
     }
 
@@ -157,10 +157,10 @@ impl Analysis {
     }
 }
 
-/// The plans of several files (a program and its shared objects) as one: a size planned
-/// in more than one file combines its confidences as call sites do.
-pub fn merge_plans(plans: impl IntoIterator<Item = PlannedSize>) -> Vec<PlannedSize> {
-    plan::merge(plans.into_iter().collect())
+/// The predicted sizes of several files (a program and its shared objects) as one: a
+/// size predicted in more than one file combines its confidences as call sites do.
+pub fn merge_predicted_sizes(sizes: impl IntoIterator<Item = PredictedSize>) -> Vec<PredictedSize> {
+    confidence::merge(sizes.into_iter().collect())
 }
 
 /// Analyses the contents of an ELF file (a mapped file or a copy of its bytes).
@@ -178,7 +178,7 @@ pub fn analyze_elf_within(bytes: &[u8], budget: Duration) -> Result<Analysis, An
 fn analyze_with(bytes: &[u8], budget: &mut Budget) -> Result<Analysis, AnalysisError> {
     let elf = elf::Elf::parse(bytes)?;
     let (callees, call_sites) = pipeline::run(&elf, budget)?;
-    let size_classes = plan::size_classes(&call_sites);
+    let size_classes = confidence::predicted_sizes(&call_sites);
     Ok(Analysis {
         build_id: elf.build_id.map(<[u8]>::to_vec),
         text_bytes: elf.text_bytes(),

@@ -244,7 +244,7 @@ fn class_rows(o: &mut String, a: &Analysis) {
         return;
     }
     let _ = writeln!(o, "\n  {:>10} {:>6}  confidence", "size", "sites");
-    for c in a.plan() {
+    for c in a.predicted_sizes() {
         let _ = writeln!(o, "  {:>10} {:>6}  {:.3}", c.size, c.sites, c.confidence);
     }
 }
@@ -322,7 +322,7 @@ fn json(path: &Path, a: &Analysis, us: u128) -> String {
         );
     }
     o.push_str("],\"size_classes\":[");
-    for (i, c) in a.plan().iter().enumerate() {
+    for (i, c) in a.predicted_sizes().iter().enumerate() {
         if i > 0 {
             o.push(',');
         }

@@ -19,7 +19,11 @@ const WASTE_SHIFT: usize = 4;
 pub(super) fn build(analysed: &[(Analysis, &Module)], learned: Learned) -> RuntimePlan {
     let learned = &learned;
     let mut classes: Vec<PlannedClass> = Vec::new();
-    let sizes = analysis::merge_plans(analysed.iter().flat_map(|(a, _)| a.plan().iter().copied()));
+    let sizes = analysis::merge_predicted_sizes(
+        analysed
+            .iter()
+            .flat_map(|(a, _)| a.predicted_sizes().iter().copied()),
+    );
     for p in sizes {
         let size = p.size as usize;
         if size == 0 || size > TABLE_MAX_SIZE {

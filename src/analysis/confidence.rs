@@ -1,8 +1,8 @@
-//! Confidence of one site's size, and the size-class plan aggregated from all sites.
+//! Confidence of one site's size, and the predicted sizes aggregated from all sites.
 //! The rules are documented in the module docs of [`crate::analysis`].
 
 use super::dataflow::{ARITH, CALL, JOIN};
-use super::{CallSite, PlannedSize};
+use super::{CallSite, PredictedSize};
 
 /// A literal on a straight-line path to a direct allocator call.
 pub(crate) const LITERAL: f32 = 0.95;
@@ -38,12 +38,12 @@ pub(crate) fn site_confidence(flags: u8, depth: u8, adjusted: bool) -> f32 {
 
 /// Groups sites with a predicted size: per size, the number of sites and
 /// `1 - prod(1 - c_i)` (the chance that at least one site's prediction holds), capped.
-pub(crate) fn size_classes(sites: &[CallSite]) -> Vec<PlannedSize> {
+pub(crate) fn predicted_sizes(sites: &[CallSite]) -> Vec<PredictedSize> {
     group(
         sites
             .iter()
             .filter_map(|s| {
-                Some(PlannedSize {
+                Some(PredictedSize {
                     size: s.size?,
                     sites: 1,
                     confidence: s.confidence,
@@ -53,23 +53,23 @@ pub(crate) fn size_classes(sites: &[CallSite]) -> Vec<PlannedSize> {
     )
 }
 
-/// Several files' plans as one (a program and its shared objects): a size planned in
-/// more than one combines as sites do.
-pub(crate) fn merge(plans: Vec<PlannedSize>) -> Vec<PlannedSize> {
-    group(plans)
+/// Several files' predicted sizes as one (a program and its shared objects): a size
+/// predicted in more than one combines as sites do.
+pub(crate) fn merge(sizes: Vec<PredictedSize>) -> Vec<PredictedSize> {
+    group(sizes)
 }
 
 /// Per size: the sites added up and the confidences combined, ascending by size.
-fn group(mut items: Vec<PlannedSize>) -> Vec<PlannedSize> {
+fn group(mut items: Vec<PredictedSize>) -> Vec<PredictedSize> {
     items.sort_unstable_by_key(|p| p.size);
-    let mut out: Vec<PlannedSize> = Vec::new();
+    let mut out: Vec<PredictedSize> = Vec::new();
     let mut miss = 1.0f32;
     for p in items {
         match out.last_mut() {
             Some(last) if last.size == p.size => last.sites += p.sites,
             _ => {
                 miss = 1.0;
-                out.push(PlannedSize {
+                out.push(PredictedSize {
                     confidence: 0.0,
                     ..p
                 });
@@ -115,16 +115,16 @@ mod tests {
             site(Some(32), 0.5),
             site(Some(8), 0.9),
         ];
-        let plan = size_classes(&sites);
-        assert_eq!(plan.len(), 2);
-        assert_eq!((plan[0].size, plan[0].sites), (8, 1));
-        assert_eq!((plan[1].size, plan[1].sites), (32, 2));
-        assert!((plan[1].confidence - 0.75).abs() < 1e-6);
+        let sizes = predicted_sizes(&sites);
+        assert_eq!(sizes.len(), 2);
+        assert_eq!((sizes[0].size, sizes[0].sites), (8, 1));
+        assert_eq!((sizes[1].size, sizes[1].sites), (32, 2));
+        assert!((sizes[1].confidence - 0.75).abs() < 1e-6);
     }
 
     #[test]
-    fn plans_of_several_files_merge_by_size() {
-        let planned = |size, sites, confidence| PlannedSize {
+    fn predicted_sizes_of_several_files_merge_by_size() {
+        let planned = |size, sites, confidence| PredictedSize {
             size,
             sites,
             confidence,
