@@ -8,15 +8,8 @@ use std::path::Path;
 /// The layer table: the rows of the fenced block after `<!-- layers -->`, top row
 /// first; each row holds module names, then `#` and a comment.
 fn layer_rows(arch: &str) -> Vec<Vec<String>> {
-    let block = arch
-        .split("<!-- layers -->")
-        .nth(1)
-        .and_then(|rest| rest.split("```").nth(1))
-        .expect("ARCHITECTURE.md has no layer table after <!-- layers -->");
-    block
-        .lines()
-        .skip(1) // the fence's language tag
-        .map(|l| l.split('#').next().unwrap_or("").trim())
+    block_lines(arch, "<!-- layers -->")
+        .into_iter()
         .filter(|l| !l.is_empty())
         .map(|l| l.split_whitespace().map(str::to_string).collect())
         .collect()
@@ -25,16 +18,24 @@ fn layer_rows(arch: &str) -> Vec<Vec<String>> {
 /// The upward calls ARCHITECTURE.md allows: lines `from -> to` in the fenced block
 /// after `<!-- upward -->`.
 fn allowed_upward(arch: &str) -> BTreeSet<(String, String)> {
+    block_lines(arch, "<!-- upward -->")
+        .into_iter()
+        .filter_map(|l| l.split_once("->"))
+        .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))
+        .collect()
+}
+
+/// The lines of the fenced block that follows `marker`, without `#` comments.
+fn block_lines<'a>(arch: &'a str, marker: &str) -> Vec<&'a str> {
     let block = arch
-        .split("<!-- upward -->")
+        .split(marker)
         .nth(1)
         .and_then(|rest| rest.split("```").nth(1))
-        .expect("ARCHITECTURE.md has no list of upward calls after <!-- upward -->");
+        .unwrap_or_else(|| panic!("ARCHITECTURE.md has no fenced block after {marker}"));
     block
         .lines()
-        .skip(1)
-        .filter_map(|l| l.split('#').next()?.split_once("->"))
-        .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))
+        .skip(1) // the fence's language tag
+        .map(|l| l.split('#').next().unwrap_or("").trim())
         .collect()
 }
 

@@ -187,64 +187,67 @@ mod throwing {
         )
     }
 
-    macro_rules! new_default {
-        ($rust:ident, $sym:literal) => {
-            #[doc = concat!("C++ `", $sym, "` (throwing `operator new`).")]
+    /// A throwing `operator new`: save the argument registers, try to allocate, restore
+    /// them; on failure set up `new_slow`'s arguments and jump there.
+    macro_rules! throwing_new {
+        (
+            $rust:ident, $sym:literal, $what:literal, ($($arg:ident: $ty:ty),*), $attempt:path,
+            save [$($save:literal),*], restore [$($restore:literal),*],
+            before_slow [$($before_slow:literal),*]
+        ) => {
+            #[doc = concat!("C++ `", $sym, "` (throwing ", $what, ").")]
             #[unsafe(naked)]
             #[unsafe(export_name = $sym)]
-            pub unsafe extern "C" fn $rust(size: usize) -> *mut c_void {
+            pub unsafe extern "C" fn $rust($($arg: $ty),*) -> *mut c_void {
                 naked_asm!(
                     ".cfi_startproc",
-                    "push rdi",
-                    ".cfi_adjust_cfa_offset 8",
+                    $($save,)*
                     "call {attempt}",
-                    "pop rdi",
-                    ".cfi_adjust_cfa_offset -8",
+                    $($restore,)*
                     "test rax, rax",
                     "jz 2f",
                     "ret",
                     "2:",
-                    "xor esi, esi",
+                    $($before_slow,)*
                     "jmp {slow}",
                     ".cfi_endproc",
-                    attempt = sym attempt_default,
+                    attempt = sym $attempt,
                     slow = sym new_slow,
                 )
             }
         };
     }
 
+    /// `operator new(size)`: only `rdi` to keep; the slow path gets alignment 0.
+    macro_rules! new_default {
+        ($rust:ident, $sym:literal) => {
+            throwing_new!(
+                $rust, $sym, "`operator new`", (size: usize), attempt_default,
+                save ["push rdi", ".cfi_adjust_cfa_offset 8"],
+                restore ["pop rdi", ".cfi_adjust_cfa_offset -8"],
+                before_slow ["xor esi, esi"]
+            );
+        };
+    }
+
+    /// `operator new(size, align)`: `rdi` and `rsi` to keep (and `rax` pushed to keep the
+    /// stack 16-byte aligned at the call).
     macro_rules! new_aligned {
         ($rust:ident, $sym:literal) => {
-            #[doc = concat!("C++ `", $sym, "` (throwing aligned `operator new`).")]
-            #[unsafe(naked)]
-            #[unsafe(export_name = $sym)]
-            pub unsafe extern "C" fn $rust(size: usize, align: usize) -> *mut c_void {
-                naked_asm!(
-                    ".cfi_startproc",
-                    "push rdi",
-                    ".cfi_adjust_cfa_offset 8",
-                    "push rsi",
-                    ".cfi_adjust_cfa_offset 8",
-                    "push rax",
-                    ".cfi_adjust_cfa_offset 8",
-                    "call {attempt}",
-                    "pop rcx",
-                    ".cfi_adjust_cfa_offset -8",
-                    "pop rsi",
-                    ".cfi_adjust_cfa_offset -8",
-                    "pop rdi",
-                    ".cfi_adjust_cfa_offset -8",
-                    "test rax, rax",
-                    "jz 2f",
-                    "ret",
-                    "2:",
-                    "jmp {slow}",
-                    ".cfi_endproc",
-                    attempt = sym attempt,
-                    slow = sym new_slow,
-                )
-            }
+            throwing_new!(
+                $rust, $sym, "aligned `operator new`", (size: usize, align: usize), attempt,
+                save [
+                    "push rdi", ".cfi_adjust_cfa_offset 8",
+                    "push rsi", ".cfi_adjust_cfa_offset 8",
+                    "push rax", ".cfi_adjust_cfa_offset 8"
+                ],
+                restore [
+                    "pop rcx", ".cfi_adjust_cfa_offset -8",
+                    "pop rsi", ".cfi_adjust_cfa_offset -8",
+                    "pop rdi", ".cfi_adjust_cfa_offset -8"
+                ],
+                before_slow []
+            );
         };
     }
 

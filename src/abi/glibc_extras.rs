@@ -135,6 +135,28 @@ struct XmlOut {
 }
 
 impl XmlOut {
+    /// The free-list totals: lgmalloc has no fastbins, and its free bytes are `rest`.
+    fn free_totals(&mut self, free_bytes: u64) {
+        self.line(format_args!(
+            "<total type=\"fast\" count=\"0\" size=\"0\"/>"
+        ));
+        self.line(format_args!(
+            "<total type=\"rest\" count=\"0\" size=\"{free_bytes}\"/>"
+        ));
+    }
+
+    /// Memory obtained from the system: committed now, at the peak, and reserved.
+    fn system(&mut self, current: u64, peak: u64, reserved: u64) {
+        self.line(format_args!(
+            "<system type=\"current\" size=\"{current}\"/>"
+        ));
+        self.line(format_args!("<system type=\"max\" size=\"{peak}\"/>"));
+        self.line(format_args!("<aspace type=\"total\" size=\"{reserved}\"/>"));
+        self.line(format_args!(
+            "<aspace type=\"mprotect\" size=\"{reserved}\"/>"
+        ));
+    }
+
     fn line(&mut self, args: core::fmt::Arguments<'_>) {
         if !self.ok {
             return;
@@ -182,40 +204,15 @@ pub unsafe extern "C" fn malloc_info(options: c_int, fp: *mut libc::FILE) -> c_i
         }
     }
     out.line(format_args!("</sizes>"));
-    out.line(format_args!(
-        "<total type=\"fast\" count=\"0\" size=\"0\"/>"
-    ));
-    out.line(format_args!(
-        "<total type=\"rest\" count=\"0\" size=\"{free_bytes}\"/>"
-    ));
-    out.line(format_args!(
-        "<system type=\"current\" size=\"{small_committed}\"/>"
-    ));
-    out.line(format_args!("<system type=\"max\" size=\"{peak}\"/>"));
-    out.line(format_args!("<aspace type=\"total\" size=\"{reserved}\"/>"));
-    out.line(format_args!(
-        "<aspace type=\"mprotect\" size=\"{reserved}\"/>"
-    ));
+    out.free_totals(free_bytes);
+    out.system(small_committed, peak, reserved);
     out.line(format_args!("</heap>"));
-    out.line(format_args!(
-        "<total type=\"fast\" count=\"0\" size=\"0\"/>"
-    ));
-    out.line(format_args!(
-        "<total type=\"rest\" count=\"0\" size=\"{free_bytes}\"/>"
-    ));
+    out.free_totals(free_bytes);
     let live = s.large_live;
     out.line(format_args!(
         "<total type=\"mmap\" count=\"{live}\" size=\"{large}\"/>"
     ));
-    let committed = s.bytes_committed;
-    out.line(format_args!(
-        "<system type=\"current\" size=\"{committed}\"/>"
-    ));
-    out.line(format_args!("<system type=\"max\" size=\"{peak}\"/>"));
-    out.line(format_args!("<aspace type=\"total\" size=\"{reserved}\"/>"));
-    out.line(format_args!(
-        "<aspace type=\"mprotect\" size=\"{reserved}\"/>"
-    ));
+    out.system(s.bytes_committed, peak, reserved);
     out.line(format_args!("</malloc>"));
     if out.ok { 0 } else { -1 }
 }
