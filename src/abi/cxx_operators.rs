@@ -121,6 +121,24 @@ mod throwing {
         crate::request::malloc(size)
     }
 
+    /// `new_slow`'s epilogue before it leaves (by `ret` or a tail jump): pops what its
+    /// prologue pushed, remembering the unwind state for the code after the exit.
+    macro_rules! restore_saved {
+        () => {
+            concat!(
+                ".cfi_remember_state\n",
+                "pop rcx\n",
+                ".cfi_adjust_cfa_offset -8\n",
+                "pop r12\n",
+                ".cfi_adjust_cfa_offset -8\n",
+                ".cfi_restore r12\n",
+                "pop rbx\n",
+                ".cfi_adjust_cfa_offset -8\n",
+                ".cfi_restore rbx",
+            )
+        };
+    }
+
     /// `new_slow(size, align)`, entered by a jump from an `operator new` with the
     /// caller's return address on the stack.
     #[unsafe(naked)]
@@ -149,15 +167,7 @@ mod throwing {
             "call {attempt}",
             "test rax, rax",
             "jz 2b",
-            ".cfi_remember_state",
-            "pop rcx",
-            ".cfi_adjust_cfa_offset -8",
-            "pop r12",
-            ".cfi_adjust_cfa_offset -8",
-            ".cfi_restore r12",
-            "pop rbx",
-            ".cfi_adjust_cfa_offset -8",
-            ".cfi_restore rbx",
+            restore_saved!(),
             "ret",
             ".cfi_restore_state",
             "3:",
@@ -165,15 +175,7 @@ mod throwing {
             "mov rax, qword ptr [rip + _ZSt17__throw_bad_allocv@GOTPCREL]",
             "test rax, rax",
             "jz 4f",
-            ".cfi_remember_state",
-            "pop rcx",
-            ".cfi_adjust_cfa_offset -8",
-            "pop r12",
-            ".cfi_adjust_cfa_offset -8",
-            ".cfi_restore r12",
-            "pop rbx",
-            ".cfi_adjust_cfa_offset -8",
-            ".cfi_restore rbx",
+            restore_saved!(),
             "jmp rax",
             ".cfi_restore_state",
             "4:",
