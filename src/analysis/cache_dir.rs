@@ -59,6 +59,10 @@ pub const LOCK_NAME: &str = "lock";
 /// is still right to the minute.
 pub const TOUCH_AFTER_SECS: i64 = 60;
 
+/// Attempts, a millisecond apart, to take the eviction lock before leaving eviction to
+/// whoever holds it.
+const EVICTION_LOCK_TRIES: u32 = 20;
+
 /// The largest analysis entry read (a 30 MB program's has a few MB).
 pub const MAX_ANALYSIS_BYTES: usize = 32 << 20;
 
@@ -494,12 +498,28 @@ impl CacheDir {
         self.entries().iter().map(|f| f.disk_bytes).sum()
     }
 
+    /// The eviction lock, waiting a little for it: besides another process evicting, a
+    /// process that forks in another thread shares the lock's open file (and so the
+    /// flock) with its child until the child's exec closes it, a millisecond or so.
+    fn eviction_lock(&self) -> Option<CacheLock> {
+        for _ in 0..EVICTION_LOCK_TRIES {
+            if let Some(l) = self.lock(LOCK_NAME) {
+                return Some(l);
+            }
+            if !self.writable {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        None
+    }
+
     /// Removes least recently used entries (all files of an [`entry_stem`] together),
     /// never `keep`'s, until the usage is within the bound. Does nothing (and reports
-    /// the usage as 0) when another process holds the eviction lock.
+    /// the usage as 0) when another process keeps the eviction lock for 20 ms.
     pub fn evict(&self, keep: &str) -> Eviction {
         let mut done = Eviction::default();
-        let Some(_lock) = self.lock(LOCK_NAME) else {
+        let Some(_lock) = self.eviction_lock() else {
             return done;
         };
         let files = self.entries();
