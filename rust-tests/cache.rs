@@ -454,3 +454,42 @@ fn cache_list_and_clear() {
     let out = analyze_tool(&["--cache-list", "extra"], &dir);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn secure_execution_ignores_the_environment() {
+    if !is_root() {
+        eprintln!(
+            "secure_execution_ignores_the_environment: skipped (needs root for a setuid copy)"
+        );
+        return;
+    }
+    let base = scratch("secure");
+    let dir = base.join("cache");
+    CacheDir::open_at(&dir).unwrap();
+    // A setuid copy of the tool owned by another user: the kernel runs it with
+    // AT_SECURE set, as it would a setuid program.
+    let tool = base.join("lgmalloc-analyze-setuid");
+    std::fs::copy(BIN, &tool).unwrap();
+    chown(&tool, NOBODY);
+    chmod(&tool, 0o4755);
+    let run = |args: &[&str]| {
+        Command::new(&tool)
+            .args(args)
+            .env("LGMALLOC_CACHE_DIR", &dir)
+            .env("LGMALLOC_VERBOSE", "1")
+            .output()
+            .unwrap()
+    };
+    let out = run(&[small_elf().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(du(&dir) == 0 && CacheDir::open_at(&dir).unwrap().entries().is_empty());
+    if !Path::new("/var/cache/lgmalloc").exists() {
+        let out = run(&["--cache-list"]);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("no cache directory"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
