@@ -11,7 +11,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use lgmalloc::analysis::cache_dir::{CacheDir, decode_analysis, encode_analysis};
+use lgmalloc::analysis::cache_dir::{CacheDir, LOCK_NAME, decode_analysis, encode_analysis};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lgmalloc-analyze");
 /// The `nobody` user: a uid that is not ours.
@@ -124,8 +124,8 @@ fn created_private() {
     assert!(c.write("b-1234-5.plan", b"y"));
     assert_eq!(mode(&dir.join("b-1234-5")), 0o600);
     assert_eq!(mode(&dir.join("b-1234-5.plan")), 0o600);
-    assert!(c.lock("lock").is_some());
-    assert_eq!(mode(&dir.join("lock")), 0o600);
+    assert!(c.lock(LOCK_NAME).is_some());
+    assert_eq!(mode(&dir.join(LOCK_NAME)), 0o600);
     // Written by rename: no temporary is left.
     let names: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
     assert_eq!(names.len(), 3, "{names:?}");
@@ -140,6 +140,7 @@ fn symbolic_links_are_not_followed() {
     std::fs::write(&target, b"secret").unwrap();
     symlink(&target, dir.join("b-planted-1")).unwrap();
     assert_eq!(c.read("b-planted-1", 1 << 20), None, "read through a link");
+    assert!(!c.contains("b-planted-1"));
     assert!(c.write("b-planted-1", b"entry"));
     assert_eq!(
         std::fs::read(&target).unwrap(),
@@ -177,6 +178,7 @@ fn special_and_oversized_files_are_ignored() {
     assert!(c.write("b-big-1", &[7; 1000]));
     assert_eq!(c.read("b-big-1", 999), None);
     assert_eq!(c.read("b-big-1", 1000).map(|v| v.len()), Some(1000));
+    assert!(c.contains("b-big-1") && !c.contains("b-fifo-1") && !c.contains("b-dir-1"));
 }
 
 #[test]

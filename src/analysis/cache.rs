@@ -28,10 +28,14 @@ const MAGIC: &[u8; 8] = b"LGMACACH";
 pub(crate) const FORMAT_VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 8 + 8;
 
-/// The cache entry path for this file, or `None` when there is no cache directory or
-/// the file is not an ELF (the analysis will report why).
+/// The cache entry path for this file, or `None` when there is no usable cache
+/// directory (see [`CacheDir::open`]) or the file is not an ELF (the analysis will
+/// report why).
 pub(crate) fn key(bytes: &[u8], id: &FileId) -> Option<PathBuf> {
-    let dir = CacheDir::location()?;
+    // Opened and checked here, not only at load and store: callers keep their own files
+    // beside the entry (plans, observations), and a refused directory must give them
+    // no path either.
+    let dir = CacheDir::open()?.path().to_path_buf();
     let name = match quick_build_id(bytes).ok()? {
         Some(b) => {
             let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();

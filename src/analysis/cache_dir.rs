@@ -51,8 +51,9 @@ pub const SYSTEM_DIR: &str = "/var/cache/lgmalloc";
 /// The default bound on the cache's disk usage (`LGMALLOC_CACHE_MAX_MB` overrides it).
 pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
 
-/// The lock file that serialises eviction between processes.
-pub const LOCK_NAME: &str = "lock";
+/// The lock file that serialises eviction between processes (with a `.`, like every
+/// name that is not an analysis entry).
+pub const LOCK_NAME: &str = "lgmalloc.lock";
 
 /// A read refreshes an entry's last use only when the recorded one is older than this:
 /// a program started in a loop then costs no inode write per start, and the LRU order
@@ -205,7 +206,7 @@ impl CacheDir {
             Err(why) => {
                 static REPORTED: AtomicBool = AtomicBool::new(false);
                 if !why.is_empty() && !REPORTED.swap(true, Ordering::Relaxed) {
-                    report(&format!("no analysis cache: {why}"));
+                    report(&format!("cache directory not used: {why}"));
                 }
                 None
             }
@@ -269,6 +270,12 @@ impl CacheDir {
     }
 
     fn create_and_check(path: &Path) -> Result<CacheDir, String> {
+        // The directory usually exists: open it first (four system calls in all, paid
+        // per module at every start); create it only when it is missing.
+        let first = Self::check(path, euid(), true);
+        if first.is_ok() || std::fs::symlink_metadata(path).is_ok() {
+            return first;
+        }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             // Parents get the usual mode (as `mkdir -p`); only the last one must be private.
             let _ = std::fs::create_dir_all(parent);
@@ -367,6 +374,14 @@ impl CacheDir {
         let limit = u64::try_from(max_bytes).ok()?.saturating_add(1);
         File::from(fd).take(limit).read_to_end(&mut data).ok()?;
         (data.len() <= max_bytes).then_some(data)
+    }
+
+    /// True when `name` is a regular file owned by the directory's owner (what
+    /// [`CacheDir::read`] would accept, size aside), without opening it.
+    pub fn contains(&self, name: &str) -> bool {
+        valid_name(name)
+            .and_then(|c| self.stat_at(&c))
+            .is_some_and(|st| is_regular(&st) && st.st_uid == self.owner)
     }
 
     /// Stores `bytes` as `name` (a temporary file renamed into place, mode 0600), then
