@@ -6,13 +6,17 @@
 //! (`fuzz/seeds/cache`).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
 use lgmalloc::analysis::cache_dir::{decode_analysis, encode_analysis};
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(a) = decode_analysis(data) else { return };
     for s in &a.call_sites {
-        assert!((0.0..=1.0).contains(&s.confidence), "confidence {}", s.confidence);
+        assert!(
+            (0.0..=1.0).contains(&s.confidence),
+            "confidence {}",
+            s.confidence
+        );
         assert!(s.size.is_some() || s.confidence == 0.0);
         assert!(a.callee(s).is_some(), "site refers to no callee");
         assert!((1..=15).contains(&s.len));
