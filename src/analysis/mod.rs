@@ -53,6 +53,7 @@ mod alloc_fn;
 mod bounds;
 mod budget;
 mod cache;
+pub mod cache_dir;
 mod cfg;
 mod confidence;
 mod dataflow;

@@ -4,16 +4,20 @@
 //! JSON: one object for one file; an array of objects (one per file analysed
 //! successfully) for several files. Failures go to stderr as
 //! `lgmalloc-analyze: <path>: <reason>` and make the exit code 1.
+//!
+//! `--cache-list` and `--cache-clear` show and empty the cache directory instead.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use lgmalloc::analysis::cache_dir::CacheDir;
 use lgmalloc::analysis::{Analysis, CallSite, analyze_path, analyze_path_within};
 
 const USAGE: &str = "\
 usage: lgmalloc-analyze [--json] [--no-cache] [--budget-ms N] ELF...
+       lgmalloc-analyze --cache-list [--json] | --cache-clear
 
 Finds the allocation call sites of x86-64 ELF executables (malloc, calloc, realloc,
 aligned/posix_memalign, C++ operator new, Rust __rust_alloc, lg_* and their wrappers)
@@ -23,16 +27,29 @@ options:
   --json       print JSON (one object per file; an array for several files)
   --no-cache   analyse afresh; neither read nor write the result cache
   --budget-ms N  give up on a file whose analysis takes more than N ms of CPU time
+  --cache-list lgmalloc's files in the cache directory: last use, disk usage, name
+               (most recent first); with --json, one object
+  --cache-clear  remove lgmalloc's files from the cache directory (analyses, plans,
+               observations, temporaries, the lock file); other files stay
   -h, --help   print this help
 
 The cache lives in $LGMALLOC_CACHE_DIR, else $XDG_CACHE_HOME/lgmalloc, else
-$HOME/.cache/lgmalloc.
+$HOME/.cache/lgmalloc, and is used only if owned by you and not writable by group or
+others. Its disk usage is kept under $LGMALLOC_CACHE_MAX_MB (default 64) MiB by removing
+the least recently used entries.
 
 exit status: 0 success, 1 a file could not be analysed, 2 usage error
 ";
 
+#[derive(Clone, Copy, PartialEq)]
+enum CacheCmd {
+    List,
+    Clear,
+}
+
 struct Options {
     json: bool,
+    cache_cmd: Option<CacheCmd>,
     cache: bool,
     budget: Option<Duration>,
     files: Vec<PathBuf>,
@@ -47,6 +64,7 @@ enum Cli {
 fn parse_args(args: impl Iterator<Item = std::ffi::OsString>) -> Cli {
     let mut opts = Options {
         json: false,
+        cache_cmd: None,
         cache: true,
         budget: None,
         files: Vec::new(),
@@ -61,6 +79,8 @@ fn parse_args(args: impl Iterator<Item = std::ffi::OsString>) -> Cli {
         match arg.to_str() {
             Some("--json") => opts.json = true,
             Some("--no-cache") => opts.cache = false,
+            Some("--cache-list") => opts.cache_cmd = Some(CacheCmd::List),
+            Some("--cache-clear") => opts.cache_cmd = Some(CacheCmd::Clear),
             Some("--budget-ms") => {
                 match args.next().and_then(|v| v.to_str()?.parse::<u64>().ok()) {
                     Some(ms) => opts.budget = Some(Duration::from_millis(ms)),
@@ -74,6 +94,12 @@ fn parse_args(args: impl Iterator<Item = std::ffi::OsString>) -> Cli {
             }
             _ => opts.files.push(arg.into()),
         }
+    }
+    if opts.cache_cmd.is_some() {
+        if !opts.files.is_empty() {
+            return Cli::Usage("--cache-list and --cache-clear take no file".into());
+        }
+        return Cli::Run(opts);
     }
     if opts.files.is_empty() {
         return Cli::Usage("no ELF file given".into());
@@ -93,7 +119,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if run(&opts) {
+    let ok = match opts.cache_cmd {
+        Some(cmd) => cache_command(cmd, opts.json),
+        None => run(&opts),
+    };
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -135,6 +165,119 @@ fn run(opts: &Options) -> bool {
         }
     }
     ok
+}
+
+/// `--cache-list` / `--cache-clear`; false when there is no usable cache directory.
+fn cache_command(cmd: CacheCmd, json: bool) -> bool {
+    let dir = match CacheDir::try_open() {
+        Ok(d) => d,
+        Err(why) if why.is_empty() => {
+            eprintln!(
+                "lgmalloc-analyze: no cache directory (set LGMALLOC_CACHE_DIR, XDG_CACHE_HOME or HOME)"
+            );
+            return false;
+        }
+        Err(why) => {
+            eprintln!("lgmalloc-analyze: cache directory not used: {why}");
+            return false;
+        }
+    };
+    match cmd {
+        CacheCmd::Clear => {
+            let n = dir.clear();
+            emit(&format!(
+                "removed {n} files from {}\n",
+                dir.path().display()
+            ));
+        }
+        CacheCmd::List if json => emit(&cache_json(&dir)),
+        CacheCmd::List => emit(&cache_table(&dir)),
+    }
+    true
+}
+
+fn cache_table(dir: &CacheDir) -> String {
+    let files = dir.entries();
+    let used: u64 = files.iter().map(|f| f.disk_bytes).sum();
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{}  {} used by {} files, limit {}",
+        dir.path().display(),
+        human(used),
+        files.len(),
+        human(dir.max_bytes()),
+    );
+    if files.is_empty() {
+        return o;
+    }
+    let _ = writeln!(o, "  {:<23} {:>10}  name", "last use (UTC)", "disk");
+    for f in &files {
+        let _ = writeln!(
+            o,
+            "  {:<23} {:>10}  {}",
+            utc(f.last_use_ns.div_euclid(1_000_000_000)),
+            human(f.disk_bytes),
+            f.name
+        );
+    }
+    o
+}
+
+fn cache_json(dir: &CacheDir) -> String {
+    let files = dir.entries();
+    let used: u64 = files.iter().map(|f| f.disk_bytes).sum();
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        "{{\"dir\":{},\"max_bytes\":{},\"used_bytes\":{used},\"files\":[",
+        jstr(&dir.path().to_string_lossy()),
+        dir.max_bytes(),
+    );
+    for (i, f) in files.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        let _ = write!(
+            o,
+            "{{\"name\":{},\"disk_bytes\":{},\"bytes\":{},\"last_use\":{}}}",
+            jstr(&f.name),
+            f.disk_bytes,
+            f.len,
+            f.last_use_ns.div_euclid(1_000_000_000),
+        );
+    }
+    o.push_str("]}\n");
+    o
+}
+
+/// Bytes as KiB or MiB with one decimal.
+fn human(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of Unix time `secs` (civil-from-days, H. Hinnant).
+fn utc(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
