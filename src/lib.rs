@@ -31,6 +31,12 @@ pub use abi::c_api;
 pub use abi::global_alloc::LgMalloc;
 pub use stats::{LG_MAX_CLASSES, LgClassStats, LgStats};
 
+/// The parsers of the stored plan and observation files, for the fuzz targets only.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::predict::store::{MAX_FILE_BYTES, reparse_learned, reparse_plan};
+}
+
 /// The lock-free page protocol, for the loom models in `rust-tests/loom.rs` only.
 #[cfg(loom)]
 #[doc(hidden)]

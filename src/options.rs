@@ -32,6 +32,7 @@ static VERBOSE: AtomicBool = AtomicBool::new(false);
 static SHOW_STATS: AtomicBool = AtomicBool::new(false);
 static VERIFY: AtomicBool = AtomicBool::new(false);
 static LEARN: AtomicBool = AtomicBool::new(true);
+static DEFERRED_ANALYSIS: AtomicBool = AtomicBool::new(true);
 static PREDICT: AtomicU8 = AtomicU8::new(PredictMode::Predict as u8);
 static BUDGET_US: AtomicU64 = AtomicU64::new(DEFAULT_BUDGET_US);
 
@@ -39,13 +40,15 @@ static BUDGET_US: AtomicU64 = AtomicU64::new(DEFAULT_BUDGET_US);
 pub fn init() {
     if os::secure_execution() {
         SECURE.store(true, Ordering::Relaxed);
+        // Learning writes files on the caller's behalf.
+        LEARN.store(false, Ordering::Relaxed);
         return;
     }
     VERBOSE.store(flag("LGMALLOC_VERBOSE\0"), Ordering::Relaxed);
     SHOW_STATS.store(flag("LGMALLOC_SHOW_STATS\0"), Ordering::Relaxed);
     VERIFY.store(flag("LGMALLOC_VERIFY\0"), Ordering::Relaxed);
-    let learn = !matches!(var("LGMALLOC_LEARN\0"), Some(b"0" | b"off" | b"no"));
-    LEARN.store(learn, Ordering::Relaxed);
+    LEARN.store(!off("LGMALLOC_LEARN\0"), Ordering::Relaxed);
+    DEFERRED_ANALYSIS.store(!off("LGMALLOC_DEFERRED_ANALYSIS\0"), Ordering::Relaxed);
     let mode = match var("LGMALLOC_PREDICT\0") {
         Some(b"0" | b"off" | b"no" | b"false") => PredictMode::Off,
         Some(b"analyze") => PredictMode::AnalyzeOnly,
@@ -67,6 +70,11 @@ fn flag(name_nul: &str) -> bool {
         Some(v) => !matches!(v, b"" | b"0" | b"no" | b"off" | b"false"),
         None => false,
     }
+}
+
+/// True when a default-on variable is set to `0`, `no`, `off` or `false`.
+fn off(name_nul: &str) -> bool {
+    matches!(var(name_nul), Some(b"0" | b"no" | b"off" | b"false"))
 }
 
 /// The value of an environment variable (name must end in NUL), borrowed from environ.
@@ -107,6 +115,12 @@ pub fn verify() -> bool {
 /// `LGMALLOC_LEARN` (default on): plan from what earlier runs observed, and record it.
 pub fn learn() -> bool {
     LEARN.load(Ordering::Relaxed)
+}
+
+/// `LGMALLOC_DEFERRED_ANALYSIS` (default on): analyse at exit, in a detached child, the
+/// files that did not fit the start-up budget.
+pub fn deferred_analysis() -> bool {
+    DEFERRED_ANALYSIS.load(Ordering::Relaxed)
 }
 
 /// `LGMALLOC_PREDICT`.

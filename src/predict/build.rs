@@ -144,9 +144,8 @@ pub(super) fn apply(plan: &mut RuntimePlan) {
             size_class::set_first_page_blocks(standard, c.first_page_blocks);
             Some(standard)
         };
-        if let Some(class) = class {
-            c.class = class;
-        }
+        // A full table leaves the size in its standard class.
+        c.class = class.unwrap_or(standard);
     }
     let mut reserved: Vec<usize> = Vec::new();
     for &size in &plan.reserved_sizes {

@@ -2,9 +2,10 @@
 //! process, so the program's exit is not delayed and its next start is planned.
 
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::analysis;
+use crate::analysis::cache_dir::{CacheDir, CacheLock};
 use crate::diag::diag;
 use crate::options;
 
@@ -15,8 +16,9 @@ static DEFERRED_BY: AtomicU64 = AtomicU64::new(0);
 
 /// Leaves the analysis of `paths` to the end of the run (see [`analyse_deferred_at_exit`]).
 pub(super) fn defer_analysis(paths: Vec<PathBuf>) {
-    // A privileged program must not leave a child running on its caller's behalf.
-    if options::secure() {
+    // A privileged program must not leave a child running on its caller's behalf; and
+    // `LGMALLOC_DEFERRED_ANALYSIS=0` turns the child off.
+    if options::secure() || !options::deferred_analysis() {
         return;
     }
     if options::verbose() {
@@ -58,6 +60,13 @@ extern "C" fn analyse_deferred_at_exit() {
         0 => {
             detach_from_parent();
             for path in paths.iter() {
+                // One analysis of a file at a time across processes: a program started
+                // many times at once (a build running the same compiler) defers the
+                // same file in each, and only the first child to get here analyses it;
+                // the lock goes with this process.
+                let Some(_lock) = analysis_lock(path) else {
+                    continue;
+                };
                 let _ = analysis::analyze_path(path, true);
             }
             // SAFETY: ends the child without running the parent's exit handlers.
@@ -68,6 +77,14 @@ extern "C" fn analyse_deferred_at_exit() {
         }
         _ => {}
     }
+}
+
+/// The lock on `path`'s cache entry (`<entry>.lock` beside it), if no other process
+/// holds it. None without a cache, where the analysis could not be kept anyway.
+fn analysis_lock(path: &Path) -> Option<CacheLock> {
+    let entry = analysis::cache_entry(path)?;
+    let (dir, name) = CacheDir::open_for(&entry)?;
+    dir.lock(&format!("{name}.lock"))
 }
 
 /// In the analysis child: a session of its own (the terminal's signals are not for it),

@@ -3,6 +3,7 @@
 
 use super::current;
 use super::store::write_learned;
+use crate::analysis::cache_dir::CacheDir;
 use crate::heap;
 use crate::size_class::MAX_CLASSES;
 use crate::stats::{self, LgStats};
@@ -61,7 +62,7 @@ impl Learned {
 /// the next run plans from them.
 pub(super) extern "C" fn learn_at_exit() {
     let Some(plan) = current() else { return };
-    let Some(path) = plan.learned_path.as_deref() else {
+    let Some((learned, stale_plan)) = plan.learned_files.as_ref() else {
         return;
     };
     let mut s = LgStats::default();
@@ -88,7 +89,9 @@ pub(super) extern "C" fn learn_at_exit() {
     if !changed(&plan.observed, &now) {
         return;
     }
-    write_learned(path, &now);
+    if let Some(dir) = CacheDir::open() {
+        write_learned(&dir, learned, stale_plan, &now);
+    }
 }
 
 /// The classes that take a real share of the allocations, with their shares.

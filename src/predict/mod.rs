@@ -33,11 +33,10 @@ mod deferred;
 mod learn;
 mod modules;
 mod start;
-mod store;
+pub(crate) mod store;
 mod verify;
 
 use core::sync::atomic::{AtomicPtr, Ordering};
-use std::path::PathBuf;
 
 use crate::diag::diag;
 use crate::stats::{self, LgStats};
@@ -78,7 +77,9 @@ pub struct RuntimePlan {
     modules: Vec<String>,
     pub analysis_us: u64,
     pub from_cache: bool,
-    learned_path: Option<PathBuf>,
+    /// Where this run's observations go at exit (file names in the cache directory):
+    /// the observations, and the stored plan they make stale.
+    learned_files: Option<(String, String)>,
     /// Allocations per class when the plan came into force.
     allocs_at_start: Vec<u64>,
     /// The observations the plan was built from.

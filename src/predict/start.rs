@@ -2,15 +2,16 @@
 //! stored plan, or analyses within the start-up budget), and putting it in force.
 
 use core::ffi::{c_char, c_int};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::build::{apply, build};
 use super::deferred::defer_analysis;
 use super::learn::learn_at_exit;
 use super::modules::{Module, executable_path, modules_to_plan};
-use super::store::{read_learned, read_plan_file, write_plan_file};
+use super::store::{read_learned, read_plan, write_plan};
 use super::{PlannedClass, RuntimePlan, Source, now_us, publish, thread_cpu_us, verify};
+use crate::analysis::cache_dir::{self, CacheDir};
 use crate::analysis::{self, Analysis, AnalysisError};
 use crate::diag::diag;
 use crate::options::{self, PredictMode};
@@ -53,43 +54,58 @@ extern "C" fn plan_at_start(
     let start = now_us();
     let learn = options::learn();
     let modules = modules_to_plan(&exe);
-    let entry = modules.first().and_then(|m| m.entry.as_ref());
-    let learned_path = entry.filter(|_| learn).map(|e| e.with_extension("learned"));
-    let plan_path = entry.map(|e| e.with_extension(if learn { "plan" } else { "static-plan" }));
+    // The stored plan and observations sit beside the main program's cache entry.
+    let cache = modules
+        .first()
+        .and_then(|m| m.entry.as_deref())
+        .and_then(CacheDir::open_for)
+        .map(|(dir, entry)| {
+            let stem = cache_dir::entry_stem(&entry).to_string();
+            (dir, stem)
+        });
+    let plan_name = cache
+        .as_ref()
+        .map(|(_, stem)| format!("{stem}.{}", if learn { "plan" } else { "static-plan" }));
+    let learned_name = cache
+        .as_ref()
+        .filter(|_| learn)
+        .map(|(_, stem)| format!("{stem}.learned"));
+    let dir = cache.as_ref().map(|(dir, _)| dir);
     // A stored plan is a few hundred bytes; the analyses it came from are only needed
     // again in verify mode (for the call sites) or when what was learned changed.
-    let stored = match (
-        &plan_path,
-        mode == PredictMode::Predict && !options::verify(),
-    ) {
-        (Some(p), true) => read_plan_file(p, &modules),
+    let stored = match (dir, &plan_name) {
+        (Some(dir), Some(name)) if mode == PredictMode::Predict && !options::verify() => {
+            read_plan(dir, name, &modules)
+        }
         _ => None,
     };
     let mut plan = match stored {
         Some(p) => p,
         None => {
-            let (analysed, deferred) = analyse_modules(&modules);
+            let (analysed, deferred) = analyse_modules(&modules, dir);
             if !deferred.is_empty() {
                 defer_analysis(deferred);
             }
             if analysed.is_empty() {
                 return;
             }
-            let learned = learned_path
-                .as_deref()
-                .and_then(read_learned)
-                .unwrap_or_default();
+            let learned = match (dir, &learned_name) {
+                (Some(dir), Some(name)) => read_learned(dir, name).unwrap_or_default(),
+                _ => Default::default(),
+            };
             let plan = build(&analysed, learned);
             // A plan missing a module's analysis is not stored: the next run, with that
             // analysis cached, plans from all of them.
-            if let (Some(p), true) = (&plan_path, plan.modules.len() == modules.len()) {
-                write_plan_file(p, &plan);
+            if let (Some(dir), Some(name), true) =
+                (dir, &plan_name, plan.modules.len() == modules.len())
+            {
+                write_plan(dir, name, &plan);
             }
             plan
         }
     };
     plan.analysis_us = now_us() - start;
-    plan.learned_path = learned_path;
+    plan.learned_files = learned_name.zip(plan_name);
     if mode == PredictMode::AnalyzeOnly {
         return;
     }
@@ -125,7 +141,10 @@ fn naive_plan() -> RuntimePlan {
 
 /// Analyses (or loads the cached analyses of) `modules` within the CPU-time budget.
 /// Returns the analyses, and the modules whose cold analysis did not fit.
-fn analyse_modules(modules: &[Module]) -> (Vec<(Analysis, &Module)>, Vec<PathBuf>) {
+fn analyse_modules<'m>(
+    modules: &'m [Module],
+    cache: Option<&CacheDir>,
+) -> (Vec<(Analysis, &'m Module)>, Vec<PathBuf>) {
     // Verify mode needs every site: it is a diagnostic run, not a start-up to protect.
     let budget = if options::verify() {
         u64::MAX
@@ -138,7 +157,7 @@ fn analyse_modules(modules: &[Module]) -> (Vec<(Analysis, &Module)>, Vec<PathBuf
     for m in modules {
         let spent = thread_cpu_us().saturating_sub(start);
         let left = budget.saturating_sub(spent);
-        let cached = m.entry.as_deref().is_some_and(Path::exists);
+        let cached = cache.is_some_and(|dir| dir.contains(&m.entry_name()));
         if !cached && (left == 0 || m.cold_cost_us() > left) {
             deferred.push(m.path.clone());
             continue;

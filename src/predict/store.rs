@@ -1,54 +1,122 @@
 //! The stored plan and the stored observations: small text files beside the main
-//! program's analysis cache entry, so a warm start reads a few hundred bytes instead of
-//! any analysis.
+//! program's analysis cache entry (`<entry>.plan`, `<entry>.static-plan`,
+//! `<entry>.learned`), so a warm start reads a few hundred bytes instead of any
+//! analysis. They go through [`CacheDir`] like every cache file.
+//!
+//! Both are untrusted input: anyone who can write the cache directory (or a crash, or a
+//! full disk) decides what is in them. Every value is checked against the range the
+//! allocator could have written; a file that fails is ignored (the next run rebuilds
+//! it) with one `LGMALLOC_VERBOSE` line, never used in part.
 
 use core::fmt::Write;
-use std::path::Path;
 
-use super::learn::Learned;
+use super::learn::{Learned, MAX_RESERVED_CLASSES};
 use super::modules::Module;
 use super::{PlannedClass, RuntimePlan, Source};
-use crate::size_class::{self, TABLE_MAX_SIZE};
+use crate::analysis::cache_dir::CacheDir;
+use crate::diag::diag;
+use crate::options;
+use crate::size_class::{MAX_CLASSES, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
+
+/// Neither file is ever larger; a larger one is not read.
+pub const MAX_FILE_BYTES: usize = 64 << 10;
+/// A first page never spans more than this (the heap's largest page).
+const MAX_FIRST_PAGE_BYTES: usize = 64 << 10;
+/// Modules a plan may name (the program and its shared objects).
+const MAX_MODULES: usize = 256;
+/// Entries of one kind a file may hold: one per class at most.
+const MAX_ENTRIES: usize = 4 * MAX_CLASSES;
+
+/// Why a stored file was refused.
+type Refusal = &'static str;
+
+/// The observations stored under `name`, if present and valid.
+pub(super) fn read_learned(dir: &CacheDir, name: &str) -> Option<Learned> {
+    let bytes = dir.read(name, MAX_FILE_BYTES)?;
+    refused_if_err(name, parse_learned(&bytes))
+}
+
+/// The plan stored under `name`, if present, valid and built from the same `modules`
+/// (the same files: cache entries are named by build-id, or inode, size and mtime).
+pub(super) fn read_plan(dir: &CacheDir, name: &str, modules: &[Module]) -> Option<RuntimePlan> {
+    let bytes = dir.read(name, MAX_FILE_BYTES)?;
+    let plan = refused_if_err(name, parse_plan(&bytes))?;
+    let current = modules.iter().map(Module::entry_name);
+    current.eq(plan.modules.iter().cloned()).then_some(plan)
+}
+
+fn refused_if_err<T>(name: &str, parsed: Result<T, Refusal>) -> Option<T> {
+    match parsed {
+        Ok(v) => Some(v),
+        Err(why) => {
+            if options::verbose() {
+                diag!("lgmalloc: stored {name} ignored: {why}");
+            }
+            None
+        }
+    }
+}
 
 /// Format: a first line `lgmalloc-learned 2`, then `threads N` and
 /// `class BLOCK_SIZE ALLOCATIONS THREADS_USING` lines.
-pub(super) fn read_learned(path: &Path) -> Option<Learned> {
-    let text = std::fs::read_to_string(path).ok()?;
+pub(super) fn parse_learned(bytes: &[u8]) -> Result<Learned, Refusal> {
+    let text = core::str::from_utf8(bytes).map_err(|_| "not text")?;
     let mut lines = text.lines();
-    if lines.next()? != "lgmalloc-learned 2" {
-        return None;
+    if lines.next() != Some("lgmalloc-learned 2") {
+        return Err("not an observations file of this version");
     }
     let mut learned = Learned::default();
     for line in lines {
         parse_learned_line(&mut learned, line)?;
     }
-    Some(learned)
+    check_learned(&learned)?;
+    Ok(learned)
 }
 
 /// Parses one `threads` or `class` line into `learned` (shared with the plan file).
-fn parse_learned_line(learned: &mut Learned, line: &str) -> Option<()> {
+fn parse_learned_line(learned: &mut Learned, line: &str) -> Result<(), Refusal> {
     let f: Vec<&str> = line.split_ascii_whitespace().collect();
     match f.as_slice() {
-        ["threads", n] => learned.threads = n.parse().ok()?,
+        ["threads", n] => learned.threads = number(n)?,
         ["class", size, calls, using] => {
-            let calls: u64 = calls.parse().ok()?;
-            learned.total += calls;
-            learned
-                .classes
-                .push((size.parse().ok()?, calls, using.parse().ok()?));
+            if learned.classes.len() >= MAX_ENTRIES {
+                return Err("too many classes");
+            }
+            let size: usize = number(size)?;
+            if size == 0 || size > MAX_SMALL_SIZE || !size.is_multiple_of(16) {
+                return Err("a class size out of range");
+            }
+            let calls: u64 = number(calls)?;
+            learned.total = learned
+                .total
+                .checked_add(calls)
+                .ok_or("allocation counts overflow")?;
+            learned.classes.push((size, calls, number(using)?));
         }
-        _ => return None,
+        _ => return Err("an unknown line"),
     }
-    Some(())
+    Ok(())
 }
 
-/// Stores a run's observations at `path` and drops the plan built from the old ones,
-/// so the next run plans from these.
-pub(super) fn write_learned(path: &Path, learned: &Learned) {
+/// What the whole file must satisfy once read: no class used by more threads than ran.
+fn check_learned(learned: &Learned) -> Result<(), Refusal> {
+    if learned.classes.iter().any(|c| c.2 > learned.threads) {
+        return Err("a class used by more threads than ran");
+    }
+    Ok(())
+}
+
+fn number<T: core::str::FromStr>(field: &str) -> Result<T, Refusal> {
+    field.parse().map_err(|_| "a malformed number")
+}
+
+/// Stores a run's observations under `name` and drops the plan built from the old
+/// ones (`plan_name`), so the next run plans from these.
+pub(super) fn write_learned(dir: &CacheDir, name: &str, plan_name: &str, learned: &Learned) {
     let mut text = String::from("lgmalloc-learned 2\n");
     learned_lines(learned, "", &mut text);
-    write_atomically(path, text.as_bytes());
-    let _ = std::fs::remove_file(path.with_extension("plan"));
+    dir.write(name, text.as_bytes());
+    dir.remove(plan_name);
 }
 
 fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
@@ -60,8 +128,14 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
 
 /// Format: `lgmalloc-plan 3`, then `module CACHE_ENTRY` (the modules analysed, main
 /// program first), `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS`, `eager BLOCK_SIZE`
-/// and `observed ...` (the learned lines it was built from) lines.
-pub(super) fn write_plan_file(path: &Path, plan: &RuntimePlan) {
+/// (a class reserved in every new heap) and `observed ...` (the learned lines it was
+/// built from) lines.
+pub(super) fn write_plan(dir: &CacheDir, name: &str, plan: &RuntimePlan) {
+    dir.write(name, plan_text(plan).as_bytes());
+}
+
+/// The stored form of `plan` (see [`write_plan`]).
+pub(super) fn plan_text(plan: &RuntimePlan) -> String {
     let mut text = String::from("lgmalloc-plan 3\n");
     for m in &plan.modules {
         let _ = writeln!(text, "module {m}");
@@ -82,67 +156,229 @@ pub(super) fn write_plan_file(path: &Path, plan: &RuntimePlan) {
         let _ = writeln!(text, "eager {size}");
     }
     learned_lines(&plan.observed, "observed ", &mut text);
-    write_atomically(path, text.as_bytes());
+    text
 }
 
-/// The plan stored at `path`, if it was built from the same `modules` (the same files:
-/// cache entries are named by build-id, or inode, size and mtime).
-pub(super) fn read_plan_file(path: &Path, modules: &[Module]) -> Option<RuntimePlan> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// Parses a stored plan (see [`write_plan`]), checking every value.
+pub(super) fn parse_plan(bytes: &[u8]) -> Result<RuntimePlan, Refusal> {
+    let text = core::str::from_utf8(bytes).map_err(|_| "not text")?;
     let mut lines = text.lines();
-    if lines.next()? != "lgmalloc-plan 3" {
-        return None;
+    if lines.next() != Some("lgmalloc-plan 3") {
+        return Err("not a plan of this version");
     }
-    let mut stored_modules = Vec::new();
-    let mut classes = Vec::new();
-    let mut observed = Learned::default();
-    let mut reserved_sizes = Vec::new();
+    let mut plan = RuntimePlan {
+        from_cache: true,
+        ..RuntimePlan::default()
+    };
     for line in lines {
         let f: Vec<&str> = line.split_ascii_whitespace().collect();
         match f.as_slice() {
             ["class", size, confidence, source, blocks] => {
-                let size: usize = size.parse().ok()?;
-                let source = match *source {
-                    "S" => Source::Static,
-                    "L" => Source::Learned,
-                    "B" => Source::Both,
-                    _ => return None,
-                };
-                if size == 0 || size > TABLE_MAX_SIZE {
-                    return None;
+                if plan.classes.len() >= MAX_CLASSES {
+                    return Err("too many classes");
                 }
-                classes.push(PlannedClass {
-                    size,
-                    class: size_class::size_class_of(size),
-                    confidence: confidence.parse().ok()?,
-                    source,
-                    first_page_blocks: blocks.parse().ok()?,
-                    exact_fit: false,
-                });
+                plan.classes
+                    .push(planned_class(size, confidence, source, blocks)?);
             }
-            ["eager", size] => reserved_sizes.push(size.parse().ok()?),
-            ["module", name] => stored_modules.push(name.to_string()),
-            ["observed", ..] => parse_learned_line(&mut observed, line.strip_prefix("observed ")?)?,
-            _ => return None,
+            ["eager", size] => {
+                let size: usize = number(size)?;
+                if size == 0 || size > MAX_SMALL_SIZE {
+                    return Err("a reserved size out of range");
+                }
+                if plan.reserved_sizes.len() >= MAX_RESERVED_CLASSES {
+                    return Err("too many reserved classes");
+                }
+                plan.reserved_sizes.push(size);
+            }
+            ["module", name] => {
+                if plan.modules.len() >= MAX_MODULES {
+                    return Err("too many modules");
+                }
+                if name.len() > 255 || name.contains('/') {
+                    return Err("a module name that is no cache entry");
+                }
+                plan.modules.push(name.to_string());
+            }
+            ["observed", ..] => {
+                let rest = line.strip_prefix("observed ").ok_or("an unknown line")?;
+                parse_learned_line(&mut plan.observed, rest)?;
+            }
+            _ => return Err("an unknown line"),
         }
     }
-    let current = modules.iter().map(Module::entry_name);
-    if !current.eq(stored_modules.iter().cloned()) {
-        return None;
+    check_learned(&plan.observed)?;
+    Ok(plan)
+}
+
+/// One `class` line of a stored plan.
+fn planned_class(
+    size: &str,
+    confidence: &str,
+    source: &str,
+    blocks: &str,
+) -> Result<PlannedClass, Refusal> {
+    let size: usize = number(size)?;
+    if size == 0 || size > TABLE_MAX_SIZE {
+        return Err("a class size out of range");
     }
-    Some(RuntimePlan {
-        classes,
-        modules: stored_modules,
-        from_cache: true,
-        observed,
-        reserved_sizes,
-        ..RuntimePlan::default()
+    let confidence: f32 = number(confidence)?;
+    if !(0.0..=1.0).contains(&confidence) {
+        // Also refuses NaN, which no range contains.
+        return Err("a confidence outside [0, 1]");
+    }
+    let source = match source {
+        "S" => Source::Static,
+        "L" => Source::Learned,
+        "B" => Source::Both,
+        _ => return Err("an unknown source"),
+    };
+    let first_page_blocks: u32 = number(blocks)?;
+    let block = size.next_multiple_of(16);
+    if first_page_blocks == 0
+        || first_page_blocks as usize * block > MAX_FIRST_PAGE_BYTES.max(block)
+    {
+        return Err("a first page out of range");
+    }
+    Ok(PlannedClass {
+        size,
+        // Set when the plan is applied to the class table.
+        class: 0,
+        confidence,
+        source,
+        first_page_blocks,
+        exact_fit: false,
     })
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    if std::fs::write(&tmp, bytes).is_err() || std::fs::rename(&tmp, path).is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// For the fuzz target: the stored form of the plan `bytes` parse to.
+pub fn reparse_plan(bytes: &[u8]) -> Result<String, Refusal> {
+    parse_plan(bytes).map(|plan| plan_text(&plan))
+}
+
+/// For the fuzz target: the stored form of the observations `bytes` parse to.
+pub fn reparse_learned(bytes: &[u8]) -> Result<String, Refusal> {
+    parse_learned(bytes).map(|learned| {
+        let mut text = String::from("lgmalloc-learned 2\n");
+        learned_lines(&learned, "", &mut text);
+        text
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAN: &str = "lgmalloc-plan 3\nmodule b-0123-16208\nclass 40 0.975 B 85\neager 48\n\
+                        observed threads 7\nobserved class 48 768000 7\n";
+
+    fn with_class_line(line: &str) -> String {
+        PLAN.replace("class 40 0.975 B 85", line)
+    }
+
+    #[test]
+    fn a_written_plan_reads_back() {
+        let plan = parse_plan(PLAN.as_bytes()).expect("valid plan");
+        assert_eq!(plan.modules, ["b-0123-16208"]);
+        assert_eq!(plan.classes.len(), 1);
+        let c = plan.classes[0];
+        assert_eq!(
+            (c.size, c.first_page_blocks, c.source),
+            (40, 85, Source::Both)
+        );
+        assert!((c.confidence - 0.975).abs() < 1e-6);
+        assert_eq!(plan.reserved_sizes, [48]);
+        assert_eq!((plan.observed.threads, plan.observed.total), (7, 768000));
+        assert_eq!(plan_text(&plan), PLAN);
+    }
+
+    #[test]
+    fn planted_values_are_refused() {
+        for (line, why) in [
+            ("class 40 NaN B 85", "a confidence outside [0, 1]"),
+            ("class 40 -5 B 85", "a confidence outside [0, 1]"),
+            ("class 40 1e308 B 85", "a confidence outside [0, 1]"),
+            ("class 40 inf B 85", "a confidence outside [0, 1]"),
+            ("class 40 0.9 B 4294967295", "a first page out of range"),
+            ("class 40 0.9 B 0", "a first page out of range"),
+            ("class 0 0.9 B 4", "a class size out of range"),
+            ("class 9000 0.9 B 4", "a class size out of range"),
+            ("class 40 0.9 X 4", "an unknown source"),
+            ("class 40 0.9 B", "an unknown line"),
+            ("klass 40 0.9 B 4", "an unknown line"),
+            ("class -40 0.9 B 4", "a malformed number"),
+        ] {
+            let text = with_class_line(line);
+            assert_eq!(parse_plan(text.as_bytes()).err(), Some(why), "{line}");
+        }
+        let planted = [
+            (
+                PLAN.replace("eager 48", "eager 0"),
+                "a reserved size out of range",
+            ),
+            (
+                PLAN.replace("module b-0123-16208", "module ../../etc"),
+                "a module name that is no cache entry",
+            ),
+            (
+                PLAN.replace("observed threads 7", "observed threads 2"),
+                "a class used by more threads than ran",
+            ),
+            (
+                PLAN.replace("lgmalloc-plan 3", "lgmalloc-plan 2"),
+                "not a plan of this version",
+            ),
+        ];
+        for (text, why) in planted {
+            assert_eq!(parse_plan(text.as_bytes()).err(), Some(why), "{text}");
+        }
+        assert_eq!(parse_plan(b"lgmalloc-plan 3\n\xff").err(), Some("not text"));
+        let many = format!("{PLAN}{}", "eager 16\n".repeat(MAX_RESERVED_CLASSES));
+        assert_eq!(
+            parse_plan(many.as_bytes()).err(),
+            Some("too many reserved classes")
+        );
+    }
+
+    #[test]
+    fn planted_observations_are_refused() {
+        let ok = "lgmalloc-learned 2\nthreads 3\nclass 48 100 3\n";
+        assert_eq!(parse_learned(ok.as_bytes()).map(|l| l.total), Ok(100));
+        for (text, why) in [
+            (
+                "lgmalloc-learned 2\nclass 40 1 0\n",
+                "a class size out of range",
+            ),
+            (
+                "lgmalloc-learned 2\nclass 0 1 0\n",
+                "a class size out of range",
+            ),
+            (
+                "lgmalloc-learned 2\nclass 524288 1 0\n",
+                "a class size out of range",
+            ),
+            (
+                "lgmalloc-learned 2\nthreads 1\nclass 48 1 5\n",
+                "a class used by more threads than ran",
+            ),
+            (
+                "lgmalloc-learned 2\nclass 48 18446744073709551615 0\nclass 64 1 0\n",
+                "allocation counts overflow",
+            ),
+            ("lgmalloc-learned 2\nthreads x\n", "a malformed number"),
+            (
+                "lgmalloc-learned 1\n",
+                "not an observations file of this version",
+            ),
+        ] {
+            assert_eq!(parse_learned(text.as_bytes()).err(), Some(why), "{text}");
+        }
+        let many = format!(
+            "lgmalloc-learned 2\n{}",
+            "class 48 1 0\n".repeat(MAX_ENTRIES + 1)
+        );
+        assert_eq!(
+            parse_learned(many.as_bytes()).err(),
+            Some("too many classes")
+        );
     }
 }
