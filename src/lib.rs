@@ -5,6 +5,7 @@
 //! the path of one malloc and one free.
 
 #![warn(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod abi;
 pub mod analysis;

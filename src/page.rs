@@ -322,6 +322,33 @@ impl<H, R> Page<H, R> {
     }
 }
 
+/// Bytes per block of the page at `page`, from any thread: read through the raw
+/// pointer, so no reference covers the record its owner may be writing.
+///
+/// # Safety
+/// `page` is the record of a page holding a live block the caller owns (`class` only
+/// changes while no block of the page is live).
+#[inline]
+pub unsafe fn block_size_of(page: *const Page) -> usize {
+    // SAFETY: per the contract; a plain read of one field through the raw pointer.
+    size_class::block_size(unsafe { (*page).class } as usize)
+}
+
+/// Statistics' view of a record another thread may own: its class and blocks in use,
+/// read through the raw pointer without forming a reference. `used` is owner-written
+/// and read here as a snapshot (volatile, so the compiler keeps the one load).
+///
+/// # Safety
+/// `page` is a page record of a live segment, and the region lock is held (so it stays
+/// a page while it is read).
+pub unsafe fn stats_snapshot(page: *const Page) -> (usize, u32) {
+    // SAFETY: per the contract; field reads through the raw pointer.
+    unsafe {
+        let used = ptr::read_volatile(&raw const (*page).used);
+        ((*page).class as usize, used & !NOT_FULL_BIAS)
+    }
+}
+
 /// Prepares page metadata for a fresh page of `class` blocks owned by `heap`.
 ///
 /// The record's `flags` are left alone: the region cleared them under its lock when it

@@ -12,7 +12,7 @@ use crate::chunk_map::{self, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE, KIND_SEG
 use crate::diag::misuse;
 use crate::size_class::{self, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
 use crate::stats::{self, LgStats};
-use crate::{heap, init, large, options, os, segment};
+use crate::{heap, init, large, options, os, page, segment};
 
 /// Requests above this fail with ENOMEM, as in glibc.
 const MAX_REQUEST: usize = isize::MAX as usize;
@@ -119,7 +119,7 @@ pub fn usable_size(p: *const u8) -> usize {
     match chunk_map::kind_of(addr) {
         KIND_SEGMENT => {
             // SAFETY: the chunk is one of our segments.
-            unsafe { (*segment::page_of(addr)).block_size() }
+            unsafe { page::block_size_of(segment::page_of(addr)) }
         }
         k @ (KIND_LARGE | KIND_LARGE_AT_BASE) => large::usable_size(addr, k),
         _ => 0,
@@ -178,7 +178,7 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
                 )
             };
             // SAFETY: as above.
-            let bs = unsafe { (*page).block_size() };
+            let bs = unsafe { page::block_size_of(page) };
             // Keep the block when it fits and is not more than twice too big.
             if size <= bs && size.max(MIN_ALIGN) * 2 > bs {
                 return p;

@@ -500,22 +500,25 @@ pub fn committed_bytes() -> usize {
         .saturating_sub(CLEAN_FREE_BYTES.load(Ordering::Relaxed))
 }
 
-/// Visits every allocated page (statistics; racy reads of owner fields are fine).
-pub fn for_each_page(mut f: impl FnMut(&Page)) {
+/// Visits every allocated page's record (statistics), with the region lock held. The
+/// records are passed as raw pointers: their owners write them meanwhile, so no
+/// reference may cover them (see `page::stats_snapshot`).
+pub fn for_each_page(mut f: impl FnMut(*const Page)) {
     with_region(|r| {
         let mut s = r.segments;
         while !s.is_null() {
             let seg = s as usize;
             let mut slice = FIRST_SLICE;
             while slice < SLICES {
+                let p = page_at(seg, slice);
                 // SAFETY: slices from FIRST_SLICE on are partitioned into spans whose
-                // heads have valid records (lock held: no span changes).
-                let p = unsafe { &*page_at(seg, slice) };
-                let count = (p.slice_count as usize).max(1);
-                if p.flags & FLAG_FREE_SPAN == 0 {
+                // heads have valid records; `slice_count` and `flags` change only under
+                // the region lock, which is held (fields read through the raw pointer).
+                let (count, flags) = unsafe { ((*p).slice_count as usize, (*p).flags) };
+                if flags & FLAG_FREE_SPAN == 0 {
                     f(p);
                 }
-                slice += count;
+                slice += count.max(1);
             }
             // SAFETY: segment list links are valid under the lock.
             s = unsafe { (*s).next };

@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::diag::diag;
 use crate::size_class::{self, MAX_CLASSES};
-use crate::{heap, init, large, options, segment};
+use crate::{heap, init, large, options, page, segment};
 
 /// Number of entries in [`LgStats::classes`].
 pub const LG_MAX_CLASSES: usize = 112;
@@ -92,10 +92,12 @@ pub fn collect(out: &mut LgStats) {
         slot.allocations = per_class[c];
     }
     segment::for_each_page(|p| {
-        if let Some(slot) = out.classes.get_mut(p.class as usize) {
-            slot.live_blocks += p.used() as u64;
+        // SAFETY: `for_each_page` holds the region lock and passes page records.
+        let (class, used) = unsafe { page::stats_snapshot(p) };
+        if let Some(slot) = out.classes.get_mut(class) {
+            slot.live_blocks += used as u64;
             slot.pages += 1;
-            allocated += p.used() as u64 * p.block_size() as u64;
+            allocated += used as u64 * size_class::block_size(class) as u64;
         }
     });
     let large_bytes = large::LIVE_BYTES.load(Ordering::Relaxed);
