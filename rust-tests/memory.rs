@@ -188,6 +188,12 @@ fn peak_free_trim() -> [(lgmalloc::LgStats, usize); 3] {
 fn trim_returns_the_free_memory_the_purge_kept() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let [(base, _), (freed, _), (trimmed, released)] = peak_free_trim();
+    assert!(
+        released > 0,
+        "lg_trim released nothing ({} bytes committed after the free, {} at the start)",
+        freed.bytes_committed,
+        base.bytes_committed
+    );
     assert_eq!(
         freed.bytes_allocated, base.bytes_allocated,
         "blocks still live"
@@ -198,7 +204,6 @@ fn trim_returns_the_free_memory_the_purge_kept() {
         base.bytes_committed,
         freed.bytes_committed
     );
-    assert!(released > 0, "lg_trim released nothing");
     let drop = freed
         .bytes_committed
         .saturating_sub(trimmed.bytes_committed);
