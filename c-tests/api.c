@@ -13,8 +13,9 @@
  * gives distinct freeable pointers; lg_stats counters move with allocations and frees;
  * lg_trim returns and the allocator keeps working after it.
  *
- * realloc(p, 0): glibc frees p and returns a fresh minimal block; lgmalloc may return
- * such a block or NULL. This test only checks that the result is freeable.
+ * lg_realloc(p, 0) returns a minimal block, never NULL (README, "Differences from
+ * glibc"): the result is checked to be aligned, at most one smallest class (16 bytes)
+ * and at least one byte usable, writable and freeable.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -295,12 +296,19 @@ static void test_realloc(void) {
     REQUIRE(q != NULL, "lg_realloc(p, usable %zu) returned NULL", u);
     CHECK(find_pattern_mismatch(q, u, 8) == SIZE_MAX, "lg_realloc to the usable size lost contents");
     p = q;
-    /* realloc(p, 0): freed; the result (a fresh minimal block or NULL) must be freeable. */
-    void *z = lg_realloc(p, 0);
-    if (z != NULL) {
-        CHECK(aligned_to(z, MIN_ALIGN), "lg_realloc(p, 0) = %p misaligned", z);
-        lg_free(z);
-    }
+    /* realloc(p, 0): p is given up and a minimal block comes back (never NULL). */
+    unsigned char *z = lg_realloc(p, 0);
+    REQUIRE(z != NULL, "lg_realloc(p, 0) returned NULL: the README promises a minimal block");
+    CHECK(aligned_to(z, MIN_ALIGN), "lg_realloc(p, 0) = %p misaligned", (void *)z);
+    size_t zu = lg_usable_size(z);
+    CHECK(zu >= 1 && zu <= MIN_ALIGN, "lg_realloc(p, 0): usable size %zu is not minimal", zu);
+    fill_pattern(z, zu, 77);
+    CHECK(find_pattern_mismatch(z, zu, 77) == SIZE_MAX, "lg_realloc(p, 0): block not writable");
+    /* ... and it is an ordinary block: it grows with realloc and frees. */
+    unsigned char *zz = lg_realloc(z, 300);
+    REQUIRE(zz != NULL, "lg_realloc(minimal block, 300) returned NULL");
+    CHECK(find_pattern_mismatch(zz, zu, 77) == SIZE_MAX, "growing the minimal block lost contents");
+    lg_free(zz);
     /* An over-aligned block can be reallocated; contents survive. */
     unsigned char *a = lg_aligned_alloc(4096, 100);
     REQUIRE(a != NULL, "lg_aligned_alloc(4096, 100) returned NULL");

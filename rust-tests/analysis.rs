@@ -828,13 +828,33 @@ impl Parser<'_> {
     }
 }
 
+/// Runs the analyzer with `cache` as its cache directory, or a fresh one of its own that
+/// is removed afterwards (never `~/.cache/lgmalloc`). `LGMALLOC_PREDICT=0`: the
+/// analyzer's own copy of lgmalloc does not plan the analyzer before `main`, so it
+/// writes nothing of its own to the cache and defers no analysis to a child that
+/// would outlive the test.
 fn run(args: &[&str], cache: Option<&Path>) -> Output {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let own = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "analyze-cache-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    if let Some(dir) = cache {
-        cmd.env("LGMALLOC_CACHE_DIR", dir);
-    }
-    cmd.output().expect("run lgmalloc-analyze")
+    cmd.args(args)
+        .env("LGMALLOC_PREDICT", "0")
+        .env_remove("LGMALLOC_ANALYSIS_BUDGET_MS")
+        .env_remove("LGMALLOC_LEARN");
+    match cache {
+        Some(dir) => cmd.env("LGMALLOC_CACHE_DIR", dir),
+        None => {
+            let _ = std::fs::remove_dir_all(&own);
+            cmd.env("LGMALLOC_CACHE_DIR", &own)
+        }
+    };
+    let out = cmd.output().expect("run lgmalloc-analyze");
+    let _ = std::fs::remove_dir_all(&own);
+    out
 }
 
 #[test]

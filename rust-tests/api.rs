@@ -206,9 +206,61 @@ fn usable_size_covers_request() {
 }
 
 #[test]
-fn free_sized_accepts_the_right_size() {
-    let p = lg_malloc(123);
-    unsafe { lg_free_sized(p, 123) };
+fn free_sized_frees_keeps_errno_and_the_block_is_reused() {
+    // NULL is a no-op whatever the size, and errno survives.
+    set_errno(1234);
+    unsafe {
+        lg_free_sized(ptr::null_mut(), 0);
+        lg_free_sized(ptr::null_mut(), 123);
+    }
+    assert_eq!(errno(), 1234);
+    for (size, stated) in [(123usize, 123usize), (123, 1), (4000, 4000), (40, 0)] {
+        // A neighbour of the same class stays live, so the page stays in use.
+        let keep = lg_malloc(size) as *mut u8;
+        let p = lg_malloc(size) as *mut u8;
+        assert!(!keep.is_null() && !p.is_null() && keep != p);
+        unsafe {
+            ptr::write_bytes(keep, 0x11, size);
+            ptr::write_bytes(p, 0x22, size);
+            set_errno(4321);
+            lg_free_sized(p.cast(), stated);
+        }
+        assert_eq!(
+            errno(),
+            4321,
+            "lg_free_sized({size}, {stated}) changed errno"
+        );
+        assert!(
+            unsafe { std::slice::from_raw_parts(keep, size) }
+                .iter()
+                .all(|&b| b == 0x11),
+            "lg_free_sized({size}) changed a neighbour"
+        );
+        // The freed block is really free: the next allocation of its class gets it back.
+        let again = lg_malloc(size) as *mut u8;
+        assert_eq!(
+            again, p,
+            "the block freed by lg_free_sized({size}) was not reused"
+        );
+        unsafe {
+            ptr::write_bytes(again, 0x33, size);
+            assert!(
+                std::slice::from_raw_parts(keep, size)
+                    .iter()
+                    .all(|&b| b == 0x11)
+            );
+            lg_free_sized(again.cast(), size);
+            lg_free_sized(keep.cast(), size);
+        }
+    }
+    // A large block: errno preserved. (Whether its address is still known right after
+    // is not checked: other tests of this binary may take it from the mapping cache.)
+    let big = lg_malloc(3 << 20) as *mut u8;
+    assert!(!big.is_null());
+    unsafe { ptr::write_bytes(big, 0x44, 3 << 20) };
+    set_errno(99);
+    unsafe { lg_free_sized(big.cast(), 3 << 20) };
+    assert_eq!(errno(), 99);
 }
 
 #[test]

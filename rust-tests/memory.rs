@@ -79,6 +79,14 @@ fn one_object_loop_never_maps_or_unmaps() {
     }
 }
 
+/// Writes 16 KiB of the calling thread's stack (more than any lgmalloc call uses).
+#[inline(never)]
+fn touch_stack() {
+    let mut buf = [0u8; 16 * 1024];
+    std::hint::black_box(&mut buf).fill(1);
+    std::hint::black_box(&buf);
+}
+
 /// Resident bytes per thread for threads that each hold 14 small objects of three
 /// sizes, over threads that hold nothing (the thread stacks and kernel structures).
 fn per_thread_bytes(threads: usize, hold: bool) -> usize {
@@ -90,6 +98,10 @@ fn per_thread_bytes(threads: usize, hold: bool) -> usize {
             std::thread::Builder::new()
                 .stack_size(64 * 1024)
                 .spawn(move || {
+                    // Both kinds of thread touch the same stack depth first, so the
+                    // stack the allocator's own calls use (deeper in a debug build) is
+                    // resident in the baseline too and only heap memory is measured.
+                    touch_stack();
                     let mut held = [0usize; 14];
                     if hold {
                         for (i, slot) in held.iter_mut().enumerate() {
@@ -125,5 +137,106 @@ fn idle_threads_holding_a_few_objects_stay_lean() {
     let holding = per_thread_bytes(500, true);
     let per_thread = holding.saturating_sub(idle) / 500;
     eprintln!("resident bytes per thread holding 14 objects: {per_thread}");
-    assert!(per_thread <= 12 * 1024, "{per_thread} bytes per thread");
+    // README: 5.5 KiB (measured here: 5160-5177 bytes debug, 5193-5210 release); the
+    // bound leaves half a KiB for layout changes.
+    assert!(per_thread <= 6 * 1024, "{per_thread} bytes per thread");
+}
+
+/// Frees a peak of written small blocks of many sizes; returns the statistics and RSS
+/// at the start, right after the free, and right after one `lg_trim` (with its result).
+fn peak_free_trim() -> [(lgmalloc::LgStats, usize); 3] {
+    lg_trim();
+    let base = (stats(), rss_bytes());
+    let mut ptrs = Vec::with_capacity(40_000);
+    for i in 0..40_000usize {
+        let size = 200 + (i * 53) % 1800;
+        let p = lg_malloc(size) as *mut u8;
+        assert!(!p.is_null());
+        unsafe { std::ptr::write_bytes(p, 3, size) };
+        ptrs.push(p);
+    }
+    let peak = stats().bytes_committed;
+    assert!(
+        peak >= base.0.bytes_committed + (40 << 20),
+        "no peak: {} -> {peak}",
+        base.0.bytes_committed
+    );
+    for p in ptrs.drain(..) {
+        unsafe { lg_free(p.cast()) };
+    }
+    let freed = (stats(), rss_bytes());
+    let released = lg_trim();
+    let trimmed = (stats(), rss_bytes());
+    eprintln!(
+        "committed: base {}, peak {peak}, after free {}, after trim {}; lg_trim returned \
+         {released}; RSS: base {}, after free {}, after trim {}",
+        base.0.bytes_committed,
+        freed.0.bytes_committed,
+        trimmed.0.bytes_committed,
+        base.1,
+        freed.1,
+        trimmed.1
+    );
+    [base, freed, (trimmed.0, released)]
+}
+
+/// Only `lg_trim` explains this drop: right after a peak is freed, the automatic purge
+/// keeps some free memory committed (below its threshold, for reuse); `lg_trim` gives
+/// it back at once and returns how much (no time passes: there is no purge delay to
+/// wait for, and nothing else allocates meanwhile).
+#[test]
+fn trim_returns_the_free_memory_the_purge_kept() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let [(base, _), (freed, _), (trimmed, released)] = peak_free_trim();
+    assert!(
+        released > 0,
+        "lg_trim released nothing ({} bytes committed after the free, {} at the start)",
+        freed.bytes_committed,
+        base.bytes_committed
+    );
+    assert_eq!(
+        freed.bytes_allocated, base.bytes_allocated,
+        "blocks still live"
+    );
+    assert!(
+        freed.bytes_committed >= base.bytes_committed + (1 << 20),
+        "the automatic purge left nothing for lg_trim ({} -> {}): the test proves nothing",
+        base.bytes_committed,
+        freed.bytes_committed
+    );
+    let drop = freed
+        .bytes_committed
+        .saturating_sub(trimmed.bytes_committed);
+    // lg_trim counts whole OS pages; the statistics count free spans of 1 KiB slices,
+    // whose partial pages at the ends stay resident: the two differ by those edges.
+    assert!(
+        drop >= released as u64 && drop - released as u64 <= drop / 64,
+        "lg_trim returned {released}, committed memory fell by {drop}"
+    );
+    assert_eq!(lg_trim(), 0, "a second lg_trim found more to release");
+}
+
+/// What `lg_trim` reports as released really leaves the process (every byte of the
+/// peak was written, so free memory still counted as committed is resident).
+///
+/// Fails today: a free span merged with already decommitted (clean) neighbours is
+/// marked dirty as a whole (`RegionInner::release_span`), so clean bytes count as
+/// committed again and `lg_trim` reports them as released a second time. Measured:
+/// `lg_trim` returned 7.2 MiB while RSS fell by 1.3 MiB.
+#[test]
+#[ignore = "allocator bug: release_span marks merged clean spans dirty (see the doc comment)"]
+fn trim_release_is_seen_in_rss() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let [(base, rss_base), (freed, rss_freed), (_, released)] = peak_free_trim();
+    let resident = rss_freed.saturating_sub(rss_base) as u64;
+    let committed = freed.bytes_committed - base.bytes_committed;
+    assert!(
+        committed <= resident + (1 << 20),
+        "{committed} bytes counted as committed, {resident} resident"
+    );
+    assert!(
+        rss_freed.saturating_sub(rss_bytes()) + (1 << 20) >= released,
+        "lg_trim reported {released} released; RSS fell by {}",
+        rss_freed.saturating_sub(rss_bytes())
+    );
 }

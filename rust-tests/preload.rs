@@ -53,6 +53,75 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// A fresh, empty `LGMALLOC_CACHE_DIR` for the programs of one run or test, never
+/// `~/.cache/lgmalloc`. Dropping it waits (at most 90 s) until no process started with
+/// it is left (the detached child that runs deferred analyses after a program exits),
+/// then removes it.
+struct FreshCache(PathBuf);
+
+impl FreshCache {
+    fn new(name: &str) -> FreshCache {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = work_dir().join("cache").join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).expect("create a cache directory");
+        FreshCache(d)
+    }
+
+    /// Points `cmd`'s lgmalloc at this directory.
+    fn set(&self, cmd: &mut Command) {
+        cmd.env("LGMALLOC_CACHE_DIR", &self.0);
+    }
+}
+
+impl std::ops::Deref for FreshCache {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for FreshCache {
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        let mut left = processes_with_cache(&self.0);
+        while !left.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            left = processes_with_cache(&self.0);
+        }
+        let _ = fs::remove_dir_all(&self.0);
+        if !left.is_empty() && !std::thread::panicking() {
+            panic!(
+                "processes {left:?} started with LGMALLOC_CACHE_DIR={} still run after 90 s",
+                self.0.display()
+            );
+        }
+    }
+}
+
+/// Live processes (not zombies, not this one) whose environment sets
+/// `LGMALLOC_CACHE_DIR` to `dir`: a program's forked children inherit it.
+fn processes_with_cache(dir: &Path) -> Vec<u32> {
+    let needle = format!("LGMALLOC_CACHE_DIR={}", dir.display());
+    let Ok(procs) = fs::read_dir("/proc") else {
+        panic!("/proc is not readable: cannot tell which test processes are left");
+    };
+    procs
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
+        .filter(|(pid, _)| *pid != std::process::id())
+        .filter(|(_, path)| {
+            fs::read(path.join("environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
 /// The override build, made once per test run (a failure is reported by every test
 /// without building again).
 fn build() -> &'static Build {
@@ -183,6 +252,11 @@ fn clean_env(cmd: &mut Command) -> &mut Command {
         "LGMALLOC_VERBOSE",
         "LGMALLOC_LIB",
         "LGPROBE_OUT",
+        "LGMALLOC_CACHE_DIR",
+        "LGMALLOC_PREDICT",
+        "LGMALLOC_LEARN",
+        "LGMALLOC_VERIFY",
+        "LGMALLOC_ANALYSIS_BUDGET_MS",
     ] {
         cmd.env_remove(var);
     }
@@ -205,7 +279,23 @@ fn run_lg_with(cmd: &mut Command, env: &[(&str, &str)]) -> Run {
     ));
     let _ = fs::remove_file(&probe_file);
     let preload = format!("{}:{}", b.so.display(), b.probe.display());
+    // A cache of its own unless the test gave one (a FreshCache it holds).
+    let given_cache = cmd
+        .get_envs()
+        .find(|(k, _)| *k == "LGMALLOC_CACHE_DIR")
+        .and_then(|(_, v)| v.map(|v| v.to_owned()));
     clean_env(cmd);
+    let own_cache = match given_cache {
+        Some(dir) => {
+            cmd.env("LGMALLOC_CACHE_DIR", dir);
+            None
+        }
+        None => {
+            let c = FreshCache::new("run");
+            c.set(cmd);
+            Some(c)
+        }
+    };
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -229,6 +319,7 @@ fn run_lg_with(cmd: &mut Command, env: &[(&str, &str)]) -> Run {
         })
         .collect();
     let _ = fs::remove_file(&probe_file);
+    drop(own_cache);
     Run { out, probes }
 }
 
@@ -414,13 +505,12 @@ fn c_family_semantics_under_preload() {
 #[test]
 fn static_executable_links_with_the_archive() {
     let libc_a = Path::new("/usr/lib/x86_64-linux-gnu/libc.a");
-    if !libc_a.exists() {
-        eprintln!(
-            "note: {} is absent: static link test skipped",
-            libc_a.display()
-        );
-        return;
-    }
+    assert!(
+        libc_a.exists(),
+        "{} is missing: the -static test needs glibc's static library \
+         (apt-get install libc6-dev)",
+        libc_a.display()
+    );
     let b = build();
     let exe = work_dir().join("semantics-static");
     let o = Command::new("gcc")
@@ -462,10 +552,11 @@ fn static_executable_links_with_the_archive() {
             "glibc's malloc.o was linked ({glibc_internal})"
         );
     }
-    let out = Command::new(&exe)
-        .env_remove("LD_PRELOAD")
-        .output()
-        .expect("run the static executable");
+    let cache = FreshCache::new("static");
+    let mut cmd = Command::new(&exe);
+    cache.set(clean_env(&mut cmd));
+    let out = cmd.output().expect("run the static executable");
+    drop(cache);
     assert!(
         out.status.success(),
         "static executable: {}\n{}",
@@ -742,37 +833,64 @@ fn blocks_freed_after_their_thread_exited() {
 
 // ---- misuse ------------------------------------------------------------------------------
 
-fn assert_misuse_aborts(case: &str) {
+/// Runs the misuse fixture's `case`: it must abort with exactly the line
+/// `lgmalloc: <what> at <address>` (for one of `whats`), at the address the fixture
+/// announced.
+fn assert_misuse_aborts(case: &str, whats: &[&str]) {
     let exe = fixture_exe("misuse", &["misuse.c"], &["-Wno-free-nonheap-object"]);
     let r = run_lg(Command::new(&exe).arg(case));
+    let stderr = r.stderr();
     assert_eq!(
         r.out.status.signal(),
         Some(libc::SIGABRT),
-        "misuse {case}: {}\nstdout: {}\nstderr: {}",
+        "misuse {case}: {}\nstdout: {}\nstderr: {stderr}",
         r.out.status,
         r.stdout(),
-        r.stderr()
     );
+    let addr = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("misuse-test: address "))
+        .unwrap_or_else(|| panic!("misuse {case}: no address announced:\n{stderr}"));
+    let want: Vec<String> = whats
+        .iter()
+        .map(|w| format!("lgmalloc: {w} at {addr}"))
+        .collect();
     assert!(
-        r.stderr().contains("lgmalloc:"),
-        "misuse {case}: no lgmalloc message:\n{}",
-        r.stderr()
+        stderr.lines().any(|l| want.iter().any(|w| l == w)),
+        "misuse {case}: expected one of the lines {want:?}:\n{stderr}"
     );
 }
 
+const NEVER_RETURNED: &str = "free of a pointer lgmalloc never returned";
+
 #[test]
 fn double_free_of_a_small_block_aborts() {
-    assert_misuse_aborts("double");
+    assert_misuse_aborts("double", &["double free"]);
 }
 
 #[test]
 fn double_free_of_a_large_block_aborts() {
-    assert_misuse_aborts("double-large");
+    // The freed mapping is unmapped or cached: no lgmalloc memory, or no live block.
+    assert_misuse_aborts(
+        "double-large",
+        &[
+            NEVER_RETURNED,
+            "free of an invalid or already freed pointer",
+        ],
+    );
 }
 
 #[test]
 fn free_of_a_stack_pointer_aborts() {
-    assert_misuse_aborts("stack");
+    assert_misuse_aborts("stack", &[NEVER_RETURNED]);
+}
+
+#[test]
+fn realloc_of_a_foreign_pointer_aborts() {
+    let what = "realloc of a pointer lgmalloc never returned";
+    assert_misuse_aborts("realloc-stack", &[what]);
+    assert_misuse_aborts("realloc-static", &[what]);
+    assert_misuse_aborts("realloc-interior", &[what]);
 }
 
 // ---- the launcher ------------------------------------------------------------------------
@@ -784,7 +902,10 @@ fn launcher() -> PathBuf {
 #[test]
 fn launcher_with_lib_and_stats() {
     let b = build();
-    let out = clean_env(&mut Command::new(launcher()))
+    let cache = FreshCache::new("launcher-stats");
+    let mut cmd = Command::new(launcher());
+    cache.set(clean_env(&mut cmd));
+    let out = cmd
         .args(["--stats", "--lib"])
         .arg(&b.so)
         .args([system_program("python3").as_str(), "-c", "print(6 * 7)"])
@@ -810,7 +931,10 @@ fn launcher_finds_the_installed_library_and_keeps_ld_preload() {
     fs::copy(&b.so, prefix.join("lib/liblgmalloc.so")).expect("copy the library");
     let probe_file = prefix.join("probe.txt");
     // Installed layout, no --lib, an existing LD_PRELOAD (the probe) kept after lgmalloc.
-    let out = clean_env(&mut Command::new(&script))
+    let cache = FreshCache::new("launcher-install");
+    let mut cmd = Command::new(&script);
+    cache.set(clean_env(&mut cmd));
+    let out = cmd
         .arg("printenv")
         .arg("LD_PRELOAD")
         .env("LD_PRELOAD", &b.probe)
@@ -832,7 +956,9 @@ fn launcher_finds_the_installed_library_and_keeps_ld_preload() {
     assert!(probes.starts_with("lgprobe printenv "), "probe: {probes:?}");
 
     // LGMALLOC_LIB, and --verbose sets LGMALLOC_VERBOSE.
-    let out = clean_env(&mut Command::new(launcher()))
+    let mut cmd = Command::new(launcher());
+    cache.set(clean_env(&mut cmd));
+    let out = cmd
         .args(["--verbose", "printenv", "LGMALLOC_VERBOSE", "LD_PRELOAD"])
         .env("LGMALLOC_LIB", &b.so)
         .output()
@@ -962,7 +1088,7 @@ fn analysis_entries(cache: &Path) -> usize {
 
 #[test]
 fn verify_matches_the_sites_of_the_program_and_its_library() {
-    let cache = scratch("predict-verify");
+    let cache = FreshCache::new("predict-verify");
     let r = run_predict(
         &cache,
         20_000,
@@ -1000,7 +1126,7 @@ fn verify_matches_the_sites_of_the_program_and_its_library() {
 
 #[test]
 fn a_predicted_size_gets_an_exact_fit_class_and_predict_0_turns_it_off() {
-    let cache = scratch("predict-exact");
+    let cache = FreshCache::new("predict-exact");
     let on = run_predict(&cache, 10, &[]);
     assert_eq!(on.stdout(), "usable 4112\n", "{}", on.stderr());
     // Analysed: the program and its library; not the C runtime, not the preloaded probe.
@@ -1009,7 +1135,7 @@ fn a_predicted_size_gets_an_exact_fit_class_and_predict_0_turns_it_off() {
     let names = cache_files(&cache);
     assert!(names.iter().any(|n| n.ends_with(".learned")), "{names:?}");
 
-    let off_cache = scratch("predict-off");
+    let off_cache = FreshCache::new("predict-off");
     let off = run_predict(&off_cache, 10, &[("LGMALLOC_PREDICT", "0")]);
     assert_eq!(off.stdout(), "usable 4608\n", "{}", off.stderr());
     assert!(
@@ -1020,7 +1146,7 @@ fn a_predicted_size_gets_an_exact_fit_class_and_predict_0_turns_it_off() {
 
 #[test]
 fn the_second_run_plans_from_the_cache_and_what_the_first_observed() {
-    let cache = scratch("predict-learn");
+    let cache = FreshCache::new("predict-learn");
     let verbose = [("LGMALLOC_VERBOSE", "1")];
     let first = run_predict(&cache, 1000, &verbose);
     assert!(
@@ -1043,7 +1169,7 @@ fn the_second_run_plans_from_the_cache_and_what_the_first_observed() {
 
 #[test]
 fn an_analysis_over_the_start_up_budget_runs_at_exit_instead() {
-    let cache = scratch("predict-budget");
+    let cache = FreshCache::new("predict-budget");
     let env = [
         ("LGMALLOC_VERBOSE", "1"),
         ("LGMALLOC_ANALYSIS_BUDGET_MS", "0"),
@@ -1069,4 +1195,158 @@ fn an_analysis_over_the_start_up_budget_runs_at_exit_instead() {
         second.stderr()
     );
     assert_eq!(second.stdout(), "usable 4112\n");
+}
+
+/// The `lgmalloc: plan: size N ...` lines of a verbose run: (size, "from X" source).
+fn plan_lines(stderr: &str) -> Vec<(usize, String)> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("lgmalloc: plan: size "))
+        .map(|l| {
+            let size = l.split_whitespace().next().and_then(|v| v.parse().ok());
+            let source = l
+                .split_once(" from ")
+                .and_then(|(_, r)| r.split_whitespace().next());
+            (
+                size.unwrap_or_else(|| panic!("bad plan line {l:?}")),
+                source
+                    .unwrap_or_else(|| panic!("bad plan line {l:?}"))
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn predict_analyze_analyses_but_plans_nothing() {
+    let cache = FreshCache::new("predict-analyze");
+    let env = [("LGMALLOC_VERBOSE", "1"), ("LGMALLOC_PREDICT", "analyze")];
+    let r = run_predict(&cache, 10, &env);
+    let err = r.stderr();
+    // The analyses ran (and were cached) ...
+    assert_eq!(analysis_entries(&cache), 2, "{:?}", cache_files(&cache));
+    // ... but no plan is in force: no plan report, the standard class serves 4112 bytes
+    // and nothing is learned for the next run.
+    assert!(!err.contains("lgmalloc: plan"), "{err}");
+    assert_eq!(r.stdout(), "usable 4608\n", "{err}");
+    let names = cache_files(&cache);
+    assert!(!names.iter().any(|n| n.ends_with(".learned")), "{names:?}");
+}
+
+#[test]
+fn predict_naive_reserves_the_eight_smallest_classes_without_analysis() {
+    let cache = FreshCache::new("predict-naive");
+    let env = [("LGMALLOC_VERBOSE", "1"), ("LGMALLOC_PREDICT", "naive")];
+    let r = run_predict(&cache, 10, &env);
+    let err = r.stderr();
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("lgmalloc: plan: 8 classes, 0 constant sites, analysis 0 us")),
+        "{err}"
+    );
+    let classes = plan_lines(&err);
+    let sizes: Vec<usize> = classes.iter().map(|c| c.0).collect();
+    assert_eq!(sizes.len(), 8, "{err}");
+    assert!(
+        sizes.windows(2).all(|w| w[0] < w[1]) && sizes[0] == 16 && sizes[7] <= 128,
+        "not the 8 smallest classes: {sizes:?}"
+    );
+    // No analysis: nothing cached, the 4112-byte size has no exact-fit class.
+    assert!(cache_files(&cache).is_empty(), "{:?}", cache_files(&cache));
+    assert_eq!(r.stdout(), "usable 4608\n", "{err}");
+}
+
+#[test]
+fn learn_0_neither_uses_nor_records_observations() {
+    let cache = FreshCache::new("predict-learn-0");
+    let verbose = [("LGMALLOC_VERBOSE", "1")];
+    // Two learning runs: the second plans from what the first observed ("from Both").
+    run_predict(&cache, 1000, &verbose);
+    let learned = cache_files(&cache)
+        .into_iter()
+        .find(|n| n.ends_with(".learned"))
+        .unwrap_or_else(|| panic!("nothing learned: {:?}", cache_files(&cache)));
+    let learned_path = cache.join(&learned);
+    let learned_before = fs::read(&learned_path).expect("read the learned file");
+    let with = run_predict(&cache, 1000, &verbose);
+    assert!(
+        plan_lines(&with.stderr())
+            .iter()
+            .any(|(size, from)| *size == 4112 && from == "Both"),
+        "{}",
+        with.stderr()
+    );
+    // LEARN=0, with a very different workload (10 rounds): static analysis only, and
+    // the observations on file stay as they were.
+    fs::write(&learned_path, &learned_before).expect("restore the learned file");
+    let env = [("LGMALLOC_VERBOSE", "1"), ("LGMALLOC_LEARN", "0")];
+    let without = run_predict(&cache, 10, &env);
+    let err = without.stderr();
+    let plan = plan_lines(&err);
+    assert!(!plan.is_empty(), "no plan: {err}");
+    assert!(
+        plan.iter().all(|(_, from)| from == "Static"),
+        "LEARN=0 used observations: {plan:?}"
+    );
+    assert_eq!(without.stdout(), "usable 4112\n", "{err}");
+    assert_eq!(
+        fs::read(&learned_path).expect("read the learned file"),
+        learned_before,
+        "LEARN=0 rewrote {learned}"
+    );
+    // A fresh cache: LEARN=0 writes no observations at all.
+    let fresh = FreshCache::new("predict-learn-0-fresh");
+    run_predict(&fresh, 1000, &env);
+    let names = cache_files(&fresh);
+    assert!(!names.iter().any(|n| n.ends_with(".learned")), "{names:?}");
+    assert_eq!(analysis_entries(&fresh), 2, "{names:?}");
+}
+
+#[test]
+fn a_larger_analysis_budget_plans_python_before_main() {
+    let python = system_program("python3");
+    let run = |budget: Option<&str>| {
+        let cache = FreshCache::new("budget-python");
+        let mut cmd = Command::new(&python);
+        cmd.args(["-c", "print(6 * 7)"]);
+        cache.set(&mut cmd);
+        let mut env = vec![("LGMALLOC_VERBOSE", "1")];
+        if let Some(b) = budget {
+            env.push(("LGMALLOC_ANALYSIS_BUDGET_MS", b));
+        }
+        let r = run_lg_with(&mut cmd, &env).success("python3");
+        assert_eq!(r.stdout(), "42\n");
+        r.stderr()
+        // `cache` is dropped here: a deferred analysis child is waited for.
+    };
+    // "lgmalloc: plan: N classes, S constant sites, ..." (0 without a plan).
+    let sites = |err: &str| -> usize {
+        err.lines()
+            .filter_map(|l| l.strip_prefix("lgmalloc: plan: "))
+            .filter_map(|l| l.split_once(" classes, "))
+            .filter_map(|(_, r)| r.split_whitespace().next()?.parse().ok())
+            .next()
+            .unwrap_or(0)
+    };
+    // The default budget (2 ms CPU) is too small for python3's cold analysis: it is
+    // deferred to a child after exit; this run plans from the small libraries only.
+    let default = run(None);
+    assert!(
+        default
+            .lines()
+            .any(|l| l.starts_with("lgmalloc: analysis of ")
+                && l.contains("python3")
+                && l.ends_with(" deferred: over the start-up budget")),
+        "{default}"
+    );
+    // Ten seconds: python3 is analysed before main, nothing is deferred, and its own
+    // constant sites join the plan.
+    let large = run(Some("10000"));
+    assert!(!large.contains("deferred"), "{large}");
+    assert!(
+        sites(&large) > sites(&default),
+        "budget 10000 planned {} sites, the default {}:\n{large}\n{default}",
+        sites(&large),
+        sites(&default)
+    );
 }
