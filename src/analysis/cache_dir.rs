@@ -26,12 +26,12 @@
 //! [`entry_stem`] as one entry. Other names in the directory are never touched.
 //!
 //! # Bound
-//! The files' disk usage (`st_blocks * 512`, as `du` counts it) is kept under
-//! `LGMALLOC_CACHE_MAX_MB` (default 64) by removing the least recently used entries
-//! after each write. The last use is the files' mtime: set by the write, refreshed by a
-//! read when older than [`TOUCH_AFTER_SECS`]. Eviction runs under an `flock` on
-//! [`LOCK_NAME`] (a process that finds it taken skips eviction: the holder is evicting)
-//! and tolerates files vanishing under it.
+//! The disk usage of the directory and its files (`st_blocks * 512`, as `du` counts
+//! it) is kept under `LGMALLOC_CACHE_MAX_MB` (default 64) by removing the least
+//! recently used entries after each write. The last use is the files' mtime: set by
+//! the write, refreshed by a read when older than [`TOUCH_AFTER_SECS`]. Eviction runs
+//! under an `flock` on [`LOCK_NAME`] (a process that finds it taken skips eviction: the
+//! holder is evicting) and tolerates files vanishing under it.
 //!
 //! Nothing here panics: failures read as "no cache" and are ignored.
 
@@ -508,9 +508,15 @@ impl CacheDir {
         files
     }
 
-    /// Disk usage of lgmalloc's files, as `du` counts it.
+    /// Disk usage of the directory and lgmalloc's files in it, as `du` counts it.
     pub fn usage(&self) -> u64 {
-        self.entries().iter().map(|f| f.disk_bytes).sum()
+        self.own_disk_bytes() + self.entries().iter().map(|f| f.disk_bytes).sum::<u64>()
+    }
+
+    /// The directory's own blocks, which `du` counts too (a directory that held many
+    /// entries keeps its larger size).
+    fn own_disk_bytes(&self) -> u64 {
+        fstat(self.fd.as_raw_fd()).map_or(0, |st| st.st_blocks as u64 * 512)
     }
 
     /// The eviction lock, waiting a little for it: besides another process evicting, a
@@ -538,7 +544,7 @@ impl CacheDir {
             return done;
         };
         let files = self.entries();
-        done.usage = files.iter().map(|f| f.disk_bytes).sum();
+        done.usage = self.own_disk_bytes() + files.iter().map(|f| f.disk_bytes).sum::<u64>();
         if done.usage <= self.max_bytes {
             return done;
         }
