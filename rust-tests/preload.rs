@@ -15,6 +15,7 @@
 
 use std::ffi::OsStr;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -1195,6 +1196,56 @@ fn an_analysis_over_the_start_up_budget_runs_at_exit_instead() {
         second.stderr()
     );
     assert_eq!(second.stdout(), "usable 4112\n");
+}
+
+#[test]
+fn deferred_analysis_can_be_turned_off_and_runs_once_per_file() {
+    let budget0 = ("LGMALLOC_ANALYSIS_BUDGET_MS", "0");
+    // Off: the run defers its analyses, and nothing analyses them after it.
+    let off = FreshCache::new("predict-deferred-off");
+    let r = run_predict(&off, 10, &[budget0, ("LGMALLOC_DEFERRED_ANALYSIS", "0")]);
+    assert_eq!(r.stdout(), "usable 4608\n");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(analysis_entries(&off), 0, "{:?}", cache_files(&off));
+
+    // The names of the two files' cache entries, from a run that analyses before main.
+    let named = FreshCache::new("predict-deferred-names");
+    run_predict(&named, 10, &[("LGMALLOC_ANALYSIS_BUDGET_MS", "10000")]);
+    let entries: Vec<String> = cache_files(&named)
+        .into_iter()
+        .filter(|n| !n.contains('.'))
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+
+    // Another process analysing those files holds their locks: this run's child skips
+    // them rather than analyse them a second time.
+    let busy = FreshCache::new("predict-deferred-busy");
+    let locks: Vec<fs::File> = entries
+        .iter()
+        .map(|e| {
+            let f = fs::File::create(busy.join(format!("{e}.lock"))).unwrap();
+            // SAFETY: flock on a descriptor this test owns.
+            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            assert_eq!(r, 0, "flock");
+            f
+        })
+        .collect();
+    let r = run_predict(&busy, 10, &[budget0, ("LGMALLOC_VERBOSE", "1")]);
+    assert!(
+        r.stderr().contains("deferred: over the start-up budget"),
+        "{}",
+        r.stderr()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert_eq!(analysis_entries(&busy), 0, "{:?}", cache_files(&busy));
+    // Released: the next run's child analyses both.
+    drop(locks);
+    run_predict(&busy, 10, &[budget0]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while analysis_entries(&busy) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(analysis_entries(&busy), 2, "{:?}", cache_files(&busy));
 }
 
 /// The `lgmalloc: plan: size N ...` lines of a verbose run: (size, "from X" source).
