@@ -22,6 +22,10 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+#[path = "common/override_build.rs"]
+mod override_build;
+use override_build::{STATIC_LINK_TAIL, build_override};
+
 // ---- building ----------------------------------------------------------------------------
 
 struct Build {
@@ -134,25 +138,9 @@ fn build() -> &'static Build {
 }
 
 fn try_build() -> Result<Build, String> {
-    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("override-build");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--release", "--features", "override", "--lib"])
-        .current_dir(manifest_dir())
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cargo build --release --features override failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let so = target.join("release/liblgmalloc.so");
-    let archive = target.join("release/liblgmalloc.a");
-    if !so.is_file() || !archive.is_file() {
-        return Err(format!("build products missing in {}", target.display()));
-    }
+    let release = build_override(manifest_dir(), Path::new(env!("CARGO_TARGET_TMPDIR")))?;
+    let so = release.join("liblgmalloc.so");
+    let archive = release.join("liblgmalloc.a");
     let probe = work_dir().join("probe.so");
     let o = Command::new("gcc")
         .args(["-O2", "-Wall", "-shared", "-fPIC"])
@@ -523,15 +511,8 @@ fn static_executable_links_with_the_archive() {
         ])
         .arg(fixture("semantics.c"))
         .arg(&b.archive)
-        .args([
-            "-Wl,--undefined=malloc",
-            "-lpthread",
-            "-ldl",
-            "-lm",
-            "-lrt",
-            "-lutil",
-            "-o",
-        ])
+        .args(STATIC_LINK_TAIL)
+        .arg("-o")
         .arg(&exe)
         .output()
         .expect("run gcc");

@@ -12,27 +12,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "common/override_build.rs"]
+mod override_build;
+use override_build::{STATIC_LINK_TAIL, build_override};
+
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `liblgmalloc.a` with the override, built as `rust-tests/preload.rs` builds it (same
-/// target directory, so the second of the two builds is a no-op).
-fn override_archive() -> PathBuf {
-    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("override-build");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--release", "--features", "override", "--lib"])
-        .current_dir(manifest_dir())
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .expect("run cargo");
-    assert!(
-        out.status.success(),
-        "cargo build --features override failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release/liblgmalloc.a")
 }
 
 /// Processes whose command name is `comm`.
@@ -70,21 +55,16 @@ fn a_setuid_program_ignores_the_callers_lgmalloc_variables() {
     std::fs::create_dir_all(&work).unwrap();
     std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755)).unwrap();
 
+    let release = build_override(manifest_dir(), Path::new(env!("CARGO_TARGET_TMPDIR")))
+        .unwrap_or_else(|e| panic!("{e}"));
     // A short, distinctive name, so leftover processes can be found by command name.
     let exe = work.join("lgsecure");
     let o = Command::new("gcc")
         .args(["-O2", "-static"])
         .arg(manifest_dir().join("rust-tests/fixtures/secure/privileged.c"))
-        .arg(override_archive())
-        .args([
-            "-Wl,--undefined=malloc",
-            "-lpthread",
-            "-ldl",
-            "-lm",
-            "-lrt",
-            "-lutil",
-            "-o",
-        ])
+        .arg(release.join("liblgmalloc.a"))
+        .args(STATIC_LINK_TAIL)
+        .arg("-o")
         .arg(&exe)
         .output()
         .expect("run gcc");
