@@ -125,6 +125,31 @@ fn perform(case: &str) {
                 let _ = lg_malloc(48);
                 let _ = lg_malloc(48);
             }
+            "use_after_free_write_in_segment" => {
+                // The link pointed at another free block of the same page: an address
+                // inside the segment, which only a link of the right encoding reaches.
+                let p = lg_malloc(64) as *mut usize;
+                let q = lg_malloc(64);
+                let r = lg_malloc(64);
+                lg_free(r);
+                lg_free(q);
+                lg_free(p.cast());
+                *p = r as usize;
+                let _ = lg_malloc(64);
+                let _ = lg_malloc(64);
+            }
+            "use_after_free_write_remote" => {
+                // A dangling write into a block another thread freed, while it waits
+                // on the page's remote list: caught when the owner collects the list.
+                let p = lg_malloc(48) as usize;
+                std::thread::spawn(move || lg_free(p as *mut c_void))
+                    .join()
+                    .unwrap();
+                *(p as *mut u64) = 0x4141_4141_4141_4141;
+                for _ in 0..100_000 {
+                    let _ = lg_malloc(48);
+                }
+            }
             other => panic!("unknown case {other}"),
         }
     }
@@ -291,6 +316,14 @@ fn use_after_free_write_is_caught_when_hardened() {
     );
     expect_abort_at_some_address(
         "use_after_free_garbage",
+        "corrupted free list (use after free?)",
+    );
+    expect_abort_at_some_address(
+        "use_after_free_write_in_segment",
+        "corrupted free list (use after free?)",
+    );
+    expect_abort_at_some_address(
+        "use_after_free_write_remote",
         "corrupted free list (use after free?)",
     );
 }

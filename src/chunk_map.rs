@@ -43,6 +43,16 @@ pub fn kind_of(addr: usize) -> u8 {
     unsafe { MAP.0.get_unchecked(idx).load(Ordering::Relaxed) }
 }
 
+/// As [`kind_of`], with a bounds check instead of the wrap: `KIND_NONE` for an address
+/// the map does not cover (for addresses that may be anything, such as a decoded
+/// free-list link, whose metadata must not be read unless they are ours).
+#[inline]
+pub fn kind_of_any(addr: usize) -> u8 {
+    MAP.0
+        .get(addr >> CHUNK_SHIFT)
+        .map_or(KIND_NONE, |k| k.load(Ordering::Relaxed))
+}
+
 /// Records the kind of the chunk holding `addr`. Returns false when the address lies
 /// outside the space the map covers (the caller then gives the memory back).
 pub fn set_kind(addr: usize, kind: u8) -> bool {

@@ -21,7 +21,7 @@ use crate::geometry::SLICE_SIZE;
 use crate::lock::Locked;
 use crate::page::{self, Block, NOT_FULL_BIAS, Owner, Page};
 use crate::size_class::{self, MAX_CLASSES};
-use crate::{list, options, os, segment, tls};
+use crate::{chunk_map, list, options, os, segment, tls};
 
 /// Largest page a heap asks for while growing a class (bigger blocks get one block).
 const MAX_PAGE_BYTES: usize = 64 * 1024;
@@ -540,11 +540,13 @@ unsafe fn free_remote(page: *mut Page, block: *mut Block) {
     unsafe {
         let owner = page::push_remote(page, block).cast::<Heap>();
         if !owner.is_null() {
-            // The page was full and watched: hand the block to its owner directly.
+            // The page was full and watched: hand the block to its owner directly. Its
+            // link is stored encoded (hardened), checked by `drain_delayed`.
+            let key = page::link_key();
             let list = &(*owner).delayed_free;
             let mut head = list.load(Ordering::Relaxed);
             loop {
-                (*block).next = head;
+                (*block).next = page::encode_link(key, head);
                 match list.compare_exchange_weak(head, block, Ordering::Release, Ordering::Relaxed)
                 {
                     Ok(_) => break,
@@ -560,19 +562,37 @@ unsafe fn free_remote(page: *mut Page, block: *mut Block) {
 ///
 /// # Safety
 /// `heap` is the calling thread's live heap.
+#[inline(always)]
 unsafe fn drain_delayed(heap: *mut Heap) {
+    // SAFETY: per the contract.
+    unsafe {
+        if !(*heap).delayed_free.load(Ordering::Relaxed).is_null() {
+            drain_delayed_list(heap);
+        }
+    }
+}
+
+/// [`drain_delayed`] once the list holds a block (kept out of line, so the slow path
+/// that checks for delayed blocks on every call stays small).
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+#[cold]
+#[inline(never)]
+unsafe fn drain_delayed_list(heap: *mut Heap) {
     // SAFETY: owner access; delayed blocks belong to pages of this heap.
     unsafe {
-        if (*heap).delayed_free.load(Ordering::Relaxed).is_null() {
-            return;
-        }
         let mut b = (*heap)
             .delayed_free
             .swap(ptr::null_mut(), Ordering::Acquire);
+        let key = (*heap).link_key;
         while !b.is_null() {
-            let next = (*b).next;
+            let next = page::encode_link(key, (*b).next);
+            if page::HARDENED && !next.is_null() && !is_own_block(heap, next) {
+                page::corrupted_link(next);
+            }
             let page = segment::page_of(b as usize);
-            (*b).next = page::encode_link((*heap).link_key, (*page).free);
+            (*b).next = page::encode_link(key, (*page).free);
             (*page).free = b;
             (*page).used -= 1;
             if (*page).used <= NOT_FULL_BIAS {
@@ -580,6 +600,25 @@ unsafe fn drain_delayed(heap: *mut Heap) {
             }
             b = next;
         }
+    }
+}
+
+/// Hardened `drain_delayed`: whether a decoded link of the delayed list is a block of
+/// one of `heap`'s pages (the list mixes pages, so the segment check of the page lists
+/// does not apply). Reads only our segment metadata, never the address itself.
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+unsafe fn is_own_block(heap: *mut Heap, b: *mut Block) -> bool {
+    if chunk_map::kind_of_any(b as usize) != chunk_map::KIND_SEGMENT {
+        return false;
+    }
+    let page = segment::page_of(b as usize);
+    // SAFETY: `b` lies in one of our segments, so `page` is a record of it; a record of
+    // a free span fails the block-start check, and the owner field is atomic.
+    unsafe {
+        page::is_block_start(page, b as usize)
+            && (*page).heap.load(Ordering::Relaxed) == owner(heap)
     }
 }
 
