@@ -153,7 +153,8 @@ const STATE_MASK: usize = 3;
 pub const NOT_FULL_BIAS: u32 = 1 << 31;
 /// Span flag: this is the head of a free span of slices (not a page).
 pub const FLAG_FREE_SPAN: u8 = 2;
-/// Span flag: the free span's memory may still be resident (not yet decommitted).
+/// Span flag: part of the free span's memory may still be resident (not yet
+/// decommitted): set exactly when the span's dirty slice count (`Page::used`) is not zero.
 pub const FLAG_DIRTY: u8 = 4;
 /// Page flag: the owner thread exited; the page waits to be adopted or swept.
 pub const FLAG_ABANDONED: u8 = 8;
@@ -248,6 +249,10 @@ pub struct Page<H = AtomicPtr<Owner>, R = AtomicUsize> {
     /// Owner-only: blocks handed out and not yet back on `free` (includes blocks
     /// waiting on `remote_free`), plus [`NOT_FULL_BIAS`] unless the page is on the full list.
     /// Read it through [`Page::used`] and [`Page::in_full`].
+    ///
+    /// In the head record of a free span (`FLAG_FREE_SPAN`), written only under the
+    /// region lock: how many of the span's slices may be resident (an upper bound, at
+    /// most `slice_count`; see `segment::RegionInner::insert_free`).
     pub used: u32,
     /// Bytes carved into blocks from the page start so far (the rest is untouched).
     /// Zero for free spans, so no pointer into one passes as a block. Written by the

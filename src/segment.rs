@@ -104,6 +104,7 @@ struct RegionInner {
     abandoned_count: usize,
     sweep_class: usize,
     free_bytes: usize,
+    /// Bytes of free spans that may be resident: the sum of their dirty slice counts.
     dirty_bytes: usize,
 }
 
@@ -120,7 +121,8 @@ static REGION: Locked<RegionInner> = Locked::new(RegionInner {
 
 /// Bytes of address space held in segments (statistics).
 pub static SEGMENT_BYTES: AtomicUsize = AtomicUsize::new(0);
-/// Bytes of free spans known not to be resident (statistics).
+/// Bytes of free spans known not to be resident (statistics): for each free span, its
+/// size minus its dirty slice count. `free_bytes == dirty_bytes + CLEAN_FREE_BYTES`.
 static CLEAN_FREE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs `f` on the region with its lock held.
@@ -158,16 +160,36 @@ unsafe impl list::Linked for Segment {
     }
 }
 
+/// The dirty slice count of a free span's head record.
+///
+/// # Safety
+/// `head` is the head record of a free span and the region lock is held.
+unsafe fn dirty_slices(head: *const Page) -> usize {
+    // SAFETY: per the contract; the field is written only under the region lock.
+    unsafe { (*head).used as usize }
+}
+
 impl RegionInner {
-    /// Records `[start, start + count)` of `seg` as a free span.
+    /// Records `[start, start + count)` of `seg` as a free span of which at most `dirty`
+    /// slices may be resident (the rest is known to be decommitted or never touched).
+    ///
+    /// Accounting: a free span keeps in its head record (`Page::used`, unused by free
+    /// spans otherwise) an upper bound on its resident slices, not where they lie.
+    /// Merging adds the bounds (exact when the parts were exact); a split cannot know
+    /// which part holds the dirty slices, so each remaining part keeps
+    /// `min(dirty, its size)` (see `split`); a purge makes the bound zero. Hence
+    /// `dirty_bytes` never undercounts resident free memory and `CLEAN_FREE_BYTES` never
+    /// counts a resident byte as clean.
     ///
     /// # Safety
     /// The slices are free and not on any list.
-    unsafe fn insert_free(&mut self, seg: usize, start: usize, count: usize, dirty: bool) {
+    unsafe fn insert_free(&mut self, seg: usize, start: usize, count: usize, dirty: usize) {
+        let dirty = dirty.min(count);
         let head = page_at(seg, start);
         // SAFETY: the span lies in a segment we own; its records are ours.
         unsafe {
-            (*head).flags = FLAG_FREE_SPAN | if dirty { FLAG_DIRTY } else { 0 };
+            (*head).flags = FLAG_FREE_SPAN | if dirty > 0 { FLAG_DIRTY } else { 0 };
+            (*head).used = dirty as u32;
             (*head).start_offset = (start << SLICE_SHIFT) as u32;
             (*head).slice_count = count as u16;
             (*head).carved.store(0, Ordering::Relaxed);
@@ -178,27 +200,30 @@ impl RegionInner {
             list::push_front(&mut self.bins[bin_of(count)], head);
         }
         self.free_bytes += count << SLICE_SHIFT;
-        if dirty {
-            self.dirty_bytes += count << SLICE_SHIFT;
-        } else {
-            CLEAN_FREE_BYTES.fetch_add(count << SLICE_SHIFT, Ordering::Relaxed);
+        self.dirty_bytes += dirty << SLICE_SHIFT;
+        if count > dirty {
+            CLEAN_FREE_BYTES.fetch_add((count - dirty) << SLICE_SHIFT, Ordering::Relaxed);
         }
     }
 
+    /// Takes a free span off its bin; returns its dirty slice count.
+    ///
     /// # Safety
     /// `head` is a free span on its bin.
-    unsafe fn remove_free(&mut self, head: *mut Page) {
+    unsafe fn remove_free(&mut self, head: *mut Page) -> usize {
         // SAFETY: per the contract.
         unsafe {
             let count = (*head).slice_count as usize;
+            let dirty = dirty_slices(head).min(count);
             list::remove(&mut self.bins[bin_of(count)], head);
             self.free_bytes -= count << SLICE_SHIFT;
-            if (*head).flags & FLAG_DIRTY != 0 {
-                self.dirty_bytes -= count << SLICE_SHIFT;
-            } else {
-                CLEAN_FREE_BYTES.fetch_sub(count << SLICE_SHIFT, Ordering::Relaxed);
+            self.dirty_bytes -= dirty << SLICE_SHIFT;
+            if count > dirty {
+                CLEAN_FREE_BYTES.fetch_sub((count - dirty) << SLICE_SHIFT, Ordering::Relaxed);
             }
             (*head).flags = 0;
+            (*head).used = 0;
+            dirty
         }
     }
 
@@ -235,8 +260,10 @@ impl RegionInner {
         // SAFETY: per the contract.
         unsafe {
             let (idx, len) = ((*head).slice_index(), (*head).slice_count as usize);
-            let dirty = (*head).flags & FLAG_DIRTY != 0;
-            self.remove_free(head);
+            // Where the dirty slices lie is not recorded: each remaining part may hold
+            // all of them (`insert_free` caps the count at the part's size). The part
+            // taken becomes a page, counted as committed whatever its state.
+            let dirty = self.remove_free(head);
             if start > idx {
                 self.insert_free(seg, idx, start - idx, dirty);
             }
@@ -278,7 +305,7 @@ impl RegionInner {
             for slice in 0..FIRST_SLICE {
                 set_head(seg, slice, 0);
             }
-            self.insert_free(seg, FIRST_SLICE, SLICES - FIRST_SLICE, false);
+            self.insert_free(seg, FIRST_SLICE, SLICES - FIRST_SLICE, 0);
         }
         self.segment_count += 1;
         SEGMENT_BYTES.fetch_add(SEGMENT_SIZE, Ordering::Relaxed);
@@ -300,14 +327,15 @@ impl RegionInner {
             (*page).carved.store(0, Ordering::Relaxed);
             (*page).div_magic = 0;
             (*(seg as *mut Segment)).used_slices -= count;
-            let mut dirty = true;
+            // The page itself may be resident throughout; free neighbours bring their
+            // own dirty counts (clean neighbours stay clean).
+            let mut dirty = count;
             let end = start + count;
             if end < SLICES {
                 let right = page_at(seg, end);
                 if (*right).flags & FLAG_FREE_SPAN != 0 {
-                    dirty |= (*right).flags & FLAG_DIRTY != 0;
                     count += (*right).slice_count as usize;
-                    self.remove_free(right);
+                    dirty += self.remove_free(right);
                 }
             }
             if start > FIRST_SLICE {
@@ -315,7 +343,7 @@ impl RegionInner {
                 if (*left).flags & FLAG_FREE_SPAN != 0 {
                     start = (*left).slice_index();
                     count += (*left).slice_count as usize;
-                    self.remove_free(left);
+                    dirty += self.remove_free(left);
                 }
             }
             if (*(seg as *mut Segment)).used_slices == 0 && self.segment_count > 1 {
@@ -343,20 +371,26 @@ impl RegionInner {
         SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
     }
 
-    /// Decommits every dirty free span.
+    /// Decommits every free span that may hold resident slices (one `madvise` per such
+    /// span; clean spans are left alone). Returns the bytes released: per span, what was
+    /// decommitted but at most its dirty bytes, so memory returned before is not
+    /// counted again.
     fn purge(&mut self) -> usize {
         let mut returned = 0;
         for bin in 0..SPAN_BINS {
             let mut p = self.bins[bin];
             while !p.is_null() {
-                // SAFETY: bin entries are free spans we own.
+                // SAFETY: bin entries are free spans we own; the region lock is held.
                 unsafe {
-                    if (*p).flags & FLAG_DIRTY != 0 {
-                        let bytes = ((*p).slice_count as usize) << SLICE_SHIFT;
-                        returned += os::decommit((*p).start(), bytes);
+                    let count = (*p).slice_count as usize;
+                    let dirty = dirty_slices(p).min(count);
+                    if dirty > 0 {
+                        let decommitted = os::decommit((*p).start(), count << SLICE_SHIFT);
+                        returned += decommitted.min(dirty << SLICE_SHIFT);
                         (*p).flags &= !FLAG_DIRTY;
-                        self.dirty_bytes -= bytes;
-                        CLEAN_FREE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+                        (*p).used = 0;
+                        self.dirty_bytes -= dirty << SLICE_SHIFT;
+                        CLEAN_FREE_BYTES.fetch_add(dirty << SLICE_SHIFT, Ordering::Relaxed);
                     }
                     p = (*p).next;
                 }
