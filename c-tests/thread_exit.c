@@ -98,8 +98,11 @@ int main(void) {
     CHECK(now.live_heaps <= 1, "%llu live heaps with only the main thread running (%d threads exited)",
           (unsigned long long)now.live_heaps, ROUNDS * (PRODUCERS + CONSUMERS));
     /* lg_trim collects the exited threads' pages: the live byte count returns to where it
-     * started (measured: +1.1 KiB, stdio's buffers) and so does committed memory
-     * (measured: +1 to +5 KiB). Margins: 16 KiB live, 64 KiB committed. */
+     * started (measured: +1.1 KiB, stdio's buffers) and so does committed memory, up to
+     * the pages the main heap keeps (one per class it used: which ones depends on how the
+     * threads were scheduled; measured +1 KiB to +274 KiB since free spans' dirty bytes
+     * are counted exactly). Margins: 16 KiB live, 1 MiB committed, against ~45 MiB before
+     * the trim. */
     size_t released = lg_trim();
     struct lg_stats trimmed;
     lg_stats(&trimmed);
@@ -109,7 +112,7 @@ int main(void) {
     CHECK(trimmed.bytes_allocated <= base.bytes_allocated + 16 * 1024,
           "live bytes %llu after lg_trim, %llu at the start: exited threads' blocks stay live",
           (unsigned long long)trimmed.bytes_allocated, (unsigned long long)base.bytes_allocated);
-    CHECK(trimmed.bytes_committed <= base.bytes_committed + 64 * 1024,
+    CHECK(trimmed.bytes_committed <= base.bytes_committed + 1024 * 1024,
           "committed %llu after lg_trim, %llu at the start", (unsigned long long)trimmed.bytes_committed,
           (unsigned long long)base.bytes_committed);
     return check_summary("thread_exit");
