@@ -64,6 +64,10 @@ def preload_allocators() -> list[Allocator]:
         # scudo aborts under valgrind ("internal map or unmap failure": valgrind refuses
         # its address-space reservations), so it has no instruction count.
         Allocator("scudo", scudo_path(), "libclang-rt-14-dev", valgrind=False),
+        # The newest anchors, built from their sources by bench/build-peers.sh (skipped
+        # with a note when not built). snmalloc does not start under valgrind.
+        Allocator("mimalloc3", str(BUILD / "peers" / "libmimalloc-3.4.3.so"), None),
+        Allocator("snmalloc", str(BUILD / "peers" / "libsnmalloc-0.7.5.so"), None, valgrind=False),
         Allocator("lgmalloc", str(BUILD / "lg-override" / "liblgmalloc.so"), None),
     ]
 
@@ -953,7 +957,8 @@ def make_plot(rep: Report, png: Path) -> str | None:
     if not rep.pre or not rep.ref:
         return "no LD_PRELOAD results to plot"
     colors = {"glibc": "#7f7f7f", "mimalloc": "#1f77b4", "jemalloc": "#2ca02c",
-              "tcmalloc": "#9467bd", "scudo": "#8c564b", "lgmalloc": "#d62728"}
+              "tcmalloc": "#9467bd", "scudo": "#8c564b", "lgmalloc": "#d62728",
+              "mimalloc3": "#17becf", "snmalloc": "#ff7f0e"}
     fig, axes = plt.subplots(2, 2, figsize=(15, 10), gridspec_kw={"width_ratios": [3, 1.2]})
 
     def bars(ax, names, series, title, ylabel, log=True, refline=True):
