@@ -78,6 +78,15 @@ struct lg_stats {
    */
   uint64_t large_live;
   /*
+   Acquisitions of lgmalloc's locks since start (page supply, heap creation and
+   exit, the large-object cache, statistics; never the same-thread fast path).
+   */
+  uint64_t lock_acquisitions;
+  /*
+   Those of `lock_acquisitions` that found the lock held by another thread.
+   */
+  uint64_t lock_contended;
+  /*
    Number of valid entries in `classes`.
    */
   uint32_t class_count;

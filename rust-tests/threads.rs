@@ -223,3 +223,41 @@ fn fork_while_threads_cycle_large_objects() {
         w.join().unwrap();
     }
 }
+
+fn stats() -> lgmalloc::LgStats {
+    let mut s = lgmalloc::LgStats::default();
+    unsafe { lg_stats(&mut s) };
+    s
+}
+
+/// `lg_stats` counts the locks taken: each new thread's heap comes from the heap pool
+/// (its lock) and goes back to it at thread exit, so 8 threads that allocate take at
+/// least 16 more acquisitions; contended ones are a subset.
+#[test]
+fn lock_acquisitions_are_counted() {
+    let before = stats();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let blocks: Vec<usize> = (0..64)
+                    .map(|i| lg_malloc(16 + i * 24 + t) as usize)
+                    .collect();
+                for b in blocks {
+                    unsafe { lg_free(b as *mut core::ffi::c_void) };
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let after = stats();
+    assert!(
+        after.lock_acquisitions >= before.lock_acquisitions + 16,
+        "lock acquisitions {} -> {} for 8 threads",
+        before.lock_acquisitions,
+        after.lock_acquisitions
+    );
+    assert!(after.lock_contended <= after.lock_acquisitions);
+    assert!(after.lock_contended >= before.lock_contended);
+}

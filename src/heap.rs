@@ -769,6 +769,11 @@ pub fn unlock_after_fork(child: bool) {
     POOL.unlock_after_fork(child);
 }
 
+/// Acquisitions of this layer's lock so far, and the contended ones (statistics).
+pub fn lock_counts() -> (u64, u64) {
+    POOL.lock_counts()
+}
+
 /// A fresh heap record for the calling thread, on the live list.
 fn pool_take() -> *mut Heap {
     let heap = with_pool(|p| {

@@ -80,6 +80,11 @@ pub fn unlock_after_fork(child: bool) {
     CACHE.unlock_after_fork(child);
 }
 
+/// Acquisitions of this layer's lock so far, and the contended ones (statistics).
+pub fn lock_counts() -> (u64, u64) {
+    CACHE.lock_counts()
+}
+
 /// The smallest cached mapping of at least `needed` bytes (a page multiple), as
 /// `(base, size, resident)`; one more than twice too big gives its tail back first,
 /// so a reused mapping never holds much more than its object.

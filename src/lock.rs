@@ -2,11 +2,19 @@
 //! creation, abandonment, the large-object cache). A pthread mutex: it never allocates,
 //! sleeps instead of spinning when contended, and can be held across `fork` by the
 //! atfork handlers. [`Locked`] pairs it with the state it guards.
+//!
+//! Each lock counts its acquisitions and the contended ones (the lock was held when
+//! asked for), for `lg_stats`: the price of the central page supply, measured.
 
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Mutex {
     raw: UnsafeCell<libc::pthread_mutex_t>,
+    /// Acquisitions, and those that found the lock held (counted by the holder, so the
+    /// counters share the lock's cache line and add no traffic of their own).
+    acquired: AtomicU64,
+    contended: AtomicU64,
 }
 
 // SAFETY: the pthread mutex serialises all access to what it guards.
@@ -16,6 +24,8 @@ impl Mutex {
     pub const fn new() -> Self {
         Mutex {
             raw: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+            acquired: AtomicU64::new(0),
+            contended: AtomicU64::new(0),
         }
     }
 
@@ -23,7 +33,28 @@ impl Mutex {
     pub fn lock(&self) {
         // SAFETY: the mutex is statically initialised and never moved (it lives in a
         // static).
-        unsafe { libc::pthread_mutex_lock(self.raw.get()) };
+        let contended = unsafe { libc::pthread_mutex_trylock(self.raw.get()) } != 0;
+        if contended {
+            // SAFETY: as above.
+            unsafe { libc::pthread_mutex_lock(self.raw.get()) };
+        }
+        // Held: no other thread writes the counters now (readers only read).
+        self.acquired
+            .store(self.acquired.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        if contended {
+            self.contended.store(
+                self.contended.load(Ordering::Relaxed) + 1,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Acquisitions so far, and how many of them found the lock held.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.acquired.load(Ordering::Relaxed),
+            self.contended.load(Ordering::Relaxed),
+        )
     }
 
     #[inline]
@@ -78,6 +109,11 @@ impl<T> Locked<T> {
         })
     }
 
+    /// Acquisitions of the lock so far, and the contended ones.
+    pub fn lock_counts(&self) -> (u64, u64) {
+        self.lock.counts()
+    }
+
     /// `fork` prepare handler: hold the lock so the child inherits a consistent state.
     pub fn lock_for_fork(&self) {
         self.lock.lock();
@@ -90,5 +126,47 @@ impl<T> Locked<T> {
         } else {
             self.lock.unlock();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicI32;
+
+    #[test]
+    fn acquisitions_and_contention_are_counted() {
+        let m = Arc::new(Mutex::new());
+        m.with(|| ());
+        m.with(|| ());
+        assert_eq!(m.counts(), (2, 0));
+        // A second thread asks while this one holds the lock: one contended acquisition.
+        // It has asked once it sleeps (its failed `trylock` comes before the wait).
+        let tid = Arc::new(AtomicI32::new(0));
+        m.lock();
+        let waiter = {
+            let (m, tid) = (Arc::clone(&m), Arc::clone(&tid));
+            std::thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                m.with(|| ());
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let t = tid.load(Ordering::SeqCst);
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{t}/stat"));
+            // The state is the field after the parenthesised command name.
+            let sleeping = t != 0
+                && stat.is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('S')));
+            if sleeping {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        m.unlock();
+        waiter.join().unwrap();
+        assert_eq!(m.counts(), (4, 1));
     }
 }

@@ -138,6 +138,11 @@ pub fn unlock_after_fork(child: bool) {
     REGION.unlock_after_fork(child);
 }
 
+/// Acquisitions of this layer's lock so far, and the contended ones (statistics).
+pub fn lock_counts() -> (u64, u64) {
+    REGION.lock_counts()
+}
+
 fn bin_of(slices: usize) -> usize {
     if slices <= 8 {
         slices - 1

@@ -51,6 +51,11 @@ pub struct LgStats {
     pub free_count: u64,
     /// Large objects (own mapping) currently live.
     pub large_live: u64,
+    /// Acquisitions of lgmalloc's locks since start (page supply, heap creation and
+    /// exit, the large-object cache, statistics; never the same-thread fast path).
+    pub lock_acquisitions: u64,
+    /// Those of `lock_acquisitions` that found the lock held by another thread.
+    pub lock_contended: u64,
     /// Number of valid entries in `classes`.
     pub class_count: u32,
     /// Per size class figures; entries past `class_count` are zero.
@@ -68,6 +73,8 @@ impl Default for LgStats {
             alloc_count: 0,
             free_count: 0,
             large_live: 0,
+            lock_acquisitions: 0,
+            lock_contended: 0,
             class_count: 0,
             classes: [LgClassStats::default(); LG_MAX_CLASSES],
         }
@@ -113,6 +120,15 @@ pub fn collect(out: &mut LgStats) {
         (segment::SEGMENT_BYTES.load(Ordering::Relaxed) + large_bytes + cached) as u64;
     out.live_heaps = heap::LIVE_HEAPS.load(Ordering::Relaxed) as u64;
     out.large_live = large::LIVE_COUNT.load(Ordering::Relaxed) as u64;
+    // Read last, so the acquisitions this snapshot made itself are included.
+    for (acquired, contended) in [
+        heap::lock_counts(),
+        segment::lock_counts(),
+        large::lock_counts(),
+    ] {
+        out.lock_acquisitions += acquired;
+        out.lock_contended += contended;
+    }
     out.alloc_count = per_class.iter().sum::<u64>() + LARGE_ALLOCS.load(Ordering::Relaxed) as u64;
     let live_blocks: u64 = out.classes.iter().map(|c| c.live_blocks).sum();
     out.free_count = (out.alloc_count - LARGE_ALLOCS.load(Ordering::Relaxed) as u64)
@@ -141,6 +157,11 @@ pub fn print_summary() {
         s.free_count,
         s.live_heaps,
         s.large_live
+    );
+    diag!(
+        "lgmalloc: stats: {} lock acquisitions, {} contended",
+        s.lock_acquisitions,
+        s.lock_contended
     );
     diag!(
         "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}",
