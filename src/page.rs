@@ -61,17 +61,10 @@ pub struct Block {
 /// watched page) are linked the same way; that list mixes pages, so `heap`'s drain
 /// checks each decoded link against the chunk map and the page's blocks instead.
 ///
-/// Why not a plain link plus a keyed check word (`w1 = next ^ key`, compared on pop, so
-/// no decode sits on the chain of loads from one popped block to the next)? Tried and
-/// measured (docs/RELIABILITY.md, Hardening): it needs the key, the link and the check
-/// word in both malloc (the pop's check) and free (the double-free check becomes "do
-/// the two words agree"), two loads per pair more than this scheme: 76.87 instructions
-/// per pair against 75.89 here, and +11 to +15% wall time on the hot-path benchmark
-/// against +4.3 to +4.5% here (default 71.76). It also detects an overwritten link at
-/// the block written, not one pop later, but gains only about 2% on a one-block
-/// malloc/free loop, whose critical chain runs through free's page lookup. Keeping the
-/// head encoded too (both XORs moved off the link chain onto the block-address chain)
-/// measured 76.03 instructions and +5.7 to +6.7%.
+/// Why not a plain link plus a keyed check word (`w1 = next ^ key`, compared on pop)?
+/// It needs the key, the link and the check word in both malloc and free: two loads
+/// per pair more than this scheme, and it measured slower (docs/RELIABILITY.md,
+/// Hardening, has the figures).
 pub const HARDENED: bool = cfg!(feature = "hardened");
 
 /// The key links are encoded with: the per-process secret with its top bit set (so a

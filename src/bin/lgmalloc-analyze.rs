@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use lgmalloc::analysis::cache_dir::CacheDir;
+use lgmalloc::analysis::cache_dir::{CacheDir, CacheFile};
 use lgmalloc::analysis::{Analysis, CallSite, analyze_path, analyze_path_within};
 
 const USAGE: &str = "\
@@ -196,9 +196,14 @@ fn cache_command(cmd: CacheCmd, json: bool) -> bool {
     true
 }
 
+/// The cache's files, most recent first, and its disk usage as the bound counts it
+/// (the directory's own blocks included, as `du` counts them).
+fn cache_listing(dir: &CacheDir) -> (Vec<CacheFile>, u64) {
+    (dir.entries(), dir.usage())
+}
+
 fn cache_table(dir: &CacheDir) -> String {
-    let files = dir.entries();
-    let used: u64 = files.iter().map(|f| f.disk_bytes).sum();
+    let (files, used) = cache_listing(dir);
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -225,8 +230,7 @@ fn cache_table(dir: &CacheDir) -> String {
 }
 
 fn cache_json(dir: &CacheDir) -> String {
-    let files = dir.entries();
-    let used: u64 = files.iter().map(|f| f.disk_bytes).sum();
+    let (files, used) = cache_listing(dir);
     let mut o = String::new();
     let _ = write!(
         o,
