@@ -10,7 +10,10 @@
 # tags v3.4.3 and 0.7.5, or an unpacked source tree of exactly that version. Results:
 # bench/build/peers/libmimalloc-3.4.3.so and bench/build/peers/libsnmalloc-0.7.5.so
 # (snmalloc's preloadable shim), which `bench/run.py` then lists as `mimalloc3` and
-# `snmalloc`. About a minute each on 2 cores.
+# `snmalloc`, and bench/build/peers/test-stress-3.4.3: mimalloc's own stress test
+# (test/test-stress.c of v3.4.3) built with -DUSE_STD_MALLOC, so it calls plain malloc
+# and runs under any allocator by LD_PRELOAD (the runner's `test-stress` workload).
+# About a minute each on 2 cores. A peer already built is kept (FORCE=1 rebuilds all).
 set -euo pipefail
 cd "$(dirname "$0")"
 [ $# -eq 2 ] || { sed -n '2,13p' "$0"; exit 2; }
@@ -43,6 +46,10 @@ build_peer() {
     shift 5
     local work=$PWD/build/peer-src/$name
     echo "== $name $tag"
+    if [ -f "$out/lib$name-${tag#v}.so" ] && [ -z "${FORCE:-}" ]; then
+        echo "   $out/lib$name-${tag#v}.so (already built; FORCE=1 rebuilds)"
+        return
+    fi
     export_sources "$src" "$tag" "$work/src"
     cmake -S "$work/src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release "$@" >"$work/configure.log"
     cmake --build "$work/build" -j "$jobs" --target "$target" >"$work/build.log"
@@ -57,3 +64,22 @@ build_peer mimalloc "$1" v3.4.3 mimalloc 'libmimalloc.so.*' \
     -DMI_BUILD_TESTS=OFF -DMI_BUILD_STATIC=OFF -DMI_BUILD_OBJECT=OFF
 build_peer snmalloc "$2" 0.7.5 snmallocshim 'libsnmallocshim.so' \
     -DSNMALLOC_BUILD_TESTING=OFF
+
+# mimalloc's test-stress, from the same tag, as a plain-malloc program (assertions kept).
+# $1 the mimalloc sources (as for build_peer).
+build_test_stress() {
+    local dest=$out/test-stress-3.4.3 work=$PWD/build/peer-src/test-stress
+    echo "== test-stress v3.4.3"
+    rm -rf "$work"
+    mkdir -p "$work"
+    if git --git-dir="$1/.git" rev-parse -q --verify refs/tags/v3.4.3 >/dev/null 2>&1; then
+        git --git-dir="$1/.git" show v3.4.3:test/test-stress.c >"$work/test-stress.c"
+    elif git --git-dir="$1" rev-parse -q --verify refs/tags/v3.4.3 >/dev/null 2>&1; then
+        git --git-dir="$1" show v3.4.3:test/test-stress.c >"$work/test-stress.c"
+    else
+        cp "$1/test/test-stress.c" "$work/test-stress.c"
+    fi
+    ${CC:-gcc} -O2 -g -DUSE_STD_MALLOC -pthread -o "$dest" "$work/test-stress.c"
+    echo "   $dest"
+}
+build_test_stress "$1"

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import suite_extra
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SRC = BENCH / "src"
@@ -93,6 +95,12 @@ class Workload:
     timed: bool = True  # counts in the geometric mean of time ratios
     api: bool = False  # also run in the direct-API arm
     inner: int = 1  # runs per allocator per round
+    # Issue 14's additions (report sections in suite_extra.py):
+    group: str = ""  # "scaling" / "rust": own section, not in the main tables and summary
+    max_reps: int = 0  # run in the first N rounds only (0: every round)
+    program: str = ""  # a program built elsewhere, relative to bench/build (time = wall time)
+    quick_args: list[str] | None = None  # its arguments under --quick (instead of --quick)
+    rust: bool = False  # the Rust arm (bench/rust-arm), not the LD_PRELOAD arm
 
 
 WORKLOADS = [
@@ -131,6 +139,19 @@ WORKLOADS = [
              timed=False, api=True),
     Workload("startup", "", [], "wall_ms", "ms", False,
              "wall time of `python3 -c pass`", timed=True),
+]
+# Issue 14: thread scaling, mimalloc's test-stress and the Rust arm.
+WORKLOADS += [
+    Workload(suite_extra.scaling_name(kind, t), binary, [f"threads={t}"], "mops_per_s", "M ops/s", True,
+             f"{kind} at {t} threads", timed=False, group="scaling", max_reps=5)
+    for kind, binary, _ in suite_extra.SCALING_KINDS for t in suite_extra.SCALING_THREADS
+] + [
+    Workload("test-stress", "", [], "time_s", "s", False,
+             "mimalloc v3.4.3 test/test-stress.c (32 threads, objects handed between threads)",
+             program="peers/test-stress-3.4.3", quick_args=["32", "50", "10"], max_reps=3),
+    Workload("rust-arm", "", [], "time_s", "s", False,
+             "a Rust program with lgmalloc, the mimalloc crate or System as global allocator",
+             timed=False, group="rust", rust=True, max_reps=7),
 ]
 HOTPATH = "hotpath"
 STARTUP_COLD = "startup-cold"
@@ -241,7 +262,7 @@ def compile_workloads(quiet: bool = False) -> None:
     cc = os.environ.get("CC", "gcc")
     base = [cc, "-O2", "-g", "-Wall", "-Wextra", "-pthread"]
     jobs = [(SRC / "launch.c", BIN / "launch", [])]
-    stems = sorted({w.binary for w in WORKLOADS if w.binary} | {HOTPATH})
+    stems = sorted({w.binary for w in WORKLOADS if w.binary} | {HOTPATH})  # C sources only
     api_stems = sorted({w.binary for w in WORKLOADS if w.api} | {HOTPATH})
     lg_dir = BUILD / "lg-api"
     for stem in stems:
@@ -391,7 +412,10 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated workload names or prefixes "
                     f"({', '.join(w.name for w in WORKLOADS)}, {HOTPATH})")
     ap.add_argument("--allocators", help="comma-separated: glibc,mimalloc,jemalloc,tcmalloc,scudo,lgmalloc")
-    ap.add_argument("--arm", choices=["both", "preload", "api"], default="both")
+    ap.add_argument("--arm", choices=["both", "preload", "api", "rust"], default="both",
+                    help="both = every arm (LD_PRELOAD, direct API, Rust)")
+    ap.add_argument("--scaling", action="store_true", help="the thread-scaling workloads only "
+                    "(same as --only scaling)")
     ap.add_argument("--reps", type=int, help="rounds (default 9, quick 3)")
     ap.add_argument("--no-build", action="store_true", help="reuse the lgmalloc libraries in bench/build")
     ap.add_argument("--out", help="results file (default bench/results.md, or results-partial.md "
@@ -407,6 +431,8 @@ def main() -> int:
     started_at = datetime.datetime.now(datetime.timezone.utc)
     reps = args.reps or (3 if args.quick else 9)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
+    if args.scaling:
+        only = (only or []) + ["scaling"]
     want_allocs = [s.strip() for s in args.allocators.split(",")] if args.allocators else None
     partial = args.quick or bool(only) or bool(want_allocs) or args.arm != "both"
     out_md = Path(args.out) if args.out else BENCH / ("results-partial.md" if partial else "results.md")
@@ -424,6 +450,10 @@ def main() -> int:
     BUILD.mkdir(exist_ok=True)
     lg_info = build_lgmalloc(args.no_build)
     compile_workloads()
+    wants_rust = args.arm in ("both", "rust") and bool(select(["rust-arm"], only))
+    rust_missing = (suite_extra.build_rust_arm(BENCH / "rust-arm", BIN, cargo_target_dir(), args.no_build, log)
+                    if wants_rust else {})
+    rust_variants = [v for v in suite_extra.RUST_VARIANTS if v not in rust_missing]
 
     # -- allocators
     allocs = preload_allocators()
@@ -451,6 +481,12 @@ def main() -> int:
     if any(n == "idle-threads" for n in wl_names) and "idle-baseline" not in wl_names:
         wl_names.append("idle-baseline")
     workloads = [w for w in WORKLOADS if w.name in wl_names]
+    for w in [w for w in workloads if w.program and not (BUILD / w.program).exists()]:
+        skipped[f"{w.name} (workload)"] = f"bench/build/{w.program} is missing (run bench/build-peers.sh)"
+        log(f"note: {w.name} skipped: bench/build/{w.program} is missing (run bench/build-peers.sh)")
+        workloads.remove(w)
+    for v, why in rust_missing.items():
+        skipped[f"Rust arm {v}"] = why
     do_hotpath = HOTPATH in wl_names
     quick_arg = ["--quick"] if args.quick else []
     timeout = 120 if not args.quick else 60
@@ -463,6 +499,15 @@ def main() -> int:
     for r in range(reps):
         jobs: list[Job] = []
         for w in workloads:
+            if w.max_reps and r >= w.max_reps:
+                continue
+            if w.rust:
+                if args.arm in ("both", "rust"):
+                    order = list(rust_variants)
+                    rng.shuffle(order)
+                    jobs += [Job("rust", w, v, [str(BIN / f"rust-arm-{v}"), *w.args, *quick_arg], None)
+                             for v in order]
+                continue
             if args.arm in ("both", "preload"):
                 order = [a for a in pre_allocs]
                 rng.shuffle(order)
@@ -471,6 +516,9 @@ def main() -> int:
                         argv = [py, "-c", "pass"]
                         for _ in range(startup_inner):
                             jobs.append(Job("preload", w, a.name, argv, a.preload))
+                    elif w.program:
+                        wargs = w.quick_args if args.quick and w.quick_args is not None else w.args
+                        jobs.append(Job("preload", w, a.name, [str(BUILD / w.program), *wargs], a.preload))
                     else:
                         argv = [str(BIN / f"{w.binary}-malloc"), *w.args, *quick_arg]
                         jobs.append(Job("preload", w, a.name, argv, a.preload))
@@ -499,6 +547,11 @@ def main() -> int:
             for v in api_variants:
                 hot_targets.append(("api", v, BIN / f"hotpath-{v}", None))
     total += len(hot_targets)
+    # One run of each under strace -f -c, not timed (issue 14's system-call goals).
+    strace_targets = [(j.arm, j.workload.name, j.alloc, j.argv, j.preload) for j in jobs_by_round[0]
+                      if j.workload.rust or (j.workload.name == "test-stress"
+                                             and j.alloc in ("lgmalloc", "mimalloc3"))] if reps else []
+    total += len(strace_targets)
     log(f"plan: {len(workloads)} workloads, {len(pre_allocs)} preloaded allocators, "
         f"API arm {api_variants if args.arm != 'preload' else []}, {reps} rounds, "
         f"{total} runs{' (quick)' if args.quick else ''}")
@@ -540,7 +593,7 @@ def main() -> int:
             done += 1
             rec = dict(run.result)
             rec.update({f"launch_{k}": v for k, v in run.launch.items()})
-            if job.workload.name == "startup" and run.ok:
+            if (job.workload.name == "startup" or job.workload.program) and run.ok:
                 rec["wall_ms"] = str(to_float(run.launch.get("wall_s")) * 1000)
                 rec["time_s"] = run.launch.get("wall_s", "nan")
             if run.ok:
@@ -550,6 +603,18 @@ def main() -> int:
                                  "status": run.status, "cmd": run.cmdline, "stderr": run.stderr})
             secs = to_float(run.launch.get("wall_s"))
             progress(f"r{r + 1}/{reps} {job.arm}/{job.workload.name} {job.alloc}", secs, run.ok)
+
+    for arm, wl, name, argv, preload in strace_targets:
+        t0 = time.monotonic()
+        counts = suite_extra.strace_counts(argv, child_env({}), preload, 4 * timeout)
+        done += 1
+        samples.setdefault(("strace", wl, name), []).append(counts)
+        if "error" in counts:
+            failures.append({"arm": arm, "workload": f"{wl} (strace)", "alloc": name,
+                             "status": counts["error"], "cmd": "strace -f -c " + " ".join(argv),
+                             "stderr": ""})
+        progress(f"strace {arm}/{wl} {name}: futex {counts.get('futex', '?')} "
+                 f"madvise {counts.get('madvise', '?')}", time.monotonic() - t0, "error" not in counts)
 
     # cold starts: lgmalloc with an empty analysis cache every time
     for i in range(cold_runs):
@@ -579,6 +644,7 @@ def main() -> int:
                     workloads, args.arm)
     png = out_md.with_suffix(".png")
     plot_note = make_plot(report, png)
+    report.scaling_svg = write_scaling_svg(report, out_md)
     out_md.write_text(report.markdown(png if plot_note is None else None, plot_note))
     log(f"\nwrote {out_md}, {out_json.name}" + ("" if plot_note else f", {png.name}"))
     if plot_note:
@@ -602,10 +668,13 @@ def report_only(path: Path) -> int:
            or ("api", v) in hot]
     workloads = [w for w in WORKLOADS if w.name in names]
     arm = "both" if pre and api else ("preload" if pre else "api")
+    if not pre and not api:
+        arm = "rust"
     rep = Report(meta, samples, hot, data["failures"], pre, api, workloads, arm)
     out_md = path.with_suffix(".md")
     png = path.with_suffix(".png")
     note = make_plot(rep, png)
+    rep.scaling_svg = write_scaling_svg(rep, out_md)
     out_md.write_text(rep.markdown(png if note is None else None, note))
     log(f"wrote {out_md}" + ("" if note else f", {png.name}") + (f" ({note})" if note else ""))
     return 0
@@ -659,11 +728,13 @@ class Report:
         self.failures = failures
         self.pre = pre_names
         self.api = api_variants if arm != "preload" else []
-        if arm == "api":
+        if arm in ("api", "rust"):
             self.pre = []
         self.workloads = workloads
+        self.main_workloads = [w for w in workloads if not w.group]  # those of the main tables
         self.ref = "mimalloc" if "mimalloc" in self.pre else (self.pre[0] if self.pre else None)
         self.api_ref = "mi" if "mi" in self.api else (self.api[0] if self.api else None)
+        self.scaling_svg: str | None = None  # file name of the scaling plot, when drawn
 
     # figures
     def vals(self, arm, wl, alloc, key) -> list[float]:
@@ -711,12 +782,12 @@ class Report:
         return self.med(arm, wl, alloc, "launch_maxrss_kib") / self.med(arm, wl, ref, "launch_maxrss_kib")
 
     def timed_workloads(self) -> list[Workload]:
-        return [w for w in self.workloads if w.timed]
+        return [w for w in self.main_workloads if w.timed]
 
     def summary(self, alloc) -> dict:
         ratios = {w.name: self.time_ratio("preload", w.name, alloc, self.ref) for w in self.timed_workloads()}
         ratios = {k: v for k, v in ratios.items() if math.isfinite(v)}
-        rss = {w.name: self.rss_ratio("preload", w.name, alloc, self.ref) for w in self.workloads}
+        rss = {w.name: self.rss_ratio("preload", w.name, alloc, self.ref) for w in self.main_workloads}
         rss = {k: v for k, v in rss.items() if math.isfinite(v)}
         worst = max(ratios.items(), key=lambda kv: kv[1]) if ratios else ("–", float("nan"))
         best = min(ratios.items(), key=lambda kv: kv[1]) if ratios else ("–", float("nan"))
@@ -771,8 +842,9 @@ class Report:
             L += self.summary_section()
             L += self.preload_tables()
         L += self.hotpath_section()
-        if self.api:
+        if self.api and any(w.api for w in self.main_workloads):
             L += self.api_section()
+        L += suite_extra.sections(self, self.scaling_svg)
         L += self.per_thread_section()
         L += self.startup_section()
         if png is not None:
@@ -801,7 +873,7 @@ class Report:
                      f"{s['worst'][0]} {fnum(s['worst'][1])} | {fnum(s['rss_geo'])} | "
                      f"{fnum(s['best_geo'])} | {s['worst_best'][0]} {fnum(s['worst_best'][1])} |")
         L.append("")
-        cont = [(w.name, self.contention(w.name)) for w in self.workloads]
+        cont = [(w.name, self.contention(w.name)) for w in self.main_workloads]
         cont = [(n, c) for n, c in cont if math.isfinite(c)]
         if cont:
             L.append("Load from other processes during the runs (median cores busy outside the "
@@ -810,12 +882,14 @@ class Report:
         return L
 
     def preload_tables(self) -> list[str]:
+        if not self.main_workloads:
+            return []
         L = ["## Workloads through LD_PRELOAD\n",
              "Median of the rounds, with [min–max] below. Headline figure per workload "
              "(↑ higher is better, ↓ lower is better).\n"]
         head = "| workload | figure | " + " | ".join(self.pre) + " |"
         L += [head, "|---|---|" + "---|" * len(self.pre)]
-        for w in self.workloads:
+        for w in self.main_workloads:
             if w.name == "startup" or w.name.startswith("idle"):
                 continue  # own sections below
             key = w.metric
@@ -832,7 +906,7 @@ class Report:
               "± is half the allocator's own min–max range, in % of its median; "
               "fastest = ratio of the fastest rounds)\n",
               head, "|---|---|" + "---|" * len(self.pre)]
-        for w in self.workloads:
+        for w in self.main_workloads:
             if not w.timed:
                 continue
             cells = [f"{fnum(self.time_ratio('preload', w.name, a, self.ref))}"
@@ -844,7 +918,7 @@ class Report:
 
         L += ["### Peak RSS (MiB, max RSS of the process, ± half range in %; ratio to " + self.ref + " below)\n",
               head, "|---|---|" + "---|" * len(self.pre)]
-        for w in self.workloads:
+        for w in self.main_workloads:
             cells = []
             for a in self.pre:
                 med = self.med("preload", w.name, a, "launch_maxrss_kib")
@@ -854,7 +928,7 @@ class Report:
             L.append(f"| {w.name} | MiB | " + " | ".join(cells) + " |")
         L.append("")
 
-        extra_rows = [(w, k) for w in self.workloads for k in w.extras]
+        extra_rows = [(w, k) for w in self.main_workloads for k in w.extras]
         if extra_rows:
             L += ["### Secondary figures (medians)\n", head, "|---|---|" + "---|" * len(self.pre)]
             for w, k in extra_rows:
@@ -945,6 +1019,12 @@ class Report:
 # ---- plot ---------------------------------------------------------------------------
 
 
+def write_scaling_svg(rep: Report, out_md: Path) -> str | None:
+    """The thread-scaling plot beside the report (results-threads.svg); its file name."""
+    svg = out_md.with_name(out_md.stem + "-threads.svg")
+    return svg.name if suite_extra.write_scaling_svg(rep, svg) else None
+
+
 def make_plot(rep: Report, png: Path) -> str | None:
     """Draws the plot; returns None on success, else why there is none."""
     try:
@@ -985,7 +1065,7 @@ def make_plot(rep: Report, png: Path) -> str | None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(rep.pre),
                fontsize=10, frameon=False)
-    allw = [w.name for w in rep.workloads]
+    allw = [w.name for w in rep.main_workloads]
     bars(axes[1][0], allw,
          [(a, [rep.rss_ratio("preload", w, a, rep.ref) for w in allw]) for a in rep.pre],
          f"Peak RSS ratio to {rep.ref} (lower is better, log scale)", "max RSS / max RSS(" + rep.ref + ")")

@@ -7,6 +7,10 @@
  * objects allocated by an earlier (often exited) thread, and every allocator must
  * cope with the memory of exited threads. At the end the main thread frees all.
  * Figure: malloc+free pairs per second over all chains (and threads started).
+ *
+ * `threads=N` (the thread-scaling benchmark) runs N chains at once and shares out among
+ * them the work of min(N, cores) chains of `generations` generations each, so an
+ * allocator that scales keeps the same run time from `cores` threads on.
  */
 #include "bench.h"
 
@@ -57,10 +61,16 @@ static void *generation(void *arg) {
 
 int main(int argc, char **argv) {
     args_init(argc, argv);
-    long chains = arg_long("chains", 4, 4);
+    long threads = arg_long("threads", 0, 0);
+    long chains = threads > 0 ? threads : arg_long("chains", 4, 4);
     long slots = arg_long("slots", 1000, 1000);
     long rounds = arg_long("rounds", 20000, 20000);
-    long generations = arg_long("generations", 300, 40);
+    long generations = arg_long("generations", threads > 0 ? 600 : 300, threads > 0 ? 150 : 40);
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (threads > 0) {
+        long busy = threads < cores ? threads : cores;
+        generations = (generations * busy + threads - 1) / threads;
+    }
 
     struct chain *c = calloc((size_t)chains, sizeof *c);
     if (!c) die("larson: out of memory");
@@ -107,6 +117,7 @@ int main(int argc, char **argv) {
 
     result_begin("larson");
     result_add("chains=%ld", chains);
+    result_add("cores=%ld", cores);
     result_add("threads=%ld", atomic_load(&g_threads));
     result_add("ops=%ld", ops);
     result_add("time_s=%.6f", t);

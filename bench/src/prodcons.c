@@ -5,6 +5,14 @@
  * and frees it.
  * Every free is a remote free, and the producer's memory only comes back through them.
  * Figure: objects per second.
+ *
+ * `threads=N` (1..64) runs a ring instead, for the thread-scaling benchmark: each of N
+ * threads allocates its share of `objects` x min(N, cores) objects (`objects` is then
+ * 4M per core, quick 1M) and passes them to its successor (thread
+ * i -> i+1 mod N), and frees what its predecessor passes to it, so N producer/consumer
+ * pairs run at once and every free is remote (with N = 1 a thread frees its own
+ * objects). A thread whose outgoing queue is full keeps draining its incoming one, so
+ * the ring cannot deadlock.
  */
 #include "bench.h"
 
@@ -73,8 +81,94 @@ static void *consumer(void *arg) {
     return NULL;
 }
 
+/* ---- the ring (threads=N) -------------------------------------------------------- */
+
+#define RING_MAX 64
+
+static struct spsc g_ring[RING_MAX]; /* g_ring[i]: what thread i receives */
+static long g_ring_threads;
+static long g_ring_each;
+static atomic_long g_ring_sum;
+
+/* Frees what arrived in thread `me`'s queue; returns how many. */
+static long ring_drain(long me, long *sum) {
+    void *got[64];
+    size_t n = spsc_pop_n(&g_ring[me], got, 64);
+    for (size_t i = 0; i < n; i++) {
+        *sum += ((unsigned char *)got[i])[0];
+        B_FREE(got[i]);
+    }
+    return (long)n;
+}
+
+static void *ring_member(void *arg) {
+    long me = (long)(intptr_t)arg;
+    struct spsc *out = &g_ring[(me + 1) % g_ring_threads];
+    uint64_t rng = rng_seed(1000 + (uint64_t)me);
+    void *batch[BATCH];
+    size_t n = 0;
+    long got = 0, sum = 0;
+    pthread_barrier_wait(&g_start);
+    for (long i = 0; i < g_ring_each; i++) {
+        size_t len = rng_range(&rng, 16, 256);
+        unsigned char *p = B_MALLOC(len);
+        CHECK_ALLOC(p, len);
+        p[0] = (unsigned char)i;
+        p[len - 1] = 1;
+        batch[n++] = p;
+        if (n == BATCH || i == g_ring_each - 1) {
+            unsigned spins = 0;
+            while (!spsc_push_n(out, batch, n)) {
+                long d = ring_drain(me, &sum);
+                got += d;
+                if (!d) backoff(&spins);
+            }
+            n = 0;
+        }
+        if ((i & 7) == 7) got += ring_drain(me, &sum);
+    }
+    unsigned spins = 0;
+    while (got < g_ring_each) {
+        long d = ring_drain(me, &sum);
+        got += d;
+        if (d) spins = 0; else backoff(&spins);
+    }
+    atomic_fetch_add(&g_ring_sum, sum);
+    return NULL;
+}
+
+static int run_ring(long threads) {
+    if (threads > RING_MAX) die("prodcons: at most %d threads", RING_MAX);
+    g_ring_threads = threads;
+    g_ring_each = g_objects / threads;
+    pthread_t t[RING_MAX];
+    pthread_barrier_init(&g_start, NULL, (unsigned)threads + 1);
+    for (long i = 0; i < threads; i++) t[i] = start_thread(ring_member, (void *)(intptr_t)i, 0);
+    pthread_barrier_wait(&g_start);
+    double t0 = now_s();
+    for (long i = 0; i < threads; i++) pthread_join(t[i], NULL);
+    double secs = now_s() - t0;
+    long ops = g_ring_each * threads;
+
+    result_begin("prodcons-ring");
+    result_add("threads=%ld", threads);
+    result_add("cores=%ld", sysconf(_SC_NPROCESSORS_ONLN));
+    result_add("ops=%ld", ops);
+    result_add("time_s=%.6f", secs);
+    result_add("mops_per_s=%.3f", (double)ops / secs / 1e6);
+    result_add("check=%ld", atomic_load(&g_ring_sum) & 0xff);
+    result_end();
+    return 0;
+}
+
 int main(int argc, char **argv) {
     args_init(argc, argv);
+    long threads = arg_long("threads", 0, 0);
+    if (threads > 0) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        g_objects = arg_long("objects", 4000000, 1000000) * (threads < cores ? threads : cores);
+        return run_ring(threads);
+    }
     g_objects = arg_long("objects", 16000000, 3000000);
     pthread_barrier_init(&g_start, NULL, 3);
     pthread_t c = start_thread(consumer, NULL, 0);
