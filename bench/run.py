@@ -148,7 +148,7 @@ WORKLOADS += [
 ] + [
     Workload("test-stress", "", [], "time_s", "s", False,
              "mimalloc v3.4.3 test/test-stress.c (32 threads, objects handed between threads)",
-             program="peers/test-stress-3.4.3", quick_args=["32", "50", "10"], max_reps=3),
+             program="peers/test-stress-3.4.3", quick_args=["32", "50", "5"], max_reps=3),
     Workload("rust-arm", "", [], "time_s", "s", False,
              "a Rust program with lgmalloc, the mimalloc crate or System as global allocator",
              timed=False, group="rust", rust=True, max_reps=7),
@@ -451,7 +451,8 @@ def main() -> int:
     lg_info = build_lgmalloc(args.no_build)
     compile_workloads()
     wants_rust = args.arm in ("both", "rust") and bool(select(["rust-arm"], only))
-    rust_missing = (suite_extra.build_rust_arm(BENCH / "rust-arm", BIN, cargo_target_dir(), args.no_build, log)
+    rust_missing = (suite_extra.build_rust_arm(BENCH / "rust-arm", BIN, cargo_target_dir() / "rust-arm",
+                                              args.no_build, log)
                     if wants_rust else {})
     rust_variants = [v for v in suite_extra.RUST_VARIANTS if v not in rust_missing]
 
