@@ -728,7 +728,7 @@ class Report:
         self.hot = hot
         self.failures = failures
         self.pre = pre_names
-        self.api = api_variants if arm != "preload" else []
+        self.api = api_variants if arm not in ("preload", "rust") else []
         if arm in ("api", "rust"):
             self.pre = []
         self.workloads = workloads
