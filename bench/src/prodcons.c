@@ -25,6 +25,16 @@ static long g_sum;
 
 #define BATCH 32
 
+/* One object of 16-256 bytes, its first and last byte written. */
+static void *new_object(uint64_t *rng, long i) {
+    size_t len = rng_range(rng, 16, 256);
+    unsigned char *p = B_MALLOC(len);
+    CHECK_ALLOC(p, len);
+    p[0] = (unsigned char)i;
+    p[len - 1] = 1;
+    return p;
+}
+
 static void *producer(void *arg) {
     (void)arg;
     uint64_t rng = rng_seed(3);
@@ -32,12 +42,7 @@ static void *producer(void *arg) {
     size_t n = 0;
     pthread_barrier_wait(&g_start);
     for (long i = 0; i < g_objects; i++) {
-        size_t len = rng_range(&rng, 16, 256);
-        unsigned char *p = B_MALLOC(len);
-        CHECK_ALLOC(p, len);
-        p[0] = (unsigned char)i;
-        p[len - 1] = 1;
-        batch[n++] = p;
+        batch[n++] = new_object(&rng, i);
         if (n == BATCH || i == g_objects - 1) {
             unsigned spins = 0;
             while (!spsc_push_n(&g_q, batch, n)) backoff(&spins);
@@ -110,12 +115,7 @@ static void *ring_member(void *arg) {
     long got = 0, sum = 0;
     pthread_barrier_wait(&g_start);
     for (long i = 0; i < g_ring_each; i++) {
-        size_t len = rng_range(&rng, 16, 256);
-        unsigned char *p = B_MALLOC(len);
-        CHECK_ALLOC(p, len);
-        p[0] = (unsigned char)i;
-        p[len - 1] = 1;
-        batch[n++] = p;
+        batch[n++] = new_object(&rng, i);
         if (n == BATCH || i == g_ring_each - 1) {
             unsigned spins = 0;
             while (!spsc_push_n(out, batch, n)) {
