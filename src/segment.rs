@@ -510,6 +510,46 @@ impl RegionInner {
         }
     }
 
+    /// Moves up to `max` abandoned pages of classes other than `class` that still
+    /// have live blocks to `heap`, onto the plain list `adopted`.
+    fn adopt_others(
+        &mut self,
+        heap: *mut Owner,
+        class: usize,
+        mut max: usize,
+        adopted: &mut *mut Page,
+    ) {
+        for c in 0..MAX_CLASSES {
+            if max == 0 || self.abandoned_count == 0 {
+                return;
+            }
+            if c == class {
+                continue;
+            }
+            while let Some(&p) = self.abandoned.get(c) {
+                if p.is_null() || max == 0 {
+                    break;
+                }
+                // SAFETY: abandoned pages are region property while the lock is held.
+                unsafe {
+                    page::collect_remote(p);
+                    if (*p).used() == 0 {
+                        // Left for the sweep: this visit only hands out pages.
+                        break;
+                    }
+                    if let Some(list) = self.abandoned.get_mut(c) {
+                        list::remove(list, p);
+                    }
+                    self.count_abandoned(c, false);
+                    (*p).flags = 0;
+                    (*p).heap.store(heap, Ordering::Release);
+                    list::push_front(adopted, p);
+                }
+                max -= 1;
+            }
+        }
+    }
+
     /// Keeps the abandoned-page counts (total and the per-class copy heaps read
     /// without the lock) as a page of `class` joins or leaves its list.
     fn count_abandoned(&mut self, class: usize, joined: bool) {
@@ -653,9 +693,11 @@ pub unsafe fn abandon_pages(empty: *mut Page, mut live: *mut Page) {
 }
 
 /// Hands up to `max` abandoned pages of `class` to `heap`, as a plain list through
-/// `next`, freeing abandoned pages of that class that turned out empty on the way.
-/// Null when none is left (found without the lock when the class has none).
-pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
+/// `next`, freeing abandoned pages of that class that turned out empty on the way; in
+/// the same visit, up to `others` abandoned pages of other classes with live blocks
+/// (an exited thread's successor usually frees into all of its classes). Null when no
+/// page of `class` is left (found without the lock when the class has none).
+pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize, others: usize) -> *mut Page {
     if ABANDONED_IN_CLASS
         .get(class)
         .is_none_or(|n| n.load(Ordering::Relaxed) == 0)
@@ -688,6 +730,9 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
                 list::push_front(&mut adopted, p);
             }
             taken += 1;
+        }
+        if !adopted.is_null() {
+            r.adopt_others(heap, class, others, &mut adopted);
         }
         r.purge_as_due(now);
         adopted
