@@ -456,10 +456,11 @@ impl RegionInner {
     /// `freed_before` (ms; `u64::MAX` for any), until at most `keep` dirty bytes are
     /// left (one `madvise` per span; clean spans are left alone). Returns the bytes
     /// released: per span, what was decommitted but at most its dirty bytes, so memory
-    /// returned before is not counted again.
+    /// returned before is not counted again. Large spans go first: the fewest calls
+    /// for the bytes a partial pass (`keep > 0`) must release.
     fn purge(&mut self, freed_before: u64, keep: usize) -> usize {
         let mut returned = 0;
-        for bin in 0..SPAN_BINS {
+        for bin in (0..SPAN_BINS).rev() {
             let mut p = self.bins[bin];
             while !p.is_null() && self.dirty_bytes > keep {
                 // SAFETY: bin entries are free spans we own; the region lock is held.
