@@ -852,10 +852,12 @@ pub unsafe fn abandon(heap: *mut Heap) {
             full_remove(heap, p);
             class_push_front(heap, p);
         }
-        // Sort the pages into empty ones and live ones, and hand both to the region in
-        // one visit. Empty pages join the spare pages while they fit the bound: the
-        // spares stay with the heap record for the next thread (see `pool_give`).
-        let mut empty = ptr::null_mut();
+        // Sort the pages into empty ones (with the spare pages) and live ones, and hand
+        // both to the region in one visit: what the thread leaves is available to every
+        // other thread at once.
+        let mut empty = (*heap).spare;
+        (*heap).spare = ptr::null_mut();
+        (*heap).spare_slices = 0;
         let mut live = ptr::null_mut();
         for class in 0..MAX_CLASSES {
             loop {
@@ -865,14 +867,10 @@ pub unsafe fn abandon(heap: *mut Heap) {
                 }
                 class_remove(heap, p);
                 page::collect_remote(p);
-                if (*p).used() != 0 {
-                    list::push_front(&mut live, p);
-                } else if (*heap).spare_slices + (*p).slice_count as usize <= SPARE_SLICES {
-                    (*p).carved.store(0, Ordering::Relaxed);
-                    list::push_front(&mut (*heap).spare, p);
-                    (*heap).spare_slices += (*p).slice_count as usize;
-                } else {
+                if (*p).used() == 0 {
                     list::push_front(&mut empty, p);
+                } else {
+                    list::push_front(&mut live, p);
                 }
             }
         }
@@ -893,21 +891,13 @@ struct PoolInner {
     /// Unused part of the last metadata chunk.
     bump: usize,
     bump_end: usize,
-    /// Slices of spare pages kept by records on `spare` (at most `POOL_SPARE_SLICES`).
-    spare_slices: usize,
 }
-
-/// Slices of empty pages the pool keeps with finished heaps' records for the threads
-/// that take them next (a new thread then starts without visiting the region).
-/// `lg_trim` gives them back.
-const POOL_SPARE_SLICES: usize = 4096;
 
 static POOL: Locked<PoolInner> = Locked::new(PoolInner {
     spare: ptr::null_mut(),
     live: ptr::null_mut(),
     bump: 0,
     bump_end: 0,
-    spare_slices: 0,
 });
 
 /// Counts of finished heaps, so statistics survive thread exit.
@@ -942,20 +932,17 @@ pub fn lock_counts() -> (u64, u64) {
 fn pool_take() -> *mut Heap {
     let heap = with_pool(|p| {
         let mut h = p.spare;
-        let (mut spare, mut spare_slices) = (ptr::null_mut(), 0);
         let mut page_growth = [0; MAX_CLASSES];
         if !h.is_null() {
-            // SAFETY: spare records are ours under the lock; the record keeps its spare
-            // pages, and the page sizes its last thread grew to, for the new thread
-            // (threads of one program tend to use classes alike; blocks are carved,
-            // and memory touched, one slice at a time whatever the page size).
+            // SAFETY: spare records are ours under the lock; the record keeps the page
+            // sizes its last thread grew to, for the new thread (threads of one program
+            // tend to use classes alike, and a new thread then need not climb the
+            // page-size ladder through the region; blocks are carved, and memory
+            // touched, one slice at a time whatever the page size).
             unsafe {
                 list::remove(&mut p.spare, h);
-                spare = (*h).spare;
-                spare_slices = (*h).spare_slices;
                 page_growth = (*h).page_growth;
             }
-            p.spare_slices -= spare_slices;
         } else {
             let size = core::mem::size_of::<Heap>().next_multiple_of(128);
             if p.bump + size > p.bump_end {
@@ -977,8 +964,8 @@ fn pool_take() -> *mut Heap {
                 alloc_count: [0; MAX_CLASSES],
                 page_growth,
                 full: ptr::null_mut(),
-                spare,
-                spare_slices,
+                spare: ptr::null_mut(),
+                spare_slices: 0,
                 next_live: ptr::null_mut(),
                 prev_live: ptr::null_mut(),
                 // SAFETY: pthread_self has no preconditions.
@@ -997,20 +984,11 @@ fn pool_take() -> *mut Heap {
 }
 
 /// # Safety
-/// `heap` is an abandoned heap with no pages but its spare pages, which the pool keeps
-/// with the record while they fit `POOL_SPARE_SLICES`.
+/// `heap` is an abandoned heap with no pages.
 unsafe fn pool_give(heap: *mut Heap) {
-    let surplus = with_pool(|p| {
+    with_pool(|p| {
         // SAFETY: `heap` is on the live list (lock held).
         unsafe {
-            let mut surplus = ptr::null_mut();
-            if p.spare_slices + (*heap).spare_slices <= POOL_SPARE_SLICES {
-                p.spare_slices += (*heap).spare_slices;
-            } else {
-                surplus = (*heap).spare;
-                (*heap).spare = ptr::null_mut();
-                (*heap).spare_slices = 0;
-            }
             for (c, n) in (*heap).alloc_count.iter().enumerate() {
                 RETIRED_ALLOCS[c].fetch_add(*n, Ordering::Relaxed);
                 if *n > 0 {
@@ -1020,31 +998,9 @@ unsafe fn pool_give(heap: *mut Heap) {
             RETIRED_HEAPS.fetch_add(1, Ordering::Relaxed);
             list::remove(&mut p.live, heap);
             list::push_front(&mut p.spare, heap);
-            surplus
         }
     });
-    // SAFETY: the surplus pages are empty and no longer on any heap.
-    unsafe { segment::free_pages(surplus) };
     LIVE_HEAPS.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// Gives the spare pages kept with finished heaps' records back to the region.
-fn release_pool_spares() {
-    with_pool(|p| {
-        let mut h = p.spare;
-        while !h.is_null() {
-            // SAFETY: spare records are ours under the lock, and so are their spare
-            // pages (the region's lock nests inside the pool's).
-            unsafe {
-                let pages = (*h).spare;
-                (*h).spare = ptr::null_mut();
-                (*h).spare_slices = 0;
-                segment::free_pages(pages);
-                h = (*h).next_live;
-            }
-        }
-        p.spare_slices = 0;
-    });
 }
 
 /// Sums allocation counts per class over every heap, live or finished.
@@ -1093,10 +1049,9 @@ pub fn class_coverage(using: &mut [u64; MAX_CLASSES]) -> u64 {
     heaps
 }
 
-/// Collects everything pending for the calling thread's heap, and gives back the spare
-/// pages kept for future threads (for `lg_trim`).
+/// Collects everything pending for the calling thread's heap and gives its spare pages
+/// back (for `lg_trim`).
 pub fn collect_own() {
-    release_pool_spares();
     let heap = thread_heap();
     if heap == empty_heap() {
         return;
