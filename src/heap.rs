@@ -27,6 +27,17 @@ use crate::{chunk_map, list, options, os, segment, tls};
 const MAX_PAGE_BYTES: usize = 64 * 1024;
 /// Pages of one class a heap doubles through before its pages stop growing.
 const GROWTH_STEPS: u8 = 6;
+/// Slices of empty pages a heap keeps for its own reuse before it gives some back to
+/// the region (in one batch): enough for a few pages of the largest size, so a thread
+/// whose pages fill and empty in turn rarely visits the region's lock.
+const SPARE_SLICES: usize = 1024;
+/// Pages beyond the one asked for that a heap takes in one visit to the region, for a
+/// class whose pages have grown to full size.
+const EXTRA_PAGES: usize = 7;
+/// Abandoned pages of one class a heap adopts in one visit to the region.
+const ADOPT_BATCH: usize = 16;
+/// Abandoned pages of other classes a heap adopts in the same visit.
+const ADOPT_OTHERS: usize = 32;
 
 #[repr(C)]
 pub struct Heap {
@@ -43,6 +54,11 @@ pub struct Heap {
     page_growth: [u8; MAX_CLASSES],
     /// Pages with no free block, all classes.
     full: *mut Page,
+    /// Empty pages kept for reuse by this heap, newest first (a plain list through the
+    /// page links; their `carved` is zero, so no pointer into them passes as a block),
+    /// and the slices they cover (at most `SPARE_SLICES` after each retirement).
+    spare: *mut Page,
+    spare_slices: usize,
     /// Live heaps list (statistics), guarded by the pool lock.
     next_live: *mut Heap,
     prev_live: *mut Heap,
@@ -82,6 +98,8 @@ pub static EMPTY_HEAP: Heap = Heap {
     alloc_count: [0; MAX_CLASSES],
     page_growth: [0; MAX_CLASSES],
     full: ptr::null_mut(),
+    spare: ptr::null_mut(),
+    spare_slices: 0,
     next_live: ptr::null_mut(),
     prev_live: ptr::null_mut(),
     thread: 0,
@@ -400,7 +418,16 @@ fn reserve_planned_pages(heap: *mut Heap) {
             if (*heap).pages[class] == empty_page() {
                 let bs = size_class::block_size(class);
                 let slices = page_slices(class, 0);
-                let page = segment::alloc_page(owner(heap), class, bs, slices);
+                let mut none = ptr::null_mut();
+                let page = segment::alloc_page(
+                    owner(heap),
+                    class,
+                    bs,
+                    slices,
+                    ptr::null_mut(),
+                    0,
+                    &mut none,
+                );
                 if page.is_null() {
                     return;
                 }
@@ -424,13 +451,18 @@ unsafe fn find_page(heap: *mut Heap, class: usize) -> *mut Page {
             if !page.is_null() {
                 return page;
             }
-            // Nothing on our list: adopt a page of an exited thread (it goes through
-            // the same checks), or make a new one.
-            let adopted = segment::adopt_page(owner(heap), class);
+            // Nothing on our list: adopt pages of an exited thread (they go through
+            // the same checks; a few at once, to visit the region's lock less), or
+            // make a new one.
+            let mut adopted = segment::adopt_pages(owner(heap), class, ADOPT_BATCH, ADOPT_OTHERS);
             if adopted.is_null() {
                 return new_page(heap, class);
             }
-            class_push_front(heap, adopted);
+            while !adopted.is_null() {
+                let next = (*adopted).next;
+                class_push_front(heap, adopted);
+                adopted = next;
+            }
         }
     }
 }
@@ -478,6 +510,9 @@ fn page_slices(class: usize, growth: u8) -> usize {
     (blocks * bs).div_ceil(SLICE_SIZE)
 }
 
+/// A new page for `class`: one of the heap's spare pages that fits, else one from the
+/// region (the spare pages go back in the same visit: none of them fit).
+///
 /// # Safety
 /// `heap` is the calling thread's live heap.
 unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
@@ -486,7 +521,37 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
         let growth = (*heap).page_growth[class];
         let slices = page_slices(class, growth);
         let bs = size_class::block_size(class);
-        let page = segment::alloc_page(owner(heap), class, bs, slices);
+        let mut page = take_spare(heap, slices, segment::span_alignment(bs));
+        if page.is_null() {
+            let give_back = (*heap).spare;
+            (*heap).spare = ptr::null_mut();
+            (*heap).spare_slices = 0;
+            // A class at full page size is busy: take a few more pages in the same
+            // visit, kept as spares (address space only until carved).
+            let extra = if growth >= GROWTH_STEPS {
+                (SPARE_SLICES / 2 / slices).min(EXTRA_PAGES)
+            } else {
+                0
+            };
+            let mut extras = ptr::null_mut();
+            page = segment::alloc_page(
+                owner(heap),
+                class,
+                bs,
+                slices,
+                give_back,
+                extra,
+                &mut extras,
+            );
+            while !extras.is_null() {
+                let next = (*extras).next;
+                list::push_front(&mut (*heap).spare, extras);
+                (*heap).spare_slices += (*extras).slice_count as usize;
+                extras = next;
+            }
+        } else {
+            page::init_page(page, owner(heap), class);
+        }
         if page.is_null() {
             return page;
         }
@@ -514,12 +579,14 @@ unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
     }
 }
 
-/// Returns an empty page to the region unless it is the only page of its class (so a
-/// loop that allocates and frees one object never maps or unmaps).
+/// Retires an empty page to the heap's spare pages unless it is the only page of its
+/// class (so a loop that allocates and frees one object never maps or unmaps). Also
+/// where an otherwise idle thread notices that free memory is due to be purged.
 ///
 /// # Safety
 /// `page` is an empty page on `heap`'s class list.
 unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page) {
+    segment::purge_if_due();
     // SAFETY: owner access.
     unsafe {
         let class = (*page).class as usize;
@@ -529,7 +596,87 @@ unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page) {
         page::collect_remote(page);
         class_remove(heap, page);
         (*heap).page_growth[class] = (*heap).page_growth[class].saturating_sub(1);
-        segment::free_page(page);
+        keep_spare(heap, page);
+    }
+}
+
+/// Puts an empty page first on the heap's spare pages; past `SPARE_SLICES`, gives the
+/// older half back to the region in one visit.
+///
+/// # Safety
+/// `page` is an empty page of `heap` on no list, with no notification in flight.
+unsafe fn keep_spare(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: owner access to the heap and its pages.
+    unsafe {
+        // No pointer into the page passes as a block from now on (the block-start check
+        // of a late, invalid free fails), whatever class it serves next.
+        (*page).carved.store(0, Ordering::Relaxed);
+        list::push_front(&mut (*heap).spare, page);
+        (*heap).spare_slices += (*page).slice_count as usize;
+        if (*heap).spare_slices <= SPARE_SLICES {
+            return;
+        }
+        // Keep the newest pages up to half the bound; the rest goes back together.
+        let mut kept = 0;
+        let mut p = (*heap).spare;
+        while !p.is_null() {
+            let count = (*p).slice_count as usize;
+            if kept + count > SPARE_SLICES / 2 {
+                break;
+            }
+            kept += count;
+            p = (*p).next;
+        }
+        if p.is_null() {
+            return;
+        }
+        let prev = (*p).prev;
+        if prev.is_null() {
+            (*heap).spare = ptr::null_mut();
+        } else {
+            (*prev).next = ptr::null_mut();
+        }
+        (*p).prev = ptr::null_mut();
+        (*heap).spare_slices = kept;
+        segment::free_pages(p);
+    }
+}
+
+/// Takes a spare page of at least `slices` slices whose start is a multiple of `align`
+/// slices (as the region would align a page of that class). A larger page costs no
+/// more: blocks are carved, and memory touched, one slice at a time. Null when none
+/// fits.
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+unsafe fn take_spare(heap: *mut Heap, slices: usize, align: usize) -> *mut Page {
+    // SAFETY: owner access to the heap and its spare pages.
+    unsafe {
+        let mut p = (*heap).spare;
+        while !p.is_null() {
+            let count = (*p).slice_count as usize;
+            if count >= slices && (*p).slice_index().is_multiple_of(align) {
+                list::remove(&mut (*heap).spare, p);
+                (*heap).spare_slices -= count;
+                return p;
+            }
+            p = (*p).next;
+        }
+        ptr::null_mut()
+    }
+}
+
+/// Gives all of the heap's spare pages back to the region (one visit).
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+unsafe fn release_spares(heap: *mut Heap) {
+    // SAFETY: owner access.
+    unsafe {
+        let spare = (*heap).spare;
+        (*heap).spare = ptr::null_mut();
+        (*heap).spare_slices = 0;
+        segment::free_pages(spare);
     }
 }
 
@@ -705,6 +852,13 @@ pub unsafe fn abandon(heap: *mut Heap) {
             full_remove(heap, p);
             class_push_front(heap, p);
         }
+        // Sort the pages into empty ones (with the spare pages) and live ones, and hand
+        // both to the region in one visit: what the thread leaves is available to every
+        // other thread at once.
+        let mut empty = (*heap).spare;
+        (*heap).spare = ptr::null_mut();
+        (*heap).spare_slices = 0;
+        let mut live = ptr::null_mut();
         for class in 0..MAX_CLASSES {
             loop {
                 let p = (*heap).pages[class];
@@ -714,17 +868,17 @@ pub unsafe fn abandon(heap: *mut Heap) {
                 class_remove(heap, p);
                 page::collect_remote(p);
                 if (*p).used() == 0 {
-                    segment::free_page(p);
+                    list::push_front(&mut empty, p);
                 } else {
-                    segment::abandon_page(p);
+                    list::push_front(&mut live, p);
                 }
             }
         }
+        segment::abandon_pages(empty, live);
         tls::set_thread_heap(empty_heap().cast());
         tls::set_verify_heap(ptr::null_mut());
         pool_give(heap);
     }
-    segment::sweep_some();
 }
 
 // ---- the heap pool ---------------------------------------------------------------------------
@@ -779,7 +933,10 @@ fn pool_take() -> *mut Heap {
     let heap = with_pool(|p| {
         let mut h = p.spare;
         if !h.is_null() {
-            // SAFETY: spare records are ours under the lock.
+            // SAFETY: spare records are ours under the lock. The record starts afresh:
+            // inheriting the last thread's page sizes made every new thread's first
+            // pages big, and the thread-exit test's committed memory climbed ~10 MiB
+            // over 40 rounds of short threads.
             unsafe { list::remove(&mut p.spare, h) };
         } else {
             let size = core::mem::size_of::<Heap>().next_multiple_of(128);
@@ -802,6 +959,8 @@ fn pool_take() -> *mut Heap {
                 alloc_count: [0; MAX_CLASSES],
                 page_growth: [0; MAX_CLASSES],
                 full: ptr::null_mut(),
+                spare: ptr::null_mut(),
+                spare_slices: 0,
                 next_live: ptr::null_mut(),
                 prev_live: ptr::null_mut(),
                 // SAFETY: pthread_self has no preconditions.
@@ -885,7 +1044,8 @@ pub fn class_coverage(using: &mut [u64; MAX_CLASSES]) -> u64 {
     heaps
 }
 
-/// Collects everything pending for the calling thread's heap (for `lg_trim`).
+/// Collects everything pending for the calling thread's heap and gives its spare pages
+/// back (for `lg_trim`).
 pub fn collect_own() {
     let heap = thread_heap();
     if heap == empty_heap() {
@@ -905,5 +1065,6 @@ pub fn collect_own() {
                 p = next;
             }
         }
+        release_spares(heap);
     }
 }

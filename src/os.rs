@@ -140,6 +140,18 @@ pub unsafe fn decommit(p: *mut u8, size: usize) -> usize {
     if r == 0 { end - start } else { 0 }
 }
 
+/// A coarse monotonic clock in milliseconds (a few milliseconds of resolution, read
+/// through the vDSO without a system call), never zero: for the purge delay.
+pub fn now_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000 + 1
+}
+
 /// Moves a mapping to `dest` (an address range we reserved) while growing it, without
 /// copying the data. Returns false when the OS refuses (the old mapping is intact).
 ///

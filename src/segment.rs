@@ -8,12 +8,21 @@
 //! mask, a shift and two loads.
 //!
 //! The region (behind one lock, off the fast path) keeps free spans of slices in size
-//! bins, coalesces neighbours on free, decommits free memory once enough of it piles
-//! up, returns empty segments to the OS, and keeps the pages of exited threads until
-//! another heap adopts them or they empty out.
+//! bins, coalesces neighbours on free, decommits free memory once it has lain unused
+//! for a while (or too much of it piles up), returns empty segments to the OS, and
+//! keeps the pages of exited threads until another heap adopts them or they empty out.
+//! Heaps keep a few empty pages of their own (see `heap`), so they come here only in
+//! batches: the lock is not on the steady-state path.
+//!
+//! Purging, with hysteresis: a free span remembers when it was last freed (its head's
+//! `free` word holds the time, in milliseconds). Spans untouched for `PURGE_DELAY_MS`
+//! are decommitted by the next region call (or heap slow path, `purge_if_due`) after
+//! that delay, at most one pass per delay; spans reused sooner never are, so steady
+//! churn never purges and refaults. Only when more than `PURGE_HARD` bytes of free
+//! memory may be resident is younger memory decommitted at once, down to half that.
 
 use core::ptr;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::chunk_map::{self, KIND_NONE, KIND_SEGMENT};
 use crate::geometry::{SEGMENT_SIZE, SLICE_SHIFT, SLICE_SIZE, SLICES, segment_base};
@@ -31,8 +40,27 @@ const META_BYTES: usize = PAGES_OFFSET + SLICES * core::mem::size_of::<Page>();
 /// Slices taken by the metadata at the start of each segment.
 pub const FIRST_SLICE: usize = META_BYTES.div_ceil(SLICE_SIZE);
 
-/// Free memory that may sit resident before the region decommits it.
-const PURGE_THRESHOLD: usize = 8 << 20;
+/// How long free memory lies unused before it is decommitted.
+const PURGE_DELAY_MS: u64 = 100;
+/// Free memory that may be resident beyond which the region decommits even young free
+/// spans, down to half of that: this much, or an eighth of the segments' memory if more
+/// (so a large steady working set does not purge what it reuses a moment later).
+const PURGE_HARD: usize = 16 << 20;
+/// The `freed_at` time of spans given back at thread exit: older than any real time, so
+/// the purge that ends the exit (`purge(EXITED + 1, 0)`) decommits exactly those spans
+/// (and any free neighbour they merged with) at once.
+const EXITED: u64 = 0;
+/// Abandoned pages a thread exit inspects (collecting their remote frees, freeing the
+/// empty ones). Enough that exited threads' pages emptied by other threads come back
+/// round after round (the thread-exit test parks ~300 per round; 64 let ~10 MiB pile
+/// up), bounded so one exit never walks an unbounded list under the lock.
+const EXIT_SWEEP_PAGES: usize = 1024;
+/// Resident free memory a thread exit leaves for reuse (any more is decommitted).
+const EXIT_KEEP_DIRTY: usize = 4 << 20;
+
+fn purge_hard_limit() -> usize {
+    PURGE_HARD.max(SEGMENT_BYTES.load(Ordering::Relaxed) / 8)
+}
 
 const SPAN_BINS: usize = 18;
 
@@ -108,6 +136,13 @@ struct RegionInner {
     dirty_bytes: usize,
 }
 
+/// When (milliseconds, `os::now_ms`) the next purge pass is due; zero when no free
+/// memory waits to be purged. Written under the region lock, read by heaps without it.
+static PURGE_AT: AtomicU64 = AtomicU64::new(0);
+/// Per class, abandoned pages waiting (a copy of the list lengths kept under the lock),
+/// so a heap looks for one without taking the lock when there is none.
+static ABANDONED_IN_CLASS: [AtomicU32; MAX_CLASSES] = [const { AtomicU32::new(0) }; MAX_CLASSES];
+
 static REGION: Locked<RegionInner> = Locked::new(RegionInner {
     segments: ptr::null_mut(),
     segment_count: 0,
@@ -165,6 +200,16 @@ unsafe impl list::Linked for Segment {
     }
 }
 
+/// When the free span headed by `head` was last freed (ms): kept in the head's `free`
+/// word, which free spans do not use otherwise.
+///
+/// # Safety
+/// `head` is the head record of a free span and the region lock is held.
+unsafe fn freed_at(head: *const Page) -> u64 {
+    // SAFETY: per the contract.
+    unsafe { (*head).free.addr() as u64 }
+}
+
 /// The dirty slice count of a free span's head record.
 ///
 /// # Safety
@@ -186,15 +231,25 @@ impl RegionInner {
     /// `dirty_bytes` never undercounts resident free memory and `CLEAN_FREE_BYTES` never
     /// counts a resident byte as clean.
     ///
+    /// `freed_at` is when its memory was last in use (ms), for the purge delay.
+    ///
     /// # Safety
     /// The slices are free and not on any list.
-    unsafe fn insert_free(&mut self, seg: usize, start: usize, count: usize, dirty: usize) {
+    unsafe fn insert_free(
+        &mut self,
+        seg: usize,
+        start: usize,
+        count: usize,
+        dirty: usize,
+        freed_at: u64,
+    ) {
         let dirty = dirty.min(count);
         let head = page_at(seg, start);
         // SAFETY: the span lies in a segment we own; its records are ours.
         unsafe {
             (*head).flags = FLAG_FREE_SPAN | if dirty > 0 { FLAG_DIRTY } else { 0 };
             (*head).used = dirty as u32;
+            (*head).free = ptr::without_provenance_mut(freed_at as usize);
             (*head).start_offset = (start << SLICE_SHIFT) as u32;
             (*head).slice_count = count as u16;
             (*head).carved.store(0, Ordering::Relaxed);
@@ -208,6 +263,9 @@ impl RegionInner {
         self.dirty_bytes += dirty << SLICE_SHIFT;
         if count > dirty {
             CLEAN_FREE_BYTES.fetch_add((count - dirty) << SLICE_SHIFT, Ordering::Relaxed);
+        }
+        if dirty > 0 && PURGE_AT.load(Ordering::Relaxed) == 0 {
+            PURGE_AT.store(freed_at + PURGE_DELAY_MS, Ordering::Relaxed);
         }
     }
 
@@ -228,6 +286,7 @@ impl RegionInner {
             }
             (*head).flags = 0;
             (*head).used = 0;
+            (*head).free = ptr::null_mut();
             dirty
         }
     }
@@ -267,17 +326,22 @@ impl RegionInner {
             let (idx, len) = ((*head).slice_index(), (*head).slice_count as usize);
             // Where the dirty slices lie is not recorded: each remaining part may hold
             // all of them (`insert_free` caps the count at the part's size). The part
-            // taken becomes a page, counted as committed whatever its state.
+            // taken becomes a page, counted as committed whatever its state. The parts
+            // left keep the span's age.
+            let stamp = freed_at(head);
             let dirty = self.remove_free(head);
             if start > idx {
-                self.insert_free(seg, idx, start - idx, dirty);
+                self.insert_free(seg, idx, start - idx, dirty, stamp);
             }
             let end = start + count;
             if end < idx + len {
-                self.insert_free(seg, end, idx + len - end, dirty);
+                self.insert_free(seg, end, idx + len - end, dirty, stamp);
             }
             let page = page_at(seg, start);
             (*page).flags = 0;
+            // A span taken as a page but not yet set up (a heap's spare) reads as
+            // empty to statistics.
+            (*page).used = 0;
             (*page).start_offset = (start << SLICE_SHIFT) as u32;
             (*page).slice_count = count as u16;
             for s in start..end {
@@ -310,18 +374,19 @@ impl RegionInner {
             for slice in 0..FIRST_SLICE {
                 set_head(seg, slice, 0);
             }
-            self.insert_free(seg, FIRST_SLICE, SLICES - FIRST_SLICE, 0);
+            self.insert_free(seg, FIRST_SLICE, SLICES - FIRST_SLICE, 0, 0);
         }
         self.segment_count += 1;
         SEGMENT_BYTES.fetch_add(SEGMENT_SIZE, Ordering::Relaxed);
         true
     }
 
-    /// Gives a span back, merging it with free neighbours; may release its segment.
+    /// Gives a span back (freed at `now`, ms), merging it with free neighbours; may
+    /// release its segment. The caller runs `purge_as_due` once its batch is in.
     ///
     /// # Safety
     /// `page` heads an allocated span that nothing uses any more.
-    unsafe fn release_span(&mut self, page: *mut Page) {
+    unsafe fn release_span(&mut self, page: *mut Page, now: u64) {
         let seg = segment_base(page as usize);
         // SAFETY: per the contract; neighbours are span heads in the same segment.
         unsafe {
@@ -333,7 +398,8 @@ impl RegionInner {
             (*page).div_magic = 0;
             (*(seg as *mut Segment)).used_slices -= count;
             // The page itself may be resident throughout; free neighbours bring their
-            // own dirty counts (clean neighbours stay clean).
+            // own dirty counts (clean neighbours stay clean). The merged span counts as
+            // freed now: its purge waits for the newest part.
             let mut dirty = count;
             let end = start + count;
             if end < SLICES {
@@ -355,10 +421,7 @@ impl RegionInner {
                 self.release_segment(seg);
                 return;
             }
-            self.insert_free(seg, start, count, dirty);
-        }
-        if self.dirty_bytes > PURGE_THRESHOLD {
-            self.purge();
+            self.insert_free(seg, start, count, dirty, now);
         }
     }
 
@@ -376,20 +439,46 @@ impl RegionInner {
         SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
     }
 
-    /// Decommits every free span that may hold resident slices (one `madvise` per such
-    /// span; clean spans are left alone). Returns the bytes released: per span, what was
-    /// decommitted but at most its dirty bytes, so memory returned before is not
-    /// counted again.
-    fn purge(&mut self) -> usize {
+    /// Runs the purge passes that are due at `now` (ms): free spans unused for the
+    /// purge delay, at most one pass per delay; and, whatever their age, enough free
+    /// spans to bring resident free memory from above `PURGE_HARD` down to half of it.
+    fn purge_as_due(&mut self, now: u64) {
+        let due = PURGE_AT.load(Ordering::Relaxed);
+        let expired = due != 0 && now >= due;
+        let hard = purge_hard_limit();
+        let over = self.dirty_bytes > hard;
+        if !expired && !over {
+            return;
+        }
+        self.purge(now.saturating_sub(PURGE_DELAY_MS), 0);
+        if self.dirty_bytes > hard {
+            self.purge(u64::MAX, hard / 2);
+        }
+        // The spans left are younger than the delay: look again one delay from now.
+        let next = if self.dirty_bytes > 0 {
+            now + PURGE_DELAY_MS
+        } else {
+            0
+        };
+        PURGE_AT.store(next, Ordering::Relaxed);
+    }
+
+    /// Decommits free spans that may hold resident slices and were last freed before
+    /// `freed_before` (ms; `u64::MAX` for any), until at most `keep` dirty bytes are
+    /// left (one `madvise` per span; clean spans are left alone). Returns the bytes
+    /// released: per span, what was decommitted but at most its dirty bytes, so memory
+    /// returned before is not counted again. Large spans go first: the fewest calls
+    /// for the bytes a partial pass (`keep > 0`) must release.
+    fn purge(&mut self, freed_before: u64, keep: usize) -> usize {
         let mut returned = 0;
-        for bin in 0..SPAN_BINS {
+        for bin in (0..SPAN_BINS).rev() {
             let mut p = self.bins[bin];
-            while !p.is_null() {
+            while !p.is_null() && self.dirty_bytes > keep {
                 // SAFETY: bin entries are free spans we own; the region lock is held.
                 unsafe {
                     let count = (*p).slice_count as usize;
                     let dirty = dirty_slices(p).min(count);
-                    if dirty > 0 {
+                    if dirty > 0 && freed_at(p) < freed_before {
                         let decommitted = os::decommit((*p).start(), count << SLICE_SHIFT);
                         returned += decommitted.min(dirty << SLICE_SHIFT);
                         (*p).flags &= !FLAG_DIRTY;
@@ -405,7 +494,7 @@ impl RegionInner {
     }
 
     /// Collects remote frees on up to `budget` abandoned pages and frees the empty ones.
-    fn sweep_abandoned(&mut self, mut budget: usize) {
+    fn sweep_abandoned(&mut self, mut budget: usize, now: u64) {
         let mut scanned_classes = 0;
         while budget > 0 && self.abandoned_count > 0 && scanned_classes < MAX_CLASSES {
             let class = self.sweep_class;
@@ -419,9 +508,9 @@ impl RegionInner {
                     page::collect_remote(p);
                     if (*p).used() == 0 {
                         list::remove(&mut self.abandoned[class], p);
-                        self.abandoned_count -= 1;
+                        self.count_abandoned(class, false);
                         (*p).flags = 0;
-                        self.release_span(p);
+                        self.release_span(p, now);
                     }
                     p = next;
                 }
@@ -432,21 +521,138 @@ impl RegionInner {
             }
         }
     }
+
+    /// Moves up to `max` abandoned pages of classes other than `class` that still
+    /// have live blocks to `heap`, onto the plain list `adopted`.
+    fn adopt_others(
+        &mut self,
+        heap: *mut Owner,
+        class: usize,
+        mut max: usize,
+        adopted: &mut *mut Page,
+    ) {
+        for c in 0..MAX_CLASSES {
+            if max == 0 || self.abandoned_count == 0 {
+                return;
+            }
+            if c == class {
+                continue;
+            }
+            while let Some(&p) = self.abandoned.get(c) {
+                if p.is_null() || max == 0 {
+                    break;
+                }
+                // SAFETY: abandoned pages are region property while the lock is held.
+                unsafe {
+                    page::collect_remote(p);
+                    if (*p).used() == 0 {
+                        // Left for the sweep: this visit only hands out pages.
+                        break;
+                    }
+                    if let Some(list) = self.abandoned.get_mut(c) {
+                        list::remove(list, p);
+                    }
+                    self.count_abandoned(c, false);
+                    (*p).flags = 0;
+                    (*p).heap.store(heap, Ordering::Release);
+                    list::push_front(adopted, p);
+                }
+                max -= 1;
+            }
+        }
+    }
+
+    /// Keeps the abandoned-page counts (total and the per-class copy heaps read
+    /// without the lock) as a page of `class` joins or leaves its list.
+    fn count_abandoned(&mut self, class: usize, joined: bool) {
+        let Some(n) = ABANDONED_IN_CLASS.get(class) else {
+            return;
+        };
+        let now = n.load(Ordering::Relaxed);
+        if joined {
+            self.abandoned_count += 1;
+            n.store(now + 1, Ordering::Relaxed);
+        } else {
+            self.abandoned_count -= 1;
+            n.store(now.saturating_sub(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Parks `page`, which still has live blocks, on its class's abandoned list.
+    ///
+    /// # Safety
+    /// As for [`abandon_pages`].
+    unsafe fn park_abandoned(&mut self, page: *mut Page) {
+        // SAFETY: per the contract; the page becomes region property.
+        unsafe {
+            (*page).flags = FLAG_ABANDONED;
+            (*page).heap.store(ptr::null_mut(), Ordering::Release);
+            let class = (*page).class as usize;
+            if let Some(list) = self.abandoned.get_mut(class) {
+                list::push_front(list, page);
+                self.count_abandoned(class, true);
+            }
+        }
+    }
+
+    /// Gives back every page on the plain list `pages` (linked through `next`).
+    ///
+    /// # Safety
+    /// As for [`free_pages`].
+    unsafe fn release_list(&mut self, mut pages: *mut Page, now: u64) {
+        while !pages.is_null() {
+            // SAFETY: per the contract each page on the list is ours to give back.
+            unsafe {
+                let next = (*pages).next;
+                (*pages).heap.store(ptr::null_mut(), Ordering::Release);
+                self.release_span(pages, now);
+                pages = next;
+            }
+        }
+    }
 }
 
 /// A fresh page of `slices` slices for `class`, owned by `heap`, aligned for its block
-/// size. Null when the OS has no memory left.
-pub fn alloc_page(heap: *mut Owner, class: usize, block_size: usize, slices: usize) -> *mut Page {
+/// size. Null when the OS has no memory left. `give_back` is a plain list (through
+/// `next`, possibly null) of empty pages the heap returns in the same visit; up to
+/// `extra` more spans of the same size and alignment are taken in the same visit and
+/// put on the plain list `extras` (not set up as pages: the heap keeps them as spares).
+///
+/// # Safety
+/// The pages on `give_back` are as for [`free_pages`].
+pub unsafe fn alloc_page(
+    heap: *mut Owner,
+    class: usize,
+    block_size: usize,
+    slices: usize,
+    give_back: *mut Page,
+    extra: usize,
+    extras: &mut *mut Page,
+) -> *mut Page {
     let align = span_alignment(block_size);
+    let now = os::now_ms();
     let page = with_region(|r| {
+        // SAFETY: per the contract.
+        unsafe { r.release_list(give_back, now) };
         let mut p = r.take_span(slices, align);
         if p.is_null() {
-            r.sweep_abandoned(usize::MAX);
+            r.sweep_abandoned(usize::MAX, now);
             p = r.take_span(slices, align);
         }
         if p.is_null() && r.add_segment() {
             p = r.take_span(slices, align);
         }
+        if !p.is_null() {
+            for _ in 0..extra {
+                let e = r.take_span(slices, align);
+                if e.is_null() {
+                    break;
+                }
+                // SAFETY: the span was just taken and is on no list.
+                unsafe { list::push_front(extras, e) };
+            }
+        }
+        r.purge_as_due(now);
         p
     });
     if !page.is_null() {
@@ -456,80 +662,125 @@ pub fn alloc_page(heap: *mut Owner, class: usize, block_size: usize, slices: usi
     page
 }
 
-/// Gives an empty page back to the region.
+/// Gives empty pages back to the region, in one visit.
 ///
 /// # Safety
-/// No block of `page` is in use and no thread will touch it again.
-pub unsafe fn free_page(page: *mut Page) {
-    // SAFETY: per the contract.
-    with_region(|r| unsafe {
-        (*page).heap.store(ptr::null_mut(), Ordering::Release);
-        r.release_span(page)
+/// `pages` is a plain list (through `next`, possibly null) of pages of the caller with
+/// no block in use, which no thread will touch again.
+pub unsafe fn free_pages(pages: *mut Page) {
+    if pages.is_null() {
+        return;
+    }
+    let now = os::now_ms();
+    with_region(|r| {
+        // SAFETY: per the contract.
+        unsafe { r.release_list(pages, now) };
+        r.purge_as_due(now);
     });
 }
 
-/// Parks a page with live blocks whose owner thread is exiting.
+/// At thread exit, in one visit: gives back the empty pages on `empty` (as for
+/// [`free_pages`], but decommitted at once), parks those on `live` (which still have
+/// blocks in use) for adoption, and sweeps a few abandoned pages, so exited threads'
+/// memory comes back even if nobody allocates their classes again.
 ///
 /// # Safety
-/// The caller owned `page`, removed it from its lists and made sure no notification
-/// about it is in flight.
-pub unsafe fn abandon_page(page: *mut Page) {
+/// As for [`free_pages`]; the caller owned the pages on `live`, took them off its lists
+/// and made sure no notification about them is in flight.
+pub unsafe fn abandon_pages(empty: *mut Page, mut live: *mut Page) {
+    let now = os::now_ms();
     with_region(|r| {
-        // SAFETY: per the contract; the page becomes region property.
+        // SAFETY: per the contract.
         unsafe {
-            (*page).flags = FLAG_ABANDONED;
-            (*page).heap.store(ptr::null_mut(), Ordering::Release);
-            let class = (*page).class as usize;
-            if let Some(list) = r.abandoned.get_mut(class) {
-                list::push_front(list, page);
-                r.abandoned_count += 1;
+            r.release_list(empty, EXITED);
+            while !live.is_null() {
+                let next = (*live).next;
+                r.park_abandoned(live);
+                live = next;
             }
         }
+        r.sweep_abandoned(EXIT_SWEEP_PAGES, EXITED);
+        // Thread exit gives its memory back at once (and the exited threads' pages the
+        // sweep found empty): no delay, so short-lived threads do not pile up resident
+        // free memory. One madvise per merged span.
+        r.purge(EXITED + 1, 0);
+        // Nor does free memory pile up behind exiting threads: beyond a little, what
+        // is free is decommitted now, whatever its age.
+        r.purge(u64::MAX, EXIT_KEEP_DIRTY);
+        r.purge_as_due(now);
     });
 }
 
-/// Hands an abandoned page of `class` to `heap`, freeing abandoned pages of that class
-/// that turned out empty on the way. Null when none is left.
-pub fn adopt_page(heap: *mut Owner, class: usize) -> *mut Page {
+/// Hands up to `max` abandoned pages of `class` to `heap`, as a plain list through
+/// `next`, freeing abandoned pages of that class that turned out empty on the way; in
+/// the same visit, up to `others` abandoned pages of other classes with live blocks
+/// (an exited thread's successor usually frees into all of its classes). Null when no
+/// page of `class` is left (found without the lock when the class has none).
+pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize, others: usize) -> *mut Page {
+    if ABANDONED_IN_CLASS
+        .get(class)
+        .is_none_or(|n| n.load(Ordering::Relaxed) == 0)
+    {
+        return ptr::null_mut();
+    }
+    let now = os::now_ms();
     with_region(|r| {
-        loop {
+        let mut adopted = ptr::null_mut();
+        let mut taken = 0;
+        while taken < max {
             let Some(list) = r.abandoned.get_mut(class) else {
-                return ptr::null_mut();
+                break;
             };
             let p = *list;
             if p.is_null() {
-                return p;
+                break;
             }
             // SAFETY: abandoned pages are region property while the lock is held.
             unsafe {
                 list::remove(list, p);
-                r.abandoned_count -= 1;
+                r.count_abandoned(class, false);
                 (*p).flags = 0;
                 page::collect_remote(p);
                 if (*p).used() == 0 {
-                    r.release_span(p);
+                    r.release_span(p, now);
                     continue;
                 }
                 (*p).heap.store(heap, Ordering::Release);
+                list::push_front(&mut adopted, p);
             }
-            return p;
+            taken += 1;
         }
+        if !adopted.is_null() {
+            r.adopt_others(heap, class, others, &mut adopted);
+        }
+        r.purge_as_due(now);
+        adopted
     })
 }
 
-/// Returns what can be returned: sweeps abandoned pages and decommits free memory.
-/// Returns the bytes decommitted.
+/// Runs a purge pass if one is due (free memory has waited out the purge delay). Costs
+/// one atomic load when none is, so heap slow paths call it freely.
+pub fn purge_if_due() {
+    let due = PURGE_AT.load(Ordering::Relaxed);
+    if due == 0 {
+        return;
+    }
+    let now = os::now_ms();
+    if now >= due {
+        with_region(|r| r.purge_as_due(now));
+    }
+}
+
+/// Returns what can be returned: sweeps abandoned pages and decommits all free memory
+/// at once, whatever its age. Returns the bytes decommitted.
 pub fn trim() -> usize {
+    let now = os::now_ms();
     with_region(|r| {
-        r.sweep_abandoned(usize::MAX);
-        r.purge()
+        r.sweep_abandoned(usize::MAX, now);
+        let released = r.purge(u64::MAX, 0);
+        PURGE_AT.store(0, Ordering::Relaxed);
+        released
     })
-}
-
-/// Called at thread exit: reclaim a few abandoned pages so exited threads' memory
-/// comes back even if nobody allocates their classes again.
-pub fn sweep_some() {
-    with_region(|r| r.sweep_abandoned(64));
 }
 
 /// Bytes of segment memory that may be resident (mapped minus known-clean free spans).

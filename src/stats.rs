@@ -158,10 +158,21 @@ pub fn print_summary() {
         s.live_heaps,
         s.large_live
     );
+    let [(pool, pool_c), (region, region_c), (cache, cache_c)] = [
+        heap::lock_counts(),
+        segment::lock_counts(),
+        large::lock_counts(),
+    ];
     diag!(
-        "lgmalloc: stats: {} lock acquisitions, {} contended",
+        "lgmalloc: stats: {} lock acquisitions, {} contended (heap pool {}/{}, region {}/{}, large cache {}/{})",
         s.lock_acquisitions,
-        s.lock_contended
+        s.lock_contended,
+        pool,
+        pool_c,
+        region,
+        region_c,
+        cache,
+        cache_c
     );
     diag!(
         "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}",
