@@ -110,9 +110,8 @@ pub fn lock_counts() -> (u64, u64) {
 }
 
 /// A chunk-aligned mapping of at least `needed` bytes (a page multiple) made from
-/// cached ones, as `(base, size, touched)`; `None` when the cache cannot help. `huge`:
-/// a fresh reservation may ask for huge pages (see `wants_huge_pages`).
-fn cache_take(needed: usize, huge: bool) -> Option<(usize, usize, usize)> {
+/// cached ones, as `(base, size, touched)`; `None` when the cache cannot help.
+fn cache_take(needed: usize) -> Option<(usize, usize, usize)> {
     with_cache(|c| {
         c.decay(now_ms());
         if let Some(i) = c.best_fit(needed) {
@@ -120,7 +119,7 @@ fn cache_take(needed: usize, huge: bool) -> Option<(usize, usize, usize)> {
             let e = c.split_tail(e, needed);
             return Some((e.base, e.size, e.touched));
         }
-        c.gather(needed, huge)
+        c.gather(needed)
     })
 }
 
@@ -207,17 +206,13 @@ impl CacheInner {
 
     /// Moves the pages of cached mappings, most resident first, into a fresh
     /// reservation of `needed` bytes; the rest of it is fresh zeroed memory.
-    fn gather(&mut self, needed: usize, huge: bool) -> Option<(usize, usize, usize)> {
+    fn gather(&mut self, needed: usize) -> Option<(usize, usize, usize)> {
         if self.touched < MIN_GATHER {
             return None;
         }
         let dest = os::map_aligned(needed, CHUNK) as usize;
         if dest == 0 {
             return None;
-        }
-        if huge {
-            // SAFETY: our fresh reservation.
-            unsafe { os::advise_huge(dest as *mut u8, needed) };
         }
         let (mut filled, mut touched) = (0, 0);
         while filled < needed {
@@ -377,8 +372,7 @@ fn map_below_chunk(size: usize, align: usize) -> usize {
     let Some(map_size) = mapping_size(align, size) else {
         return 0;
     };
-    let huge = wants_huge_pages(map_size, align + size);
-    if let Some((base, cached_size, touched)) = cache_take(map_size, huge) {
+    if let Some((base, cached_size, touched)) = cache_take(map_size) {
         let user = finish(base, cached_size, base + align, size, align, KIND_LARGE);
         if user != 0 {
             // SAFETY: `finish` wrote the header of this live object.
@@ -393,10 +387,6 @@ fn map_below_chunk(size: usize, align: usize) -> usize {
     if base.is_null() {
         return 0;
     }
-    if huge {
-        // SAFETY: our fresh mapping.
-        unsafe { os::advise_huge(base, map_size) };
-    }
     finish(
         base as usize,
         map_size,
@@ -405,15 +395,6 @@ fn map_below_chunk(size: usize, align: usize) -> usize {
         align,
         KIND_LARGE,
     )
-}
-
-/// Huge pages pay for a mapping the object fills (header page included): a 2 MiB page
-/// there holds only the object's bytes. A mapping padded to a whole chunk for a smaller
-/// object does not get them, or touching its first page would make 2 MiB resident.
-/// The whole mapping gets the advice, so it stays one kernel mapping (`mremap` moves
-/// one mapping at a time).
-fn wants_huge_pages(map_size: usize, object_end: usize) -> bool {
-    os::align_up(object_end, OS_PAGE_SIZE) == Some(map_size)
 }
 
 /// Bytes to map for `size` bytes at offset `offset` from a chunk-aligned base.

@@ -220,20 +220,3 @@ pub fn secure_execution() -> bool {
     // SAFETY: getauxval has no preconditions; an absent entry reads as 0.
     unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
 }
-
-/// Asks for transparent huge pages on `[p, p + size)` (page-aligned), so a large buffer
-/// written end to end takes one fault per 2 MiB instead of one per 4 KiB. Only the
-/// aligned 2 MiB ranges inside it can get one. A hint: where the kernel does not honour
-/// it, nothing changes.
-///
-/// # Safety
-/// The range must be lgmalloc's mapped memory.
-#[cfg(not(miri))]
-pub unsafe fn advise_huge(p: *mut u8, size: usize) {
-    // SAFETY: per the contract the range is ours; the advice changes no contents.
-    unsafe { libc::madvise(p.cast::<libc::c_void>(), size, libc::MADV_HUGEPAGE) };
-}
-
-/// Miri models no advice.
-#[cfg(miri)]
-pub unsafe fn advise_huge(_p: *mut u8, _size: usize) {}
