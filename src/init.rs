@@ -95,6 +95,7 @@ extern "C" fn thread_exit(value: *mut libc::c_void) {
     }
     // SAFETY: the value is the exiting thread's own live heap.
     unsafe { heap::abandon(heap) };
+    large::cache_decay_now();
 }
 
 // The locks are taken in the order the allocator nests them (heap pool, then region)

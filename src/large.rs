@@ -29,42 +29,66 @@ struct Header {
     /// True while the user bytes are known to read as zero (a fresh or decommitted
     /// mapping), so calloc can skip clearing them.
     zeroed: bool,
+    /// Bytes from `map_base` that may be resident from before this object (a reused
+    /// mapping); what the object itself may have touched is added when it is freed.
+    touched: usize,
 }
 
 /// Freed mappings kept for reuse, so a program that allocates and frees large buffers
-/// in a loop does not map, fault in and unmap them every time. Resident cached bytes
-/// are bounded, and a mapping that stays unused for a while is decommitted (checked
-/// whenever the cache is used), so memory goes back to the OS after a burst.
+/// in a loop neither maps nor faults them in again. Every cached mapping starts on a
+/// chunk boundary and is resident up to `touched` bytes from its start.
+///
+/// A request takes the smallest mapping that fits, and a mapping much bigger than the
+/// request gives its chunk-aligned tail back to the cache as a mapping of its own (no
+/// system call). When none fits, the pages of cached mappings are moved (`mremap`, no
+/// copy, no fault) into a fresh reservation of the requested size, so a request is
+/// served from resident memory even when it is bigger than any one freed object.
+///
+/// Resident cached bytes are bounded by a budget that follows the live large bytes
+/// (half of them, at least `CACHE_FLOOR`); the oldest mappings go first, and the
+/// newest freed one always stays. A mapping unused for `CACHE_DELAY_MS` is unmapped the
+/// next time the cache is used, so after a peak is freed only a floor stays resident,
+/// and nothing once the delay has passed. `lg_trim` unmaps everything at once.
 struct CacheInner {
     slots: [Cached; CACHE_SLOTS],
-    resident: usize,
+    /// Sum of the slots' `touched` bytes.
+    touched: usize,
+    /// Coarse milliseconds before which `decay` has nothing to do.
+    next_decay_ms: u64,
 }
 
 #[derive(Clone, Copy, Default)]
 struct Cached {
+    /// Chunk-aligned start; 0 for an empty slot.
     base: usize,
     size: usize,
-    resident: bool,
+    /// Bytes from `base` that may be resident (the rest was never touched).
+    touched: usize,
     /// When it was cached (coarse monotonic milliseconds).
     since_ms: u64,
 }
 
-const CACHE_SLOTS: usize = 16;
+const CACHE_SLOTS: usize = 32;
+/// Slots in use, readable without the lock (so thread exit skips an empty cache).
+static CACHE_USED: AtomicUsize = AtomicUsize::new(0);
 /// Mappings larger than this are never cached.
 const CACHE_MAX_MAPPING: usize = 64 << 20;
-/// Resident bytes the cache may hold.
-const CACHE_MAX_RESIDENT: usize = 128 << 20;
-/// A cached mapping unused for this long is decommitted.
-const CACHE_DECAY_MS: u64 = 1000;
+/// Resident bytes the cache may keep however few large objects are live.
+const CACHE_FLOOR: usize = 16 << 20;
+/// A cached mapping unused for this long is unmapped.
+const CACHE_DELAY_MS: u64 = 500;
+/// Cached mappings with fewer resident bytes are not worth an `mremap` to gather.
+const MIN_GATHER: usize = 256 << 10;
 
 static CACHE: Locked<CacheInner> = Locked::new(CacheInner {
     slots: [Cached {
         base: 0,
         size: 0,
-        resident: false,
+        touched: 0,
         since_ms: 0,
     }; CACHE_SLOTS],
-    resident: 0,
+    touched: 0,
+    next_decay_ms: 0,
 });
 
 fn with_cache<R>(f: impl FnOnce(&mut CacheInner) -> R) -> R {
@@ -85,92 +109,178 @@ pub fn lock_counts() -> (u64, u64) {
     CACHE.lock_counts()
 }
 
-/// The smallest cached mapping of at least `needed` bytes (a page multiple), as
-/// `(base, size, resident)`; one more than twice too big gives its tail back first,
-/// so a reused mapping never holds much more than its object.
-fn cache_take(needed: usize) -> Option<(usize, usize, bool)> {
+/// A chunk-aligned mapping of at least `needed` bytes (a page multiple) made from
+/// cached ones, as `(base, size, touched)`; `None` when the cache cannot help.
+fn cache_take(needed: usize) -> Option<(usize, usize, usize)> {
     with_cache(|c| {
         c.decay(now_ms());
-        // Resident mappings first (reusing one saves the page faults too), then the
-        // smallest that fits.
-        let rank = |s: &Cached| (s.resident, core::cmp::Reverse(s.size));
-        let best = c
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.base != 0 && s.size >= needed)
-            .max_by_key(|(_, s)| rank(s))
-            .map(|(i, _)| i);
-        let mut slot = core::mem::take(&mut c.slots[best?]);
-        if slot.resident {
-            c.resident -= slot.size;
+        if let Some(i) = c.best_fit(needed) {
+            let e = c.remove(i);
+            let e = c.split_tail(e, needed);
+            return Some((e.base, e.size, e.touched));
         }
-        if slot.size > 2 * needed {
-            // SAFETY: the tail of a cached mapping is ours and holds nothing.
-            unsafe { os::unmap((slot.base + needed) as *mut u8, slot.size - needed) };
-            slot.size = needed;
-        }
-        Some((slot.base, slot.size, slot.resident))
+        c.gather(needed)
     })
 }
 
-/// Keeps a freed mapping for reuse. False when the cache has no room for it.
-fn cache_put(base: usize, size: usize) -> bool {
+/// Keeps a freed mapping with `touched` possibly resident bytes for reuse. False when
+/// it is too big to cache (the caller unmaps it).
+fn cache_put(base: usize, size: usize, touched: usize) -> bool {
     if size > CACHE_MAX_MAPPING {
         return false;
     }
     with_cache(|c| {
         let now = now_ms();
         c.decay(now);
-        let Some(i) = c.slots.iter().position(|s| s.base == 0) else {
-            return false;
-        };
-        // The newest mapping is the likeliest to be reused: make room for it by
-        // decommitting the oldest resident ones.
-        while c.resident + size > CACHE_MAX_RESIDENT && c.decommit_oldest() {}
-        let resident = c.resident + size <= CACHE_MAX_RESIDENT;
-        if resident {
-            c.resident += size;
-        } else {
-            // SAFETY: the mapping is ours and holds nothing live.
-            unsafe { os::decommit(base as *mut u8, size) };
+        let budget = CACHE_FLOOR.max(LIVE_BYTES.load(Ordering::Relaxed) / 2);
+        // The newest mapping is the likeliest to be reused: older ones make room.
+        while c.touched + touched > budget && c.evict_oldest() {}
+        if !c.slots.iter().any(|s| s.base == 0) {
+            c.evict_oldest();
         }
-        c.slots[i] = Cached {
+        c.insert(Cached {
             base,
             size,
-            resident,
+            touched,
             since_ms: now,
-        };
+        });
         true
     })
 }
 
 impl CacheInner {
-    /// Decommits the resident mapping cached longest ago. False when none is resident.
-    fn decommit_oldest(&mut self) -> bool {
+    /// The smallest cached mapping of at least `needed` bytes.
+    fn best_fit(&self, needed: usize) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.base != 0 && s.size >= needed)
+            .min_by_key(|(_, s)| s.size)
+            .map(|(i, _)| i)
+    }
+
+    fn remove(&mut self, i: usize) -> Cached {
+        let e = self
+            .slots
+            .get_mut(i)
+            .map(core::mem::take)
+            .unwrap_or_default();
+        if e.base != 0 {
+            CACHE_USED.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.touched -= e.touched;
+        e
+    }
+
+    /// Stores `e` in a free slot, or unmaps it when there is none.
+    fn insert(&mut self, e: Cached) {
+        match self.slots.iter_mut().find(|s| s.base == 0) {
+            Some(slot) => {
+                *slot = e;
+                self.touched += e.touched;
+                CACHE_USED.fetch_add(1, Ordering::Relaxed);
+            }
+            // SAFETY: a cached mapping is ours and holds nothing live.
+            None => unsafe { os::unmap(e.base as *mut u8, e.size) },
+        }
+    }
+
+    /// Keeps the chunks of `e` past the first `needed` bytes cached as a mapping of
+    /// their own when they make at least one chunk; returns the part to use.
+    fn split_tail(&mut self, mut e: Cached, needed: usize) -> Cached {
+        let Some(keep) = os::align_up(needed, CHUNK) else {
+            return e;
+        };
+        if e.size >= keep + CHUNK {
+            self.insert(Cached {
+                base: e.base + keep,
+                size: e.size - keep,
+                touched: e.touched.saturating_sub(keep),
+                since_ms: e.since_ms,
+            });
+            e.size = keep;
+            e.touched = e.touched.min(keep);
+        }
+        e
+    }
+
+    /// Moves the pages of cached mappings, most resident first, into a fresh
+    /// reservation of `needed` bytes; the rest of it is fresh zeroed memory.
+    fn gather(&mut self, needed: usize) -> Option<(usize, usize, usize)> {
+        if self.touched < MIN_GATHER {
+            return None;
+        }
+        let dest = os::map_aligned(needed, CHUNK) as usize;
+        if dest == 0 {
+            return None;
+        }
+        let (mut filled, mut touched) = (0, 0);
+        while filled < needed {
+            let Some(i) = self.most_resident(needed - filled) else {
+                break;
+            };
+            let e = self.remove(i);
+            let moved = e.size;
+            // SAFETY: a cached mapping is ours and holds nothing live; the destination
+            // is our reservation, still unused there.
+            if unsafe { os::remap_to(e.base as *mut u8, moved, (dest + filled) as *mut u8, moved) }
+            {
+                touched = filled + e.touched.min(moved);
+            } else {
+                // SAFETY: as above; the pages could not move, so they go back.
+                unsafe { os::unmap(e.base as *mut u8, moved) };
+            }
+            filled += moved;
+        }
+        Some((dest, needed, touched))
+    }
+
+    /// The cached mapping of at most `room` bytes with the most resident bytes, if
+    /// that is worth moving. Mappings are moved whole: moving part of one would leave
+    /// a rest that does not start on a chunk boundary and could only be unmapped.
+    fn most_resident(&self, room: usize) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.base != 0 && s.size <= room && s.touched >= MIN_GATHER)
+            .max_by_key(|(_, s)| s.touched)
+            .map(|(i, _)| i)
+    }
+
+    /// Unmaps the mapping cached longest ago. False when the cache is empty.
+    fn evict_oldest(&mut self) -> bool {
         let oldest = self
             .slots
-            .iter_mut()
-            .filter(|s| s.base != 0 && s.resident)
-            .min_by_key(|s| s.since_ms);
-        let Some(s) = oldest else {
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.base != 0)
+            .min_by_key(|(_, s)| s.since_ms)
+            .map(|(i, _)| i);
+        let Some(i) = oldest else {
             return false;
         };
-        // SAFETY: cached mappings are ours and hold nothing live.
-        unsafe { os::decommit(s.base as *mut u8, s.size) };
-        s.resident = false;
-        self.resident -= s.size;
+        let e = self.remove(i);
+        // SAFETY: a cached mapping is ours and holds nothing live.
+        unsafe { os::unmap(e.base as *mut u8, e.size) };
         true
     }
 
-    /// Decommits resident mappings that have waited longer than `CACHE_DECAY_MS`.
+    /// Unmaps the mappings that have waited longer than `CACHE_DELAY_MS`. Runs at
+    /// most a few times per delay, so a busy cache does not scan on every call.
     fn decay(&mut self, now: u64) {
-        for s in self.slots.iter_mut() {
-            if s.base != 0 && s.resident && now.saturating_sub(s.since_ms) > CACHE_DECAY_MS {
-                // SAFETY: cached mappings are ours and hold nothing live.
-                unsafe { os::decommit(s.base as *mut u8, s.size) };
-                s.resident = false;
-                self.resident -= s.size;
+        if now < self.next_decay_ms {
+            return;
+        }
+        self.next_decay_ms = now + CACHE_DELAY_MS / 4;
+        for i in 0..CACHE_SLOTS {
+            let stale = self
+                .slots
+                .get(i)
+                .is_some_and(|s| s.base != 0 && now.saturating_sub(s.since_ms) > CACHE_DELAY_MS);
+            if stale {
+                let e = self.remove(i);
+                // SAFETY: a cached mapping is ours and holds nothing live.
+                unsafe { os::unmap(e.base as *mut u8, e.size) };
             }
         }
     }
@@ -189,7 +299,7 @@ fn now_ms() -> u64 {
 /// Unmaps every cached mapping (for `lg_trim`). Returns the resident bytes released.
 pub fn cache_release() -> usize {
     with_cache(|c| {
-        let released = c.resident;
+        let released = c.touched;
         for s in c.slots.iter_mut() {
             if s.base != 0 {
                 // SAFETY: cached mappings are ours and hold nothing live.
@@ -197,14 +307,28 @@ pub fn cache_release() -> usize {
                 *s = Cached::default();
             }
         }
-        c.resident = 0;
+        c.touched = 0;
+        CACHE_USED.store(0, Ordering::Relaxed);
         released
     })
 }
 
-/// Bytes of cached mappings, and how many of them are resident (statistics).
+/// Unmaps the cached mappings that have waited out the delay (at thread exit, so a
+/// program whose threads stop using large objects does not keep them until its next
+/// large allocation).
+pub fn cache_decay_now() {
+    if CACHE_USED.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    with_cache(|c| {
+        c.next_decay_ms = 0;
+        c.decay(now_ms());
+    });
+}
+
+/// Bytes of cached mappings, and how many of them may be resident (statistics).
 pub fn cache_figures() -> (usize, usize) {
-    with_cache(|c| (c.slots.iter().map(|s| s.size).sum(), c.resident))
+    with_cache(|c| (c.slots.iter().map(|s| s.size).sum(), c.touched))
 }
 
 /// True when the bytes of the large object at `p` are known to be zero.
@@ -248,10 +372,15 @@ fn map_below_chunk(size: usize, align: usize) -> usize {
     let Some(map_size) = mapping_size(align, size) else {
         return 0;
     };
-    if let Some((base, cached_size, resident)) = cache_take(map_size) {
+    if let Some((base, cached_size, touched)) = cache_take(map_size) {
         let user = finish(base, cached_size, base + align, size, align, KIND_LARGE);
-        // SAFETY: `finish` wrote the header of this live object.
-        unsafe { (*header_of(user)).zeroed = !resident };
+        if user != 0 {
+            // SAFETY: `finish` wrote the header of this live object.
+            unsafe {
+                (*header_of(user)).zeroed = touched <= align;
+                (*header_of(user)).touched = touched;
+            }
+        }
         return user;
     }
     let base = os::map_aligned(map_size, CHUNK);
@@ -318,6 +447,7 @@ fn finish(base: usize, map_size: usize, user: usize, size: usize, align: usize, 
             usable,
             align,
             zeroed: true,
+            touched: 0,
         });
     }
     LIVE_COUNT.fetch_add(1, Ordering::Relaxed);
@@ -354,16 +484,17 @@ pub fn free(p: usize, kind: u8) -> bool {
         return false;
     };
     // SAFETY: `h` is the live header of `p`'s mapping.
-    let (base, size, usable) = unsafe {
+    let (base, size, usable, touched) = unsafe {
         (*h).check = 0;
-        ((*h).map_base, (*h).map_size, (*h).usable)
+        ((*h).map_base, (*h).map_size, (*h).usable, (*h).touched)
     };
+    let touched = touched.max(p - base + usable).min(size);
     chunk_map::set_kind(p, KIND_NONE);
     LIVE_COUNT.fetch_sub(1, Ordering::Relaxed);
     LIVE_BYTES.fetch_sub(usable, Ordering::Relaxed);
     // Mappings placed for alignments of 4 MiB and more do not start on a chunk
     // boundary and are not reused.
-    if kind == KIND_LARGE && cache_put(base, size) {
+    if kind == KIND_LARGE && cache_put(base, size, touched) {
         return true;
     }
     // SAFETY: the whole mapping belongs to this object, which the caller gave up.
@@ -387,8 +518,15 @@ pub fn realloc_in_place_or_move(p: usize, kind: u8, new_size: usize) -> *mut u8 
         return ptr::null_mut();
     };
     // SAFETY: live header.
-    let (base, map_size, usable, align) =
-        unsafe { ((*h).map_base, (*h).map_size, (*h).usable, (*h).align) };
+    let (base, map_size, usable, align, touched) = unsafe {
+        (
+            (*h).map_base,
+            (*h).map_size,
+            (*h).usable,
+            (*h).align,
+            (*h).touched,
+        )
+    };
     let offset = p - base;
     let Some(new_usable) = os::align_up(new_size.max(1), OS_PAGE_SIZE) else {
         return ptr::null_mut();
@@ -429,6 +567,7 @@ pub fn realloc_in_place_or_move(p: usize, kind: u8, new_size: usize) -> *mut u8 
             usable: new_usable,
             align,
             zeroed: false,
+            touched: touched.max(offset + usable),
         });
     }
     LIVE_BYTES.fetch_add(new_usable - usable, Ordering::Relaxed);
@@ -451,6 +590,7 @@ fn resize_within(
             if new_map < map_size {
                 os::unmap((base + new_map) as *mut u8, map_size - new_map);
                 (*h).map_size = new_map;
+                (*h).touched = (*h).touched.min(new_map);
             }
             let keep_end = (base + new_map).min(p + usable);
             if keep_end > p + new_usable {

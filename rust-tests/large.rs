@@ -1,0 +1,186 @@
+//! Large objects (above 256 KiB): contents and alignment survive reuse of cached
+//! mappings, realloc's moves and shrinks; reused memory handed to calloc reads as zero;
+//! a freed peak does not stay resident.
+
+use lgmalloc::c_api::*;
+
+const MIB: usize = 1 << 20;
+
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+fn committed() -> u64 {
+    let mut s = lgmalloc::LgStats::default();
+    unsafe { lg_stats(&mut s) };
+    s.bytes_committed
+}
+
+// These tests measure process-wide memory and the one large-object cache: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Byte `i` of a buffer filled by `fill(p, n, seed)`.
+fn pattern(i: usize, seed: usize) -> u8 {
+    (i.wrapping_mul(31).wrapping_add(seed) % 251) as u8
+}
+
+fn fill(p: *mut u8, n: usize, seed: usize) {
+    let s = unsafe { std::slice::from_raw_parts_mut(p, n) };
+    for (i, b) in s.iter_mut().enumerate() {
+        *b = pattern(i, seed);
+    }
+}
+
+/// The first byte of `[p, p + n)` that differs from the pattern, if any.
+fn first_mismatch(p: *const u8, n: usize, seed: usize) -> Option<usize> {
+    let s = unsafe { std::slice::from_raw_parts(p, n) };
+    s.iter()
+        .enumerate()
+        .position(|(i, &b)| b != pattern(i, seed))
+}
+
+fn allocate_written(n: usize, seed: usize) -> *mut u8 {
+    let p = lg_malloc(n) as *mut u8;
+    assert!(!p.is_null(), "malloc({n}) failed");
+    fill(p, n, seed);
+    p
+}
+
+/// Mappings freed in every order and reused for smaller, equal and bigger requests
+/// (a best fit, a split tail, pages gathered from several cached mappings) hand out
+/// memory that holds what was written to it while the objects live side by side.
+#[test]
+fn contents_survive_reuse_of_cached_mappings() {
+    let _g = serial();
+    lg_trim();
+    let sizes = [
+        5 * MIB + 123,
+        25 * MIB,
+        300 << 10,
+        9 * MIB + 4096,
+        17 * MIB - 1,
+    ];
+    let mut live: Vec<(*mut u8, usize, usize)> = Vec::new();
+    let mut seed = 0;
+    for round in 0..40 {
+        seed += 1;
+        let n = sizes[(round * 7) % sizes.len()] + round * 4096;
+        live.push((allocate_written(n, seed), n, seed));
+        if live.len() > 6 {
+            let (p, n, s) = live.remove((round * 5) % live.len());
+            assert_eq!(first_mismatch(p, n, s), None, "round {round}: {n} bytes");
+            unsafe { lg_free(p.cast()) };
+        }
+    }
+    for (p, n, s) in live {
+        assert_eq!(first_mismatch(p, n, s), None, "{n} bytes");
+        unsafe { lg_free(p.cast()) };
+    }
+}
+
+/// calloc on a reused mapping clears it: written mappings freed, then zeroed requests
+/// served from them (one smaller, taking a split part; one bigger than any, gathered).
+#[test]
+fn calloc_on_reused_mappings_reads_zero() {
+    let _g = serial();
+    lg_trim();
+    for &(freed, sizes) in &[(20 * MIB, 5 * MIB), (6 * MIB, 17 * MIB), (MIB, 3 * MIB)] {
+        let ps: Vec<_> = (0..3).map(|i| allocate_written(freed, i)).collect();
+        for p in ps {
+            unsafe { lg_free(p.cast()) };
+        }
+        let z = lg_calloc(1, sizes) as *const u8;
+        assert!(!z.is_null());
+        let s = unsafe { std::slice::from_raw_parts(z, sizes) };
+        assert_eq!(
+            s.iter().position(|&b| b != 0),
+            None,
+            "calloc({sizes}) after freeing 3 x {freed}"
+        );
+        unsafe { lg_free(z as *mut _) };
+    }
+}
+
+/// Large objects of every alignment the API accepts land on it, and their bytes stay.
+#[test]
+fn alignment_is_honoured() {
+    let _g = serial();
+    for shift in [12usize, 16, 21, 22, 23] {
+        let align = 1usize << shift;
+        for n in [300 << 10, 5 * MIB + 7] {
+            let p = lg_aligned_alloc(align, n) as *mut u8;
+            assert!(!p.is_null(), "aligned_alloc({align}, {n})");
+            assert_eq!(p as usize % align, 0, "aligned_alloc({align}, {n})");
+            assert!(unsafe { lg_usable_size(p.cast()) } >= n);
+            fill(p, n, shift);
+            assert_eq!(first_mismatch(p, n, shift), None);
+            unsafe { lg_free(p.cast()) };
+        }
+    }
+}
+
+/// realloc grows a large object (moving its pages) and shrinks it, keeping its bytes.
+#[test]
+fn realloc_keeps_contents_growing_and_shrinking() {
+    let _g = serial();
+    let mut n = 300 << 10;
+    let mut p = allocate_written(n, 9);
+    for next in [MIB, 7 * MIB + 5, 30 * MIB, 12 * MIB, 400 << 10, 9 * MIB] {
+        let q = unsafe { lg_realloc(p.cast(), next) } as *mut u8;
+        assert!(!q.is_null(), "realloc to {next}");
+        let kept = n.min(next);
+        assert_eq!(first_mismatch(q, kept, 9), None, "{n} -> {next}");
+        fill(q, next, 9);
+        p = q;
+        n = next;
+    }
+    unsafe { lg_free(p.cast()) };
+}
+
+/// After a written peak of large objects is freed, little of it stays resident at once
+/// (the cache keeps at most a floor once no large object is live), nothing beyond the
+/// newest freed mapping once the delay has passed and a thread exits, and `lg_trim`
+/// gives back the rest.
+#[test]
+fn a_freed_peak_goes_back() {
+    let _g = serial();
+    lg_trim();
+    let start = rss_bytes();
+    let ps: Vec<_> = (0..40).map(|i| allocate_written(8 * MIB, i)).collect();
+    let peak = rss_bytes() - start;
+    assert!(peak >= 300 * MIB, "peak not resident: {peak}");
+    for p in ps {
+        unsafe { lg_free(p.cast()) };
+    }
+    let after_free = rss_bytes().saturating_sub(start);
+    assert!(
+        after_free <= peak / 10,
+        "{after_free} of a {peak}-byte peak still resident right after the free"
+    );
+    // Past the delay, a thread exit unmaps what waited.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    std::thread::spawn(|| {
+        let p = lg_malloc(100);
+        unsafe { lg_free(p) };
+    })
+    .join()
+    .unwrap();
+    let after_delay = rss_bytes().saturating_sub(start);
+    assert!(
+        after_delay <= 2 * MIB,
+        "{after_delay} bytes still resident after the delay (peak {peak})"
+    );
+    // lg_trim releases what the cache holds at once.
+    let p = allocate_written(12 * MIB, 1);
+    unsafe { lg_free(p.cast()) };
+    let before_trim = committed();
+    let released = lg_trim();
+    assert!(released >= 12 * MIB, "lg_trim released {released}");
+    assert!(committed() + 12 * MIB as u64 <= before_trim);
+}
