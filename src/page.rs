@@ -151,6 +151,9 @@ pub const FLAG_FREE_SPAN: u8 = 2;
 pub const FLAG_DIRTY: u8 = 4;
 /// Page flag: the owner thread exited; the page waits to be adopted or swept.
 pub const FLAG_ABANDONED: u8 = 8;
+/// Span flag: a free span taken off the region's bins while its memory is decommitted
+/// outside the region lock; it goes back to the bins, clean, right after.
+pub const FLAG_PURGING: u8 = 16;
 
 /// The atomic operations the remote-free protocol performs on `Page::remote_free`.
 /// Implemented by `AtomicUsize`; the loom models (`rust-tests/loom.rs`) implement it for

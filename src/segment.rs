@@ -20,6 +20,11 @@
 //! that delay, at most one pass per delay; spans reused sooner never are, so steady
 //! churn never purges and refaults. Only when more than `PURGE_HARD` bytes of free
 //! memory may be resident is younger memory decommitted at once, down to half that.
+//!
+//! The `madvise` calls of a purge run outside the lock: the spans to purge are taken
+//! off the bins (flagged `FLAG_PURGING` and counted as used, so neither a neighbour's
+//! merge nor a segment release can touch them), decommitted once the lock is released,
+//! and given back clean in a second, short visit (`with_region_purging`).
 
 use core::ptr;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -29,7 +34,7 @@ use crate::geometry::{SEGMENT_SIZE, SLICE_SHIFT, SLICE_SIZE, SLICES, segment_bas
 use crate::list;
 use crate::lock::Locked;
 use crate::os;
-use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, Owner, Page};
+use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, FLAG_PURGING, Owner, Page};
 use crate::size_class::MAX_CLASSES;
 
 /// Per slice, the byte offset (from the segment base) of the record of the page that
@@ -163,6 +168,50 @@ static CLEAN_FREE_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// Runs `f` on the region with its lock held.
 fn with_region<R>(f: impl FnOnce(&mut RegionInner) -> R) -> R {
     REGION.with(f)
+}
+
+/// Spans one visit may take off the bins for purging (a pass that wants more leaves the
+/// rest for the next one).
+const PURGE_BATCH: usize = 64;
+
+/// Free spans taken off the bins by `RegionInner::purge`, each with its dirty slice
+/// count, waiting to be decommitted outside the lock.
+struct PurgeBatch {
+    spans: [(*mut Page, usize); PURGE_BATCH],
+    len: usize,
+}
+
+/// Runs `f` with the region lock held, then decommits the spans it chose to purge with
+/// the lock released and gives them back clean in a second visit. Returns `f`'s result
+/// and the bytes released (per span, what was decommitted but at most its dirty bytes,
+/// so memory returned before is not counted again).
+fn with_region_purging<R>(f: impl FnOnce(&mut RegionInner, &mut PurgeBatch) -> R) -> (R, usize) {
+    let mut batch = PurgeBatch {
+        spans: [(ptr::null_mut(), 0); PURGE_BATCH],
+        len: 0,
+    };
+    let result = with_region(|r| f(r, &mut batch));
+    let taken = batch.spans.get(..batch.len).unwrap_or(&[]);
+    if taken.is_empty() {
+        return (result, 0);
+    }
+    let mut released = 0;
+    for &(span, dirty) in taken {
+        // SAFETY: the span is off the bins and counted as used: no other thread touches
+        // its memory or its record until we give it back below.
+        unsafe {
+            let decommitted = os::decommit((*span).start(), (*span).bytes());
+            released += decommitted.min(dirty << SLICE_SHIFT);
+        }
+    }
+    let now = os::now_ms();
+    with_region(|r| {
+        for &(span, _) in taken {
+            // SAFETY: as above; `release_span` sees `FLAG_PURGING` and counts it clean.
+            unsafe { r.release_span(span, now) };
+        }
+    });
+    (result, released)
 }
 
 /// Lock hooks for `fork`.
@@ -400,7 +449,11 @@ impl RegionInner {
             // The page itself may be resident throughout; free neighbours bring their
             // own dirty counts (clean neighbours stay clean). The merged span counts as
             // freed now: its purge waits for the newest part.
-            let mut dirty = count;
+            let mut dirty = if (*page).flags & FLAG_PURGING != 0 {
+                0
+            } else {
+                count
+            };
             let end = start + count;
             if end < SLICES {
                 let right = page_at(seg, end);
@@ -442,7 +495,7 @@ impl RegionInner {
     /// Runs the purge passes that are due at `now` (ms): free spans unused for the
     /// purge delay, at most one pass per delay; and, whatever their age, enough free
     /// spans to bring resident free memory from above `PURGE_HARD` down to half of it.
-    fn purge_as_due(&mut self, now: u64) {
+    fn purge_as_due(&mut self, now: u64, batch: &mut PurgeBatch) {
         let due = PURGE_AT.load(Ordering::Relaxed);
         let expired = due != 0 && now >= due;
         let hard = purge_hard_limit();
@@ -450,9 +503,9 @@ impl RegionInner {
         if !expired && !over {
             return;
         }
-        self.purge(now.saturating_sub(PURGE_DELAY_MS), 0);
+        self.purge(now.saturating_sub(PURGE_DELAY_MS), 0, batch);
         if self.dirty_bytes > hard {
-            self.purge(u64::MAX, hard / 2);
+            self.purge(u64::MAX, hard / 2, batch);
         }
         // The spans left are younger than the delay: look again one delay from now.
         let next = if self.dirty_bytes > 0 {
@@ -463,34 +516,31 @@ impl RegionInner {
         PURGE_AT.store(next, Ordering::Relaxed);
     }
 
-    /// Decommits free spans that may hold resident slices and were last freed before
-    /// `freed_before` (ms; `u64::MAX` for any), until at most `keep` dirty bytes are
-    /// left (one `madvise` per span; clean spans are left alone). Returns the bytes
-    /// released: per span, what was decommitted but at most its dirty bytes, so memory
-    /// returned before is not counted again. Large spans go first: the fewest calls
-    /// for the bytes a partial pass (`keep > 0`) must release.
-    fn purge(&mut self, freed_before: u64, keep: usize) -> usize {
-        let mut returned = 0;
+    /// Takes free spans that may hold resident slices and were last freed before
+    /// `freed_before` (ms; `u64::MAX` for any) off the bins into `batch`, until at most
+    /// `keep` dirty bytes are left or the batch is full; the caller decommits them after
+    /// the lock is released (`with_region_purging`). Clean spans are left alone. Large
+    /// spans go first: the fewest calls for the bytes a partial pass (`keep > 0`) must
+    /// release.
+    fn purge(&mut self, freed_before: u64, keep: usize, batch: &mut PurgeBatch) {
         for bin in (0..SPAN_BINS).rev() {
             let mut p = self.bins[bin];
-            while !p.is_null() && self.dirty_bytes > keep {
+            while !p.is_null() && self.dirty_bytes > keep && batch.len < PURGE_BATCH {
                 // SAFETY: bin entries are free spans we own; the region lock is held.
                 unsafe {
+                    let next = (*p).next;
                     let count = (*p).slice_count as usize;
-                    let dirty = dirty_slices(p).min(count);
-                    if dirty > 0 && freed_at(p) < freed_before {
-                        let decommitted = os::decommit((*p).start(), count << SLICE_SHIFT);
-                        returned += decommitted.min(dirty << SLICE_SHIFT);
-                        (*p).flags &= !FLAG_DIRTY;
-                        (*p).used = 0;
-                        self.dirty_bytes -= dirty << SLICE_SHIFT;
-                        CLEAN_FREE_BYTES.fetch_add(dirty << SLICE_SHIFT, Ordering::Relaxed);
+                    if dirty_slices(p).min(count) > 0 && freed_at(p) < freed_before {
+                        let dirty = self.remove_free(p);
+                        (*p).flags = FLAG_PURGING;
+                        (*(segment_base(p as usize) as *mut Segment)).used_slices += count;
+                        batch.spans[batch.len] = (p, dirty);
+                        batch.len += 1;
                     }
-                    p = (*p).next;
+                    p = next;
                 }
             }
         }
-        returned
     }
 
     /// Collects remote frees on up to `budget` abandoned pages and frees the empty ones.
@@ -631,7 +681,7 @@ pub unsafe fn alloc_page(
 ) -> *mut Page {
     let align = span_alignment(block_size);
     let now = os::now_ms();
-    let page = with_region(|r| {
+    let (page, _) = with_region_purging(|r, batch| {
         // SAFETY: per the contract.
         unsafe { r.release_list(give_back, now) };
         let mut p = r.take_span(slices, align);
@@ -652,7 +702,7 @@ pub unsafe fn alloc_page(
                 unsafe { list::push_front(extras, e) };
             }
         }
-        r.purge_as_due(now);
+        r.purge_as_due(now, batch);
         p
     });
     if !page.is_null() {
@@ -672,10 +722,10 @@ pub unsafe fn free_pages(pages: *mut Page) {
         return;
     }
     let now = os::now_ms();
-    with_region(|r| {
+    with_region_purging(|r, batch| {
         // SAFETY: per the contract.
         unsafe { r.release_list(pages, now) };
-        r.purge_as_due(now);
+        r.purge_as_due(now, batch);
     });
 }
 
@@ -689,7 +739,7 @@ pub unsafe fn free_pages(pages: *mut Page) {
 /// and made sure no notification about them is in flight.
 pub unsafe fn abandon_pages(empty: *mut Page, mut live: *mut Page) {
     let now = os::now_ms();
-    with_region(|r| {
+    with_region_purging(|r, batch| {
         // SAFETY: per the contract.
         unsafe {
             r.release_list(empty, EXITED);
@@ -703,11 +753,11 @@ pub unsafe fn abandon_pages(empty: *mut Page, mut live: *mut Page) {
         // Thread exit gives its memory back at once (and the exited threads' pages the
         // sweep found empty): no delay, so short-lived threads do not pile up resident
         // free memory. One madvise per merged span.
-        r.purge(EXITED + 1, 0);
+        r.purge(EXITED + 1, 0, batch);
         // Nor does free memory pile up behind exiting threads: beyond a little, what
         // is free is decommitted now, whatever its age.
-        r.purge(u64::MAX, EXIT_KEEP_DIRTY);
-        r.purge_as_due(now);
+        r.purge(u64::MAX, EXIT_KEEP_DIRTY, batch);
+        r.purge_as_due(now, batch);
     });
 }
 
@@ -724,7 +774,7 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize, others: usize) ->
         return ptr::null_mut();
     }
     let now = os::now_ms();
-    with_region(|r| {
+    with_region_purging(|r, batch| {
         let mut adopted = ptr::null_mut();
         let mut taken = 0;
         while taken < max {
@@ -753,9 +803,10 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize, others: usize) ->
         if !adopted.is_null() {
             r.adopt_others(heap, class, others, &mut adopted);
         }
-        r.purge_as_due(now);
+        r.purge_as_due(now, batch);
         adopted
     })
+    .0
 }
 
 /// Runs a purge pass if one is due (free memory has waited out the purge delay). Costs
@@ -767,7 +818,7 @@ pub fn purge_if_due() {
     }
     let now = os::now_ms();
     if now >= due {
-        with_region(|r| r.purge_as_due(now));
+        with_region_purging(|r, batch| r.purge_as_due(now, batch));
     }
 }
 
@@ -775,12 +826,22 @@ pub fn purge_if_due() {
 /// at once, whatever its age. Returns the bytes decommitted.
 pub fn trim() -> usize {
     let now = os::now_ms();
-    with_region(|r| {
+    let (mut full, mut released) = with_region_purging(|r, batch| {
         r.sweep_abandoned(usize::MAX, now);
-        let released = r.purge(u64::MAX, 0);
+        r.purge(u64::MAX, 0, batch);
         PURGE_AT.store(0, Ordering::Relaxed);
-        released
-    })
+        batch.len == PURGE_BATCH
+    });
+    // A full batch may have left dirty spans behind: take the next ones.
+    while full {
+        let (again, more) = with_region_purging(|r, batch| {
+            r.purge(u64::MAX, 0, batch);
+            batch.len == PURGE_BATCH
+        });
+        full = again;
+        released += more;
+    }
+    released
 }
 
 /// Bytes of segment memory that may be resident (mapped minus known-clean free spans).
@@ -805,7 +866,7 @@ pub fn for_each_page(mut f: impl FnMut(*const Page)) {
                 // heads have valid records; `slice_count` and `flags` change only under
                 // the region lock, which is held (fields read through the raw pointer).
                 let (count, flags) = unsafe { ((*p).slice_count as usize, (*p).flags) };
-                if flags & FLAG_FREE_SPAN == 0 {
+                if flags & (FLAG_FREE_SPAN | FLAG_PURGING) == 0 {
                     f(p);
                 }
                 slice += count.max(1);
