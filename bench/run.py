@@ -192,16 +192,7 @@ def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
-def fnum(x: float, digits: int = 3) -> str:
-    if x is None or not math.isfinite(x):
-        return "–"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.{digits - 1}f}" if abs(x) >= 1 else f"{x:.{digits}f}"
+fnum = suite_extra.fnum
 
 
 def parse_kv(line: str) -> dict[str, str]:

@@ -98,14 +98,18 @@ def strace_counts(argv: list[str], env: dict[str, str], preload: str | None, tim
 # ---- report sections ----------------------------------------------------------------
 
 
-def _f(x: float, digits: int = 3) -> str:
+def fnum(x: float, digits: int = 3) -> str:
+    """A number for the report tables (also used by run.py): thousands grouped, fewer
+    decimals as the magnitude grows."""
     if x is None or not math.isfinite(x):
         return "–"
-    if abs(x) >= 100:
+    if abs(x) >= 1000:
         return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
     if abs(x) >= 10:
         return f"{x:.1f}"
-    return f"{x:.{digits - 1}f}"
+    return f"{x:.{digits - 1}f}" if abs(x) >= 1 else f"{x:.{digits}f}"
 
 
 def _vals(rep, arm, wl, alloc, key) -> list[float]:
@@ -178,11 +182,11 @@ def scaling_section(rep, svg_name: str | None) -> list[str]:
             cells = []
             for t in ts:
                 v = _vals(rep, "preload", scaling_name(kind, t), a, "mops_per_s")
-                cells.append(f"{_f(_med(v))}<br><sub>[{_f(min(v))}–{_f(max(v))}]</sub>" if v else "–")
+                cells.append(f"{fnum(_med(v))}<br><sub>[{fnum(min(v))}–{fnum(max(v))}]</sub>" if v else "–")
             hi = _med(_vals(rep, "preload", scaling_name(kind, 32), a, "mops_per_s"))
             peak = max([_med(_vals(rep, "preload", scaling_name(kind, t), a, "mops_per_s"))
                         for t in _peak_threads(cpus)] or [float("nan")])
-            L.append(f"| {a} | " + " | ".join(cells) + f" | {_f(hi / peak) if peak > 0 else '–'} |")
+            L.append(f"| {a} | " + " | ".join(cells) + f" | {fnum(hi / peak) if peak > 0 else '–'} |")
         L.append("")
     if svg_name:
         L.append(f"![thread scaling]({svg_name})\n")
@@ -208,9 +212,9 @@ def test_stress_section(rep) -> list[str]:
         t = _vals(rep, "preload", wl, a, "time_s")
         rss = _vals(rep, "preload", wl, a, "launch_maxrss_kib")
         fut, mad = _strace_cell(rep, wl, a)
-        L.append(f"| {a} | {_f(_med(t))} <sub>[{_f(min(t))}–{_f(max(t))}]</sub> | "
-                 f"{_f(_med(t) / ref_t)} | {_f(_med(rss) / 1024)} <sub>[{_f(min(rss) / 1024)}–"
-                 f"{_f(max(rss) / 1024)}]</sub> | {fut} | {mad} |")
+        L.append(f"| {a} | {fnum(_med(t))} <sub>[{fnum(min(t))}–{fnum(max(t))}]</sub> | "
+                 f"{fnum(_med(t) / ref_t)} | {fnum(_med(rss) / 1024)} <sub>[{fnum(min(rss) / 1024)}–"
+                 f"{fnum(max(rss) / 1024)}]</sub> | {fut} | {mad} |")
     L.append("")
     return L
 
@@ -236,8 +240,8 @@ def rust_section(rep) -> list[str]:
         t = _vals(rep, "rust", wl, v, "time_s")
         rss = _vals(rep, "rust", wl, v, "launch_maxrss_kib")
         fut, mad = _strace_cell(rep, wl, v)
-        L.append(f"| {RUST_VARIANTS[v]} | {_f(_med(t))} <sub>[{_f(min(t))}–{_f(max(t))}]</sub> | "
-                 f"{_f(_med(t) / ref_t)} | {_f(_med(rss) / 1024)} | {fut} | {mad} |")
+        L.append(f"| {RUST_VARIANTS[v]} | {fnum(_med(t))} <sub>[{fnum(min(t))}–{fnum(max(t))}]</sub> | "
+                 f"{fnum(_med(t) / ref_t)} | {fnum(_med(rss) / 1024)} | {fut} | {mad} |")
     L.append("")
     return L
 
