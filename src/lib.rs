@@ -22,6 +22,7 @@ pub mod os;
 mod page;
 mod predict;
 mod request;
+mod sample;
 mod secret;
 mod segment;
 pub mod size_class;

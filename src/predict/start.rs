@@ -38,6 +38,11 @@ extern "C" fn plan_at_start(
     if options::verify() {
         verify::start();
     }
+    // The sampler takes a sampled call's return address as its site when it lies
+    // outside lgmalloc, which it can tell only when lgmalloc is a module of its own.
+    if let Some((lo, hi, false)) = verify::own_module() {
+        crate::sample::set_own_code(lo, hi);
+    }
     let mode = options::predict_mode();
     if mode == PredictMode::Off {
         return;

@@ -101,14 +101,25 @@ fn caller_return_address() -> usize {
 
 /// Records the code range of the module holding lgmalloc (verify mode).
 fn find_own_code() {
-    let me = find_own_code as *const () as usize;
+    if let Some((lo, hi, _)) = own_module() {
+        OWN_CODE[0].store(lo, Ordering::Relaxed);
+        OWN_CODE[1].store(hi, Ordering::Relaxed);
+    }
+}
+
+/// The code range of the module holding lgmalloc, and whether it is the main program.
+pub(super) fn own_module() -> Option<(usize, usize, bool)> {
+    let me = own_module as *const () as usize;
+    let mut found = None;
+    let mut first = true;
     for_each_module(|base, phdrs, _| {
         let (lo, hi, _) = code_range(base, phdrs);
         if me >= lo && me < hi {
-            OWN_CODE[0].store(lo, Ordering::Relaxed);
-            OWN_CODE[1].store(hi, Ordering::Relaxed);
+            found = Some((lo, hi, first));
         }
+        first = false;
     });
+    found
 }
 
 extern "C" fn report_at_exit() {
