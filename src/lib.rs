@@ -36,7 +36,25 @@ pub use stats::{LG_MAX_CLASSES, LgClassStats, LgStats};
 /// The parsers of the stored plan and observation files, for the fuzz targets only.
 #[doc(hidden)]
 pub mod fuzzing {
+    pub use crate::predict::profile::parse as parse_profile;
     pub use crate::predict::store::{MAX_FILE_BYTES, reparse_learned, reparse_plan};
+}
+
+/// The sampled allocation profile (for `lgmalloc-analyze --profile` and the tests).
+#[doc(hidden)]
+pub mod profile {
+    pub use crate::predict::profile::{Profile, ProfileSite, location, parse, read, this_run};
+    pub use crate::sample::MEAN_INTERVAL;
+
+    /// Samples this process has taken so far.
+    pub fn samples_taken() -> u64 {
+        crate::sample::TAKEN.load(core::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Samples skipped because every slot of the sample arena held a live block.
+    pub fn samples_skipped() -> u64 {
+        crate::sample::SKIPPED.load(core::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The lock-free page protocol, for the loom models in `rust-tests/loom.rs` only.

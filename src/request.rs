@@ -8,7 +8,9 @@ use core::ffi::{c_int, c_void};
 use core::ptr;
 use core::sync::atomic::Ordering;
 
-use crate::chunk_map::{self, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE, KIND_SAMPLE, KIND_SEGMENT};
+use crate::chunk_map::{
+    self, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE, KIND_SAMPLE, KIND_SEGMENT,
+};
 use crate::diag::misuse;
 use crate::size_class::{self, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
 use crate::stats::{self, LgStats};

@@ -64,6 +64,7 @@ pub struct SiteEntry {
     size_max: AtomicUsize,
     align_max: AtomicUsize,
     thread: AtomicUsize,
+    several_threads: AtomicU8,
     freed: AtomicU64,
     lifetime_ns: AtomicU64,
     lifetime_max_ns: AtomicU64,
@@ -94,6 +95,7 @@ static TABLES: Tables = Tables {
             size_max: AtomicUsize::new(0),
             align_max: AtomicUsize::new(0),
             thread: AtomicUsize::new(0),
+            several_threads: AtomicU8::new(0),
             freed: AtomicU64::new(0),
             lifetime_ns: AtomicU64::new(0),
             lifetime_max_ns: AtomicU64::new(0),
@@ -116,13 +118,19 @@ pub fn set_own_code(lo: usize, hi: usize) {
 /// Whether `ip` may lie in lgmalloc's own code (always, when its range is unknown, so
 /// the caller unwinds to be sure).
 fn is_own_code(ip: usize) -> bool {
-    let (lo, hi) = (OWN_CODE[0].load(Ordering::Relaxed), OWN_CODE[1].load(Ordering::Relaxed));
+    let (lo, hi) = (
+        OWN_CODE[0].load(Ordering::Relaxed),
+        OWN_CODE[1].load(Ordering::Relaxed),
+    );
     lo == hi || (ip >= lo && ip < hi)
 }
 
 /// The recorded own-code range (`predict` skips frames in it).
 pub fn own_code() -> (usize, usize) {
-    (OWN_CODE[0].load(Ordering::Relaxed), OWN_CODE[1].load(Ordering::Relaxed))
+    (
+        OWN_CODE[0].load(Ordering::Relaxed),
+        OWN_CODE[1].load(Ordering::Relaxed),
+    )
 }
 
 /// Where the next slot search starts.
@@ -168,7 +176,8 @@ fn ln(u: f64) -> f64 {
     let m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
     let t = (m - 1.0) / (m + 1.0);
     let t2 = t * t;
-    let series = t * (2.0 + t2 * (2.0 / 3.0 + t2 * (2.0 / 5.0 + t2 * (2.0 / 7.0 + t2 * (2.0 / 9.0)))));
+    let series =
+        t * (2.0 + t2 * (2.0 / 3.0 + t2 * (2.0 / 5.0 + t2 * (2.0 / 7.0 + t2 * (2.0 / 9.0)))));
     exp as f64 * core::f64::consts::LN_2 + series
 }
 
@@ -205,7 +214,10 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
         s.size_min.fetch_min(size, Ordering::Relaxed);
         s.size_max.fetch_max(size, Ordering::Relaxed);
         s.align_max.fetch_max(align, Ordering::Relaxed);
-        s.thread.store(thread, Ordering::Relaxed);
+        let prev = s.thread.swap(thread, Ordering::Relaxed);
+        if prev != 0 && prev != thread {
+            s.several_threads.store(1, Ordering::Relaxed);
+        }
     }
     if let Some(c) = CLASS_SAMPLES.get(class) {
         c.fetch_add(1, Ordering::Relaxed);
@@ -214,7 +226,8 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     // SAFETY: `i < SLOTS` (from `claim_slot`).
     let slot = unsafe { TABLES.slots.get_unchecked(i) };
     slot.usable.store(usable, Ordering::Relaxed);
-    slot.site.store(site.unwrap_or(usize::MAX), Ordering::Relaxed);
+    slot.site
+        .store(site.unwrap_or(usize::MAX), Ordering::Relaxed);
     slot.born_ns.store(now_ns(), Ordering::Relaxed);
     slot.state.store(SLOT_LIVE, Ordering::Release);
     (base + (i << SLOT_SHIFT)) as *mut u8
@@ -235,8 +248,9 @@ fn arena() -> usize {
     }
     let p = os::map_aligned(ARENA_BYTES, 1 << chunk_map::CHUNK_SHIFT) as usize;
     let ok = p != 0
-        && (0..ARENA_BYTES >> chunk_map::CHUNK_SHIFT)
-            .all(|c| chunk_map::set_kind(p + (c << chunk_map::CHUNK_SHIFT), chunk_map::KIND_SAMPLE));
+        && (0..ARENA_BYTES >> chunk_map::CHUNK_SHIFT).all(|c| {
+            chunk_map::set_kind(p + (c << chunk_map::CHUNK_SHIFT), chunk_map::KIND_SAMPLE)
+        });
     ARENA.store(if ok { p } else { 2 }, Ordering::Release);
     if ok { p } else { 0 }
 }
@@ -284,7 +298,12 @@ pub fn free(addr: usize) -> bool {
     let usable = slot.usable.load(Ordering::Relaxed);
     if usable > DECOMMIT_ABOVE {
         // SAFETY: the slot's pages past the first are ours and hold no live data.
-        unsafe { os::decommit((addr + os::OS_PAGE_SIZE) as *mut u8, usable - os::OS_PAGE_SIZE) };
+        unsafe {
+            os::decommit(
+                (addr + os::OS_PAGE_SIZE) as *mut u8,
+                usable - os::OS_PAGE_SIZE,
+            )
+        };
     }
     slot.state.store(SLOT_FREE, Ordering::Release);
     true
@@ -362,7 +381,10 @@ fn site_index(frames: &[usize; FRAMES]) -> Option<usize> {
     for k in 0..32 {
         let i = (start + k) % SITES;
         let e = TABLES.sites.get(i)?;
-        match e.key.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
+        match e
+            .key
+            .compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => {
                 for (slot, &f) in e.frames.iter().zip(frames) {
                     slot.store(f, Ordering::Relaxed);
@@ -387,8 +409,8 @@ pub struct SiteSnapshot {
     pub size_min: usize,
     pub size_max: usize,
     pub align: usize,
-    /// The last thread (`pthread_self`) that allocated here.
-    pub thread: usize,
+    /// More than one thread allocated here.
+    pub several_threads: bool,
     pub freed: u64,
     pub lifetime_ns: u64,
     pub lifetime_max_ns: u64,
@@ -411,7 +433,7 @@ pub fn for_each_site(mut f: impl FnMut(&SiteSnapshot)) {
             size_min: e.size_min.load(Ordering::Relaxed),
             size_max: e.size_max.load(Ordering::Relaxed),
             align: e.align_max.load(Ordering::Relaxed),
-            thread: e.thread.load(Ordering::Relaxed),
+            several_threads: e.several_threads.load(Ordering::Relaxed) != 0,
             freed: e.freed.load(Ordering::Relaxed),
             lifetime_ns: e.lifetime_ns.load(Ordering::Relaxed),
             lifetime_max_ns: e.lifetime_max_ns.load(Ordering::Relaxed),

@@ -43,6 +43,10 @@ extern "C" fn plan_at_start(
     if let Some((lo, hi, false)) = verify::own_module() {
         crate::sample::set_own_code(lo, hi);
     }
+    if options::learn() {
+        // SAFETY: registers a plain function.
+        unsafe { libc::atexit(super::profile::write_at_exit) };
+    }
     let mode = options::predict_mode();
     if mode == PredictMode::Off {
         return;
