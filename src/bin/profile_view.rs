@@ -69,11 +69,11 @@ pub fn show(program: &Path, json: bool, plot: Option<&Path>) -> bool {
             plan,
         });
     }
-    if let Some(svg) = plot {
-        if let Err(e) = std::fs::write(svg, plot_svg(&p, &rows)) {
-            eprintln!("lgmalloc-analyze: {}: {e}", svg.display());
-            return false;
-        }
+    if let Some(svg) = plot
+        && let Err(e) = std::fs::write(svg, plot_svg(&p, &rows))
+    {
+        eprintln!("lgmalloc-analyze: {}: {e}", svg.display());
+        return false;
     }
     let out = if json {
         json_report(program, &p, &rows)
