@@ -48,6 +48,7 @@ const SLOT_LIVE: u8 = 2;
 struct Slot {
     state: AtomicU8,
     usable: AtomicUsize,
+    class: AtomicUsize,
     site: AtomicUsize,
     born_ns: AtomicU64,
 }
@@ -80,6 +81,7 @@ static TABLES: Tables = Tables {
         Slot {
             state: AtomicU8::new(SLOT_FREE),
             usable: AtomicUsize::new(0),
+            class: AtomicUsize::new(0),
             site: AtomicUsize::new(0),
             born_ns: AtomicU64::new(0),
         }
@@ -144,6 +146,17 @@ pub static SITES_DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Per size class: samples, and bytes requested by them (the plot's observed side).
 pub static CLASS_SAMPLES: [AtomicU64; size_class::MAX_CLASSES] =
     [const { AtomicU64::new(0) }; size_class::MAX_CLASSES];
+
+/// Per size class: sampled blocks live now (statistics count them with their class).
+static CLASS_LIVE: [AtomicU64; size_class::MAX_CLASSES] =
+    [const { AtomicU64::new(0) }; size_class::MAX_CLASSES];
+
+/// Sampled blocks of class `class` live now.
+pub fn live_in_class(class: usize) -> u64 {
+    CLASS_LIVE
+        .get(class)
+        .map_or(0, |c| c.load(Ordering::Relaxed))
+}
 
 /// The countdown of a heap that never samples (the static empty heap).
 pub const NEVER: usize = usize::MAX;
@@ -222,10 +235,14 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     if let Some(c) = CLASS_SAMPLES.get(class) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+    if let Some(c) = CLASS_LIVE.get(class) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
     TAKEN.fetch_add(1, Ordering::Relaxed);
     // SAFETY: `i < SLOTS` (from `claim_slot`).
     let slot = unsafe { TABLES.slots.get_unchecked(i) };
     slot.usable.store(usable, Ordering::Relaxed);
+    slot.class.store(class, Ordering::Relaxed);
     slot.site
         .store(site.unwrap_or(usize::MAX), Ordering::Relaxed);
     slot.born_ns.store(now_ns(), Ordering::Relaxed);
@@ -294,6 +311,9 @@ pub fn free(addr: usize) -> bool {
         s.freed.fetch_add(1, Ordering::Relaxed);
         s.lifetime_ns.fetch_add(lifetime, Ordering::Relaxed);
         s.lifetime_max_ns.fetch_max(lifetime, Ordering::Relaxed);
+    }
+    if let Some(c) = CLASS_LIVE.get(slot.class.load(Ordering::Relaxed)) {
+        c.fetch_sub(1, Ordering::Relaxed);
     }
     let usable = slot.usable.load(Ordering::Relaxed);
     if usable > DECOMMIT_ABOVE {
