@@ -207,9 +207,14 @@ fn temp_cache(name: &str) -> PathBuf {
     d
 }
 
-fn run_child(cache: &Path) {
+fn run_child(cache: &Path) -> std::process::Output {
+    run_child_with(cache, &[])
+}
+
+fn run_child_with(cache: &Path, env: &[(&str, &str)]) -> std::process::Output {
     let exe = std::env::current_exe().unwrap();
     let out = Command::new(&exe)
+        .envs(env.iter().copied())
         .args([
             "--exact",
             "child_allocates_for_the_profile",
@@ -226,6 +231,7 @@ fn run_child(cache: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
 }
 
 fn analyze(cache: &Path, args: &[&str]) -> std::process::Output {
@@ -239,8 +245,8 @@ fn analyze(cache: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn profile_is_stored_at_exit_merged_and_shown_by_the_analyzer() {
     let cache = temp_cache("cli");
-    run_child(&cache);
-    run_child(&cache);
+    let _ = run_child(&cache);
+    let _ = run_child(&cache);
     let exe = std::env::current_exe().unwrap();
     let files: Vec<_> = std::fs::read_dir(&cache)
         .unwrap()
@@ -270,12 +276,30 @@ fn profile_is_stored_at_exit_merged_and_shown_by_the_analyzer() {
         "{json}"
     );
 
+    // Verify mode counts the learned (profiled, constant-size) site as predicted.
+    let out = run_child_with(&cache, &[("LGMALLOC_VERIFY", "1")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("verify calls="))
+        .expect("verify line");
+    let field = |k: &str| -> u64 {
+        let v = line.split(k).nth(1).unwrap();
+        v.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (calls, predicted, exact) = (field("calls="), field("predicted="), field("exact="));
+    assert!(predicted * 2 >= calls && exact == predicted, "{line}");
+
     // A corrupt file is ignored: the analyzer reports no profile, and the next run
     // replaces it with a valid one.
     std::fs::write(&path, b"lgmalloc-profile 1\nsite 99 zz\n").unwrap();
     let out = analyze(&cache, &["--profile", exe_s]);
     assert!(!out.status.success());
-    run_child(&cache);
+    let _ = run_child(&cache);
     let again = profile::parse(&std::fs::read(&path).unwrap()).expect("rewritten valid");
     assert_eq!(again.runs, 1);
     let _ = std::fs::remove_dir_all(&cache);
