@@ -16,7 +16,7 @@
 //! are claimed with compare-and-swap, so threads and `fork` need nothing more.
 
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use crate::{chunk_map, os, secret, size_class};
 
@@ -111,6 +111,21 @@ static ARENA: AtomicUsize = AtomicUsize::new(0);
 /// object), set at start-up by `predict`; empty when linked into the program.
 static OWN_CODE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
+/// Whether the unwinder may be called: not before `predict` has checked that the
+/// program has the `.eh_frame_hdr` it needs (in a `-static` program linked without it,
+/// libgcc's unwinder aborts).
+static UNWIND: AtomicBool = AtomicBool::new(false);
+
+/// Lets samples unwind the stack (`predict` at start-up, once it is known to be safe).
+pub fn allow_unwinding() {
+    UNWIND.store(true, Ordering::Relaxed);
+}
+
+/// Whether the stack may be unwound (see [`allow_unwinding`]).
+pub fn unwinding_allowed() -> bool {
+    UNWIND.load(Ordering::Relaxed)
+}
+
 /// Records the range of lgmalloc's own code (`predict` at start-up).
 pub fn set_own_code(lo: usize, hi: usize) {
     OWN_CODE[0].store(lo, Ordering::Relaxed);
@@ -197,7 +212,8 @@ fn ln(u: f64) -> f64 {
 /// Serves a sampled allocation of `size` bytes in class `class` for thread `thread`
 /// and records it; null when no slot is free (the caller allocates normally). `ret`
 /// is the return address the allocating entry point will return to, when known
-/// (0 or an address inside lgmalloc otherwise: the stack is then unwound).
+/// (0 or an address inside lgmalloc otherwise: the stack is then unwound, where that
+/// is safe; else `ret` is all that is kept).
 pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     let usable = size_class::block_size(class);
     if usable > 1 << SLOT_SHIFT {
@@ -208,7 +224,7 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
         SKIPPED.fetch_add(1, Ordering::Relaxed);
         return core::ptr::null_mut();
     };
-    let frames = if ret != 0 && !is_own_code(ret) {
+    let frames = if (ret != 0 && !is_own_code(ret)) || !UNWIND.load(Ordering::Relaxed) {
         let mut f = [0; FRAMES];
         f[0] = ret;
         f

@@ -35,17 +35,20 @@ extern "C" fn plan_at_start(
     if !crate::init::ensure_initialized() {
         return;
     }
-    if options::verify() {
-        verify::start();
-    }
     // The sampler takes a sampled call's return address as its site when it lies
     // outside lgmalloc, which it can tell only when lgmalloc is a module of its own.
     if let Some((lo, hi, false)) = verify::own_module() {
         crate::sample::set_own_code(lo, hi);
     }
+    if super::modules::unwinder_is_safe() {
+        crate::sample::allow_unwinding();
+    }
     if options::learn() {
         // SAFETY: registers a plain function.
         unsafe { libc::atexit(super::profile::write_at_exit) };
+    }
+    if options::verify() {
+        verify::start();
     }
     let mode = options::predict_mode();
     if mode == PredictMode::Off {

@@ -150,6 +150,9 @@ fn caller_return_address() -> usize {
         URC_END_OF_STACK
     }
     let mut found = 0usize;
+    if !crate::sample::unwinding_allowed() {
+        return found;
+    }
     // SAFETY: the callback matches the unwinder's signature and only writes `found`.
     unsafe { _Unwind_Backtrace(visit, (&raw mut found).cast()) };
     found
