@@ -36,7 +36,7 @@ pub use stats::{LG_MAX_CLASSES, LgClassStats, LgStats};
 /// The parsers of the stored plan and observation files, for the fuzz targets only.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::predict::profile::parse as parse_profile;
+    pub use crate::predict::profile::reparse as reparse_profile;
     pub use crate::predict::store::{MAX_FILE_BYTES, reparse_learned, reparse_plan};
 }
 

@@ -180,6 +180,11 @@ pub fn parse(bytes: &[u8]) -> Result<Profile, Refusal> {
     Ok(p)
 }
 
+/// Parses and writes out again (the fuzz target checks that this is stable).
+pub fn reparse(bytes: &[u8]) -> Result<String, Refusal> {
+    parse(bytes).map(|p| p.text())
+}
+
 fn parse_line(p: &mut Profile, line: &str) -> Result<(), Refusal> {
     if let Some(rest) = line.strip_prefix("module ") {
         let (idx, path) = rest.split_once(' ').ok_or("a malformed module line")?;
