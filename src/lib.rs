@@ -51,6 +51,12 @@ pub mod profile {
         crate::sample::TAKEN.load(core::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether `p` is a sampled block (served from the sample arena, so it is not the
+    /// block a free of the same class would hand back next).
+    pub fn is_sampled(p: *const u8) -> bool {
+        crate::chunk_map::kind_of(p as usize) == crate::chunk_map::KIND_SAMPLE
+    }
+
     /// Samples skipped because every slot of the sample arena held a live block.
     pub fn samples_skipped() -> u64 {
         crate::sample::SKIPPED.load(core::sync::atomic::Ordering::Relaxed)
