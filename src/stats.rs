@@ -97,6 +97,10 @@ pub fn collect(out: &mut LgStats) {
     for (c, slot) in out.classes.iter_mut().enumerate().take(count) {
         slot.block_size = size_class::block_size(c) as u64;
         slot.allocations = per_class[c];
+        // Sampled blocks live in the sample arena, not in a page of their class.
+        let sampled = crate::sample::live_in_class(c);
+        slot.live_blocks += sampled;
+        allocated += sampled * slot.block_size;
     }
     segment::for_each_page(|p| {
         // SAFETY: `for_each_page` holds the region lock and passes page records.
