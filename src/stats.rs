@@ -24,7 +24,8 @@ pub struct LgClassStats {
     pub block_size: u64,
     /// Allocations served from this class since start.
     pub allocations: u64,
-    /// Blocks currently in use (or freed by another thread and not yet collected).
+    /// Blocks currently in use (or freed by another thread and not yet collected by the
+    /// page's owner; those of exited threads' pages are collected by the snapshot).
     pub live_blocks: u64,
     /// Pages currently holding blocks of this class.
     pub pages: u64,
