@@ -86,9 +86,9 @@ int main(void) {
     CHECK(now.bytes_committed <= early.bytes_committed + 8 * MiB,
           "committed memory grew from %llu (round 5) to %llu (round %d): exited threads leak",
           (unsigned long long)early.bytes_committed, (unsigned long long)now.bytes_committed, ROUNDS);
-    /* Blocks freed by another thread may count as live until their page is collected,
-     * so the live byte count need not drop to zero before a trim; it must not grow round
-     * after round. */
+    /* Blocks freed by another thread count as live until their page is collected (a
+     * snapshot collects exited threads' pages), so the live byte count need not drop to
+     * zero before a trim; it must not grow round after round. */
     CHECK(now.bytes_allocated <= early.bytes_allocated + 64 * 1024,
           "live bytes grew from %llu (round 5) to %llu (round %d) with every block freed",
           (unsigned long long)early.bytes_allocated, (unsigned long long)now.bytes_allocated, ROUNDS);

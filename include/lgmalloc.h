@@ -31,7 +31,8 @@ struct lg_class_stats {
    */
   uint64_t allocations;
   /*
-   Blocks currently in use (or freed by another thread and not yet collected).
+   Blocks currently in use (or freed by another thread and not yet collected by the
+   page's owner; those of exited threads' pages are collected by the snapshot).
    */
   uint64_t live_blocks;
   /*

@@ -200,8 +200,8 @@ fn blocks_outlive_their_thread() {
         check(p as *const u8, 100, i);
         unsafe { lg_free(p as *mut c_void) };
     }
-    // Frees of an exited thread's blocks are remote frees: they count as live until
-    // lg_trim sweeps the abandoned page (and gives the emptied page back).
+    // Frees of an exited thread's blocks are remote frees onto its abandoned page: the
+    // stats snapshot collects them, lg_trim sweeps the page (and gives it back).
     lg_trim();
     let after = stats();
     assert_eq!(

@@ -902,6 +902,34 @@ fn launcher_with_lib_and_stats() {
     );
 }
 
+/// `--stats` prints the summary of the command's own process only; `--stats-all` one
+/// per process (the programs it starts included).
+#[test]
+fn launcher_stats_of_the_command_only_or_all() {
+    let b = build();
+    let cache = FreshCache::new("launcher-stats-own");
+    // A program that starts two more (dash, which exits with `_exit`, prints nothing).
+    let python = system_program("python3");
+    let script = format!(
+        "import subprocess as s; s.run(['{python}', '-c', 'pass']); s.run(['{python}', '-c', 'pass'])"
+    );
+    let summaries = |flag: &str| {
+        let mut cmd = Command::new(launcher());
+        cache.set(clean_env(&mut cmd));
+        let out = cmd
+            .args([flag, "--lib"])
+            .arg(&b.so)
+            .args([python.as_str(), "-c", script.as_str()])
+            .output()
+            .expect("run lgmalloc-run");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{}: {stderr}", out.status);
+        stats_allocations(&stderr).len()
+    };
+    assert_eq!(summaries("--stats"), 1, "one summary, the command's own");
+    assert_eq!(summaries("--stats-all"), 3, "one per process");
+}
+
 #[test]
 fn launcher_finds_the_installed_library_and_keeps_ld_preload() {
     let b = build();

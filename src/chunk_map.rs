@@ -22,6 +22,8 @@ pub const KIND_LARGE: u8 = 2;
 /// A large object whose user pointer is exactly the chunk base (alignment >= 4 MiB);
 /// its header is the page before, in the previous chunk.
 pub const KIND_LARGE_AT_BASE: u8 = 3;
+/// The arena of sampled blocks (`sample`): every free of one leaves the fast path.
+pub const KIND_SAMPLE: u8 = 4;
 
 #[cfg(not(miri))]
 const LEN: usize = CHUNKS;

@@ -21,7 +21,7 @@ use crate::geometry::SLICE_SIZE;
 use crate::lock::Locked;
 use crate::page::{self, Block, NOT_FULL_BIAS, Owner, Page};
 use crate::size_class::{self, MAX_CLASSES};
-use crate::{chunk_map, list, options, os, segment, tls};
+use crate::{chunk_map, list, options, os, sample, segment, tls};
 
 /// Largest page a heap asks for while growing a class (bigger blocks get one block).
 const MAX_PAGE_BYTES: usize = 64 * 1024;
@@ -50,6 +50,8 @@ pub struct Heap {
     link_key: usize,
     /// Per class: allocations served (statistics; owner-written, read racily).
     pub alloc_count: [u64; MAX_CLASSES],
+    /// Bytes left before this heap's next sampled allocation (`sample`).
+    sample_left: usize,
     /// Pages of each class this heap has acquired so far (saturating), to size the next.
     page_growth: [u8; MAX_CLASSES],
     /// Pages with no free block, all classes.
@@ -96,6 +98,7 @@ pub static EMPTY_HEAP: Heap = Heap {
     pages: [&raw const EMPTY_PAGE as *mut Page; MAX_CLASSES],
     link_key: 0,
     alloc_count: [0; MAX_CLASSES],
+    sample_left: sample::NEVER,
     page_growth: [0; MAX_CLASSES],
     full: ptr::null_mut(),
     spare: ptr::null_mut(),
@@ -190,6 +193,11 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
                 (*block).freed_mark = 0;
             }
             *(*heap).alloc_count.get_unchecked_mut(class) += 1;
+            let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
+            (*heap).sample_left = left;
+            if sampled {
+                return alloc_sampled(heap, page, block, class, size);
+            }
             return block.cast();
         }
         if page::HARDENED {
@@ -336,7 +344,79 @@ unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
             (*block).freed_mark = 0;
         }
         *(*heap).alloc_count.get_unchecked_mut(class) += 1;
+        let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
+        (*heap).sample_left = left;
+        if sampled {
+            return alloc_sampled(heap, page, block, class, size);
+        }
         block.cast()
+    }
+}
+
+/// The sampling countdown ran out (reached by a tail jump from the fast path, so the
+/// word at the stack pointer is the return address into the allocating caller): passes
+/// that address on to [`alloc_sampled_at`], which records the sample.
+///
+/// # Safety
+/// As for [`alloc_sampled_at`].
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[unsafe(naked)]
+unsafe extern "C" fn alloc_sampled(
+    heap: *mut Heap,
+    page: *mut Page,
+    block: *mut Block,
+    class: usize,
+    size: usize,
+) -> *mut u8 {
+    core::arch::naked_asm!("mov r9, [rsp]", "jmp {f}", f = sym alloc_sampled_at)
+}
+
+#[cfg(not(all(target_arch = "x86_64", not(miri))))]
+unsafe extern "C" fn alloc_sampled(
+    heap: *mut Heap,
+    page: *mut Page,
+    block: *mut Block,
+    class: usize,
+    size: usize,
+) -> *mut u8 {
+    // SAFETY: forwarded contract; no return address known.
+    unsafe { alloc_sampled_at(heap, page, block, class, size, 0) }
+}
+
+/// Serves this allocation from the sample arena (whose frees leave the fast path, see
+/// `sample`) and gives back the block just popped, or keeps that block when no sample
+/// slot is free. `ret` is the caller's return address if the fast path was entered
+/// without a stack frame (else an address inside lgmalloc, and `sample` unwinds).
+/// Nested allocations (the unwinder's, if any) find the countdown disarmed.
+///
+/// # Safety
+/// `block` was just popped from `page`, a page of this thread's live `heap`, and
+/// nothing else touched the page since.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn alloc_sampled_at(
+    heap: *mut Heap,
+    page: *mut Page,
+    block: *mut Block,
+    class: usize,
+    size: usize,
+    ret: usize,
+) -> *mut u8 {
+    // SAFETY: per the contract; undoing the pop restores the page exactly.
+    unsafe {
+        (*heap).sample_left = sample::NEVER;
+        let p = sample::take(class, size, (*heap).thread, ret);
+        (*heap).sample_left = sample::next_interval();
+        if p.is_null() {
+            return block.cast();
+        }
+        (*block).next = page::encode_link((*heap).link_key, (*page).free);
+        if CHECKED {
+            (*block).freed_mark = page::freed_mark(page, block as usize);
+        }
+        (*page).free = block;
+        (*page).used -= 1;
+        p
     }
 }
 
@@ -957,6 +1037,7 @@ fn pool_take() -> *mut Heap {
                 pages: [empty_page(); MAX_CLASSES],
                 link_key: page::link_key(),
                 alloc_count: [0; MAX_CLASSES],
+                sample_left: sample::next_interval(),
                 page_growth: [0; MAX_CLASSES],
                 full: ptr::null_mut(),
                 spare: ptr::null_mut(),

@@ -22,6 +22,7 @@ pub mod os;
 mod page;
 mod predict;
 mod request;
+mod sample;
 mod secret;
 mod segment;
 pub mod size_class;
@@ -35,7 +36,31 @@ pub use stats::{LG_MAX_CLASSES, LgClassStats, LgStats};
 /// The parsers of the stored plan and observation files, for the fuzz targets only.
 #[doc(hidden)]
 pub mod fuzzing {
+    pub use crate::predict::profile::reparse as reparse_profile;
     pub use crate::predict::store::{MAX_FILE_BYTES, reparse_learned, reparse_plan};
+}
+
+/// The sampled allocation profile (for `lgmalloc-analyze --profile` and the tests).
+#[doc(hidden)]
+pub mod profile {
+    pub use crate::predict::profile::{Profile, ProfileSite, location, parse, read, this_run};
+    pub use crate::sample::MEAN_INTERVAL;
+
+    /// Samples this process has taken so far.
+    pub fn samples_taken() -> u64 {
+        crate::sample::TAKEN.load(core::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `p` is a sampled block (served from the sample arena, so it is not the
+    /// block a free of the same class would hand back next).
+    pub fn is_sampled(p: *const u8) -> bool {
+        crate::chunk_map::kind_of(p as usize) == crate::chunk_map::KIND_SAMPLE
+    }
+
+    /// Samples skipped because every slot of the sample arena held a live block.
+    pub fn samples_skipped() -> u64 {
+        crate::sample::SKIPPED.load(core::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The lock-free page protocol, for the loom models in `rust-tests/loom.rs` only.

@@ -30,6 +30,8 @@ const DEFAULT_BUDGET_US: u64 = 2_000;
 static SECURE: AtomicBool = AtomicBool::new(false);
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 static SHOW_STATS: AtomicBool = AtomicBool::new(false);
+/// `LGMALLOC_SHOW_STATS=pid:N`: only process N prints (0: every process).
+static STATS_PID: AtomicU64 = AtomicU64::new(0);
 static VERIFY: AtomicBool = AtomicBool::new(false);
 static LEARN: AtomicBool = AtomicBool::new(true);
 static DEFERRED_ANALYSIS: AtomicBool = AtomicBool::new(true);
@@ -46,6 +48,12 @@ pub fn init() {
     }
     VERBOSE.store(flag("LGMALLOC_VERBOSE\0"), Ordering::Relaxed);
     SHOW_STATS.store(flag("LGMALLOC_SHOW_STATS\0"), Ordering::Relaxed);
+    if let Some(pid) = var("LGMALLOC_SHOW_STATS\0")
+        .and_then(|v| v.strip_prefix(b"pid:"))
+        .and_then(|v| core::str::from_utf8(v).ok()?.parse::<u64>().ok())
+    {
+        STATS_PID.store(pid, Ordering::Relaxed);
+    }
     VERIFY.store(flag("LGMALLOC_VERIFY\0"), Ordering::Relaxed);
     LEARN.store(!off("LGMALLOC_LEARN\0"), Ordering::Relaxed);
     DEFERRED_ANALYSIS.store(!off("LGMALLOC_DEFERRED_ANALYSIS\0"), Ordering::Relaxed);
@@ -103,7 +111,10 @@ pub fn verbose() -> bool {
 
 /// `LGMALLOC_SHOW_STATS`: print a summary at exit.
 pub fn show_stats() -> bool {
-    SHOW_STATS.load(Ordering::Relaxed)
+    let pid = STATS_PID.load(Ordering::Relaxed);
+    // SAFETY: getpid has no preconditions (checked at exit, so a forked child that
+    // inherited the setting stays quiet).
+    SHOW_STATS.load(Ordering::Relaxed) && (pid == 0 || pid == unsafe { libc::getpid() } as u64)
 }
 
 /// `LGMALLOC_VERIFY`: every allocation takes the slow path and is matched to its site.

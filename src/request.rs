@@ -8,11 +8,13 @@ use core::ffi::{c_int, c_void};
 use core::ptr;
 use core::sync::atomic::Ordering;
 
-use crate::chunk_map::{self, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE, KIND_SEGMENT};
+use crate::chunk_map::{
+    self, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE, KIND_SAMPLE, KIND_SEGMENT,
+};
 use crate::diag::misuse;
 use crate::size_class::{self, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
 use crate::stats::{self, LgStats};
-use crate::{heap, init, large, options, os, page, segment};
+use crate::{heap, init, large, options, os, page, sample, segment};
 
 /// Requests above this fail with ENOMEM, as in glibc.
 const MAX_REQUEST: usize = isize::MAX as usize;
@@ -89,6 +91,8 @@ fn free_not_small(addr: usize, kind: u8) {
         KIND_LARGE | KIND_LARGE_AT_BASE => {
             misuse("free of an invalid or already freed pointer", addr)
         }
+        KIND_SAMPLE if sample::free(addr) => {}
+        KIND_SAMPLE => misuse("free of an invalid or already freed pointer", addr),
         _ => misuse("free of a pointer lgmalloc never returned", addr),
     }
     os::set_errno(saved);
@@ -106,7 +110,7 @@ pub fn calloc(count: usize, size: usize) -> *mut u8 {
     }
     let kind = chunk_map::kind_of(p as usize);
     // Fresh (or decommitted) large mappings read as zero already; blocks do not.
-    if kind == KIND_SEGMENT || !large::known_zero(p as usize, kind) {
+    if kind == KIND_SEGMENT || kind == KIND_SAMPLE || !large::known_zero(p as usize, kind) {
         // SAFETY: `p` is a fresh block of at least `total` bytes.
         unsafe { ptr::write_bytes(p, 0, total) };
     }
@@ -122,6 +126,7 @@ pub fn usable_size(p: *const u8) -> usize {
             unsafe { page::block_size_of(segment::page_of(addr)) }
         }
         k @ (KIND_LARGE | KIND_LARGE_AT_BASE) => large::usable_size(addr, k),
+        KIND_SAMPLE => sample::usable_size(addr),
         _ => 0,
     }
 }
@@ -195,6 +200,16 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
                 if !q.is_null() {
                     return q;
                 }
+            }
+            usable
+        }
+        KIND_SAMPLE => {
+            let usable = sample::usable_size(addr);
+            if usable == 0 {
+                misuse("realloc of an invalid or already freed pointer", addr);
+            }
+            if size <= usable && size.max(MIN_ALIGN) * 2 > usable {
+                return p;
             }
             usable
         }

@@ -572,6 +572,21 @@ impl RegionInner {
         }
     }
 
+    /// Collects remote frees on every abandoned page (empty ones are left for the sweep).
+    fn collect_abandoned(&mut self) {
+        for &head in self.abandoned.iter() {
+            let mut p = head;
+            while !p.is_null() {
+                // SAFETY: abandoned pages have no owner; the region lock makes us the
+                // only thread that may touch their owner-side fields.
+                unsafe {
+                    page::collect_remote(p);
+                    p = (*p).next;
+                }
+            }
+        }
+    }
+
     /// Moves up to `max` abandoned pages of classes other than `class` that still
     /// have live blocks to `heap`, onto the plain list `adopted`.
     fn adopt_others(
@@ -854,8 +869,15 @@ pub fn committed_bytes() -> usize {
 /// Visits every allocated page's record (statistics), with the region lock held. The
 /// records are passed as raw pointers: their owners write them meanwhile, so no
 /// reference may cover them (see `page::stats_snapshot`).
+///
+/// First, in the same visit, the blocks other threads freed on abandoned pages are
+/// collected: their owner exited, so nothing else would until the page is adopted or
+/// swept, and statistics would count them as live for as long as that takes (a whole
+/// round of a program whose threads free what exited threads allocated), unlike the
+/// blocks freed in every other way, counted when freed.
 pub fn for_each_page(mut f: impl FnMut(*const Page)) {
     with_region(|r| {
+        r.collect_abandoned();
         let mut s = r.segments;
         while !s.is_null() {
             let seg = s as usize;

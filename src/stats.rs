@@ -24,7 +24,8 @@ pub struct LgClassStats {
     pub block_size: u64,
     /// Allocations served from this class since start.
     pub allocations: u64,
-    /// Blocks currently in use (or freed by another thread and not yet collected).
+    /// Blocks currently in use (or freed by another thread and not yet collected by the
+    /// page's owner; those of exited threads' pages are collected by the snapshot).
     pub live_blocks: u64,
     /// Pages currently holding blocks of this class.
     pub pages: u64,
@@ -97,6 +98,10 @@ pub fn collect(out: &mut LgStats) {
     for (c, slot) in out.classes.iter_mut().enumerate().take(count) {
         slot.block_size = size_class::block_size(c) as u64;
         slot.allocations = per_class[c];
+        // Sampled blocks live in the sample arena, not in a page of their class.
+        let sampled = crate::sample::live_in_class(c);
+        slot.live_blocks += sampled;
+        allocated += sampled * slot.block_size;
     }
     segment::for_each_page(|p| {
         // SAFETY: `for_each_page` holds the region lock and passes page records.

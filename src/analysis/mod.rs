@@ -64,6 +64,7 @@ mod lsda;
 mod mmap;
 mod pipeline;
 mod scan;
+pub mod symbols;
 mod targets;
 mod wrappers;
 

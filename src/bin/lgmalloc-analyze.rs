@@ -15,9 +15,13 @@ use std::time::{Duration, Instant};
 use lgmalloc::analysis::cache_dir::{CacheDir, CacheFile};
 use lgmalloc::analysis::{Analysis, CallSite, analyze_path, analyze_path_within};
 
+#[path = "profile_view.rs"]
+mod profile_view;
+
 const USAGE: &str = "\
 usage: lgmalloc-analyze [--json] [--no-cache] [--budget-ms N] ELF...
        lgmalloc-analyze --cache-list [--json] | --cache-clear
+       lgmalloc-analyze --profile PROGRAM [--json] [--plot FILE.svg]
 
 Finds the allocation call sites of x86-64 ELF executables (malloc, calloc, realloc,
 aligned/posix_memalign, C++ operator new, Rust __rust_alloc, lg_* and their wrappers)
@@ -31,6 +35,10 @@ options:
                (most recent first); with --json, one object
   --cache-clear  remove lgmalloc's files from the cache directory (analyses, plans,
                observations, temporaries, the lock file); other files stay
+  --profile PROGRAM  the allocation profile sampled runs of PROGRAM stored (about one
+               allocation per 256 KiB allocated): top call sites by bytes and by count,
+               symbolized, with sizes, lifetimes, the static prediction and the plan
+  --plot FILE.svg  with --profile: draw bytes by size class, observed vs predicted
   -h, --help   print this help
 
 The cache lives in $LGMALLOC_CACHE_DIR, else $XDG_CACHE_HOME/lgmalloc, else
@@ -53,6 +61,8 @@ struct Options {
     cache: bool,
     budget: Option<Duration>,
     files: Vec<PathBuf>,
+    profile: Option<PathBuf>,
+    plot: Option<PathBuf>,
 }
 
 enum Cli {
@@ -68,6 +78,8 @@ fn parse_args(args: impl Iterator<Item = std::ffi::OsString>) -> Cli {
         cache: true,
         budget: None,
         files: Vec::new(),
+        profile: None,
+        plot: None,
     };
     let mut only_files = false;
     let mut args = args;
@@ -87,6 +99,14 @@ fn parse_args(args: impl Iterator<Item = std::ffi::OsString>) -> Cli {
                     None => return Cli::Usage("--budget-ms needs a number of milliseconds".into()),
                 }
             }
+            Some("--profile") => match args.next() {
+                Some(p) => opts.profile = Some(p.into()),
+                None => return Cli::Usage("--profile needs a program".into()),
+            },
+            Some("--plot") => match args.next() {
+                Some(p) => opts.plot = Some(p.into()),
+                None => return Cli::Usage("--plot needs a file name".into()),
+            },
             Some("-h" | "--help") => return Cli::Help,
             Some("--") => only_files = true,
             Some(s) if s.starts_with('-') && s.len() > 1 => {
@@ -94,6 +114,12 @@ fn parse_args(args: impl Iterator<Item = std::ffi::OsString>) -> Cli {
             }
             _ => opts.files.push(arg.into()),
         }
+    }
+    if opts.profile.is_some() || opts.plot.is_some() {
+        if opts.profile.is_none() || !opts.files.is_empty() || opts.cache_cmd.is_some() {
+            return Cli::Usage("--profile takes one program (and --plot needs --profile)".into());
+        }
+        return Cli::Run(opts);
     }
     if opts.cache_cmd.is_some() {
         if !opts.files.is_empty() {
@@ -119,9 +145,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let ok = match opts.cache_cmd {
-        Some(cmd) => cache_command(cmd, opts.json),
-        None => run(&opts),
+    let ok = match (&opts.profile, opts.cache_cmd) {
+        (Some(program), _) => profile_view::show(program, opts.json, opts.plot.as_deref()),
+        (None, Some(cmd)) => cache_command(cmd, opts.json),
+        (None, None) => run(&opts),
     };
     if ok {
         ExitCode::SUCCESS

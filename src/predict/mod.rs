@@ -27,11 +27,13 @@
 //! | `store` | the stored plan and observations (text files in the cache) |
 //! | `deferred` | analyses that did not fit the start-up budget, run at exit |
 //! | `verify` | verify mode: every allocation matched to its call site |
+//! | `profile` | the sampled profile: this run's call sites, the stored profile |
 
 mod build;
 mod deferred;
 mod learn;
 mod modules;
+pub mod profile;
 mod start;
 pub(crate) mod store;
 mod verify;

@@ -102,6 +102,21 @@ pub(super) fn code_range(base: usize, phdrs: &[libc::Elf64_Phdr]) -> (usize, usi
     (lo, hi, bytes)
 }
 
+/// True when libgcc's unwinder can find its own frame: the main program has a
+/// `PT_GNU_EH_FRAME` header (a `-static` program linked without `--eh-frame-hdr` has
+/// none, and there `_Unwind_Backtrace` aborts). Shared objects always carry one.
+pub(super) fn unwinder_is_safe() -> bool {
+    let mut first = true;
+    let mut safe = false;
+    for_each_module(|_, phdrs, _| {
+        if first {
+            safe = phdrs.iter().any(|p| p.p_type == libc::PT_GNU_EH_FRAME);
+        }
+        first = false;
+    });
+    safe
+}
+
 /// The executable's path, from `/proc/self/exe`.
 pub(super) fn executable_path() -> Option<PathBuf> {
     std::fs::read_link("/proc/self/exe").ok()

@@ -35,6 +35,26 @@ extern "C" fn plan_at_start(
     if !crate::init::ensure_initialized() {
         return;
     }
+    plan_this_process();
+    // Registered last so that it runs first at exit: the profile is stored before a
+    // deferred analysis child is forked, and the process's exit is not drawn out
+    // while that child runs.
+    if options::learn() {
+        // SAFETY: registers a plain function.
+        unsafe { libc::atexit(super::profile::write_at_exit) };
+    }
+}
+
+/// Everything `plan_at_start` does but storing the profile.
+fn plan_this_process() {
+    // The sampler takes a sampled call's return address as its site when it lies
+    // outside lgmalloc, which it can tell only when lgmalloc is a module of its own.
+    if let Some((lo, hi, false)) = verify::own_module() {
+        crate::sample::set_own_code(lo, hi);
+    }
+    if super::modules::unwinder_is_safe() {
+        crate::sample::allow_unwinding();
+    }
     if options::verify() {
         verify::start();
     }

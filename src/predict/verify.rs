@@ -1,14 +1,62 @@
 //! Verify mode (`LGMALLOC_VERIFY=1`): every allocation reaches the slow path, where
-//! its call site is found by unwinding and matched against the plan's constant sites;
-//! one line at exit sums it up.
+//! its call site is found by unwinding and matched against the sites in the plan: the
+//! static analysis's constant sites and the constant-size sites the stored profile
+//! learned. One line at exit sums it up: `predicted` counts calls from those sites,
+//! `exact` the ones whose size fell in the class predicted for them.
 
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use super::current;
+use super::modules::executable_path;
 use super::modules::{code_range, for_each_module};
+use super::profile;
+use crate::analysis::symbols::{Symbols, is_allocator_frame};
 use crate::diag::diag;
-use crate::{heap, options};
+use crate::{heap, options, size_class};
+
+/// Call sites the stored profile saw with one constant size (learned), by return
+/// address; set once at start, before verify mode counts anything.
+static LEARNED_SITES: AtomicPtr<Vec<Site>> = AtomicPtr::new(core::ptr::null_mut());
+
+/// A profiled site counts as learned when this many samples saw the same size.
+const LEARNED_MIN_SAMPLES: u64 = 2;
+
+/// Reads the stored profile's constant-size sites of the loaded modules.
+fn load_learned_sites() {
+    let Some(p) = executable_path().and_then(|exe| profile::read(&exe)) else {
+        return;
+    };
+    let mut bases: Vec<(String, usize)> = Vec::new();
+    let exe = executable_path().unwrap_or_default();
+    for_each_module(|base, _, name| {
+        let path = if bases.is_empty() {
+            exe.to_string_lossy().into_owned()
+        } else {
+            name.to_string()
+        };
+        bases.push((path, base));
+    });
+    let mut sites: Vec<Site> = p
+        .sites
+        .iter()
+        .filter(|s| s.size_min == s.size_max && s.samples >= LEARNED_MIN_SAMPLES)
+        .filter_map(|s| {
+            let path = p.modules.get(s.module)?;
+            let base = bases.iter().find(|b| &b.0 == path)?.1;
+            Some(Site::new(base + s.offset as usize, s.size_min))
+        })
+        .collect();
+    sites.sort_by_key(|s| s.ret);
+    LEARNED_SITES.store(Box::into_raw(Box::new(sites)), Ordering::Release);
+}
+
+fn learned_site(ret: usize) -> Option<&'static Site> {
+    // SAFETY: a stored list is leaked and never freed.
+    let sites = unsafe { LEARNED_SITES.load(Ordering::Acquire).as_ref() }?;
+    let i = sites.binary_search_by_key(&ret, |s| s.ret).ok()?;
+    sites.get(i)
+}
 
 /// A call site with a constant prediction, keyed by its return address at run time.
 pub(super) struct Site {
@@ -32,6 +80,7 @@ impl Site {
 /// Turns verify mode on: allocations are matched from now on, totals printed at exit.
 pub(super) fn start() {
     find_own_code();
+    load_learned_sites();
     heap::set_verify_hook(record_call);
     // SAFETY: registers a plain function.
     unsafe { libc::atexit(report_at_exit) };
@@ -50,16 +99,23 @@ static OWN_CODE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 fn record_call(size: usize) {
     // Allocations before the plan is in force (the loader's, the analysis's own) are
     // not the program's: they are not counted.
-    let Some(plan) = current() else { return };
+    // With prediction off, the learned sites alone are matched (no analysis runs).
+    let plan = current();
+    if plan.is_none() && LEARNED_SITES.load(Ordering::Acquire).is_null() {
+        return;
+    }
     VERIFY_CALLS.fetch_add(1, Ordering::Relaxed);
     let ret = caller_return_address();
-    let Ok(i) = plan.sites.binary_search_by_key(&ret, |s| s.ret) else {
-        return;
+    let sites = plan.map_or(&[][..], |p| &p.sites[..]);
+    let site = match sites.binary_search_by_key(&ret, |s| s.ret) {
+        Ok(i) => sites.get(i),
+        Err(_) => learned_site(ret),
     };
-    let site = &plan.sites[i];
+    let Some(site) = site else { return };
     site.calls.fetch_add(1, Ordering::Relaxed);
     VERIFY_PREDICTED.fetch_add(1, Ordering::Relaxed);
-    if site.size == size as u64 {
+    // Exact: the size fell in the class predicted for the site.
+    if size_class::size_class_of(size) == size_class::size_class_of(site.size as usize) {
         site.exact.fetch_add(1, Ordering::Relaxed);
         VERIFY_EXACT.fetch_add(1, Ordering::Relaxed);
     }
@@ -86,7 +142,7 @@ fn caller_return_address() -> usize {
             OWN_CODE[0].load(Ordering::Relaxed),
             OWN_CODE[1].load(Ordering::Relaxed),
         );
-        if ip == 0 || (ip >= lo && ip < hi) {
+        if ip == 0 || (ip >= lo && ip < hi && !linked_in_caller(ip)) {
             return URC_NO_REASON;
         }
         // SAFETY: `arg` points at the caller's `usize`.
@@ -94,21 +150,65 @@ fn caller_return_address() -> usize {
         URC_END_OF_STACK
     }
     let mut found = 0usize;
+    if !crate::sample::unwinding_allowed() {
+        return found;
+    }
     // SAFETY: the callback matches the unwinder's signature and only writes `found`.
     unsafe { _Unwind_Backtrace(visit, (&raw mut found).cast()) };
     found
 }
 
-/// Records the code range of the module holding lgmalloc (verify mode).
+/// Records the code range of the module holding lgmalloc (verify mode), and when that
+/// is the main program (lgmalloc linked in), its symbols, to tell its frames apart.
 fn find_own_code() {
-    let me = find_own_code as *const () as usize;
+    if let Some((lo, hi, main)) = own_module() {
+        OWN_CODE[0].store(lo, Ordering::Relaxed);
+        OWN_CODE[1].store(hi, Ordering::Relaxed);
+        if main {
+            let mut base = 0;
+            for_each_module(|b, _, _| {
+                if base == 0 {
+                    base = b;
+                }
+            });
+            let syms = executable_path().and_then(|exe| Symbols::read(&exe));
+            if let Some(syms) = syms {
+                MAIN_BASE.store(base, Ordering::Relaxed);
+                MAIN_SYMBOLS.store(Box::into_raw(Box::new(syms)), Ordering::Release);
+            }
+        }
+    }
+}
+
+/// The main program's symbols and load bias, when lgmalloc is linked into it.
+static MAIN_SYMBOLS: AtomicPtr<Symbols> = AtomicPtr::new(core::ptr::null_mut());
+static MAIN_BASE: AtomicUsize = AtomicUsize::new(0);
+
+/// True when `ip`, in the main program that lgmalloc is linked into, lies in a
+/// function that is not the allocator's (so it is the call site).
+fn linked_in_caller(ip: usize) -> bool {
+    // SAFETY: stored symbols are leaked and never freed.
+    let Some(syms) = (unsafe { MAIN_SYMBOLS.load(Ordering::Acquire).as_ref() }) else {
+        return false;
+    };
+    let offset = ip.wrapping_sub(MAIN_BASE.load(Ordering::Relaxed)) as u64;
+    syms.caller_of(offset)
+        .is_some_and(|(name, _)| !is_allocator_frame(name))
+}
+
+/// The code range of the module holding lgmalloc, and whether it is the main program.
+pub(super) fn own_module() -> Option<(usize, usize, bool)> {
+    let me = own_module as *const () as usize;
+    let mut found = None;
+    let mut first = true;
     for_each_module(|base, phdrs, _| {
         let (lo, hi, _) = code_range(base, phdrs);
         if me >= lo && me < hi {
-            OWN_CODE[0].store(lo, Ordering::Relaxed);
-            OWN_CODE[1].store(hi, Ordering::Relaxed);
+            found = Some((lo, hi, first));
         }
+        first = false;
     });
+    found
 }
 
 extern "C" fn report_at_exit() {

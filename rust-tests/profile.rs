@@ -1,0 +1,316 @@
+//! The sampled allocation profile: sampling rate, call sites, lifetimes, the stored
+//! file (bounded, validated) and `lgmalloc-analyze --profile`.
+//!
+//! The statistical bounds: one sample per `MEAN_INTERVAL` bytes on average, with
+//! exponential intervals, makes the number of samples in a volume of V bytes close to
+//! Poisson with mean V / MEAN_INTERVAL; the bounds below sit more than 5 standard
+//! deviations from it (never flakes) yet fail for a rate off by a quarter.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use lgmalloc::c_api::{lg_free, lg_malloc};
+use lgmalloc::profile::{self, MEAN_INTERVAL, Profile, ProfileSite};
+
+/// The sites of `profile::this_run()` whose calls lie in a function named `name`,
+/// summed (the compiler may give one source call several call instructions).
+fn site_in(p: &Profile, name: &str) -> Option<ProfileSite> {
+    let exe = std::env::current_exe().unwrap();
+    let syms = lgmalloc::analysis::symbols::Symbols::read(&exe).expect("symbols of the test");
+    let me = p.modules.iter().position(|m| Path::new(m) == exe)?;
+    let mut sum = Profile::default();
+    for s in p.sites.iter().filter(|s| s.module == me) {
+        if syms
+            .caller_of(s.offset)
+            .is_some_and(|(n, _)| n.contains(name))
+        {
+            let one = Profile {
+                modules: vec![String::from("/f")],
+                sites: vec![ProfileSite {
+                    module: 0,
+                    offset: 0,
+                    ..s.clone()
+                }],
+                ..Profile::default()
+            };
+            sum.merge(&one);
+        }
+    }
+    sum.sites.pop()
+}
+
+#[inline(never)]
+fn churn_at_rate(bytes: usize, size: usize) {
+    for _ in 0..bytes / size {
+        let p = lg_malloc(size);
+        assert!(!p.is_null());
+        // SAFETY: a live block from lg_malloc.
+        unsafe { lg_free(std::hint::black_box(p)) };
+    }
+}
+
+#[test]
+fn samples_come_at_the_expected_rate_from_the_call_site() {
+    let volume = 128 << 20;
+    std::thread::spawn(move || churn_at_rate(volume, 64))
+        .join()
+        .unwrap();
+    let site = site_in(&profile::this_run(), "churn_at_rate").expect("the call site is named");
+    let expected = (volume / MEAN_INTERVAL) as u64; // 512, standard deviation about 23
+    assert!(
+        (380..=650).contains(&site.samples),
+        "{} samples for {expected} expected",
+        site.samples
+    );
+    assert_eq!((site.size_min, site.size_max, site.align), (64, 64, 16));
+    assert_eq!(site.freed, site.samples, "every sampled block was freed");
+}
+
+#[inline(never)]
+fn hold_then_free(count: usize, size: usize, hold: Duration) {
+    let blocks: Vec<*mut std::ffi::c_void> = (0..count).map(|_| lg_malloc(size)).collect();
+    assert!(blocks.iter().all(|p| !p.is_null()));
+    for &p in &blocks {
+        // SAFETY: live blocks; the sampled ones must stay writable like any other.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0xa5, size) };
+    }
+    std::thread::sleep(hold);
+    for p in blocks {
+        // SAFETY: each block is live and freed once.
+        unsafe { lg_free(p) };
+    }
+}
+
+#[test]
+fn lifetimes_of_sampled_blocks_are_recorded() {
+    let hold = Duration::from_millis(50);
+    // 32 MiB in 4000-byte blocks: about 128 samples, all held for `hold`.
+    std::thread::spawn(move || hold_then_free(8192, 4000, hold))
+        .join()
+        .unwrap();
+    let site = site_in(&profile::this_run(), "hold_then_free").expect("the call site is named");
+    assert!(
+        site.samples >= 64,
+        "{} samples ({} taken, {} skipped in all): {:?}",
+        site.samples,
+        profile::samples_taken(),
+        profile::samples_skipped(),
+        profile::this_run().sites
+    );
+    assert_eq!(site.freed, site.samples);
+    let mean = site.lifetime_ns / site.freed;
+    assert!(mean >= hold.as_nanos() as u64, "mean lifetime {mean} ns");
+    assert!(site.lifetime_max_ns >= mean);
+}
+
+fn big_profile() -> Profile {
+    let mut p = Profile {
+        runs: 3,
+        interval: MEAN_INTERVAL as u64,
+        ..Profile::default()
+    };
+    for m in 0..300 {
+        p.modules.push(format!(
+            "/very/long/path/{}/libmodule{m}.so",
+            "x".repeat(200)
+        ));
+    }
+    for i in 0..5000u64 {
+        p.sites.push(ProfileSite {
+            module: (i % 300) as usize,
+            offset: 0x1000 + i * 16,
+            samples: 2,
+            bytes: 64 * 2 + i,
+            size_min: 64,
+            size_max: 64 + i,
+            align: 16,
+            threads: 1,
+            freed: 1,
+            lifetime_ns: 10,
+            lifetime_max_ns: 10,
+        });
+    }
+    p.classes.push((64, 10_000));
+    p
+}
+
+#[test]
+fn the_stored_profile_stays_within_64_kib_and_reads_back() {
+    let p = big_profile();
+    let text = p.text();
+    assert!(text.len() <= 64 << 10, "{} bytes", text.len());
+    let back = profile::parse(text.as_bytes()).expect("what lgmalloc writes, it reads");
+    assert!(back.sites.len() > 50, "{} sites kept", back.sites.len());
+    // The sites kept are the ones with the most bytes.
+    let least_kept = back.sites.iter().map(|s| s.bytes).min().unwrap();
+    assert!(least_kept > 64 * 2 + 4000);
+}
+
+#[test]
+fn corrupt_profiles_are_refused() {
+    let good = {
+        let mut p = big_profile();
+        p.sites.truncate(3);
+        p.text()
+    };
+    assert!(profile::parse(good.as_bytes()).is_ok());
+    let bad = [
+        good.replace("lgmalloc-profile 1", "lgmalloc-profile 9"),
+        good.replace("site 0 ", "site 7 "),
+        good.replace(" 16 1 1 10 10", " 12 1 1 10 10"), // alignment not a power of two
+        good.replace(" 16 1 1 10 10", " 16 1 9 10 10"), // more freed than sampled
+        good.replace("runs 3", "runs x"),
+        good.replace("module 0 /", "module 0 rel/"),
+        format!("{good}garbage line\n"),
+        "x".repeat(70 << 10),
+    ];
+    for (i, b) in bad.iter().enumerate() {
+        assert!(
+            profile::parse(b.as_bytes()).is_err(),
+            "variant {i} accepted"
+        );
+    }
+    // Every prefix and every single-byte corruption parses or is refused, never crashes,
+    // and what is accepted survives being written and read again (as the fuzz target
+    // `plan` checks on mutated input).
+    let stable = |b: &[u8]| {
+        if let Ok(text) = lgmalloc::fuzzing::reparse_profile(b) {
+            assert_eq!(
+                lgmalloc::fuzzing::reparse_profile(text.as_bytes()),
+                Ok(text)
+            );
+        }
+    };
+    for n in 0..good.len() {
+        stable(&good.as_bytes()[..n]);
+        let mut b = good.clone().into_bytes();
+        b[n] ^= 0x5a;
+        stable(&b);
+    }
+}
+
+#[inline(never)]
+fn profile_child_site(bytes: usize) {
+    for _ in 0..bytes / 200 {
+        let p = lg_malloc(200);
+        // SAFETY: a live block from lg_malloc.
+        unsafe { lg_free(std::hint::black_box(p)) };
+    }
+}
+
+/// Run as a child by the test below: allocates, then exits, which stores the profile.
+#[test]
+#[ignore]
+fn child_allocates_for_the_profile() {
+    if std::env::var_os("LGMALLOC_PROFILE_CHILD").is_some() {
+        profile_child_site(64 << 20);
+    }
+}
+
+fn temp_cache(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("profile-cache")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run_child(cache: &Path) -> std::process::Output {
+    run_child_with(cache, &[])
+}
+
+fn run_child_with(cache: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(&exe)
+        .envs(env.iter().copied())
+        .args([
+            "--exact",
+            "child_allocates_for_the_profile",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env("LGMALLOC_PROFILE_CHILD", "1")
+        .env("LGMALLOC_CACHE_DIR", cache)
+        .env("LGMALLOC_PREDICT", "off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn analyze(cache: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lgmalloc-analyze"))
+        .args(args)
+        .env("LGMALLOC_CACHE_DIR", cache)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn profile_is_stored_at_exit_merged_and_shown_by_the_analyzer() {
+    let cache = temp_cache("cli");
+    let _ = run_child(&cache);
+    let _ = run_child(&cache);
+    let exe = std::env::current_exe().unwrap();
+    let files: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".profile"))
+        .collect();
+    assert_eq!(files.len(), 1, "one profile for the program");
+    let path = files[0].path();
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() <= 64 << 10);
+    let stored = profile::parse(&bytes).expect("valid");
+    assert_eq!(stored.runs, 2, "both runs merged");
+
+    let exe_s = exe.to_str().unwrap();
+    let out = analyze(&cache, &["--profile", exe_s]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("profile_child_site"), "{text}");
+    let out = analyze(&cache, &["--profile", exe_s, "--json"]);
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        json.contains("\"symbol\"") && json.contains("profile_child_site"),
+        "{json}"
+    );
+
+    // Verify mode counts the learned (profiled, constant-size) site as predicted.
+    let out = run_child_with(&cache, &[("LGMALLOC_VERIFY", "1")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("verify calls="))
+        .expect("verify line");
+    let field = |k: &str| -> u64 {
+        let v = line.split(k).nth(1).unwrap();
+        v.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (calls, predicted, exact) = (field("calls="), field("predicted="), field("exact="));
+    assert!(predicted * 2 >= calls && exact == predicted, "{line}");
+
+    // A corrupt file is ignored: the analyzer reports no profile, and the next run
+    // replaces it with a valid one.
+    std::fs::write(&path, b"lgmalloc-profile 1\nsite 99 zz\n").unwrap();
+    let out = analyze(&cache, &["--profile", exe_s]);
+    assert!(!out.status.success());
+    let _ = run_child(&cache);
+    let again = profile::parse(&std::fs::read(&path).unwrap()).expect("rewritten valid");
+    assert_eq!(again.runs, 1);
+    let _ = std::fs::remove_dir_all(&cache);
+}

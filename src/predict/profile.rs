@@ -1,0 +1,399 @@
+//! The sampled allocation profile across runs: this run's samples (`sample`) resolved
+//! to call sites as module + offset (stable under ASLR), merged at exit into the
+//! program's stored profile (`<entry>.profile` beside its analysis cache entry, keyed
+//! by build-id like every cache file), bounded to [`MAX_FILE_BYTES`].
+//!
+//! The file is untrusted input like the plan (see `store`): every value is checked
+//! against what lgmalloc could have written, and a file that fails is ignored whole with
+//! one `LGMALLOC_VERBOSE` line.
+
+use core::fmt::Write;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::modules::{code_range, executable_path, for_each_module};
+use super::store::MAX_FILE_BYTES;
+use crate::analysis::cache_dir::{self, CacheDir};
+use crate::analysis::symbols::{Symbols, is_allocator_frame};
+use crate::diag::diag;
+use crate::sample;
+use crate::size_class::{self, MAX_SMALL_SIZE};
+
+/// Why a stored profile was refused.
+pub type Refusal = &'static str;
+
+const HEADER: &str = "lgmalloc-profile 1";
+/// Modules a profile may name.
+const MAX_MODULES: usize = 256;
+/// Call sites a profile keeps (the ones with the most sampled bytes).
+pub const MAX_SITES: usize = 400;
+
+/// One call site and what its samples saw, over all runs stored.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProfileSite {
+    /// Index into [`Profile::modules`].
+    pub module: usize,
+    /// Return address of the call, as an offset from the module's load address (a
+    /// link-time address for executables and shared objects).
+    pub offset: u64,
+    pub samples: u64,
+    /// Bytes requested by the sampled calls.
+    pub bytes: u64,
+    pub size_min: u64,
+    pub size_max: u64,
+    /// Largest alignment asked for.
+    pub align: u64,
+    /// Threads seen allocating here: 1, or 2 for several.
+    pub threads: u64,
+    /// Sampled blocks freed before exit, their total and longest lifetime.
+    pub freed: u64,
+    pub lifetime_ns: u64,
+    pub lifetime_max_ns: u64,
+}
+
+/// A program's stored profile.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Profile {
+    pub runs: u64,
+    /// Mean bytes between samples: each sample stands for about this many bytes.
+    pub interval: u64,
+    /// File paths of the modules sites lie in.
+    pub modules: Vec<String>,
+    pub sites: Vec<ProfileSite>,
+    /// `(block size, samples)` per size class.
+    pub classes: Vec<(u64, u64)>,
+}
+
+impl Profile {
+    /// Adds `other` (another run) into this profile.
+    pub fn merge(&mut self, other: &Profile) {
+        self.runs = self.runs.saturating_add(other.runs);
+        self.interval = other.interval;
+        for s in &other.sites {
+            let Some(path) = other.modules.get(s.module) else {
+                continue;
+            };
+            let module = match self.modules.iter().position(|m| m == path) {
+                Some(i) => i,
+                None => {
+                    self.modules.push(path.clone());
+                    self.modules.len() - 1
+                }
+            };
+            let found = self
+                .sites
+                .iter_mut()
+                .find(|t| t.module == module && t.offset == s.offset);
+            match found {
+                Some(t) => {
+                    t.samples = t.samples.saturating_add(s.samples);
+                    t.bytes = t.bytes.saturating_add(s.bytes);
+                    t.size_min = t.size_min.min(s.size_min);
+                    t.size_max = t.size_max.max(s.size_max);
+                    t.align = t.align.max(s.align);
+                    t.threads = t.threads.max(s.threads);
+                    t.freed = t.freed.saturating_add(s.freed);
+                    t.lifetime_ns = t.lifetime_ns.saturating_add(s.lifetime_ns);
+                    t.lifetime_max_ns = t.lifetime_max_ns.max(s.lifetime_max_ns);
+                }
+                None => self.sites.push(ProfileSite {
+                    module,
+                    ..s.clone()
+                }),
+            }
+        }
+        for &(size, n) in &other.classes {
+            match self.classes.iter_mut().find(|c| c.0 == size) {
+                Some(c) => c.1 = c.1.saturating_add(n),
+                None => self.classes.push((size, n)),
+            }
+        }
+        self.classes.sort_unstable();
+    }
+
+    /// The text stored: sites by sampled bytes, as many as fit in [`MAX_FILE_BYTES`]
+    /// (and [`MAX_SITES`]); only the modules they use.
+    pub fn text(&self) -> String {
+        let mut sites: Vec<&ProfileSite> = self.sites.iter().collect();
+        sites.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.offset.cmp(&b.offset)));
+        sites.truncate(MAX_SITES);
+        let mut head = format!("{HEADER}\nruns {}\ninterval {}\n", self.runs, self.interval);
+        for &(size, n) in &self.classes {
+            let _ = writeln!(head, "class {size} {n}");
+        }
+        let mut modules: Vec<usize> = Vec::new();
+        let mut body = String::new();
+        for s in sites {
+            let Some(path) = self.modules.get(s.module) else {
+                continue;
+            };
+            let (idx, module_line) = match modules.iter().position(|&m| m == s.module) {
+                Some(i) => (i, String::new()),
+                None if modules.len() < MAX_MODULES => {
+                    (modules.len(), format!("module {} {path}\n", modules.len()))
+                }
+                None => continue,
+            };
+            let line = format!(
+                "site {idx} {:x} {} {} {} {} {} {} {} {} {}\n",
+                s.offset,
+                s.samples,
+                s.bytes,
+                s.size_min,
+                s.size_max,
+                s.align,
+                s.threads,
+                s.freed,
+                s.lifetime_ns,
+                s.lifetime_max_ns
+            );
+            if head.len() + body.len() + module_line.len() + line.len() > MAX_FILE_BYTES {
+                break;
+            }
+            if !module_line.is_empty() {
+                modules.push(s.module);
+                body.push_str(&module_line);
+            }
+            body.push_str(&line);
+        }
+        head + &body
+    }
+}
+
+/// Parses a stored profile; any value lgmalloc could not have written refuses the file.
+pub fn parse(bytes: &[u8]) -> Result<Profile, Refusal> {
+    if bytes.len() > MAX_FILE_BYTES {
+        return Err("too large");
+    }
+    let text = core::str::from_utf8(bytes).map_err(|_| "not text")?;
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER) {
+        return Err("not a profile of this version");
+    }
+    let mut p = Profile::default();
+    for line in lines {
+        parse_line(&mut p, line)?;
+    }
+    if p.runs == 0 || p.interval == 0 {
+        return Err("no runs or no interval");
+    }
+    Ok(p)
+}
+
+/// Parses and writes out again (the fuzz target checks that this is stable).
+pub fn reparse(bytes: &[u8]) -> Result<String, Refusal> {
+    parse(bytes).map(|p| p.text())
+}
+
+fn parse_line(p: &mut Profile, line: &str) -> Result<(), Refusal> {
+    if let Some(rest) = line.strip_prefix("module ") {
+        let (idx, path) = rest.split_once(' ').ok_or("a malformed module line")?;
+        if number::<usize>(idx)? != p.modules.len() || p.modules.len() >= MAX_MODULES {
+            return Err("module lines out of order or too many");
+        }
+        if !path.starts_with('/') || path.len() > 4096 {
+            return Err("a module path that is not absolute");
+        }
+        p.modules.push(path.to_string());
+        return Ok(());
+    }
+    let f: Vec<&str> = line.split_ascii_whitespace().collect();
+    match f.as_slice() {
+        ["runs", n] => p.runs = number(n)?,
+        ["interval", n] => p.interval = number(n)?,
+        ["class", size, n] => {
+            let size: u64 = number(size)?;
+            if size == 0
+                || size > MAX_SMALL_SIZE as u64
+                || p.classes.len() >= 4 * size_class::MAX_CLASSES
+            {
+                return Err("a class out of range");
+            }
+            p.classes.push((size, number(n)?));
+        }
+        ["site", m, off, rest @ ..] if rest.len() == 9 => {
+            let n: Vec<u64> = rest.iter().map(|v| number(v)).collect::<Result<_, _>>()?;
+            let s = ProfileSite {
+                module: number(m)?,
+                offset: u64::from_str_radix(off, 16).map_err(|_| "a malformed offset")?,
+                samples: n[0],
+                bytes: n[1],
+                size_min: n[2],
+                size_max: n[3],
+                align: n[4],
+                threads: n[5],
+                freed: n[6],
+                lifetime_ns: n[7],
+                lifetime_max_ns: n[8],
+            };
+            check_site(p, &s)?;
+            p.sites.push(s);
+        }
+        _ => return Err("an unknown line"),
+    }
+    Ok(())
+}
+
+fn check_site(p: &Profile, s: &ProfileSite) -> Result<(), Refusal> {
+    let ok = s.module < p.modules.len()
+        && p.sites.len() < MAX_SITES
+        && s.samples > 0
+        && s.freed <= s.samples
+        && s.size_min <= s.size_max
+        && s.size_max <= MAX_SMALL_SIZE as u64
+        && s.bytes >= s.size_min.saturating_mul(s.samples)
+        && s.bytes <= s.size_max.saturating_mul(s.samples)
+        && s.align.is_power_of_two()
+        && s.align <= MAX_SMALL_SIZE as u64
+        && (1..=2).contains(&s.threads)
+        && s.lifetime_max_ns <= s.lifetime_ns;
+    if ok {
+        Ok(())
+    } else {
+        Err("a site out of range")
+    }
+}
+
+fn number<T: core::str::FromStr>(field: &str) -> Result<T, Refusal> {
+    field.parse().map_err(|_| "a malformed number")
+}
+
+// ---- this run ------------------------------------------------------------------------
+
+/// A loaded module: load bias, code range, file path.
+struct Loaded {
+    base: usize,
+    lo: usize,
+    hi: usize,
+    path: PathBuf,
+}
+
+fn loaded_modules() -> Vec<Loaded> {
+    let exe = executable_path().unwrap_or_default();
+    let mut out = Vec::new();
+    for_each_module(|base, phdrs, name| {
+        let (lo, hi, _) = code_range(base, phdrs);
+        let path = if out.is_empty() {
+            exe.clone()
+        } else {
+            PathBuf::from(name)
+        };
+        out.push(Loaded { base, lo, hi, path });
+    });
+    out
+}
+
+/// This run's samples, resolved to call sites: each stack's first frame outside
+/// lgmalloc (its own module when it has one, else the allocator's functions by name).
+pub fn this_run() -> Profile {
+    let loaded = loaded_modules();
+    let (own_lo, own_hi) = sample::own_code();
+    // Symbols are read only when lgmalloc is linked into the program (then its frames
+    // are told apart by name), and only for the main program.
+    let mut symbols: HashMap<usize, Option<Symbols>> = HashMap::new();
+    let mut p = Profile {
+        runs: 1,
+        interval: sample::MEAN_INTERVAL as u64,
+        ..Profile::default()
+    };
+    let mut run = Profile::default();
+    sample::for_each_site(|s| {
+        let site = s
+            .frames
+            .iter()
+            .copied()
+            .filter(|&ip| ip != 0)
+            .find_map(|ip| {
+                if own_lo != own_hi && ip >= own_lo && ip < own_hi {
+                    return None;
+                }
+                let m = loaded.iter().position(|m| ip >= m.lo && ip < m.hi)?;
+                let module = loaded.get(m)?;
+                let offset = (ip - module.base) as u64;
+                if own_lo == own_hi && m == 0 {
+                    let sy = symbols
+                        .entry(m)
+                        .or_insert_with(|| Symbols::read(&module.path));
+                    let name = sy.as_ref().and_then(|sy| sy.caller_of(offset)).map(|f| f.0);
+                    if name.is_some_and(is_allocator_frame) {
+                        return None;
+                    }
+                }
+                Some((module.path.to_string_lossy().into_owned(), offset))
+            });
+        let Some((path, offset)) = site else { return };
+        if !path.starts_with('/') || s.samples == 0 {
+            return;
+        }
+        let one = Profile {
+            runs: 0,
+            interval: p.interval,
+            modules: vec![path],
+            sites: vec![ProfileSite {
+                module: 0,
+                offset,
+                samples: s.samples,
+                bytes: s.bytes,
+                size_min: s.size_min as u64,
+                size_max: s.size_max as u64,
+                align: s.align as u64,
+                threads: if s.several_threads { 2 } else { 1 },
+                freed: s.freed,
+                lifetime_ns: s.lifetime_ns,
+                lifetime_max_ns: s.lifetime_max_ns,
+            }],
+            classes: Vec::new(),
+        };
+        run.merge(&one);
+    });
+    for (class, n) in sample::CLASS_SAMPLES.iter().enumerate() {
+        let n = n.load(core::sync::atomic::Ordering::Relaxed);
+        if n > 0 && class < size_class::class_count() {
+            run.classes.push((size_class::block_size(class) as u64, n));
+        }
+    }
+    run.runs = 0;
+    p.merge(&run);
+    p
+}
+
+/// The cache directory and file name of `program`'s stored profile.
+pub fn location(program: &Path) -> Option<(CacheDir, String)> {
+    let entry = crate::analysis::cache_entry(program)?;
+    let (dir, name) = CacheDir::open_for(&entry)?;
+    let stem = cache_dir::entry_stem(&name).to_string();
+    Some((dir, format!("{stem}.profile")))
+}
+
+/// `program`'s stored profile, if present and valid.
+pub fn read(program: &Path) -> Option<Profile> {
+    let (dir, name) = location(program)?;
+    read_in(&dir, &name)
+}
+
+fn read_in(dir: &CacheDir, name: &str) -> Option<Profile> {
+    let bytes = dir.read(name, MAX_FILE_BYTES)?;
+    match parse(&bytes) {
+        Ok(p) => Some(p),
+        Err(why) => {
+            if crate::options::verbose() {
+                diag!("lgmalloc: stored {name} ignored: {why}");
+            }
+            None
+        }
+    }
+}
+
+/// Registered at start-up: merges this run's samples into the stored profile.
+pub(super) extern "C" fn write_at_exit() {
+    if sample::TAKEN.load(core::sync::atomic::Ordering::Relaxed) == 0 {
+        return;
+    }
+    let Some(exe) = executable_path() else { return };
+    let Some((dir, name)) = location(&exe) else {
+        return;
+    };
+    let mut stored = read_in(&dir, &name).unwrap_or_default();
+    stored.merge(&this_run());
+    dir.write(&name, stored.text().as_bytes());
+}
