@@ -230,8 +230,11 @@ fn trim_release_is_seen_in_rss() {
     let [(base, rss_base), (freed, rss_freed), (_, released)] = peak_free_trim();
     let resident = rss_freed.saturating_sub(rss_base) as u64;
     let committed = freed.bytes_committed - base.bytes_committed;
+    // Statistics count conservatively: segment metadata and clean spans a heap took as
+    // spare pages count as committed before they are touched (measured: up to 1.05 MiB
+    // over the resident bytes after this peak). The bug this test caught counted 7 MB.
     assert!(
-        committed <= resident + (1 << 20),
+        committed <= resident + (2 << 20),
         "{committed} bytes counted as committed, {resident} resident"
     );
     assert!(

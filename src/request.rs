@@ -242,8 +242,10 @@ pub fn trim() -> usize {
     if !init::ensure_initialized() {
         return 0;
     }
+    let before = segment::released_total();
     heap::collect_own();
-    segment::trim() + large::cache_release()
+    segment::trim();
+    segment::released_total().wrapping_sub(before) + large::cache_release()
 }
 
 /// Frees `p`, whose allocation size the caller states as `size`: a size larger than the

@@ -170,6 +170,9 @@ fn with_region<R>(f: impl FnOnce(&mut RegionInner) -> R) -> R {
     REGION.with(f)
 }
 
+/// Bytes released by purges and segment unmaps so far ([`released_total`]).
+static RELEASED_TOTAL: AtomicUsize = AtomicUsize::new(0);
+
 /// Spans one visit may take off the bins for purging (a pass that wants more leaves the
 /// rest for the next one).
 const PURGE_BATCH: usize = 64;
@@ -183,8 +186,8 @@ struct PurgeBatch {
 
 /// Runs `f` with the region lock held, then decommits the spans it chose to purge with
 /// the lock released and gives them back clean in a second visit. Returns `f`'s result
-/// and the bytes released (per span, what was decommitted but at most its dirty bytes,
-/// so memory returned before is not counted again).
+/// and the bytes released: per span, what was decommitted but at most its dirty bytes,
+/// so memory returned before is not counted again.
 fn with_region_purging<R>(f: impl FnOnce(&mut RegionInner, &mut PurgeBatch) -> R) -> (R, usize) {
     let mut batch = PurgeBatch {
         spans: [(ptr::null_mut(), 0); PURGE_BATCH],
@@ -211,6 +214,7 @@ fn with_region_purging<R>(f: impl FnOnce(&mut RegionInner, &mut PurgeBatch) -> R
             unsafe { r.release_span(span, now) };
         }
     });
+    RELEASED_TOTAL.fetch_add(released, Ordering::Relaxed);
     (result, released)
 }
 
@@ -471,6 +475,9 @@ impl RegionInner {
                 }
             }
             if (*(seg as *mut Segment)).used_slices == 0 && self.segment_count > 1 {
+                // Nothing else is left in the segment: the merged span is all of its
+                // slices, and unmapping releases them with the metadata.
+                RELEASED_TOTAL.fetch_add(META_BYTES + (dirty << SLICE_SHIFT), Ordering::Relaxed);
                 self.release_segment(seg);
                 return;
             }
@@ -838,10 +845,10 @@ pub fn purge_if_due() {
 }
 
 /// Returns what can be returned: sweeps abandoned pages and decommits all free memory
-/// at once, whatever its age. Returns the bytes decommitted.
-pub fn trim() -> usize {
+/// at once, whatever its age. What it releases shows in [`released_total`].
+pub fn trim() {
     let now = os::now_ms();
-    let (mut full, mut released) = with_region_purging(|r, batch| {
+    let (mut full, _) = with_region_purging(|r, batch| {
         r.sweep_abandoned(usize::MAX, now);
         r.purge(u64::MAX, 0, batch);
         PURGE_AT.store(0, Ordering::Relaxed);
@@ -849,14 +856,19 @@ pub fn trim() -> usize {
     });
     // A full batch may have left dirty spans behind: take the next ones.
     while full {
-        let (again, more) = with_region_purging(|r, batch| {
+        full = with_region_purging(|r, batch| {
             r.purge(u64::MAX, 0, batch);
             batch.len == PURGE_BATCH
-        });
-        full = again;
-        released += more;
+        })
+        .0;
     }
-    released
+}
+
+/// Bytes released so far by purges (see `with_region_purging`) and by unmapping empty
+/// segments: `lg_trim` reports the difference across its work, which includes what its
+/// heap's returned spare pages set off (and, rarely, another thread's meanwhile).
+pub fn released_total() -> usize {
+    RELEASED_TOTAL.load(Ordering::Relaxed)
 }
 
 /// Bytes of segment memory that may be resident (mapped minus known-clean free spans).
