@@ -820,3 +820,85 @@ pub unsafe fn unwatch<H, R: RemoteWord>(page: *const Page<H, R>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as `init_page` and `extend` leave it: a page of `bytes` bytes of
+    /// `bs`-byte blocks at `start`, with its first `carved_blocks` blocks carved.
+    fn record(bs: usize, bytes: usize, start: usize, carved_blocks: usize) -> Page {
+        let mut page = Page::empty();
+        let magic = block_start_magic(bs, bytes);
+        page.div_magic = magic;
+        page.block_origin = if magic == 0 {
+            1
+        } else {
+            (start as u32).wrapping_mul(magic)
+        };
+        page.carved = AtomicU32::new(carved_value(magic, bs, carved_blocks * bs));
+        page
+    }
+
+    fn fast(page: &Page, addr: usize) -> bool {
+        // SAFETY: a live record; the check only reads it.
+        unsafe { is_block_start_fast(page, addr) }
+    }
+
+    #[test]
+    fn every_block_size_up_to_8_kib_in_pages_up_to_64_kib_gets_the_fast_check() {
+        for bs in (16..=8192).step_by(16) {
+            for shift in 10..=16 {
+                let bytes = 1usize << shift;
+                if bytes >= bs {
+                    assert_ne!(block_start_magic(bs, bytes), 0, "{bs} in {bytes}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_check_accepts_exactly_the_carved_block_starts() {
+        // Segments are 4 MiB aligned; this one lies just below a 4 GiB boundary, so the
+        // low 32 bits of addresses are large.
+        let seg = 0x7f3c_ffc0_0000usize;
+        for bs in [
+            16, 32, 48, 80, 112, 208, 496, 1008, 1024, 3072, 4080, 5456, 8176, 8192,
+        ] {
+            for shift in 10..=16 {
+                let bytes = 1usize << shift;
+                if bytes < bs {
+                    continue;
+                }
+                let start = seg + (4 << 20) - bytes;
+                let blocks = bytes / bs;
+                for carved in [0, 1, blocks / 2, blocks] {
+                    let page = record(bs, bytes, start, carved);
+                    for off in 0..bytes {
+                        let want = off % bs == 0 && off / bs < carved;
+                        assert_eq!(
+                            fast(&page, start + off),
+                            want,
+                            "{bs} {bytes} {carved} {off}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn records_without_a_multiplier_pass_no_address() {
+        // Free spans and pages too large for the fast check; metadata records are all
+        // zero, carved included.
+        let mut page = record(256 << 10, 1 << 20, 0x7f00_0040_0000, 4);
+        assert_eq!(page.div_magic, 0);
+        for off in (0..(1 << 20)).step_by(16) {
+            assert!(!fast(&page, 0x7f00_0040_0000 + off));
+        }
+        page = Page::empty();
+        assert!(!fast(&page, 0x7f00_0040_0000));
+        page.block_origin = 0;
+        assert!(!fast(&page, 0x7f00_0040_0000));
+    }
+}
