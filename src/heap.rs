@@ -201,9 +201,9 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
             return block.cast();
         }
         if page::HARDENED {
-            return alloc_empty_or_corrupted(heap, class, size, block);
+            return alloc_empty_or_corrupted(size, heap, class, block);
         }
-        alloc_slow(heap, class, size)
+        alloc_slow(size, heap, class)
     }
 }
 
@@ -213,16 +213,16 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
 #[cold]
 #[inline(never)]
 unsafe fn alloc_empty_or_corrupted(
+    size: usize,
     heap: *mut Heap,
     class: usize,
-    size: usize,
     block: *mut Block,
 ) -> *mut u8 {
     if !block.is_null() {
         page::corrupted_link(block);
     }
     // SAFETY: as for `alloc_small`.
-    unsafe { alloc_slow(heap, class, size) }
+    unsafe { alloc_slow(size, heap, class) }
 }
 
 /// Frees a block of a small-object page, stopping with a message if `block` is not a
@@ -239,11 +239,11 @@ pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
         let b = block.cast::<Block>();
         if CHECKED {
             if !page::is_block_start_fast(page, block as usize) {
-                return free_unusual(page, block);
+                return free_unusual(block, page);
             }
             let mark = page::freed_mark(page);
             if (*b).freed_mark == mark {
-                return free_unusual(page, block);
+                return free_unusual(block, page);
             }
             (*b).freed_mark = mark;
         }
@@ -269,7 +269,7 @@ unsafe fn free_checked(page: *mut Page, b: *mut Block) {
                 free_local_slow(heap, page);
             }
         } else {
-            free_remote(page, b);
+            free_remote(b, page);
         }
     }
 }
@@ -284,7 +284,7 @@ const CHECKED: bool = !cfg!(feature = "unchecked");
 /// no stack frame.
 #[cold]
 #[inline(never)]
-unsafe fn free_unusual(page: *mut Page, block: *mut u8) {
+unsafe fn free_unusual(block: *mut u8, page: *mut Page) {
     // SAFETY: as in `free_block`; `check_live` returns only for a live block start.
     unsafe {
         check_live(
@@ -320,9 +320,11 @@ pub unsafe fn check_live(page: *const Page, block: *const u8, invalid: &str, fre
 
 // ---- slow paths --------------------------------------------------------------------------
 
+// The request size comes first, where the C entry points receive it, so the fast paths
+// reach this by a tail jump without moving it.
 #[cold]
 #[inline(never)]
-unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
+unsafe fn alloc_slow(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
     let mut class = class;
     let heap = if heap == empty_heap() {
         // The first allocation of this thread may also be the first of the process,
@@ -773,9 +775,11 @@ unsafe fn release_spares(heap: *mut Heap) {
     }
 }
 
+// The block comes first, where `free` receives it, so the fast path reaches this by a
+// tail jump without moving it; likewise `free_unusual`.
 #[cold]
 #[inline(never)]
-unsafe fn free_remote(page: *mut Page, block: *mut Block) {
+unsafe fn free_remote(block: *mut Block, page: *mut Page) {
     // SAFETY: the caller gives up `block`, a live block of `page`.
     unsafe {
         let owner = page::push_remote(page, block).cast::<Heap>();

@@ -29,11 +29,11 @@ pub fn malloc(size: usize) -> *mut u8 {
         // SAFETY: `heap` is the calling thread's heap; the class comes from the table.
         return unsafe { heap::alloc_small(heap, size_class::class_of_table_size(size), size) };
     }
-    malloc_beyond_table(heap, size)
+    malloc_beyond_table(size, heap)
 }
 
 #[inline(never)]
-fn malloc_beyond_table(heap: *mut heap::Heap, size: usize) -> *mut u8 {
+fn malloc_beyond_table(size: usize, heap: *mut heap::Heap) -> *mut u8 {
     if size <= MAX_SMALL_SIZE {
         // SAFETY: as in `malloc`.
         return unsafe { heap::alloc_small(heap, size_class::size_class_of(size), size) };
