@@ -427,7 +427,7 @@ unsafe extern "C" fn alloc_sampled_at(
         }
         (*block).next = page::encode_link((*heap).link_key, (*page).free);
         if CHECKED {
-            (*block).freed_mark = page::freed_mark(page, block as usize);
+            (*block).freed_mark = page::freed_mark(page);
         }
         (*page).free = block;
         (*page).used -= 1;
