@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use std::ptr;
 
 use lgmalloc::loom_api::{
-    Block, NOT_FULL_BIAS, Owner, OwnerSlot, Page, RemoteWord, STATE_NONE, collect_remote,
+    Block, IN_FULL_FLAG, Owner, OwnerSlot, Page, RemoteWord, STATE_NONE, collect_remote,
     encode_link, end_notification, link_key, next_free, push_remote, try_watch, unwatch,
 };
 use loom::cell::UnsafeCell;
@@ -114,13 +114,13 @@ unsafe impl Sync for World {}
 
 impl World {
     /// A page of `blocks` blocks, all handed out, with `used` as the owner keeps it
-    /// (plus `NOT_FULL_BIAS` when the page is on its class list rather than the full list).
+    /// (plus `IN_FULL_FLAG` when the page is on the full list rather than its class list).
     fn new(blocks: usize, on_full_list: bool) -> Arc<World> {
         let mut page = Box::new(Page::with_atomics(
             OwnerPtr(AtomicPtr::new(owner_heap())),
             Word(AtomicUsize::new(STATE_NONE)),
         ));
-        page.used = blocks as u32 | if on_full_list { 0 } else { NOT_FULL_BIAS };
+        page.used = blocks as u32 | if on_full_list { IN_FULL_FLAG } else { 0 };
         let slots = (0..blocks)
             .map(|_| {
                 Box::into_raw(Box::new(Slot {

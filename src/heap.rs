@@ -19,7 +19,7 @@ use crossbeam_utils::CachePadded;
 use crate::diag::misuse;
 use crate::geometry::SLICE_SIZE;
 use crate::lock::Locked;
-use crate::page::{self, Block, NOT_FULL_BIAS, Owner, Page};
+use crate::page::{self, Block, IN_FULL_FLAG, Owner, Page};
 use crate::size_class::{self, MAX_CLASSES};
 use crate::{chunk_map, list, options, os, sample, segment, tls};
 
@@ -201,9 +201,9 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
             return block.cast();
         }
         if page::HARDENED {
-            return alloc_empty_or_corrupted(heap, class, size, block);
+            return alloc_empty_or_corrupted(size, heap, class, block);
         }
-        alloc_slow(heap, class, size)
+        alloc_slow(size, heap, class)
     }
 }
 
@@ -213,16 +213,16 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
 #[cold]
 #[inline(never)]
 unsafe fn alloc_empty_or_corrupted(
+    size: usize,
     heap: *mut Heap,
     class: usize,
-    size: usize,
     block: *mut Block,
 ) -> *mut u8 {
     if !block.is_null() {
         page::corrupted_link(block);
     }
     // SAFETY: as for `alloc_small`.
-    unsafe { alloc_slow(heap, class, size) }
+    unsafe { alloc_slow(size, heap, class) }
 }
 
 /// Frees a block of a small-object page, stopping with a message if `block` is not a
@@ -233,31 +233,43 @@ unsafe fn alloc_empty_or_corrupted(
 /// segments.
 #[inline(always)]
 pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
-    let heap = thread_heap();
     // SAFETY: `page` is a record in our segment metadata; once `block` is known to be a
     // block start of it, its two words are ours to read and write.
     unsafe {
         let b = block.cast::<Block>();
         if CHECKED {
-            if !page::is_block_start(page, block as usize) {
-                return free_invalid(page, block);
+            if !page::is_block_start_fast(page, block as usize) {
+                return free_unusual(block, page);
             }
-            let mark = page::freed_mark(page, block as usize);
+            let mark = page::freed_mark(page);
             if (*b).freed_mark == mark {
-                return free_invalid(page, block);
+                return free_unusual(block, page);
             }
             (*b).freed_mark = mark;
         }
-        if (*page).heap.load(Ordering::Relaxed) == owner(heap) {
+        free_checked(page, b);
+    }
+}
+
+/// The rest of a free once `b` is known to be a live block of `page`: the owner pushes
+/// it on `page.free`, anyone else on the remote list.
+///
+/// # Safety
+/// `b` is a live block of `page` that the caller gives up, already marked free.
+#[inline(always)]
+unsafe fn free_checked(page: *mut Page, b: *mut Block) {
+    let heap = thread_heap();
+    // SAFETY: per the contract; owner access to `free` and `used` once the owner
+    // comparison holds.
+    unsafe {
+        if page::is_owned_by(page, owner(heap)) {
             (*b).next = page::encode_link((*heap).link_key, (*page).free);
             (*page).free = b;
-            let used = (*page).used - 1;
-            (*page).used = used;
-            if used <= NOT_FULL_BIAS {
+            if page::release_one(page) {
                 free_local_slow(heap, page);
             }
         } else {
-            free_remote(page, block.cast());
+            free_remote(b, page);
         }
     }
 }
@@ -266,23 +278,24 @@ pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
 /// `unchecked` feature removes the checks to save about a dozen instructions per free).
 const CHECKED: bool = !cfg!(feature = "unchecked");
 
-/// Reports a free that failed the checks of `free_block`. Declared as returning so the
-/// fast path reaches it by a tail jump and needs no stack frame.
+/// A free that failed the fast checks of `free_block`: a block of a page the
+/// one-comparison check does not cover (freed here), or misuse (stopped with a
+/// message). Declared as returning so the fast path reaches it by a tail jump and needs
+/// no stack frame.
 #[cold]
 #[inline(never)]
-unsafe fn free_invalid(page: *const Page, block: *mut u8) {
-    // The opaque condition keeps the compiler from proving this never returns, which
-    // would turn the fast path's tail jump into a call that needs a stack frame.
-    if core::hint::black_box(true) {
-        // SAFETY: as in `free_block`.
-        unsafe {
-            check_live(
-                page,
-                block,
-                "free of a pointer lgmalloc never returned",
-                "double free",
-            )
-        };
+unsafe fn free_unusual(block: *mut u8, page: *mut Page) {
+    // SAFETY: as in `free_block`; `check_live` returns only for a live block start.
+    unsafe {
+        check_live(
+            page,
+            block,
+            "free of a pointer lgmalloc never returned",
+            "double free",
+        );
+        let b = block.cast::<Block>();
+        (*b).freed_mark = page::freed_mark(page);
+        free_checked(page, b);
     }
 }
 
@@ -299,7 +312,7 @@ pub unsafe fn check_live(page: *const Page, block: *const u8, invalid: &str, fre
         if !page::is_block_start(page, block as usize) {
             misuse(invalid, block as usize);
         }
-        if (*block.cast::<Block>()).freed_mark == page::freed_mark(page, block as usize) {
+        if (*block.cast::<Block>()).freed_mark == page::freed_mark(page) {
             misuse(freed, block as usize);
         }
     }
@@ -307,9 +320,11 @@ pub unsafe fn check_live(page: *const Page, block: *const u8, invalid: &str, fre
 
 // ---- slow paths --------------------------------------------------------------------------
 
+// The request size comes first, where the C entry points receive it, so the fast paths
+// reach this by a tail jump without moving it.
 #[cold]
 #[inline(never)]
-unsafe fn alloc_slow(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
+unsafe fn alloc_slow(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
     let mut class = class;
     let heap = if heap == empty_heap() {
         // The first allocation of this thread may also be the first of the process,
@@ -412,7 +427,7 @@ unsafe extern "C" fn alloc_sampled_at(
         }
         (*block).next = page::encode_link((*heap).link_key, (*page).free);
         if CHECKED {
-            (*block).freed_mark = page::freed_mark(page, block as usize);
+            (*block).freed_mark = page::freed_mark(page);
         }
         (*page).free = block;
         (*page).used -= 1;
@@ -760,9 +775,11 @@ unsafe fn release_spares(heap: *mut Heap) {
     }
 }
 
+// The block comes first, where `free` receives it, so the fast path reaches this by a
+// tail jump without moving it; likewise `free_unusual`.
 #[cold]
 #[inline(never)]
-unsafe fn free_remote(page: *mut Page, block: *mut Block) {
+unsafe fn free_remote(block: *mut Block, page: *mut Page) {
     // SAFETY: the caller gives up `block`, a live block of `page`.
     unsafe {
         let owner = page::push_remote(page, block).cast::<Heap>();
@@ -822,7 +839,7 @@ unsafe fn drain_delayed_list(heap: *mut Heap) {
             (*b).next = page::encode_link(key, (*page).free);
             (*page).free = b;
             (*page).used -= 1;
-            if (*page).used <= NOT_FULL_BIAS {
+            if (*page).used as i32 <= 0 {
                 free_local_slow(heap, page);
             }
             b = next;
@@ -894,7 +911,7 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
 unsafe fn full_push(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
-        (*page).used &= !NOT_FULL_BIAS;
+        (*page).used |= IN_FULL_FLAG;
         list::push_front(&mut (*heap).full, page);
     }
 }
@@ -904,7 +921,7 @@ unsafe fn full_push(heap: *mut Heap, page: *mut Page) {
 unsafe fn full_remove(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
-        (*page).used |= NOT_FULL_BIAS;
+        (*page).used &= !IN_FULL_FLAG;
         list::remove(&mut (*heap).full, page);
     }
 }

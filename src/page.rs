@@ -49,7 +49,7 @@ pub struct Block {
 ///   2^-42. The pop after the one that returns `b` (or the owner collecting its remote
 ///   list) stops the program with `lgmalloc: corrupted free list (use after free?) at
 ///   <decoded>` before reading or handing out anything there.
-/// * Second word (the freed mark `b ^ div_magic`, not keyed): hides a later double
+/// * Second word (the freed mark, the page record's address, not keyed): hides a later double
 ///   free of `b`, or makes a free of `b` after it is handed out again report one.
 ///   It cannot steer allocation.
 /// * Not stopped: an attacker who learns the key, e.g. by *reading* a freed block's
@@ -121,18 +121,13 @@ pub fn corrupted_link(block: *mut Block) -> ! {
     crate::diag::misuse("corrupted free list (use after free?)", block as usize)
 }
 
-/// The mark a free block carries: its address mixed with its page's divisibility
-/// constant (a large odd-looking number), so ordinary user data never matches it by
-/// accident, at the cost of one register operation on the free path.
-///
-/// # Safety
-/// `page` is a live page record (any thread may call this: `div_magic` only changes while
-/// no block of the page is live).
+/// The mark a free block carries in its second word: the address of its page's record.
+/// Ordinary user data never holds the address of allocator metadata, and the free path
+/// has the record's address in a register already, so marking and testing cost no
+/// arithmetic.
 #[inline(always)]
-pub unsafe fn freed_mark(page: *const Page, addr: usize) -> usize {
-    // SAFETY: per the contract; read through the raw pointer, without a reference to
-    // the record the owner is writing.
-    addr ^ unsafe { (*page).div_magic } as usize
+pub fn freed_mark(page: *const Page) -> usize {
+    page as usize
 }
 
 pub const STATE_NONE: usize = 0;
@@ -140,10 +135,10 @@ pub const STATE_WATCH: usize = 1;
 pub const STATE_FREEING: usize = 2;
 const STATE_MASK: usize = 3;
 
-/// Added to `Page::used` while the page is *not* on its heap's full list. The free fast
-/// path then needs one comparison after decrementing: a result of at most `NOT_FULL_BIAS`
-/// means "now empty" or "on the full list", the two cases that need the slow path.
-pub const NOT_FULL_BIAS: u32 = 1 << 31;
+/// Set in `Page::used` while the page sits on its heap's full list. The free fast path
+/// then needs one signed test after decrementing: a result of at most zero means "now
+/// empty" or "on the full list" (a negative count), the two cases that need the slow path.
+pub const IN_FULL_FLAG: u32 = 1 << 31;
 /// Span flag: this is the head of a free span of slices (not a page).
 pub const FLAG_FREE_SPAN: u8 = 2;
 /// Span flag: part of the free span's memory may still be resident (not yet
@@ -243,19 +238,21 @@ pub struct Page<H = AtomicPtr<Owner>, R = AtomicUsize> {
     /// Owner-only: blocks ready to hand out.
     pub free: *mut Block,
     /// Owner-only: blocks handed out and not yet back on `free` (includes blocks
-    /// waiting on `remote_free`), plus [`NOT_FULL_BIAS`] unless the page is on the full list.
-    /// Read it through [`Page::used`] and [`Page::in_full`].
+    /// waiting on `remote_free`), plus [`IN_FULL_FLAG`] while the page is on the full
+    /// list. Read it through [`Page::used`] and [`Page::in_full`].
     ///
     /// In the head record of a free span (`FLAG_FREE_SPAN`), written only under the
     /// region lock: how many of the span's slices may be resident (an upper bound, at
     /// most `slice_count`; see `segment::RegionInner::insert_free`).
     pub used: u32,
-    /// Bytes carved into blocks from the page start so far (the rest is untouched).
-    /// Zero for free spans, so no pointer into one passes as a block. Written by the
-    /// owner (or under the region lock), read by any thread that frees a block of the
-    /// page (the block-start check): atomic, accessed `Relaxed` (plain moves on x86-64).
-    /// A freer always sees a value at least as large as when its block was carved, since
-    /// the block reached it after that.
+    /// How far blocks have been carved from the page start, as the free path's
+    /// block-start check compares it (see [`is_block_start`]): carved blocks times the
+    /// page's divisor excess when `div_magic` is set, carved bytes when it is zero (read
+    /// it through [`carved_bytes`]). Zero for free spans, so no pointer into one passes
+    /// as a block. Written by the owner (or under the region lock), read by any thread
+    /// that frees a block of the page: atomic, accessed `Relaxed` (plain moves on
+    /// x86-64). A freer always sees a value at least as large as when its block was
+    /// carved, since the block reached it after that.
     pub carved: AtomicU32,
     /// Offset of the page (or span) start from its segment base.
     pub start_offset: u32,
@@ -263,10 +260,15 @@ pub struct Page<H = AtomicPtr<Owner>, R = AtomicUsize> {
     pub flags: u8,
     /// Slices the page (or span) covers.
     pub slice_count: u16,
-    /// The class's divisibility constant (`size_class::div_magic`), kept here so the
-    /// free path checks block starts without touching the class table; zero for free
-    /// spans and metadata, which no offset passes.
-    pub div_magic: u64,
+    /// The block-start multiplier: `2^32 / block size + 1` (see [`is_block_start`]), or
+    /// zero where the one-comparison check does not apply (free spans, metadata, pages
+    /// too large for 32-bit arithmetic), which sends every free of the page to the
+    /// exact check.
+    pub div_magic: u32,
+    /// `div_magic` times the low 32 bits of the page start, so that
+    /// `addr * div_magic - block_origin` is the page offset times `div_magic`. One
+    /// where `div_magic` is zero (so the fast check fails for every address).
+    pub block_origin: u32,
     /// The owning heap; null while abandoned or free.
     pub heap: H,
     /// Blocks freed by other threads, plus the notification state in the low bits.
@@ -343,6 +345,7 @@ impl<H, R> Page<H, R> {
             flags: 0,
             slice_count: 0,
             div_magic: 0,
+            block_origin: 1,
             heap,
             remote_free,
             next: ptr::null_mut(),
@@ -353,13 +356,13 @@ impl<H, R> Page<H, R> {
     /// Blocks in use (or waiting on the remote list).
     #[inline]
     pub fn used(&self) -> u32 {
-        self.used & !NOT_FULL_BIAS
+        self.used & !IN_FULL_FLAG
     }
 
     /// True while the page sits on its heap's full list.
     #[inline]
     pub fn in_full(&self) -> bool {
-        self.used & NOT_FULL_BIAS == 0
+        self.used & IN_FULL_FLAG != 0
     }
 }
 
@@ -386,7 +389,41 @@ pub unsafe fn stats_snapshot(page: *const Page) -> (usize, u32) {
     // SAFETY: per the contract; field reads through the raw pointer.
     unsafe {
         let used = ptr::read_volatile(&raw const (*page).used);
-        ((*page).class as usize, used & !NOT_FULL_BIAS)
+        ((*page).class as usize, used & !IN_FULL_FLAG)
+    }
+}
+
+/// Owner: counts one block of `page` back (`used -= 1`). True when the page needs the
+/// free slow path: it is now empty (zero) or on the full list (negative, see
+/// [`IN_FULL_FLAG`]). On x86-64 one decrement of the field and one signed branch on its
+/// flags (the compiler would load, decrement, store and test).
+///
+/// # Safety
+/// The calling thread owns `page`, and a block of it was in use.
+#[inline(always)]
+pub unsafe fn release_one(page: *mut Page) -> bool {
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    {
+        // SAFETY: per the contract `used` is ours to write; the asm touches only it.
+        unsafe {
+            core::arch::asm!(
+                "dec dword ptr [{page} + {used}]",
+                "jle {slow}",
+                page = in(reg) page,
+                used = const core::mem::offset_of!(Page, used),
+                slow = label { return true; },
+                options(nostack),
+            );
+        }
+        false
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+    {
+        // SAFETY: per the contract.
+        unsafe {
+            (*page).used -= 1;
+            (*page).used as i32 <= 0
+        }
     }
 }
 
@@ -397,21 +434,88 @@ pub unsafe fn stats_snapshot(page: *const Page) -> (usize, u32) {
 /// checks whether this span is free) while this runs outside the lock.
 ///
 /// # Safety
-/// `page` heads a span the region just handed to the calling thread.
+/// `page` heads a span the region just handed to the calling thread (its
+/// `start_offset` and `slice_count` set).
 pub unsafe fn init_page(page: *mut Page, heap: *mut Owner, class: usize) {
+    let block_size = size_class::block_size(class);
     // SAFETY: per the contract the owner-side fields are the caller's; fields are
     // written one by one through the raw pointer, so no reference covers `flags`.
     unsafe {
+        let start = segment_base(page as usize) + (*page).start_offset as usize;
+        let bytes = ((*page).slice_count as usize) << SLICE_SHIFT;
+        let magic = block_start_magic(block_size, bytes);
         (*page).free = ptr::null_mut();
-        (*page).used = NOT_FULL_BIAS;
+        (*page).used = 0;
         (*page).carved.store(0, Ordering::Relaxed);
-        (*page).div_magic = size_class::div_magic_of(class);
+        (*page).div_magic = magic;
+        (*page).block_origin = if magic == 0 {
+            1
+        } else {
+            (start as u32).wrapping_mul(magic)
+        };
         (*page).class = class as u8;
         (*page).heap.store(heap, Ordering::Release);
         (*page).remote_free.store(0, Ordering::Relaxed);
         (*page).next = ptr::null_mut();
         (*page).prev = ptr::null_mut();
     }
+}
+
+/// The block-start multiplier `m = 2^32 / block_size + 1` for a page of `bytes`, or zero
+/// when 32-bit arithmetic cannot tell its block starts apart (see [`is_block_start`]).
+///
+/// With `e = block_size * m - 2^32` (between 1 and `block_size`), the offset
+/// `q * block_size + r` times `m` is `q * e + r * m` (mod 2^32). For a block start
+/// (`r == 0`) that is `q * e`, growing with the block index `q`; for any other offset it
+/// is at least `m`. So one comparison against `carved blocks * e` accepts exactly the
+/// carved block starts, provided no product wraps and `(blocks + 1) * e < m`, which
+/// holds when `bytes * block_size` stays well below 2^32 (every class up to 8 KiB in
+/// pages up to 64 KiB); larger pages get zero and the exact check.
+fn block_start_magic(block_size: usize, bytes: usize) -> u32 {
+    let bs = block_size as u64;
+    if bs < 2 {
+        return 0;
+    }
+    let m = (1u64 << 32) / bs + 1;
+    let e = bs * m - (1u64 << 32);
+    let blocks = bytes as u64 / bs;
+    if m > u32::MAX as u64 || (blocks + 1) * e >= m {
+        return 0;
+    }
+    m as u32
+}
+
+/// `Page::carved` for `bytes` carved from a page with the given multiplier (see the
+/// field).
+#[inline]
+fn carved_value(magic: u32, block_size: usize, bytes: usize) -> u32 {
+    if magic == 0 {
+        bytes as u32
+    } else {
+        (bytes / block_size) as u32 * (block_size as u32).wrapping_mul(magic)
+    }
+}
+
+/// Bytes carved from the page so far (decoding `Page::carved`).
+///
+/// # Safety
+/// `page` is a page (or span) record of a live segment; any thread may call this.
+#[inline]
+pub unsafe fn carved_bytes(page: *const Page) -> usize {
+    // SAFETY: per the contract; field reads through the raw pointer.
+    let (carved, magic, class) = unsafe {
+        (
+            (*page).carved.load(Ordering::Relaxed),
+            (*page).div_magic,
+            (*page).class,
+        )
+    };
+    if magic == 0 {
+        return carved as usize;
+    }
+    let bs = size_class::block_size(class as usize);
+    let excess = (bs as u32).wrapping_mul(magic);
+    (carved / excess) as usize * bs
 }
 
 /// Carves more blocks from the untouched tail onto `free`: at most one slice worth
@@ -422,26 +526,26 @@ pub unsafe fn init_page(page: *mut Page, heap: *mut Owner, class: usize) {
 pub unsafe fn extend(page: *mut Page) {
     // SAFETY: owner access; the shared reference covers no field another thread writes
     // (`carved`, `heap` and `remote_free` are atomics).
-    let (bs, usable, start, carved) = unsafe {
+    let (bs, usable, start, carved, magic) = unsafe {
         let p = &*page;
         (
             p.block_size(),
-            p.usable_bytes(),
+            p.usable_bytes() as usize,
             p.start(),
-            p.carved.load(Ordering::Relaxed),
+            carved_bytes(page),
+            p.div_magic,
         )
     };
-    let remaining = (usable - carved) as usize / bs;
+    let remaining = (usable - carved) / bs;
     if remaining == 0 {
         return;
     }
     let key = link_key();
-    // SAFETY: reading `div_magic` of our own page.
-    let magic = unsafe { (*page).div_magic } as usize;
+    let mark = freed_mark(page);
     // One slice worth at a time: a thread that holds a few blocks touches (and keeps
     // resident) only what it uses, even when its page was planned large.
     let n = (SLICE_SIZE / bs).clamp(1, remaining);
-    let first = start.wrapping_add(carved as usize);
+    let first = start.wrapping_add(carved);
     let mut cur = first;
     for _ in 1..n {
         let next = cur.wrapping_add(bs);
@@ -451,7 +555,7 @@ pub unsafe fn extend(page: *mut Page) {
         unsafe {
             cur.cast::<Block>().write(Block {
                 next: encode_link(key, next.cast()),
-                freed_mark: cur as usize ^ magic,
+                freed_mark: mark,
             })
         };
         cur = next;
@@ -460,7 +564,7 @@ pub unsafe fn extend(page: *mut Page) {
     unsafe {
         cur.cast::<Block>().write(Block {
             next: encode_link(key, (*page).free),
-            freed_mark: cur as usize ^ magic,
+            freed_mark: mark,
         });
         (*page).free = first.cast();
     }
@@ -470,30 +574,110 @@ pub unsafe fn extend(page: *mut Page) {
     unsafe {
         (*page)
             .carved
-            .store(carved + (n * bs) as u32, Ordering::Relaxed)
+            .store(carved_value(magic, bs, carved + n * bs), Ordering::Relaxed)
     };
 }
 
-/// True when `addr` is the start of a block carved from `page`: the offset from the page
-/// start is below `carved` and a multiple of the block size. Divisibility is the
-/// multiplicative check of `size_class::divides`, not a division.
+/// The free path's block-start check: true only for the start of a block carved from
+/// `page`, in one multiplication and one comparison (see [`block_start_magic`]). It
+/// fails for every address of a page whose `div_magic` is zero; [`is_block_start`]
+/// then decides.
 ///
 /// # Safety
-/// `page` is a page (or span) record of a live segment. Any thread may call this: it
-/// reads the record through the raw pointer (no reference to a record whose owner is
-/// writing it), `carved` atomically.
+/// `page` is the record `segment::page_of` gives for `addr` (a page, free span or
+/// metadata record of a live segment). Any thread may call this: it reads the record
+/// through the raw pointer (no reference to a record whose owner is writing it),
+/// `carved` atomically.
 #[inline(always)]
+pub unsafe fn is_block_start_fast(page: *const Page, addr: usize) -> bool {
+    // SAFETY: per the contract.
+    let (magic, origin) = unsafe { ((*page).div_magic, (*page).block_origin) };
+    let scaled = (addr as u32).wrapping_mul(magic).wrapping_sub(origin);
+    // SAFETY: per the contract; `carved` is compared in memory (an aligned 4-byte read,
+    // atomic on x86-64), which the compiler does not do with an atomic load.
+    unsafe { below_carved(page, scaled) }
+}
+
+/// `scaled < page.carved`, reading `carved` with a relaxed atomic load.
+///
+/// # Safety
+/// `page` is a record of a live segment.
+#[inline(always)]
+unsafe fn below_carved(page: *const Page, scaled: u32) -> bool {
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    {
+        // SAFETY: per the contract the field is readable; the asm only reads it.
+        unsafe {
+            core::arch::asm!(
+                "cmp {scaled:e}, dword ptr [{page} + {carved}]",
+                "jae {no}",
+                scaled = in(reg) scaled,
+                page = in(reg) page,
+                carved = const core::mem::offset_of!(Page, carved),
+                no = label { return false; },
+                options(nostack, readonly),
+            );
+        }
+        true
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+    {
+        // SAFETY: per the contract.
+        scaled < unsafe { (*page).carved.load(Ordering::Relaxed) }
+    }
+}
+
+/// Whether `page` belongs to `owner` (a relaxed read of `Page::heap`), compared in
+/// memory on x86-64 rather than loaded first.
+///
+/// # Safety
+/// `page` is a record of a live segment.
+#[inline(always)]
+pub unsafe fn is_owned_by(page: *const Page, owner: *mut Owner) -> bool {
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    {
+        // SAFETY: per the contract the field is readable; an aligned 8-byte read is
+        // atomic on x86-64, and the asm only reads it.
+        unsafe {
+            core::arch::asm!(
+                "cmp qword ptr [{page} + {heap}], {owner}",
+                "jne {no}",
+                owner = in(reg) owner,
+                page = in(reg) page,
+                heap = const core::mem::offset_of!(Page, heap),
+                no = label { return false; },
+                options(nostack, readonly),
+            );
+        }
+        true
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+    {
+        // SAFETY: per the contract.
+        unsafe { (*page).heap.load(Ordering::Relaxed) == owner }
+    }
+}
+
+/// True when `addr` is the start of a block carved from `page`: the fast check, or,
+/// for pages it does not cover, the offset from the page start is below the carved
+/// bytes and a multiple of the block size.
+///
+/// # Safety
+/// As for [`is_block_start_fast`].
+#[inline]
 pub unsafe fn is_block_start(page: *const Page, addr: usize) -> bool {
     // SAFETY: per the contract.
-    let (start_offset, carved, magic) = unsafe {
-        (
-            (*page).start_offset,
-            (*page).carved.load(Ordering::Relaxed),
-            (*page).div_magic,
-        )
-    };
-    let offset = (addr & SEGMENT_MASK).wrapping_sub(start_offset as usize);
-    offset < carved as usize && (offset as u64).wrapping_mul(magic) < magic
+    unsafe {
+        if is_block_start_fast(page, addr) {
+            return true;
+        }
+        if (*page).div_magic != 0 {
+            return false;
+        }
+        let offset = (addr & SEGMENT_MASK).wrapping_sub((*page).start_offset as usize);
+        let bs = block_size_of(page);
+        offset < carved_bytes(page) && offset.is_multiple_of(bs)
+    }
 }
 
 /// Moves the blocks other threads freed onto `free`. Returns how many. Owner only (or
@@ -536,7 +720,7 @@ pub unsafe fn collect_remote<H, R: RemoteWord>(page: *mut Page<H, R>) -> u32 {
         (*tail).next = encode_link(key, (*page).free);
         (*page).free = head;
         let used = (*page).used;
-        (*page).used = used - count.min(used & !NOT_FULL_BIAS);
+        (*page).used = used - count.min(used & !IN_FULL_FLAG);
     }
     count
 }
@@ -634,5 +818,87 @@ pub unsafe fn unwatch<H, R: RemoteWord>(page: *const Page<H, R>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as `init_page` and `extend` leave it: a page of `bytes` bytes of
+    /// `bs`-byte blocks at `start`, with its first `carved_blocks` blocks carved.
+    fn record(bs: usize, bytes: usize, start: usize, carved_blocks: usize) -> Page {
+        let mut page = Page::empty();
+        let magic = block_start_magic(bs, bytes);
+        page.div_magic = magic;
+        page.block_origin = if magic == 0 {
+            1
+        } else {
+            (start as u32).wrapping_mul(magic)
+        };
+        page.carved = AtomicU32::new(carved_value(magic, bs, carved_blocks * bs));
+        page
+    }
+
+    fn fast(page: &Page, addr: usize) -> bool {
+        // SAFETY: a live record; the check only reads it.
+        unsafe { is_block_start_fast(page, addr) }
+    }
+
+    #[test]
+    fn every_block_size_up_to_8_kib_in_pages_up_to_64_kib_gets_the_fast_check() {
+        for bs in (16..=8192).step_by(16) {
+            for shift in 10..=16 {
+                let bytes = 1usize << shift;
+                if bytes >= bs {
+                    assert_ne!(block_start_magic(bs, bytes), 0, "{bs} in {bytes}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_check_accepts_exactly_the_carved_block_starts() {
+        // Segments are 4 MiB aligned; this one lies just below a 4 GiB boundary, so the
+        // low 32 bits of addresses are large.
+        let seg = 0x7f3c_ffc0_0000usize;
+        for bs in [
+            16, 32, 48, 80, 112, 208, 496, 1008, 1024, 3072, 4080, 5456, 8176, 8192,
+        ] {
+            for shift in 10..=16 {
+                let bytes = 1usize << shift;
+                if bytes < bs {
+                    continue;
+                }
+                let start = seg + (4 << 20) - bytes;
+                let blocks = bytes / bs;
+                for carved in [0, 1, blocks / 2, blocks] {
+                    let page = record(bs, bytes, start, carved);
+                    for off in 0..bytes {
+                        let want = off % bs == 0 && off / bs < carved;
+                        assert_eq!(
+                            fast(&page, start + off),
+                            want,
+                            "{bs} {bytes} {carved} {off}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn records_without_a_multiplier_pass_no_address() {
+        // Free spans and pages too large for the fast check; metadata records are all
+        // zero, carved included.
+        let mut page = record(256 << 10, 1 << 20, 0x7f00_0040_0000, 4);
+        assert_eq!(page.div_magic, 0);
+        for off in (0..(1 << 20)).step_by(16) {
+            assert!(!fast(&page, 0x7f00_0040_0000 + off));
+        }
+        page = Page::empty();
+        assert!(!fast(&page, 0x7f00_0040_0000));
+        page.block_origin = 0;
+        assert!(!fast(&page, 0x7f00_0040_0000));
     }
 }

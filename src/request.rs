@@ -29,11 +29,11 @@ pub fn malloc(size: usize) -> *mut u8 {
         // SAFETY: `heap` is the calling thread's heap; the class comes from the table.
         return unsafe { heap::alloc_small(heap, size_class::class_of_table_size(size), size) };
     }
-    malloc_beyond_table(heap, size)
+    malloc_beyond_table(size, heap)
 }
 
 #[inline(never)]
-fn malloc_beyond_table(heap: *mut heap::Heap, size: usize) -> *mut u8 {
+fn malloc_beyond_table(size: usize, heap: *mut heap::Heap) -> *mut u8 {
     if size <= MAX_SMALL_SIZE {
         // SAFETY: as in `malloc`.
         return unsafe { heap::alloc_small(heap, size_class::size_class_of(size), size) };
@@ -67,22 +67,24 @@ fn large_alloc(size: usize, align: usize) -> *mut u8 {
 #[inline(always)]
 pub unsafe fn free(p: *mut u8) {
     let addr = p as usize;
-    let kind = chunk_map::kind_of(addr);
-    if kind == KIND_SEGMENT {
+    if chunk_map::is_segment(addr) {
         let page = segment::page_of(addr);
         // SAFETY: the chunk map says `p` lies in one of our segments.
         unsafe { heap::free_block(page, p) };
     } else {
-        free_not_small(addr, kind);
+        free_not_small(addr);
     }
 }
 
+/// `free` of null, a large object, or a pointer that is not ours. Reads the chunk map
+/// again, so the fast path keeps no kind in a register.
 #[cold]
 #[inline(never)]
-fn free_not_small(addr: usize, kind: u8) {
+fn free_not_small(addr: usize) {
     if addr == 0 {
         return;
     }
+    let kind = chunk_map::kind_of(addr);
     let saved = os::errno();
     match kind {
         KIND_LARGE | KIND_LARGE_AT_BASE if large::free(addr, kind) => {

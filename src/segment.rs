@@ -307,6 +307,7 @@ impl RegionInner {
             (*head).slice_count = count as u16;
             (*head).carved.store(0, Ordering::Relaxed);
             (*head).div_magic = 0;
+            (*head).block_origin = 1;
             (*head).heap.store(ptr::null_mut(), Ordering::Relaxed);
             set_head(seg, start, start);
             set_head(seg, start + count - 1, start);
@@ -449,6 +450,7 @@ impl RegionInner {
             // into them passes as a block from now on.
             (*page).carved.store(0, Ordering::Relaxed);
             (*page).div_magic = 0;
+            (*page).block_origin = 1;
             (*(seg as *mut Segment)).used_slices -= count;
             // The page itself may be resident throughout; free neighbours bring their
             // own dirty counts (clean neighbours stay clean). The merged span counts as

@@ -56,9 +56,6 @@ impl ClassInfo {
 
 struct Tables {
     class_of_small: [u8; TABLE_LEN],
-    /// Per class, `u64::MAX / block_size + 1`: `n` is a multiple of the block size
-    /// exactly when `n * magic` (wrapping) is below `magic` (Lemire, Kaser and Kurz).
-    div_magic: [u64; MAX_CLASSES],
     classes: [ClassInfo; MAX_CLASSES],
     count: usize,
     /// Some class is reserved (saves new heaps a walk over the table when none is).
@@ -72,7 +69,6 @@ unsafe impl Sync for TableCell {}
 
 static TABLES: TableCell = TableCell(UnsafeCell::new(Tables {
     class_of_small: [0; TABLE_LEN],
-    div_magic: [0; MAX_CLASSES],
     classes: [ClassInfo::NONE; MAX_CLASSES],
     count: 0,
     any_reserved: false,
@@ -108,7 +104,6 @@ pub fn init() {
     for i in 0..STANDARD_CLASSES {
         let size = standard_size(i);
         t.classes[i] = ClassInfo::standard(size);
-        t.div_magic[i] = div_magic(size);
     }
     t.count = STANDARD_CLASSES;
     rebuild_small_table(t);
@@ -158,7 +153,6 @@ pub fn add_exact_class(size: usize, first_page_blocks: u32) -> Option<usize> {
         predicted: true,
         ..standard
     };
-    t.div_magic[count] = div_magic(size);
     t.count = count + 1;
     // Only the slots this class fits better than their current one change.
     for slot in 0..TABLE_LEN {
@@ -194,26 +188,6 @@ pub fn set_reserved(class: usize) {
 #[inline]
 pub fn any_reserved() -> bool {
     tables().any_reserved
-}
-
-fn div_magic(block_size: usize) -> u64 {
-    u64::MAX / block_size as u64 + 1
-}
-
-/// The divisibility constant of class `c` (see [`divides`]).
-#[inline]
-pub fn div_magic_of(c: usize) -> u64 {
-    tables().div_magic.get(c).copied().unwrap_or(0)
-}
-
-/// True when `offset` (below 2^32) is a multiple of class `c`'s block size.
-#[inline(always)]
-pub fn divides(c: usize, offset: usize) -> bool {
-    debug_assert!(c < MAX_CLASSES);
-    // SAFETY: `c` comes from a page record, which holds a valid class index (records
-    // of free spans and metadata hold 0).
-    let magic = unsafe { *tables().div_magic.get_unchecked(c) };
-    (offset as u64).wrapping_mul(magic) < magic
 }
 
 /// Class for a request of at most `TABLE_MAX_SIZE` bytes: one table load.
@@ -304,22 +278,6 @@ mod tests {
             }
             if size > 128 {
                 assert!((bs - size) * 8 <= bs, "size {size} wastes {}", bs - size);
-            }
-        }
-    }
-
-    #[test]
-    fn divisibility_check_matches_modulo() {
-        init();
-        for c in 0..STANDARD_CLASSES {
-            let bs = block_size(c);
-            for n in (0..(4 << 20)).step_by(16).take(40_000).chain([
-                bs,
-                bs * 7,
-                bs * 7 + 16,
-                (4 << 20) - 16,
-            ]) {
-                assert_eq!(divides(c, n), n % bs == 0, "class {c} size {bs} offset {n}");
             }
         }
     }
