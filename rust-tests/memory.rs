@@ -137,9 +137,10 @@ fn idle_threads_holding_a_few_objects_stay_lean() {
     let holding = per_thread_bytes(500, true);
     let per_thread = holding.saturating_sub(idle) / 500;
     eprintln!("resident bytes per thread holding 14 objects: {per_thread}");
-    // README: 5.5 KiB (measured here: 5160-5177 bytes debug, 5193-5210 release); the
-    // bound leaves half a KiB for layout changes.
-    assert!(per_thread <= 6 * 1024, "{per_thread} bytes per thread");
+    // Issue 14 keeps it at most 8 KiB. Measured here since the page-supply, sampling
+    // and fast-path changes: 5,447-5,480 or 6,062-6,111 bytes (debug; two modes from
+    // run to run); the bound leaves about a KiB above the higher mode.
+    assert!(per_thread <= 7 * 1024, "{per_thread} bytes per thread");
 }
 
 /// Frees a peak of written small blocks of many sizes; returns the statistics and RSS
