@@ -1088,13 +1088,14 @@ fn cache_files(cache: &Path) -> Vec<String> {
     names
 }
 
-/// Files in the cache directory other than the sampled profile, which every run with
-/// learning on may store whatever the prediction mode (the sampler is always on, and
-/// whether this short run drew a sample is chance).
+/// Files in the cache directory other than the sampled profile and the directory lock
+/// taken to store it: every run with learning on may store a profile whatever the
+/// prediction mode (the sampler is always on, and whether a short run drew a sample is
+/// chance).
 fn cache_files_but_profile(cache: &Path) -> Vec<String> {
     cache_files(cache)
         .into_iter()
-        .filter(|n| !n.ends_with(".profile"))
+        .filter(|n| !n.ends_with(".profile") && n != "lgmalloc.lock")
         .collect()
 }
 
