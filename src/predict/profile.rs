@@ -124,7 +124,9 @@ impl Profile {
         let mut modules: Vec<usize> = Vec::new();
         let mut body = String::new();
         for s in sites {
-            let Some(path) = self.modules.get(s.module) else {
+            // A path the parser would refuse (control characters break the line
+            // format) is left out rather than spoiling the whole file.
+            let Some(path) = self.modules.get(s.module).filter(|p| is_storable_path(p)) else {
                 continue;
             };
             let (idx, module_line) = match modules.iter().position(|&m| m == s.module) {
@@ -185,14 +187,21 @@ pub fn reparse(bytes: &[u8]) -> Result<String, Refusal> {
     parse(bytes).map(|p| p.text())
 }
 
+/// Whether a module path can stand on a `module` line and read back the same: absolute,
+/// bounded, and free of control characters (a `\r` before the line end, or a newline,
+/// would not survive the round trip; found by the plan fuzz target).
+fn is_storable_path(path: &str) -> bool {
+    path.starts_with('/') && path.len() <= 4096 && !path.chars().any(char::is_control)
+}
+
 fn parse_line(p: &mut Profile, line: &str) -> Result<(), Refusal> {
     if let Some(rest) = line.strip_prefix("module ") {
         let (idx, path) = rest.split_once(' ').ok_or("a malformed module line")?;
         if number::<usize>(idx)? != p.modules.len() || p.modules.len() >= MAX_MODULES {
             return Err("module lines out of order or too many");
         }
-        if !path.starts_with('/') || path.len() > 4096 {
-            return Err("a module path that is not absolute");
+        if !is_storable_path(path) {
+            return Err("a module path that is not absolute, too long or has control characters");
         }
         p.modules.push(path.to_string());
         return Ok(());
