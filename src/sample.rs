@@ -364,12 +364,13 @@ fn now_ns() -> u64 {
 
 // ---- call stacks -------------------------------------------------------------------
 
+// libgcc's unwinder (also used by verify mode's call-site lookup).
 unsafe extern "C" {
-    fn _Unwind_Backtrace(
+    pub(crate) fn _Unwind_Backtrace(
         trace: extern "C" fn(ctx: *mut c_void, arg: *mut c_void) -> c_int,
         arg: *mut c_void,
     ) -> c_int;
-    fn _Unwind_GetIP(ctx: *mut c_void) -> usize;
+    pub(crate) fn _Unwind_GetIP(ctx: *mut c_void) -> usize;
 }
 
 struct Walk {

@@ -13,6 +13,7 @@ use super::modules::{code_range, for_each_module};
 use super::profile;
 use crate::analysis::symbols::{Symbols, is_allocator_frame};
 use crate::diag::diag;
+use crate::sample::{_Unwind_Backtrace, _Unwind_GetIP};
 use crate::{heap, options, size_class};
 
 /// Call sites the stored profile saw with one constant size (learned), by return
@@ -119,14 +120,6 @@ fn record_call(size: usize) {
         site.exact.fetch_add(1, Ordering::Relaxed);
         VERIFY_EXACT.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-unsafe extern "C" {
-    fn _Unwind_Backtrace(
-        trace: extern "C" fn(ctx: *mut c_void, arg: *mut c_void) -> c_int,
-        arg: *mut c_void,
-    ) -> c_int;
-    fn _Unwind_GetIP(ctx: *mut c_void) -> usize;
 }
 
 const URC_NO_REASON: c_int = 0;
