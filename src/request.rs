@@ -247,7 +247,7 @@ pub fn trim() -> usize {
     let before = segment::released_total();
     heap::collect_own();
     segment::trim();
-    segment::released_total().wrapping_sub(before) + large::cache_release()
+    segment::released_total().wrapping_sub(before) + large::cache_release() + sample::trim()
 }
 
 /// Frees `p`, whose allocation size the caller states as `size`: a size larger than the

@@ -36,8 +36,11 @@ pub const FRAMES: usize = 8;
 const SKIP_FRAMES: usize = 1;
 /// Alignment of every block (`request::MIN_ALIGN`, which sits above this layer).
 const MIN_ALIGN: usize = 16;
-/// Freed sampled blocks above this give their pages back (the first one stays).
-const DECOMMIT_ABOVE: usize = 16 * 1024;
+/// Resident bytes that free slots may keep past their first page. Sampling is per byte,
+/// so large blocks are sampled often: decommitting each one on free made a Rust program
+/// issue thousands of madvise calls and refault the slot at the next sample. Slots are
+/// reused dirty first, so the few kept are the ones taken next.
+const DIRTY_BUDGET: usize = 4 << 20;
 
 const SLOT_FREE: u8 = 0;
 const SLOT_BUSY: u8 = 1;
@@ -51,6 +54,8 @@ struct Slot {
     class: AtomicUsize,
     site: AtomicUsize,
     born_ns: AtomicU64,
+    /// Bytes from the slot's start that may be resident (written by the slot's holder).
+    resident: AtomicUsize,
 }
 
 /// One call stack and what its samples saw.
@@ -84,6 +89,7 @@ static TABLES: Tables = Tables {
             class: AtomicUsize::new(0),
             site: AtomicUsize::new(0),
             born_ns: AtomicU64::new(0),
+            resident: AtomicUsize::new(0),
         }
     }; SLOTS],
     sites: [const {
@@ -150,8 +156,8 @@ pub fn own_code() -> (usize, usize) {
     )
 }
 
-/// Where the next slot search starts.
-static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+/// Resident bytes past the first page held by free slots (at most [`DIRTY_BUDGET`]).
+static DIRTY: AtomicUsize = AtomicUsize::new(0);
 /// Draws made so far (the generator's counter).
 static DRAWS: AtomicU64 = AtomicU64::new(0);
 /// Samples taken; samples skipped (no slot, no arena); stacks not kept (table full).
@@ -257,6 +263,7 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     TAKEN.fetch_add(1, Ordering::Relaxed);
     // SAFETY: `i < SLOTS` (from `claim_slot`).
     let slot = unsafe { TABLES.slots.get_unchecked(i) };
+    reuse_slot(slot, usable);
     slot.usable.store(usable, Ordering::Relaxed);
     slot.class.store(class, Ordering::Relaxed);
     slot.site
@@ -288,15 +295,83 @@ fn arena() -> usize {
     if ok { p } else { 0 }
 }
 
+/// Claims a free slot, one whose pages a free kept first (its refault is saved), else
+/// the lowest clean one. (A scan of at most `2 * SLOTS` loads, once per ~256 KiB
+/// allocated.)
 fn claim_slot() -> Option<usize> {
-    let start = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
-    (0..SLOTS).map(|k| (start + k) % SLOTS).find(|&i| {
+    let dirty = |s: &Slot| beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0;
+    claim_first(|s| dirty(s)).or_else(|| claim_first(|_| true))
+}
+
+/// Claims the first free slot that `wanted` accepts.
+fn claim_first(wanted: impl Fn(&Slot) -> bool) -> Option<usize> {
+    (0..SLOTS).find(|&i| {
         TABLES.slots.get(i).is_some_and(|s| {
-            s.state
-                .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
+            s.state.load(Ordering::Relaxed) == SLOT_FREE
+                && wanted(s)
+                && s.state
+                    .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
         })
     })
+}
+
+/// Bytes past the first page of a slot with `resident` possibly resident bytes.
+fn beyond_first_page(resident: usize) -> usize {
+    resident.saturating_sub(os::OS_PAGE_SIZE)
+}
+
+/// Takes a claimed slot's kept bytes off the dirty count and widens its resident
+/// extent to hold `usable` bytes.
+fn reuse_slot(slot: &Slot, usable: usize) {
+    let resident = slot.resident.load(Ordering::Relaxed);
+    DIRTY.fetch_sub(beyond_first_page(resident), Ordering::Relaxed);
+    slot.resident.store(resident.max(usable), Ordering::Relaxed);
+}
+
+/// Keeps a freed slot's pages when the dirty budget allows, else gives back all but
+/// the first. Returns the bytes given back. The caller holds the slot (`BUSY`).
+fn keep_or_decommit(slot: &Slot, addr: usize) -> usize {
+    let extra = beyond_first_page(slot.resident.load(Ordering::Relaxed));
+    if extra == 0 || DIRTY.fetch_add(extra, Ordering::Relaxed) + extra <= DIRTY_BUDGET {
+        return 0;
+    }
+    DIRTY.fetch_sub(extra, Ordering::Relaxed);
+    decommit_slot(slot, addr)
+}
+
+/// Gives back a held slot's pages past its first. Returns the bytes given back.
+fn decommit_slot(slot: &Slot, addr: usize) -> usize {
+    let extra = beyond_first_page(slot.resident.load(Ordering::Relaxed));
+    if extra != 0 {
+        // SAFETY: the slot is held by the caller and its pages past the first hold no
+        // live data.
+        unsafe { os::decommit((addr + os::OS_PAGE_SIZE) as *mut u8, extra) };
+        slot.resident.store(os::OS_PAGE_SIZE, Ordering::Relaxed);
+    }
+    extra
+}
+
+/// Gives back the pages free slots kept (`lg_trim`). Returns the bytes given back.
+pub fn trim() -> usize {
+    let base = ARENA.load(Ordering::Acquire);
+    if base <= 2 {
+        return 0;
+    }
+    let mut released = 0;
+    for (i, slot) in TABLES.slots.iter().enumerate() {
+        if slot
+            .state
+            .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            let extra = beyond_first_page(slot.resident.load(Ordering::Relaxed));
+            DIRTY.fetch_sub(extra, Ordering::Relaxed);
+            released += decommit_slot(slot, base + (i << SLOT_SHIFT));
+            slot.state.store(SLOT_FREE, Ordering::Release);
+        }
+    }
+    released
 }
 
 /// The live slot `addr` starts, if it is one.
@@ -331,16 +406,7 @@ pub fn free(addr: usize) -> bool {
     if let Some(c) = CLASS_LIVE.get(slot.class.load(Ordering::Relaxed)) {
         c.fetch_sub(1, Ordering::Relaxed);
     }
-    let usable = slot.usable.load(Ordering::Relaxed);
-    if usable > DECOMMIT_ABOVE {
-        // SAFETY: the slot's pages past the first are ours and hold no live data.
-        unsafe {
-            os::decommit(
-                (addr + os::OS_PAGE_SIZE) as *mut u8,
-                usable - os::OS_PAGE_SIZE,
-            )
-        };
-    }
+    keep_or_decommit(slot, addr);
     slot.state.store(SLOT_FREE, Ordering::Release);
     true
 }
