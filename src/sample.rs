@@ -299,8 +299,8 @@ fn arena() -> usize {
 /// the lowest clean one. (A scan of at most `2 * SLOTS` loads, once per ~256 KiB
 /// allocated.)
 fn claim_slot() -> Option<usize> {
-    let dirty = |s: &Slot| beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0;
-    claim_first(|s| dirty(s)).or_else(|| claim_first(|_| true))
+    claim_first(|s| beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0)
+        .or_else(|| claim_first(|_| true))
 }
 
 /// Claims the first free slot that `wanted` accepts.
@@ -330,14 +330,14 @@ fn reuse_slot(slot: &Slot, usable: usize) {
 }
 
 /// Keeps a freed slot's pages when the dirty budget allows, else gives back all but
-/// the first. Returns the bytes given back. The caller holds the slot (`BUSY`).
-fn keep_or_decommit(slot: &Slot, addr: usize) -> usize {
+/// the first. The caller holds the slot (`BUSY`).
+fn keep_or_decommit(slot: &Slot, addr: usize) {
     let extra = beyond_first_page(slot.resident.load(Ordering::Relaxed));
     if extra == 0 || DIRTY.fetch_add(extra, Ordering::Relaxed) + extra <= DIRTY_BUDGET {
-        return 0;
+        return;
     }
     DIRTY.fetch_sub(extra, Ordering::Relaxed);
-    decommit_slot(slot, addr)
+    decommit_slot(slot, addr);
 }
 
 /// Gives back a held slot's pages past its first. Returns the bytes given back.
@@ -365,9 +365,9 @@ pub fn trim() -> usize {
             .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
-            let extra = beyond_first_page(slot.resident.load(Ordering::Relaxed));
+            let extra = decommit_slot(slot, base + (i << SLOT_SHIFT));
             DIRTY.fetch_sub(extra, Ordering::Relaxed);
-            released += decommit_slot(slot, base + (i << SLOT_SHIFT));
+            released += extra;
             slot.state.store(SLOT_FREE, Ordering::Release);
         }
     }
