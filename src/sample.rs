@@ -555,6 +555,83 @@ mod tests {
         }
     }
 
+    /// Resident 4 KiB pages in `len` bytes at `addr` (mincore).
+    fn resident_pages(addr: usize, len: usize) -> usize {
+        let mut vec = vec![0u8; len.div_ceil(os::OS_PAGE_SIZE)];
+        // SAFETY: `addr` is page-aligned inside the mapped arena and `vec` has one byte
+        // per page of the range.
+        let rc = unsafe { libc::mincore(addr as *mut c_void, len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore failed");
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    /// Freed slots keep their pages up to the dirty budget and give back the rest; the
+    /// next sample takes a kept slot; `trim` gives back every kept page and says so.
+    /// (The only test that samples in this binary, so the counts are exact.)
+    #[test]
+    #[cfg_attr(miri, ignore = "mincore and madvise")]
+    fn freed_slots_keep_pages_within_the_budget_and_trim_returns_them() {
+        size_class::init();
+        let class = size_class::STANDARD_CLASSES - 1;
+        let usable = size_class::block_size(class);
+        assert_eq!(usable, 1 << SLOT_SHIFT);
+        let pages_per_slot = usable / os::OS_PAGE_SIZE;
+        let n = 2 * DIRTY_BUDGET / usable;
+        let blocks: Vec<usize> = (0..n).map(|_| take(class, usable, 0, 0) as usize).collect();
+        for (i, &b) in blocks.iter().enumerate() {
+            assert!(b != 0 && b.is_multiple_of(usable), "sample {i}: {b:#x}");
+            // SAFETY: a live sampled block of `usable` bytes.
+            unsafe { core::ptr::write_bytes(b as *mut u8, i as u8 | 1, usable) };
+            assert_eq!(usable_size(b), usable);
+        }
+        let mut sorted = blocks.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), n, "two samples share a slot");
+        assert_eq!(
+            resident_pages(sorted[0], sorted[n - 1] + usable - sorted[0]),
+            n * pages_per_slot
+        );
+
+        // Freed highest first, so the slots that keep their pages are not the lowest.
+        for &b in blocks.iter().rev() {
+            assert!(free(b));
+        }
+        assert!(!free(blocks[0]), "a freed sample freed twice was accepted");
+        let kept: Vec<usize> = blocks.iter().map(|&b| resident_pages(b, usable)).collect();
+        let kept_bytes: usize = kept.iter().map(|&p| (p - 1) * os::OS_PAGE_SIZE).sum();
+        // The first frees fit the budget and keep everything; the rest keep one page.
+        let extra = usable - os::OS_PAGE_SIZE;
+        assert_eq!(
+            kept_bytes,
+            DIRTY_BUDGET / extra * extra,
+            "pages kept: {kept:?}"
+        );
+        assert_eq!(DIRTY.load(Ordering::Relaxed), kept_bytes);
+        assert!(
+            kept.iter().all(|&p| p == 1 || p == pages_per_slot),
+            "{kept:?}"
+        );
+
+        // A new sample takes a slot whose pages were kept (no refault).
+        let again = take(class, usable, 0, 0) as usize;
+        let i = blocks
+            .iter()
+            .position(|&b| b == again)
+            .expect("a known slot");
+        assert_eq!(
+            kept[i], pages_per_slot,
+            "took a clean slot while dirty ones were free"
+        );
+        assert_eq!(DIRTY.load(Ordering::Relaxed), kept_bytes - extra);
+        assert!(free(again));
+
+        assert_eq!(trim(), kept_bytes);
+        assert_eq!(DIRTY.load(Ordering::Relaxed), 0);
+        assert!(blocks.iter().all(|&b| resident_pages(b, usable) <= 1));
+        assert_eq!(trim(), 0, "a second trim found pages to give back");
+    }
+
     #[test]
     fn intervals_have_the_mean() {
         let n = 20_000;
