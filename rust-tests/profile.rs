@@ -205,8 +205,12 @@ fn profile_child_site(bytes: usize) {
 #[test]
 #[ignore]
 fn child_allocates_for_the_profile() {
-    if std::env::var_os("LGMALLOC_PROFILE_CHILD").is_some() {
-        profile_child_site(64 << 20);
+    match std::env::var("LGMALLOC_PROFILE_CHILD").as_deref() {
+        // About 4 samples: never the 16 that make a run worth merging into a settled
+        // profile, and rarely none.
+        Ok("small") => profile_child_site(1 << 20),
+        Ok(_) => profile_child_site(64 << 20),
+        Err(_) => {}
     }
 }
 
@@ -226,14 +230,23 @@ fn run_child(cache: &Path) -> std::process::Output {
 fn run_child_with(cache: &Path, env: &[(&str, &str)]) -> std::process::Output {
     let exe = std::env::current_exe().unwrap();
     let out = Command::new(&exe)
-        .envs(env.iter().copied())
+        .envs(
+            env.iter()
+                .copied()
+                .filter(|e| e.0 != "LGMALLOC_PROFILE_CHILD"),
+        )
         .args([
             "--exact",
             "child_allocates_for_the_profile",
             "--ignored",
             "--test-threads=1",
         ])
-        .env("LGMALLOC_PROFILE_CHILD", "1")
+        .env(
+            "LGMALLOC_PROFILE_CHILD",
+            env.iter()
+                .find(|e| e.0 == "LGMALLOC_PROFILE_CHILD")
+                .map_or("1", |e| e.1),
+        )
         .env("LGMALLOC_CACHE_DIR", cache)
         .env("LGMALLOC_PREDICT", "off")
         .output()
@@ -314,5 +327,39 @@ fn profile_is_stored_at_exit_merged_and_shown_by_the_analyzer() {
     let _ = run_child(&cache);
     let again = profile::parse(&std::fs::read(&path).unwrap()).expect("rewritten valid");
     assert_eq!(again.runs, 1);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// A small run is not merged into a profile that has settled (it would cost every short
+/// program a merge and a write at exit); a large one still is.
+#[test]
+fn small_runs_leave_a_settled_profile_alone() {
+    let cache = temp_cache("settled");
+    let _ = run_child(&cache);
+    let path = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with(".profile"))
+        .expect("a profile")
+        .path();
+    let runs = |p: &Path| {
+        profile::parse(&std::fs::read(p).unwrap())
+            .expect("valid")
+            .runs
+    };
+    assert_eq!(runs(&path), 1);
+    // Settle it: the same profile, as if it had seen that many runs.
+    let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+    let settled = profile::SETTLED_RUNS;
+    std::fs::write(
+        &path,
+        text.replace("runs 1\n", &format!("runs {settled}\n")),
+    )
+    .unwrap();
+    assert_eq!(runs(&path), settled);
+    let _ = run_child_with(&cache, &[("LGMALLOC_PROFILE_CHILD", "small")]);
+    assert_eq!(runs(&path), settled, "a small run was merged");
+    let _ = run_child(&cache);
+    assert_eq!(runs(&path), settled + 1, "a large run was not merged");
     let _ = std::fs::remove_dir_all(&cache);
 }

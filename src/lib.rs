@@ -43,7 +43,9 @@ pub mod fuzzing {
 /// The sampled allocation profile (for `lgmalloc-analyze --profile` and the tests).
 #[doc(hidden)]
 pub mod profile {
-    pub use crate::predict::profile::{Profile, ProfileSite, location, parse, read, this_run};
+    pub use crate::predict::profile::{
+        MIN_SAMPLES_TO_MERGE, Profile, ProfileSite, SETTLED_RUNS, location, parse, read, this_run,
+    };
     pub use crate::sample::MEAN_INTERVAL;
 
     /// Samples this process has taken so far.

@@ -27,6 +27,12 @@ const HEADER: &str = "lgmalloc-profile 1";
 const MAX_MODULES: usize = 256;
 /// Call sites a profile keeps (the ones with the most sampled bytes).
 pub const MAX_SITES: usize = 400;
+/// Once a profile holds [`SETTLED_RUNS`] runs, a run that took fewer samples than this
+/// (under 4 MiB allocated) is not merged: it adds little, and an interpreter started
+/// for one line should not pay a merge and a write (about 100k instructions) at every
+/// exit. Larger runs are always merged.
+pub const MIN_SAMPLES_TO_MERGE: u64 = 16;
+pub const SETTLED_RUNS: u64 = 8;
 
 /// One call site and what its samples saw, over all runs stored.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -381,8 +387,24 @@ pub fn read(program: &Path) -> Option<Profile> {
 }
 
 fn read_in(dir: &CacheDir, name: &str) -> Option<Profile> {
-    let bytes = dir.read(name, MAX_FILE_BYTES)?;
-    match parse(&bytes) {
+    parse_or_say(&dir.read(name, MAX_FILE_BYTES)?, name)
+}
+
+/// The run count a stored profile states on its second line, read without parsing the
+/// rest (whether to merge a small run is decided from it alone).
+fn stored_runs(bytes: &[u8]) -> Option<u64> {
+    let mut lines = bytes.split(|&b| b == b'\n');
+    if lines.next() != Some(HEADER.as_bytes()) {
+        return None;
+    }
+    core::str::from_utf8(lines.next()?.strip_prefix(b"runs ")?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn parse_or_say(bytes: &[u8], name: &str) -> Option<Profile> {
+    match parse(bytes) {
         Ok(p) => Some(p),
         Err(why) => {
             if crate::options::verbose() {
@@ -395,14 +417,26 @@ fn read_in(dir: &CacheDir, name: &str) -> Option<Profile> {
 
 /// Registered at start-up: merges this run's samples into the stored profile.
 pub(super) extern "C" fn write_at_exit() {
-    if sample::TAKEN.load(core::sync::atomic::Ordering::Relaxed) == 0 {
+    let taken = sample::TAKEN.load(core::sync::atomic::Ordering::Relaxed);
+    if taken == 0 {
         return;
     }
     let Some(exe) = executable_path() else { return };
     let Some((dir, name)) = location(&exe) else {
         return;
     };
-    let mut stored = read_in(&dir, &name).unwrap_or_default();
+    let bytes = dir.read(&name, MAX_FILE_BYTES);
+    if taken < MIN_SAMPLES_TO_MERGE
+        && bytes
+            .as_deref()
+            .and_then(stored_runs)
+            .is_some_and(|runs| runs >= SETTLED_RUNS)
+    {
+        return;
+    }
+    let mut stored = bytes
+        .and_then(|b| parse_or_say(&b, &name))
+        .unwrap_or_default();
     stored.merge(&this_run());
     dir.write(&name, stored.text().as_bytes());
 }

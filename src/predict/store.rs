@@ -75,8 +75,8 @@ pub(super) fn parse_learned(bytes: &[u8]) -> Result<Learned, Refusal> {
 
 /// Parses one `threads` or `class` line into `learned` (shared with the plan file).
 fn parse_learned_line(learned: &mut Learned, line: &str) -> Result<(), Refusal> {
-    let f: Vec<&str> = line.split_ascii_whitespace().collect();
-    match f.as_slice() {
+    let mut f = [""; MAX_FIELDS];
+    match fields(line, &mut f)? {
         ["threads", n] => learned.threads = number(n)?,
         ["class", size, calls, using] => {
             if learned.classes.len() >= MAX_ENTRIES {
@@ -104,6 +104,21 @@ fn check_learned(learned: &Learned) -> Result<(), Refusal> {
         return Err("a class used by more threads than ran");
     }
     Ok(())
+}
+
+/// Fields on any line of a stored plan or observations, at most.
+const MAX_FIELDS: usize = 6;
+
+/// Splits `line` at ASCII whitespace into `out`; the fields found. Refuses a line with
+/// more than [`MAX_FIELDS`] (no line lgmalloc writes has as many). No allocation: this
+/// runs for every line of the plan before `main`.
+fn fields<'a>(line: &'a str, out: &'a mut [&'a str; MAX_FIELDS]) -> Result<&'a [&'a str], Refusal> {
+    let mut n = 0;
+    for field in line.split_ascii_whitespace() {
+        *out.get_mut(n).ok_or("a line with too many fields")? = field;
+        n += 1;
+    }
+    Ok(out.get(..n).unwrap_or_default())
 }
 
 fn number<T: core::str::FromStr>(field: &str) -> Result<T, Refusal> {
@@ -171,8 +186,8 @@ pub(super) fn parse_plan(bytes: &[u8]) -> Result<RuntimePlan, Refusal> {
         ..RuntimePlan::default()
     };
     for line in lines {
-        let f: Vec<&str> = line.split_ascii_whitespace().collect();
-        match f.as_slice() {
+        let mut f = [""; MAX_FIELDS];
+        match fields(line, &mut f)? {
             ["class", size, confidence, source, blocks] => {
                 if plan.classes.len() >= MAX_CLASSES {
                     return Err("too many classes");
