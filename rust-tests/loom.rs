@@ -24,7 +24,7 @@ use std::ptr;
 
 use lgmalloc::loom_api::{
     Block, IN_FULL_FLAG, Owner, OwnerSlot, Page, RemoteWord, STATE_NONE, collect_remote,
-    encode_link, end_notification, link_key, next_free, push_remote, try_watch, unwatch,
+    encode_link, end_notification, free_head, link_key, push_remote, try_watch, unwatch,
 };
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
@@ -197,7 +197,7 @@ impl World {
     unsafe fn touch_free_list(&self) -> Vec<usize> {
         let mut seen = Vec::new();
         // SAFETY: owner access to its free list.
-        let mut b = unsafe { self.page_mut() }.free;
+        let mut b = unsafe { free_head(self.page_mut()) };
         while !b.is_null() {
             let i = self.index_of(b);
             // SAFETY: a block on the owner's free list is the owner's.
@@ -209,7 +209,7 @@ impl World {
             );
             seen.push(i);
             // SAFETY: as above.
-            b = unsafe { next_free(link_key(), b) };
+            b = unsafe { encode_link(link_key(), (*b).next) };
         }
         seen
     }
@@ -226,8 +226,8 @@ impl World {
             let page = self.page_mut();
             while !b.is_null() {
                 let next = (*b).next;
-                (*b).next = encode_link(link_key(), page.free);
-                page.free = b;
+                (*b).next = page.free;
+                page.free = encode_link(link_key(), b);
                 page.used -= 1;
                 n += 1;
                 b = next;

@@ -125,6 +125,17 @@ fn perform(case: &str) {
                 let _ = lg_malloc(48);
                 let _ = lg_malloc(48);
             }
+            "use_after_free_zero" => {
+                // Zero written into a freed block's link (the list head is stored in
+                // link form, so an encoded null ends the list: a plain zero must not).
+                let p = lg_malloc(48) as *mut u64;
+                let q = lg_malloc(48);
+                lg_free(q);
+                lg_free(p.cast());
+                *p = 0;
+                let _ = lg_malloc(48);
+                let _ = lg_malloc(48);
+            }
             "use_after_free_write_in_segment" => {
                 // The link pointed at another free block of the same page: an address
                 // inside the segment, which only a link of the right encoding reaches.
@@ -316,6 +327,10 @@ fn use_after_free_write_is_caught_when_hardened() {
     );
     expect_abort_at_some_address(
         "use_after_free_garbage",
+        "corrupted free list (use after free?)",
+    );
+    expect_abort_at_some_address(
+        "use_after_free_zero",
         "corrupted free list (use after free?)",
     );
     expect_abort_at_some_address(

@@ -17,7 +17,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use crossbeam_utils::CachePadded;
 
 use crate::diag::misuse;
-use crate::geometry::SLICE_SIZE;
+use crate::geometry::{SEGMENT_SIZE, SLICE_SIZE};
 use crate::lock::Locked;
 use crate::page::{self, Block, IN_FULL_FLAG, Owner, Page};
 use crate::size_class::{self, MAX_CLASSES};
@@ -51,6 +51,13 @@ pub struct Heap {
     /// (`hardened`) with one load from the heap they already hold. Zero in the empty heap
     /// (whose pages have no free blocks) and when not hardened.
     link_key: usize,
+    /// Hardened only (no entries otherwise), per class: `link_key ^ pages[class]`. The
+    /// fast pop XORs its page's head (`Page::free`, in link form: `block ^ link_key`)
+    /// with it and gets `block ^ page` in one operation: below the segment size exactly
+    /// when the block lies in the page's segment (the hardened check), and one more XOR
+    /// with the page gives the block. Kept equal wherever `pages` changes
+    /// ([`set_pop_key`]); the empty heap's entries make every pop fail the check.
+    pop_keys: [usize; POP_KEYS],
     /// Per class: allocations served (statistics; owner-written, read racily).
     pub alloc_count: [u64; MAX_CLASSES],
     /// Bytes left before this heap's next sampled allocation (`sample`).
@@ -100,6 +107,8 @@ pub static EMPTY_PAGE: Page = Page::empty();
 pub static EMPTY_HEAP: Heap = Heap {
     pages: [&raw const EMPTY_PAGE as *mut Page; MAX_CLASSES],
     link_key: 0,
+    // `EMPTY_PAGE.free` is zero: `0 ^ (1 << 63)` fails the segment check.
+    pop_keys: [1 << (usize::BITS - 1); POP_KEYS],
     alloc_count: [0; MAX_CLASSES],
     sample_left: sample::NEVER,
     page_growth: [0; MAX_CLASSES],
@@ -112,6 +121,9 @@ pub static EMPTY_HEAP: Heap = Heap {
     verifying: false,
     delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
 };
+
+/// Entries of `Heap::pop_keys`: one per class when hardened, none otherwise.
+const POP_KEYS: usize = if page::HARDENED { MAX_CLASSES } else { 0 };
 
 #[inline(always)]
 fn empty_page() -> *mut Page {
@@ -182,50 +194,56 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
     // static empty page or a page owned by this thread.
     unsafe {
         let page = *(*heap).pages.get_unchecked(class);
-        let block = (*page).free;
-        // Hardened: the segment check also fails for null (see `is_in_page_segment`).
-        let ok = if page::HARDENED {
-            page::is_in_page_segment(page, block)
+        let head = (*page).free;
+        let block = if page::HARDENED {
+            // `head ^ pop_key` is `block ^ page` (see `Heap::pop_keys`): the segment
+            // check of `is_in_page_segment`, which the list's end (null) fails too.
+            let offset = head.addr() ^ *(*heap).pop_keys.get_unchecked(class);
+            if offset >= SEGMENT_SIZE {
+                return alloc_empty_or_corrupted(size, heap, class);
+            }
+            ptr::with_exposed_provenance_mut::<Block>(page.addr() ^ offset)
         } else {
-            !block.is_null()
+            if head.is_null() {
+                return alloc_slow(size, heap, class);
+            }
+            head
         };
-        if ok {
-            (*page).free = page::next_free((*heap).link_key, block);
-            (*page).used += 1;
-            if CHECKED {
-                (*block).freed_mark = 0;
-            }
-            *(*heap).alloc_count.get_unchecked_mut(class) += 1;
-            let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
-            (*heap).sample_left = left;
-            if sampled {
-                return alloc_sampled(heap, page, block, class, size);
-            }
-            return block.cast();
+        // The link stays in link form: the head's.
+        (*page).free = (*block).next;
+        (*page).used += 1;
+        if CHECKED {
+            (*block).freed_mark = 0;
         }
-        if page::HARDENED {
-            return alloc_empty_or_corrupted(size, heap, class, block);
+        *(*heap).alloc_count.get_unchecked_mut(class) += 1;
+        let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
+        (*heap).sample_left = left;
+        if sampled {
+            return alloc_sampled(heap, page, block, class, size);
         }
-        alloc_slow(size, heap, class)
+        block.cast()
     }
 }
 
-/// `alloc_small` (hardened) when the page's next block failed the segment check: the
-/// list is empty (take the slow path) or corrupted (stop). Reached by a tail jump, so
-/// the fast path needs no stack frame.
+/// `alloc_small` (hardened) when the head of the class's page failed the segment check:
+/// the page is the empty page or its list is empty (take the slow path), or the list is
+/// corrupted (stop). Reached by a tail jump, so the fast path needs no stack frame (and
+/// reads the head again, so the fast path keeps no copy of it).
 #[cold]
 #[inline(never)]
-unsafe fn alloc_empty_or_corrupted(
-    size: usize,
-    heap: *mut Heap,
-    class: usize,
-    block: *mut Block,
-) -> *mut u8 {
-    if !block.is_null() {
-        page::corrupted_link(block);
+unsafe fn alloc_empty_or_corrupted(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
+    // SAFETY: as for `alloc_small` (the empty heap's pages are all the empty page, whose
+    // head is never decoded).
+    unsafe {
+        let page = *(*heap).pages.get_unchecked(class);
+        if page != empty_page() {
+            let block = page::encode_link((*heap).link_key, (*page).free);
+            if !block.is_null() {
+                page::corrupted_link(block);
+            }
+        }
+        alloc_slow(size, heap, class)
     }
-    // SAFETY: as for `alloc_small`.
-    unsafe { alloc_slow(size, heap, class) }
 }
 
 /// Frees a block of a small-object page, stopping with a message if `block` is not a
@@ -266,8 +284,9 @@ unsafe fn free_checked(page: *mut Page, b: *mut Block) {
     // comparison holds.
     unsafe {
         if page::is_owned_by(page, owner(heap)) {
-            (*b).next = page::encode_link((*heap).link_key, (*page).free);
-            (*page).free = b;
+            // The head is in link form already: the new link is a copy.
+            (*b).next = (*page).free;
+            (*page).free = page::encode_link((*heap).link_key, b);
             if page::release_one(page) {
                 free_local_slow(heap, page);
             }
@@ -352,11 +371,11 @@ unsafe fn alloc_slow(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
             os::set_errno(libc::ENOMEM);
             return ptr::null_mut();
         }
-        let block = (*page).free;
+        let block = page::encode_link((*heap).link_key, (*page).free);
         if page::HARDENED && !page::is_in_page_segment(page, block) {
             page::corrupted_link(block);
         }
-        (*page).free = page::next_free((*heap).link_key, block);
+        (*page).free = (*block).next;
         (*page).used += 1;
         if CHECKED {
             (*block).freed_mark = 0;
@@ -428,11 +447,11 @@ unsafe extern "C" fn alloc_sampled_at(
         if p.is_null() {
             return block.cast();
         }
-        (*block).next = page::encode_link((*heap).link_key, (*page).free);
+        (*block).next = (*page).free;
         if CHECKED {
             (*block).freed_mark = page::freed_mark(page);
         }
-        (*page).free = block;
+        (*page).free = page::encode_link((*heap).link_key, block);
         (*page).used -= 1;
         p
     }
@@ -578,13 +597,13 @@ unsafe fn first_page_with_room(heap: *mut Heap, class: usize) -> *mut Page {
             if page == empty_page() {
                 return ptr::null_mut();
             }
-            if (*page).free.is_null() {
+            if page::free_head(page).is_null() {
                 page::collect_remote(page);
             }
-            if (*page).free.is_null() {
+            if page::free_head(page).is_null() {
                 page::extend(page);
             }
-            if !(*page).free.is_null() {
+            if !page::free_head(page).is_null() {
                 return page;
             }
             // Full: park it where remote frees will tell us about it. If a remote
@@ -841,8 +860,8 @@ unsafe fn drain_delayed_list(heap: *mut Heap) {
                 page::corrupted_link(next);
             }
             let page = segment::page_of(b as usize);
-            (*b).next = page::encode_link(key, (*page).free);
-            (*page).free = b;
+            (*b).next = (*page).free;
+            (*page).free = page::encode_link(key, b);
             (*page).used -= 1;
             if (*page).used as i32 <= 0 {
                 free_local_slow(heap, page);
@@ -884,6 +903,7 @@ unsafe fn class_push_front(heap: *mut Heap, page: *mut Page) {
     unsafe {
         let class = (*page).class as usize;
         list::tailed_push_front(&mut (*heap).pages[class], empty_page(), page);
+        set_pop_key(heap, class);
     }
 }
 
@@ -898,6 +918,7 @@ unsafe fn class_push_back(heap: *mut Heap, page: *mut Page) {
     unsafe {
         let class = (*page).class as usize;
         list::tailed_push_back(&mut (*heap).pages[class], empty_page(), page);
+        set_pop_key(heap, class);
     }
 }
 
@@ -908,6 +929,23 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
     unsafe {
         let class = (*page).class as usize;
         list::tailed_remove(&mut (*heap).pages[class], empty_page(), page);
+        set_pop_key(heap, class);
+    }
+}
+
+/// Hardened: makes `heap.pop_keys[class]` match `heap.pages[class]` again; called
+/// wherever a class list's head may have changed (the three functions above).
+///
+/// # Safety
+/// Owner access; `class < MAX_CLASSES`.
+#[inline(always)]
+unsafe fn set_pop_key(heap: *mut Heap, class: usize) {
+    if page::HARDENED {
+        // SAFETY: per the contract; `pop_keys` has `MAX_CLASSES` entries when hardened.
+        unsafe {
+            let page = *(*heap).pages.get_unchecked(class);
+            *(*heap).pop_keys.get_unchecked_mut(class) = (*heap).link_key ^ page.addr();
+        }
     }
 }
 
@@ -1058,6 +1096,7 @@ fn pool_take() -> *mut Heap {
             h.write(Heap {
                 pages: [empty_page(); MAX_CLASSES],
                 link_key: page::link_key(),
+                pop_keys: [page::link_key() ^ empty_page().addr(); POP_KEYS],
                 alloc_count: [0; MAX_CLASSES],
                 sample_left: sample::next_interval(),
                 page_growth: [0; MAX_CLASSES],

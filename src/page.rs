@@ -39,7 +39,10 @@ pub struct Block {
 /// Before a block is handed out, or a remote link followed, its decoded address must
 /// lie in the page's 4 MiB segment
 /// ([`is_in_page_segment`]; on the fast path this replaces the null test, since the
-/// list's end fails it too). The list head (`Page::free`) is plain.
+/// list's end fails it too). The list head (`Page::free`) is stored in the same link
+/// form, so a local free copies it into the freed block's link and a pop copies the
+/// popped block's link into it, neither decoding; the fast pop decodes the head and
+/// checks the segment with one XOR (`heap::Heap::pop_keys`).
 ///
 /// What a use-after-free write into the first 16 bytes of a freed block `b` can do:
 ///
@@ -91,16 +94,25 @@ pub fn encode_link(key: usize, next: *mut Block) -> *mut Block {
     }
 }
 
-/// The next block of the local free list after `b`, whose link was encoded under `key`.
-/// Not checked here: a hardened build checks every block with [`is_in_page_segment`]
-/// before it hands it out or reads its link.
+/// The first free block of `page` (null when it has none): `Page::free` decoded.
 ///
 /// # Safety
-/// `b` is a block on a local free list.
+/// `page` is a live page record (not a free span).
 #[inline(always)]
-pub unsafe fn next_free(key: usize, b: *mut Block) -> *mut Block {
-    // SAFETY: per the contract the block's first word is its link.
-    encode_link(key, unsafe { (*b).next })
+pub unsafe fn free_head<H, R>(page: *const Page<H, R>) -> *mut Block {
+    // SAFETY: per the contract.
+    encode_link(link_key(), unsafe { (*page).free })
+}
+
+/// Makes `b` (null: none) the first free block of `page`; `b`'s link must already hold
+/// the rest of the list.
+///
+/// # Safety
+/// The caller has owner access to `page`, a live page record.
+#[inline(always)]
+pub unsafe fn set_free_head<H, R>(page: *mut Page<H, R>, b: *mut Block) {
+    // SAFETY: per the contract.
+    unsafe { (*page).free = encode_link(link_key(), b) };
 }
 
 /// Hardened builds' check of a block about to be handed out from `page`'s free list:
@@ -235,7 +247,11 @@ impl OwnerSlot for AtomicPtr<Owner> {
 /// `Page<AtomicPtr<Owner>, AtomicUsize>`); other atomics are for the loom models.
 #[repr(C, align(64))]
 pub struct Page<H = AtomicPtr<Owner>, R = AtomicUsize> {
-    /// Owner-only: blocks ready to hand out.
+    /// Owner-only: the first block ready to hand out, in link form
+    /// ([`encode_link`]; plain unless hardened), null's encoding when there is none: a
+    /// local free copies it into the freed block's link, a pop copies the popped
+    /// block's link back. Read and set it through [`free_head`] and [`set_free_head`]
+    /// outside the fast paths. In the head record of a free span: when it was freed.
     pub free: *mut Block,
     /// Owner-only: blocks handed out and not yet back on `free` (includes blocks
     /// waiting on `remote_free`), plus [`IN_FULL_FLAG`] while the page is on the full
@@ -444,7 +460,7 @@ pub unsafe fn init_page(page: *mut Page, heap: *mut Owner, class: usize) {
         let start = segment_base(page as usize) + (*page).start_offset as usize;
         let bytes = ((*page).slice_count as usize) << SLICE_SHIFT;
         let magic = block_start_magic(block_size, bytes);
-        (*page).free = ptr::null_mut();
+        set_free_head(page, ptr::null_mut());
         (*page).used = 0;
         (*page).carved.store(0, Ordering::Relaxed);
         (*page).div_magic = magic;
@@ -563,10 +579,10 @@ pub unsafe fn extend(page: *mut Page) {
     // SAFETY: `cur` is the last carved block, as above; owner access to the page.
     unsafe {
         cur.cast::<Block>().write(Block {
-            next: encode_link(key, (*page).free),
+            next: (*page).free,
             freed_mark: mark,
         });
-        (*page).free = first.cast();
+        (*page).free = encode_link(key, first.cast());
     }
     // Blocks carved here reach other threads only through later synchronisation (the
     // program handing them over), which also orders this store before their reads.
@@ -717,8 +733,8 @@ pub unsafe fn collect_remote<H, R: RemoteWord>(page: *mut Page<H, R>) -> u32 {
             tail = next;
             count += 1;
         }
-        (*tail).next = encode_link(key, (*page).free);
-        (*page).free = head;
+        (*tail).next = (*page).free;
+        (*page).free = encode_link(key, head);
         let used = (*page).used;
         (*page).used = used - count.min(used & !IN_FULL_FLAG);
     }
