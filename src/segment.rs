@@ -51,16 +51,18 @@ const PURGE_DELAY_MS: u64 = 100;
 /// spans, down to half of that: this much, or an eighth of the segments' memory if more
 /// (so a large steady working set does not purge what it reuses a moment later).
 const PURGE_HARD: usize = 16 << 20;
-/// The `freed_at` time of spans given back at thread exit: older than any real time, so
-/// the purge that ends the exit (`purge(EXITED + 1, 0)`) decommits exactly those spans
-/// (and any free neighbour they merged with) at once.
-const EXITED: u64 = 0;
 /// Abandoned pages a thread exit inspects (collecting their remote frees, freeing the
 /// empty ones). Enough that exited threads' pages emptied by other threads come back
 /// round after round (the thread-exit test parks ~300 per round; 64 let ~10 MiB pile
 /// up), bounded so one exit never walks an unbounded list under the lock.
 const EXIT_SWEEP_PAGES: usize = 1024;
-/// Resident free memory a thread exit leaves for reuse (any more is decommitted).
+/// Resident free memory a thread exit leaves for reuse (any more is decommitted at
+/// once). What the exiting thread gives back counts like any other free memory: its
+/// successors usually need pages right away (a thread pool, a server's per-request
+/// threads), and decommitting what they take a moment later cost larson (threads that
+/// hand their objects on and exit, 8 at once) ~17 madvise calls and ~70 page faults
+/// per exit, and half its throughput. Spans kept here age as usual: the purge delay
+/// decommits them once nobody reused them.
 const EXIT_KEEP_DIRTY: usize = 4 << 20;
 
 fn purge_hard_limit() -> usize {
@@ -754,9 +756,10 @@ pub unsafe fn free_pages(pages: *mut Page) {
 }
 
 /// At thread exit, in one visit: gives back the empty pages on `empty` (as for
-/// [`free_pages`], but decommitted at once), parks those on `live` (which still have
-/// blocks in use) for adoption, and sweeps a few abandoned pages, so exited threads'
-/// memory comes back even if nobody allocates their classes again.
+/// [`free_pages`]), parks those on `live` (which still have blocks in use) for
+/// adoption, and sweeps a few abandoned pages, so exited threads' memory comes back
+/// even if nobody allocates their classes again; then decommits at once all free
+/// memory beyond `EXIT_KEEP_DIRTY` (the madvise calls after the lock is released).
 ///
 /// # Safety
 /// As for [`free_pages`]; the caller owned the pages on `live`, took them off its lists
@@ -766,20 +769,19 @@ pub unsafe fn abandon_pages(empty: *mut Page, mut live: *mut Page) {
     with_region_purging(|r, batch| {
         // SAFETY: per the contract.
         unsafe {
-            r.release_list(empty, EXITED);
+            r.release_list(empty, now);
             while !live.is_null() {
                 let next = (*live).next;
                 r.park_abandoned(live);
                 live = next;
             }
         }
-        r.sweep_abandoned(EXIT_SWEEP_PAGES, EXITED);
-        // Thread exit gives its memory back at once (and the exited threads' pages the
-        // sweep found empty): no delay, so short-lived threads do not pile up resident
-        // free memory. One madvise per merged span.
-        r.purge(EXITED + 1, 0, batch);
-        // Nor does free memory pile up behind exiting threads: beyond a little, what
-        // is free is decommitted now, whatever its age.
+        r.sweep_abandoned(EXIT_SWEEP_PAGES, now);
+        // Thread exit gives memory back at once, so short-lived threads do not pile up
+        // resident free memory: beyond a little, what is free (the exiting thread's
+        // pages, the exited threads' pages the sweep found empty, anything else) is
+        // decommitted now, whatever its age, largest spans first. The little left is
+        // what the next threads reuse without refaulting (see `EXIT_KEEP_DIRTY`).
         r.purge(u64::MAX, EXIT_KEEP_DIRTY, batch);
         r.purge_as_due(now, batch);
     });
