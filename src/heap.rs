@@ -544,6 +544,7 @@ fn reserve_planned_pages(heap: *mut Heap) {
                     ptr::null_mut(),
                     0,
                     &mut none,
+                    false,
                 );
                 if page.is_null() {
                     return;
@@ -644,8 +645,11 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
             (*heap).spare = ptr::null_mut();
             (*heap).spare_slices = 0;
             // A class at full page size is busy: take a few more pages in the same
-            // visit, kept as spares (address space only until carved).
-            let extra = if growth >= GROWTH_STEPS {
+            // visit, kept as spares, and have the fresh ones backed with memory in one
+            // call, since they will be carved soon (a young class's memory comes in
+            // only as it is carved, by page faults).
+            let busy = growth >= GROWTH_STEPS;
+            let extra = if busy {
                 (SPARE_SLICES / 2 / slices).min(EXTRA_PAGES)
             } else {
                 0
@@ -659,6 +663,7 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
                 give_back,
                 extra,
                 &mut extras,
+                busy,
             );
             while !extras.is_null() {
                 let next = (*extras).next;

@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::diag::diag;
 use crate::size_class::{self, MAX_CLASSES};
-use crate::{heap, init, large, options, page, segment};
+use crate::{heap, init, large, options, os, page, segment};
 
 /// Number of entries in [`LgStats::classes`].
 pub const LG_MAX_CLASSES: usize = 112;
@@ -178,6 +178,13 @@ pub fn print_summary() {
         region_c,
         cache,
         cache_c
+    );
+    let (decommits, populates, populated) = os::advice_counts();
+    diag!(
+        "lgmalloc: stats: {} decommit calls, {} populate calls ({} KiB backed in advance)",
+        decommits,
+        populates,
+        kib(populated as u64)
     );
     diag!(
         "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}",
