@@ -19,19 +19,32 @@ fn at<T>(p: *const T) -> *mut c_void {
     p as *mut c_void
 }
 
+/// `lg_malloc`, but never a sampled block (about one allocation per 256 KiB is served
+/// from the sample arena): the cases rely on where blocks lie in their page. A sampled
+/// allocation leaves the page as it was, so the next one is the block it would have
+/// been.
+fn page_block(size: usize) -> *mut c_void {
+    loop {
+        let p = lg_malloc(size);
+        if !lgmalloc::profile::is_sampled(p as *const u8) {
+            return p;
+        }
+    }
+}
+
 /// Performs one misuse. Returns only if lgmalloc failed to stop it.
 fn perform(case: &str) {
     unsafe {
         match case {
             "double_free_small" => {
-                let p = lg_malloc(40);
-                let q = lg_malloc(40); // another free in between must not hide it
+                let p = page_block(40);
+                let q = page_block(40); // another free in between must not hide it
                 lg_free(p);
                 lg_free(q);
                 lg_free(at(p));
             }
             "double_free_large" => {
-                let p = lg_malloc(1 << 20);
+                let p = page_block(1 << 20);
                 lg_free(p);
                 lg_free(at(p));
             }
@@ -42,42 +55,42 @@ fn perform(case: &str) {
             }
             "free_static" => lg_free(at(STATIC_DATA.as_ptr())),
             "free_interior" => {
-                let p = lg_malloc(96) as *mut u8;
+                let p = page_block(96) as *mut u8;
                 lg_free(at(p.add(48)));
             }
             "free_interior_unaligned" => {
-                let p = lg_malloc(64) as *mut u8;
+                let p = page_block(64) as *mut u8;
                 lg_free(at(p.add(8)));
             }
             "free_interior_large" => {
-                let p = lg_malloc(1 << 20) as *mut u8;
+                let p = page_block(1 << 20) as *mut u8;
                 lg_free(at(p.add(8192)));
             }
             "free_wild" => lg_free(at(0x1234_5678_9000usize as *const u8)),
             "free_uncarved" => {
                 // A block-aligned address in the part of a page not yet carved into
                 // blocks (pages of 2 KiB blocks are carved two blocks at a time).
-                let p = lg_malloc(2048) as *mut u8;
+                let p = page_block(2048) as *mut u8;
                 lg_free(at(p.add(2048 * 3)));
             }
             "free_never_handed_out" => {
                 // A carved block still waiting on the free list.
-                let p = lg_malloc(16) as *mut u8;
+                let p = page_block(16) as *mut u8;
                 lg_free(at(p.add(16 * 40)));
             }
             "free_sized_too_large" => {
-                let p = lg_malloc(100);
+                let p = page_block(100);
                 lg_free_sized(at(p), 100_000);
             }
             "realloc_freed" => {
-                let p = lg_malloc(200);
-                let keep = lg_malloc(200);
+                let p = page_block(200);
+                let keep = page_block(200);
                 lg_free(p);
                 let _ = lg_realloc(at(p), 400);
                 lg_free(keep);
             }
             "realloc_freed_large" => {
-                let p = lg_malloc(1 << 20);
+                let p = page_block(1 << 20);
                 lg_free(p);
                 let _ = lg_realloc(at(p), 2 << 20);
             }
@@ -90,75 +103,75 @@ fn perform(case: &str) {
                 let _ = lg_realloc(at(STATIC_DATA.as_ptr()), 100);
             }
             "realloc_interior" => {
-                let p = lg_malloc(96) as *mut u8;
+                let p = page_block(96) as *mut u8;
                 let _ = lg_realloc(at(p.add(32)), 200);
             }
             "realloc_interior_large" => {
-                let p = lg_malloc(1 << 20) as *mut u8;
+                let p = page_block(1 << 20) as *mut u8;
                 let _ = lg_realloc(at(p.add(4096)), 2 << 20);
             }
             "cross_thread_double_free" => {
-                let p = lg_malloc(48) as usize;
+                let p = page_block(48) as usize;
                 std::thread::spawn(move || lg_free(p as *mut c_void))
                     .join()
                     .unwrap();
                 lg_free(at(p as *const u8));
             }
             "use_after_free_write" => {
-                let p = lg_malloc(64) as *mut usize;
-                let q = lg_malloc(64);
+                let p = page_block(64) as *mut usize;
+                let q = page_block(64);
                 lg_free(q);
                 lg_free(p.cast());
                 // A dangling write steers the free list to an address of the attacker's
                 // choosing (here: a stack slot).
                 let mut target = [0usize; 8];
                 *p = target.as_mut_ptr() as usize;
-                let _ = lg_malloc(64);
-                let _ = lg_malloc(64);
+                let _ = page_block(64);
+                let _ = page_block(64);
             }
             "use_after_free_garbage" => {
                 // Any word written into a freed block's link, then two allocations of
                 // its class: the second follows the link.
-                let p = lg_malloc(48) as *mut u64;
+                let p = page_block(48) as *mut u64;
                 lg_free(p.cast());
                 *p = 0x4141_4141_4141_4141;
-                let _ = lg_malloc(48);
-                let _ = lg_malloc(48);
+                let _ = page_block(48);
+                let _ = page_block(48);
             }
             "use_after_free_zero" => {
                 // Zero written into a freed block's link (the list head is stored in
                 // link form, so an encoded null ends the list: a plain zero must not).
-                let p = lg_malloc(48) as *mut u64;
-                let q = lg_malloc(48);
+                let p = page_block(48) as *mut u64;
+                let q = page_block(48);
                 lg_free(q);
                 lg_free(p.cast());
                 *p = 0;
-                let _ = lg_malloc(48);
-                let _ = lg_malloc(48);
+                let _ = page_block(48);
+                let _ = page_block(48);
             }
             "use_after_free_write_in_segment" => {
                 // The link pointed at another free block of the same page: an address
                 // inside the segment, which only a link of the right encoding reaches.
-                let p = lg_malloc(64) as *mut usize;
-                let q = lg_malloc(64);
-                let r = lg_malloc(64);
+                let p = page_block(64) as *mut usize;
+                let q = page_block(64);
+                let r = page_block(64);
                 lg_free(r);
                 lg_free(q);
                 lg_free(p.cast());
                 *p = r as usize;
-                let _ = lg_malloc(64);
-                let _ = lg_malloc(64);
+                let _ = page_block(64);
+                let _ = page_block(64);
             }
             "use_after_free_write_remote" => {
                 // A dangling write into a block another thread freed, while it waits
                 // on the page's remote list: caught when the owner collects the list.
-                let p = lg_malloc(48) as usize;
+                let p = page_block(48) as usize;
                 std::thread::spawn(move || lg_free(p as *mut c_void))
                     .join()
                     .unwrap();
                 *(p as *mut u64) = 0x4141_4141_4141_4141;
                 for _ in 0..100_000 {
-                    let _ = lg_malloc(48);
+                    let _ = page_block(48);
                 }
             }
             other => panic!("unknown case {other}"),

@@ -209,6 +209,26 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
             }
             head
         };
+        pop_block(heap, page, block, class, size)
+    }
+}
+
+/// Takes `block`, the head of `page`'s free list, off the list and hands it out: the
+/// part of an allocation every path that pops a block shares.
+///
+/// # Safety
+/// `page` is a page of `heap`'s class `class` owned by the calling thread, `block` its
+/// free list's head (checked by the caller when hardened).
+#[inline(always)]
+unsafe fn pop_block(
+    heap: *mut Heap,
+    page: *mut Page,
+    block: *mut Block,
+    class: usize,
+    size: usize,
+) -> *mut u8 {
+    // SAFETY: per the contract.
+    unsafe {
         // The link stays in link form: the head's.
         (*page).free = (*block).next;
         (*page).used += 1;
@@ -375,18 +395,7 @@ unsafe fn alloc_slow(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
         if page::HARDENED && !page::is_in_page_segment(page, block) {
             page::corrupted_link(block);
         }
-        (*page).free = (*block).next;
-        (*page).used += 1;
-        if CHECKED {
-            (*block).freed_mark = 0;
-        }
-        *(*heap).alloc_count.get_unchecked_mut(class) += 1;
-        let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
-        (*heap).sample_left = left;
-        if sampled {
-            return alloc_sampled(heap, page, block, class, size);
-        }
-        block.cast()
+        pop_block(heap, page, block, class, size)
     }
 }
 
