@@ -194,8 +194,13 @@ fn corrupt_profiles_are_refused() {
 
 #[inline(never)]
 fn profile_child_site(bytes: usize) {
+    // Called through a pointer, as a C program calls malloc through its PLT: one call
+    // instruction is the site. Inlined (the release build's LTO inlines `lg_malloc`), the
+    // sampler meets the site at the call into the slow path and verify mode at the call
+    // into its own counter, two return addresses for one source call.
+    let malloc: extern "C" fn(usize) -> *mut std::ffi::c_void = std::hint::black_box(lg_malloc);
     for _ in 0..bytes / 200 {
-        let p = lg_malloc(200);
+        let p = malloc(200);
         // SAFETY: a live block from lg_malloc.
         unsafe { lg_free(std::hint::black_box(p)) };
     }
