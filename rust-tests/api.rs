@@ -71,6 +71,94 @@ fn calloc_zeroes_reused_memory() {
     }
 }
 
+/// calloc skips clearing a block carved just now from memory never used since it was
+/// mapped; every other block it hands out must be cleared. In a new thread (a heap of
+/// its own, so its first pages are new ones), per size (carved a slice's worth at a
+/// time, one block per carve, the largest class): blocks `malloc` handed out, that
+/// were dirtied and came back through another thread's free to calloc's slow path
+/// (the page's free list empty, as when calloc carves); fresh blocks; blocks reused
+/// after local frees and from pages retired and taken again; memory given back by
+/// `lg_trim` and reused; and blocks served from the sample arena (sizes this large
+/// are sampled often), dirtied and reused.
+#[test]
+fn calloc_reads_zero_however_the_memory_was_used_before() {
+    fn assert_zero(p: *mut c_void, size: usize, what: &str) {
+        assert!(!p.is_null());
+        let s = unsafe { std::slice::from_raw_parts(p as *const u8, size) };
+        if let Some(i) = s.iter().position(|&b| b != 0) {
+            panic!("calloc({size}) {what}: byte {i} is {:#x}", s[i]);
+        }
+    }
+    fn dirty(p: *mut c_void, size: usize) {
+        unsafe { ptr::write_bytes(p as *mut u8, 0xAB, size) };
+    }
+    let sampled = std::thread::spawn(|| {
+        let mut sampled = 0;
+        for size in [
+            16usize,
+            48,
+            100,
+            1000,
+            1024,
+            5000,
+            70_000,
+            200_000,
+            256 << 10,
+        ] {
+            // Blocks of one carve (at least one), all handed out by malloc, so the
+            // page's free list is empty; dirtied and freed by another thread, first
+            // block last (it heads the remote list).
+            let carve = (1024 / size).max(1);
+            let given: Vec<usize> = (0..carve)
+                .map(|_| {
+                    let p = lg_malloc(size);
+                    dirty(p, size);
+                    p as usize
+                })
+                .collect();
+            std::thread::spawn(move || {
+                for &p in given.iter().rev() {
+                    unsafe { lg_free(p as *mut c_void) };
+                }
+            })
+            .join()
+            .unwrap();
+            let mut held = Vec::new();
+            for round in ["after remote frees", "fresh or reused", "reused locally"] {
+                for _ in 0..40 {
+                    let p = lg_calloc(1, size);
+                    assert_zero(p, size, round);
+                    sampled += lgmalloc::profile::is_sampled(p as *const u8) as usize;
+                    dirty(p, size);
+                    held.push(p);
+                }
+                for p in held.drain(..) {
+                    unsafe { lg_free(p) };
+                }
+            }
+        }
+        // Pages retired to spares, reused by other classes; then given back and reused.
+        for pass in ["pages reused by other classes", "after lg_trim"] {
+            for size in [5000usize, 3000, 100, 70_000] {
+                let ps: Vec<_> = (0..200).map(|_| lg_calloc(1, size)).collect();
+                for &p in &ps {
+                    assert_zero(p, size, pass);
+                    sampled += lgmalloc::profile::is_sampled(p as *const u8) as usize;
+                    dirty(p, size);
+                }
+                for p in ps {
+                    unsafe { lg_free(p) };
+                }
+            }
+            lg_trim();
+        }
+        sampled
+    })
+    .join()
+    .unwrap();
+    assert!(sampled > 0, "no calloc was served by the sample arena");
+}
+
 #[test]
 fn free_null_and_errno_preserved() {
     set_errno(1234);

@@ -391,6 +391,57 @@ fn busy_pages_come_populated_and_still_go_back() {
     );
 }
 
+/// calloc does not clear a block carved from memory never used since it was mapped
+/// (it reads as zero): its OS pages stay out of memory until the program writes them,
+/// where clearing made all of them resident (and cost the instructions). After the free
+/// memory the process has is used up (so what follows is new), a new thread callocs
+/// blocks of 16 KiB, a class it has used little (its pages are not populated ahead);
+/// each is carved alone, which writes its first 16 bytes, so the OS pages wholly past
+/// its first stay untouched. Sampled blocks (served from the sample arena) are skipped.
+#[test]
+fn calloc_leaves_fresh_memory_untouched() {
+    let _g = SERIAL.lock().unwrap();
+    lg_trim();
+    let s = stats();
+    let free = s.bytes_reserved.saturating_sub(s.bytes_allocated) as usize;
+    let filler: Vec<usize> = (0..free / 1000 + 4096)
+        .map(|_| lg_malloc(1000) as usize)
+        .collect();
+    let (looks, untouched) = std::thread::spawn(|| {
+        let size = 16 << 10;
+        let (mut looks, mut untouched) = (0, 0);
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let p = lg_calloc(1, size) as usize;
+            assert_ne!(p, 0);
+            held.push(p);
+            if lgmalloc::profile::is_sampled(p as *const u8) {
+                continue;
+            }
+            looks += 1;
+            let (first, end) = ((p + 4096) & !4095, (p + size) & !4095);
+            untouched += (resident_pages(first, end - first) == 0) as usize;
+            let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, size) };
+            assert!(bytes.iter().all(|&b| b == 0), "calloc not zeroed");
+        }
+        for p in held {
+            unsafe { lg_free(p as *mut _) };
+        }
+        (looks, untouched)
+    })
+    .join()
+    .unwrap();
+    for p in filler {
+        unsafe { lg_free(p as *mut _) };
+    }
+    eprintln!("{untouched} of {looks} fresh 16 KiB callocs left untouched");
+    assert!(looks >= 2, "only {looks} unsampled callocs");
+    assert!(
+        untouched * 2 >= looks,
+        "only {untouched} of {looks} callocs of fresh memory left it untouched"
+    );
+}
+
 /// True when the running kernel's version is at least `major.minor`.
 fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

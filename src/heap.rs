@@ -78,6 +78,15 @@ pub struct Heap {
     pub thread: usize,
     /// Verify mode: set while this thread matches an allocation to its call site.
     verifying: bool,
+    /// Per class: the class's first page (`pages[class]`) was set up on memory that
+    /// read as zero, so the blocks `page::extend` carves from it are zero but for the
+    /// two words carving writes (nothing writes past a page's carved blocks). Cleared
+    /// whenever the class's first page changes; consulted only by slow paths.
+    zero_tail: [bool; MAX_CLASSES],
+    /// The block the last carve from such a page put first on its free list; `calloc`'s
+    /// slow path clears it before looking for a page, so the block it pops equals this
+    /// only when it was carved during that same call (never handed out before).
+    zero_block: *mut Block,
     /// Blocks handed back by other threads for pages this heap watches (see `page`).
     delayed_free: CachePadded<AtomicPtr<Block>>,
 }
@@ -119,6 +128,8 @@ pub static EMPTY_HEAP: Heap = Heap {
     prev_live: ptr::null_mut(),
     thread: 0,
     verifying: false,
+    zero_tail: [false; MAX_CLASSES],
+    zero_block: ptr::null_mut(),
     delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
 };
 
@@ -367,6 +378,19 @@ pub unsafe fn check_live(page: *const Page, block: *const u8, invalid: &str, fre
 #[cold]
 #[inline(never)]
 unsafe fn alloc_slow(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
+    // SAFETY: forwarded contract.
+    unsafe { slow_pop(size, heap, class).0 }
+}
+
+/// The allocation slow path: finds or makes a page with a free block and pops it. Also
+/// says whether the block returned was carved during this call from a page whose
+/// memory read as zero (see `Heap::zero_tail`): then only its first two words may be
+/// non-zero.
+///
+/// # Safety
+/// As for [`alloc_small`].
+#[inline(always)]
+unsafe fn slow_pop(size: usize, heap: *mut Heap, class: usize) -> (*mut u8, bool) {
     let mut class = class;
     let heap = if heap == empty_heap() {
         // The first allocation of this thread may also be the first of the process,
@@ -382,20 +406,68 @@ unsafe fn alloc_slow(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
     };
     if heap.is_null() {
         os::set_errno(libc::ENOMEM);
-        return ptr::null_mut();
+        return (ptr::null_mut(), false);
     }
     // SAFETY: `heap` is this thread's live heap.
     unsafe {
+        (*heap).zero_block = ptr::null_mut();
         let page = find_page(heap, class);
         if page.is_null() {
             os::set_errno(libc::ENOMEM);
-            return ptr::null_mut();
+            return (ptr::null_mut(), false);
         }
         let block = page::encode_link((*heap).link_key, (*page).free);
         if page::HARDENED && !page::is_in_page_segment(page, block) {
             page::corrupted_link(block);
         }
-        pop_block(heap, page, block, class, size)
+        let zero = block == (*heap).zero_block;
+        let p = pop_block(heap, page, block, class, size);
+        // A sampled allocation is served elsewhere (`p` is not the block).
+        (p, zero && p == block.cast())
+    }
+}
+
+/// `slow_pop` for `alloc_small_zeroed`, kept out of its line.
+///
+/// # Safety
+/// As for [`alloc_small`].
+#[cold]
+#[inline(never)]
+unsafe fn alloc_slow_zeroed(size: usize, heap: *mut Heap, class: usize) -> (*mut u8, bool) {
+    // SAFETY: forwarded contract.
+    unsafe { slow_pop(size, heap, class) }
+}
+
+/// `calloc` of a small block: `size` bytes of class `class`, zeroed. A block carved
+/// just now from memory that reads as zero (its page's free list was empty, so the
+/// slow path carves) needs only its two carving words cleared; any other block, freed
+/// before or carved earlier with others (which a `malloc` may have handed out and
+/// taken back since: nothing on the fast paths records it), is cleared whole.
+///
+/// # Safety
+/// As for [`alloc_small`].
+pub unsafe fn alloc_small_zeroed(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
+    // SAFETY: as for `alloc_small`; the page is the empty page or one of this thread's.
+    unsafe {
+        let page = *(*heap).pages.get_unchecked(class);
+        let (p, zero) = if page == empty_page() || page::free_head(page).is_null() {
+            alloc_slow_zeroed(size, heap, class)
+        } else {
+            (alloc_small(heap, class, size), false)
+        };
+        if p.is_null() {
+            return p;
+        }
+        if zero {
+            // The block's link and freed mark; blocks are at least 16 bytes.
+            p.cast::<Block>().write(Block {
+                next: ptr::null_mut(),
+                freed_mark: 0,
+            });
+        } else {
+            ptr::write_bytes(p, 0, size);
+        }
+        p
     }
 }
 
@@ -545,7 +617,7 @@ fn reserve_planned_pages(heap: *mut Heap) {
                 let bs = size_class::block_size(class);
                 let slices = page_slices(class, 0);
                 let mut none = ptr::null_mut();
-                let page = segment::alloc_page(
+                let (page, zeroed) = segment::alloc_page(
                     owner(heap),
                     class,
                     bs,
@@ -560,6 +632,7 @@ fn reserve_planned_pages(heap: *mut Heap) {
                 }
                 (*heap).page_growth[class] = 1;
                 class_push_front(heap, page);
+                (*heap).zero_tail[class] = zeroed;
             }
         }
     }
@@ -611,7 +684,7 @@ unsafe fn first_page_with_room(heap: *mut Heap, class: usize) -> *mut Page {
                 page::collect_remote(page);
             }
             if page::free_head(page).is_null() {
-                page::extend(page);
+                extend_page(heap, page);
             }
             if !page::free_head(page).is_null() {
                 return page;
@@ -649,6 +722,7 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
         let slices = page_slices(class, growth);
         let bs = size_class::block_size(class);
         let mut page = take_spare(heap, slices, segment::span_alignment(bs));
+        let zeroed;
         if page.is_null() {
             let give_back = (*heap).spare;
             (*heap).spare = ptr::null_mut();
@@ -664,7 +738,7 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
                 0
             };
             let mut extras = ptr::null_mut();
-            page = segment::alloc_page(
+            (page, zeroed) = segment::alloc_page(
                 owner(heap),
                 class,
                 bs,
@@ -681,15 +755,34 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
                 extras = next;
             }
         } else {
+            zeroed = page::span_is_zeroed(page);
             page::init_page(page, owner(heap), class);
         }
         if page.is_null() {
             return page;
         }
         (*heap).page_growth[class] = growth.saturating_add(1);
-        page::extend(page);
         class_push_front(heap, page);
+        (*heap).zero_tail[class] = zeroed;
+        extend_page(heap, page);
         page
+    }
+}
+
+/// Carves more blocks from `page`, whose free list is empty (`page::extend`); when it
+/// is its class's first page and its memory read as zero, notes the first of them as
+/// zero but for the carving words (`Heap::zero_block`).
+///
+/// # Safety
+/// `page` is a page of `heap`, the calling thread's live heap, with no free block.
+unsafe fn extend_page(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: owner access to the heap and the page.
+    unsafe {
+        page::extend(page);
+        let class = (*page).class as usize;
+        if (*heap).zero_tail[class] && (*heap).pages[class] == page {
+            (*heap).zero_block = page::free_head(page);
+        }
     }
 }
 
@@ -744,6 +837,8 @@ unsafe fn keep_spare(heap: *mut Heap, page: *mut Page) {
         // No pointer into the page passes as a block from now on (the block-start check
         // of a late, invalid free fails), whatever class it serves next.
         (*page).carved.store(0, Ordering::Relaxed);
+        // Its blocks were written: reused, it is cleared for calloc like any block.
+        page::mark_span_zeroed(page, false);
         list::push_front(&mut (*heap).spare, page);
         (*heap).spare_slices += (*page).slice_count as usize;
         if (*heap).spare_slices <= SPARE_SLICES {
@@ -918,6 +1013,7 @@ unsafe fn class_push_front(heap: *mut Heap, page: *mut Page) {
         let class = (*page).class as usize;
         list::tailed_push_front(&mut (*heap).pages[class], empty_page(), page);
         set_pop_key(heap, class);
+        (*heap).zero_tail[class] = false;
     }
 }
 
@@ -931,8 +1027,10 @@ unsafe fn class_push_back(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
         let class = (*page).class as usize;
+        let first = (*heap).pages[class];
         list::tailed_push_back(&mut (*heap).pages[class], empty_page(), page);
         set_pop_key(heap, class);
+        forget_zero_tail_if_moved(heap, class, first);
     }
 }
 
@@ -942,8 +1040,25 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
     // SAFETY: per the contract.
     unsafe {
         let class = (*page).class as usize;
+        let first = (*heap).pages[class];
         list::tailed_remove(&mut (*heap).pages[class], empty_page(), page);
         set_pop_key(heap, class);
+        forget_zero_tail_if_moved(heap, class, first);
+    }
+}
+
+/// `Heap::zero_tail[class]` speaks of the class's first page: it no longer holds once
+/// another page is first (the one it spoke of may be retired and reused dirty).
+///
+/// # Safety
+/// Owner access; `class < MAX_CLASSES`.
+#[inline(always)]
+unsafe fn forget_zero_tail_if_moved(heap: *mut Heap, class: usize, first: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe {
+        if (*heap).pages[class] != first {
+            (*heap).zero_tail[class] = false;
+        }
     }
 }
 
@@ -1122,6 +1237,8 @@ fn pool_take() -> *mut Heap {
                 // SAFETY: pthread_self has no preconditions.
                 thread: libc::pthread_self() as usize,
                 verifying: false,
+                zero_tail: [false; MAX_CLASSES],
+                zero_block: ptr::null_mut(),
                 delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
             });
             list::push_front(&mut p.live, h);

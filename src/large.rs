@@ -594,7 +594,13 @@ fn resize_within(
             }
             let keep_end = (base + new_map).min(p + usable);
             if keep_end > p + new_usable {
-                os::decommit((p + new_usable) as *mut u8, keep_end - p - new_usable);
+                let bytes = keep_end - p - new_usable;
+                // Both ends are page-aligned: the call drops all of it or (refused)
+                // nothing. Bytes it left stay counted, so a later reuse of the mapping
+                // is not taken for zero (`known_zero`).
+                if os::decommit((p + new_usable) as *mut u8, bytes) < bytes {
+                    (*h).touched = (*h).touched.max(keep_end - base);
+                }
             }
         }
         LIVE_BYTES.fetch_sub(usable - new_usable, Ordering::Relaxed);

@@ -252,6 +252,8 @@ pub struct Page<H = AtomicPtr<Owner>, R = AtomicUsize> {
     /// local free copies it into the freed block's link, a pop copies the popped
     /// block's link back. Read and set it through [`free_head`] and [`set_free_head`]
     /// outside the fast paths. In the head record of a free span: when it was freed.
+    /// In a span taken from the region but not set up as a page yet (a heap's spare
+    /// page): whether its memory reads as zero ([`mark_span_zeroed`]).
     pub free: *mut Block,
     /// Owner-only: blocks handed out and not yet back on `free` (includes blocks
     /// waiting on `remote_free`), plus [`IN_FULL_FLAG`] while the page is on the full
@@ -475,6 +477,32 @@ pub unsafe fn init_page(page: *mut Page, heap: *mut Owner, class: usize) {
         (*page).next = ptr::null_mut();
         (*page).prev = ptr::null_mut();
     }
+}
+
+/// What the `free` word of a span not set up as a page holds when all of its memory is
+/// known to read as zero (never written since its segment was mapped). Not an address
+/// any block can have (blocks are 16-byte aligned, and `init_page` overwrites it).
+const ZEROED_SPAN: usize = 1;
+
+/// Records whether the memory of `page`, a span taken from the region and not set up
+/// as a page (or a page retired to a heap's spare pages), is known to read as zero.
+/// `init_page` forgets it: read it with [`span_is_zeroed`] before.
+///
+/// # Safety
+/// The caller owns `page` (just taken under the region lock, or a spare of its heap).
+pub unsafe fn mark_span_zeroed(page: *mut Page, zeroed: bool) {
+    let word = if zeroed { ZEROED_SPAN } else { 0 };
+    // SAFETY: per the contract; `free` is owner-only and unused by a span not set up.
+    unsafe { (*page).free = ptr::without_provenance_mut(word) };
+}
+
+/// Whether [`mark_span_zeroed`] recorded `page`'s memory as reading zero.
+///
+/// # Safety
+/// As for [`mark_span_zeroed`].
+pub unsafe fn span_is_zeroed(page: *const Page) -> bool {
+    // SAFETY: per the contract.
+    unsafe { (*page).free.addr() == ZEROED_SPAN }
 }
 
 /// The block-start multiplier `m = 2^32 / block_size + 1` for a page of `bytes`, or zero

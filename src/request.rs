@@ -106,12 +106,22 @@ pub fn calloc(count: usize, size: usize) -> *mut u8 {
         os::set_errno(libc::ENOMEM);
         return ptr::null_mut();
     };
+    if total <= MAX_SMALL_SIZE {
+        let heap = heap::thread_heap();
+        let class = if total <= TABLE_MAX_SIZE {
+            size_class::class_of_table_size(total)
+        } else {
+            size_class::size_class_of(total)
+        };
+        // SAFETY: as in `malloc`. The heap layer knows which blocks read as zero.
+        return unsafe { heap::alloc_small_zeroed(heap, class, total) };
+    }
     let p = malloc(total);
     if p.is_null() {
         return p;
     }
     let kind = chunk_map::kind_of(p as usize);
-    // Fresh (or decommitted) large mappings read as zero already; blocks do not.
+    // Fresh (or decommitted) large mappings read as zero already.
     if kind == KIND_SEGMENT || kind == KIND_SAMPLE || !large::known_zero(p as usize, kind) {
         // SAFETY: `p` is a fresh block of at least `total` bytes.
         unsafe { ptr::write_bytes(p, 0, total) };

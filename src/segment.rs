@@ -739,6 +739,12 @@ impl RegionInner {
 /// every purge-and-reuse cycle, and the purges already make most of a program's
 /// `madvise` calls (issue 14 caps them at 500 for its Rust workload).
 ///
+/// Also says whether the page's memory reads as zero (never used since its segment was
+/// mapped, populated or not), and records the same of each extra span
+/// (`page::mark_span_zeroed`), so `calloc` can skip clearing blocks carved from them.
+/// Memory a purge decommitted is not counted as zero: a decommit leaves the OS pages a
+/// span shares with its neighbours at its ends (slices are 1 KiB) as they were.
+///
 /// # Safety
 /// The pages on `give_back` are as for [`free_pages`].
 #[allow(clippy::too_many_arguments)]
@@ -751,10 +757,10 @@ pub unsafe fn alloc_page(
     extra: usize,
     extras: &mut *mut Page,
     populate: bool,
-) -> *mut Page {
+) -> (*mut Page, bool) {
     let align = span_alignment(block_size);
     let now = os::now_ms();
-    let ((page, runs), _) = with_region_purging(|r, batch| {
+    let ((page, zeroed, runs), _) = with_region_purging(|r, batch| {
         let mut runs = FreshRuns::default();
         // SAFETY: per the contract.
         unsafe { r.release_list(give_back, now) };
@@ -786,11 +792,14 @@ pub unsafe fn alloc_page(
                 }
                 last = e;
                 // SAFETY: the span was just taken and is on no list.
-                unsafe { list::push_front(extras, e) };
+                unsafe {
+                    page::mark_span_zeroed(e, fresh);
+                    list::push_front(extras, e);
+                }
             }
         }
         r.purge_as_due(now, batch);
-        (p, runs)
+        (p, fresh, runs)
     });
     for &(start, bytes) in runs.runs.get(..runs.len).unwrap_or(&[]) {
         if bytes >= POPULATE_MIN {
@@ -802,7 +811,7 @@ pub unsafe fn alloc_page(
         // SAFETY: the span is ours now; nobody else references its record.
         unsafe { page::init_page(page, heap, class) };
     }
-    page
+    (page, zeroed && !page.is_null())
 }
 
 /// Smallest run of fresh pages worth a `populate` call: it replaces 32 or more page
