@@ -184,3 +184,45 @@ fn a_freed_peak_goes_back() {
     assert!(released >= 12 * MIB, "lg_trim released {released}");
     assert!(committed() + 12 * MIB as u64 <= before_trim);
 }
+
+/// Buffers grown by small reallocs pass through the block classes up to the largest
+/// (blocks of 256 KiB, in pages of a megabyte or more) before they become large
+/// objects: once they are freed, `lg_trim` gives back the emptied pages of every class,
+/// the last page of each class included.
+#[test]
+fn buffers_grown_by_realloc_give_their_memory_back() {
+    let _g = serial();
+    lg_trim();
+    let start = rss_bytes();
+    let mut bufs: Vec<(*mut u8, usize)> = (0..48).map(|i| (allocate_written(16, i), 16)).collect();
+    for round in 0..2000 {
+        for (i, (p, n)) in bufs.iter_mut().enumerate() {
+            let next = *n + 400 + (round + i) % 100;
+            // SAFETY: `p` is live, of `n` bytes; it is replaced by the result.
+            let q = unsafe { lg_realloc(p.cast(), next) } as *mut u8;
+            assert!(!q.is_null());
+            // SAFETY: `q` has `next` bytes.
+            unsafe { std::ptr::write_bytes(q.add(*n), 0x5a, next - *n) };
+            *p = q;
+            *n = next;
+        }
+    }
+    let peak = rss_bytes().saturating_sub(start);
+    let live: usize = bufs.iter().map(|b| b.1).sum();
+    assert!(
+        peak >= live / 2,
+        "peak {peak} below half the {live} live bytes"
+    );
+    for (p, _) in bufs {
+        // SAFETY: each buffer is live and freed once.
+        unsafe { lg_free(p.cast()) };
+    }
+    lg_trim();
+    let after = rss_bytes().saturating_sub(start);
+    assert!(
+        after <= peak / 8,
+        "{after} of a {peak}-byte peak ({live} live) still resident after free and trim; \
+         lgmalloc counts {} bytes committed",
+        committed()
+    );
+}

@@ -1317,8 +1317,8 @@ pub fn class_coverage(using: &mut [u64; MAX_CLASSES]) -> u64 {
     heaps
 }
 
-/// Collects everything pending for the calling thread's heap and gives its spare pages
-/// back (for `lg_trim`).
+/// Collects everything pending for the calling thread's heap and gives its empty pages
+/// (the last of each class too) and spare pages back (for `lg_trim`).
 pub fn collect_own() {
     let heap = thread_heap();
     if heap == empty_heap() {
@@ -1333,7 +1333,11 @@ pub fn collect_own() {
                 let next = (*p).next;
                 page::collect_remote(p);
                 if (*p).used() == 0 {
-                    retire_if_spare(heap, p);
+                    // The last page of its class goes too (`retire_if_spare` keeps it for
+                    // the next allocation): a trim gives back all it can, and one empty
+                    // page per class of large blocks is megabytes.
+                    class_remove(heap, p);
+                    keep_spare(heap, p);
                 }
                 p = next;
             }
