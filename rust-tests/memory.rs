@@ -251,31 +251,7 @@ fn trim_release_is_seen_in_rss() {
 /// memory and returns how much that was. The kept blocks are freed afterwards.
 fn free_memory_left_by_thread_exit(bytes: usize, keep_every: usize) -> usize {
     lg_trim();
-    let kept = std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut ptrs = Vec::new();
-        let mut total = 0;
-        let mut i = 0usize;
-        while total < bytes {
-            let size = 200 + (i * 53) % 1800;
-            let p = lg_malloc(size) as *mut u8;
-            assert!(!p.is_null());
-            unsafe { std::ptr::write_bytes(p, 5, size) };
-            if i % keep_every == keep_every - 1 {
-                kept.push(p as usize);
-            } else {
-                ptrs.push(p);
-            }
-            total += size;
-            i += 1;
-        }
-        for p in ptrs {
-            unsafe { lg_free(p.cast()) };
-        }
-        kept
-    })
-    .join()
-    .unwrap();
+    let kept = thread_round(bytes, keep_every);
     let left = lg_trim();
     for p in kept {
         unsafe { lg_free(p as *mut core::ffi::c_void) };
