@@ -261,3 +261,61 @@ fn lock_acquisitions_are_counted() {
     assert!(after.lock_contended <= after.lock_acquisitions);
     assert!(after.lock_contended >= before.lock_contended);
 }
+
+/// `lg_stats` walks every segment's pages while threads cut new pages from their spare
+/// runs without the region lock (`segment::split_spare`): the walk steps over a page by
+/// its slice map, so it never lands inside a page being cut. Threads start many classes
+/// in rounds while the main thread takes snapshots; each snapshot must be sane (no
+/// crash, no runaway figures) and the blocks intact.
+#[test]
+fn statistics_walk_while_threads_cut_pages() {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut rounds = 0;
+                while !stop.load(Ordering::Relaxed) || rounds < 20 {
+                    std::thread::spawn(move || {
+                        let blocks: Vec<(usize, usize)> = (1..=96)
+                            .map(|i| {
+                                let size = i * 16 + t;
+                                let p = lg_malloc(size) as usize;
+                                assert_ne!(p, 0);
+                                unsafe { std::ptr::write_bytes(p as *mut u8, i as u8, size) };
+                                (p, size)
+                            })
+                            .collect();
+                        for (i, &(p, size)) in blocks.iter().enumerate() {
+                            let s = unsafe { std::slice::from_raw_parts(p as *const u8, size) };
+                            assert!(s.iter().all(|&b| b == (i + 1) as u8));
+                            unsafe { lg_free(p as *mut core::ffi::c_void) };
+                        }
+                    })
+                    .join()
+                    .unwrap();
+                    rounds += 1;
+                }
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    let mut snapshots = 0;
+    while std::time::Instant::now() < deadline {
+        let s = stats();
+        assert!(
+            s.bytes_allocated < 1 << 30,
+            "{} bytes allocated",
+            s.bytes_allocated
+        );
+        assert!(s.bytes_committed <= s.bytes_reserved + (64 << 20));
+        let pages: u64 = s.classes.iter().map(|c| c.pages).sum();
+        assert!(pages < 1 << 20, "{pages} pages");
+        snapshots += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(snapshots > 10);
+}

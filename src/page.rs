@@ -479,14 +479,17 @@ pub unsafe fn init_page(page: *mut Page, heap: *mut Owner, class: usize) {
     }
 }
 
-/// What the `free` word of a span not set up as a page holds when all of its memory is
-/// known to read as zero (never written since its segment was mapped). Not an address
-/// any block can have (blocks are 16-byte aligned, and `init_page` overwrites it).
+/// Bits of the `free` word of a span not set up as a page: all of its memory is known
+/// to read as zero (never written since its segment was mapped); it is a run of slices
+/// its heap cuts pages from ([`mark_span_run`]). Not an address any block can have
+/// (blocks are 16-byte aligned), and `init_page` overwrites them.
 const ZEROED_SPAN: usize = 1;
+const RUN_SPAN: usize = 2;
 
 /// Records whether the memory of `page`, a span taken from the region and not set up
-/// as a page (or a page retired to a heap's spare pages), is known to read as zero.
-/// `init_page` forgets it: read it with [`span_is_zeroed`] before.
+/// as a page (or a page retired to a heap's spare pages), is known to read as zero, and
+/// that it is not a run. `init_page` forgets it: read it with [`span_is_zeroed`]
+/// before.
 ///
 /// # Safety
 /// The caller owns `page` (just taken under the region lock, or a spare of its heap).
@@ -502,7 +505,26 @@ pub unsafe fn mark_span_zeroed(page: *mut Page, zeroed: bool) {
 /// As for [`mark_span_zeroed`].
 pub unsafe fn span_is_zeroed(page: *const Page) -> bool {
     // SAFETY: per the contract.
-    unsafe { (*page).free.addr() == ZEROED_SPAN }
+    unsafe { (*page).free.addr() & ZEROED_SPAN != 0 }
+}
+
+/// Marks `page`, a span not set up as a page, as a run of slices its heap cuts pages
+/// from (`segment::split_spare` passes the mark on to what is left).
+///
+/// # Safety
+/// As for [`mark_span_zeroed`].
+pub unsafe fn mark_span_run(page: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe { (*page).free = (*page).free.map_addr(|w| w | RUN_SPAN) };
+}
+
+/// Whether `page`, a span not set up as a page, is a run ([`mark_span_run`]).
+///
+/// # Safety
+/// As for [`mark_span_zeroed`].
+pub unsafe fn span_is_run(page: *const Page) -> bool {
+    // SAFETY: per the contract.
+    unsafe { (*page).free.addr() & RUN_SPAN != 0 }
 }
 
 /// The block-start multiplier `m = 2^32 / block_size + 1` for a page of `bytes`, or zero

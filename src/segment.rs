@@ -9,10 +9,12 @@
 //!
 //! The region (behind one lock, off the fast path) keeps free spans of slices in size
 //! bins, coalesces neighbours on free, decommits free memory once it has lain unused
-//! for a while (or too much of it piles up), returns empty segments to the OS, and
-//! keeps the pages of exited threads until another heap adopts them or they empty out.
-//! Heaps keep a few empty pages of their own (see `heap`), so they come here only in
-//! batches: the lock is not on the steady-state path.
+//! for a while (or too much of it piles up), returns empty segments to the OS once
+//! their memory is decommitted, and keeps the pages of exited threads until another
+//! heap adopts them or they empty out. Heaps keep a few empty pages of their own (see
+//! `heap`) and cut the pages of their young classes from runs of slices they take in
+//! one visit (`split_spare`, no lock), so they come here only in batches: the lock is
+//! not on the steady-state path.
 //!
 //! Purging, with hysteresis: a free span remembers when it was last freed (its head's
 //! `free` word holds the time, in milliseconds). Spans untouched for `PURGE_DELAY_MS`
@@ -95,12 +97,17 @@ const _: () = assert!(core::mem::size_of::<Segment>() <= SLICE_HEAD_OFFSET);
 const _: () = assert!(core::mem::size_of::<Page>() == 64);
 const _: () = assert!(PAGES_OFFSET.is_multiple_of(64));
 
+/// The slice -> page-head map. Its entries are atomic because a heap rewrites the
+/// entries of its own spare spans without the region lock (`split_spare`) while other
+/// threads may read them: the region looking at a neighbour, a free of a stray pointer.
+/// Relaxed loads and stores are plain moves on x86-64, so `page_of` costs no more.
 #[inline(always)]
-fn slice_heads(seg: usize) -> *mut u32 {
-    (seg + SLICE_HEAD_OFFSET) as *mut u32
+fn slice_heads(seg: usize) -> *const AtomicU32 {
+    (seg + SLICE_HEAD_OFFSET) as *const AtomicU32
 }
 
 /// Records that slice `slice` of `seg` belongs to the page (or span) starting at `head`.
+/// Release: whoever finds `head` through the map finds its record written.
 ///
 /// # Safety
 /// `seg` is a live segment and both indices are below `SLICES`.
@@ -108,7 +115,7 @@ fn slice_heads(seg: usize) -> *mut u32 {
 unsafe fn set_head(seg: usize, slice: usize, head: usize) {
     let offset = (PAGES_OFFSET + head * core::mem::size_of::<Page>()) as u32;
     // SAFETY: per the contract the slot lies in the segment's metadata.
-    unsafe { *slice_heads(seg).add(slice) = offset };
+    unsafe { (*slice_heads(seg).add(slice)).store(offset, Ordering::Release) };
 }
 
 /// The record of the page (or span) holding slice `slice` of `seg`.
@@ -118,7 +125,20 @@ unsafe fn set_head(seg: usize, slice: usize, head: usize) {
 #[inline(always)]
 unsafe fn head_page(seg: usize, slice: usize) -> *mut Page {
     // SAFETY: per the contract the slot lies in the segment's metadata.
-    (seg + unsafe { *slice_heads(seg).add(slice) } as usize) as *mut Page
+    let offset = unsafe { (*slice_heads(seg).add(slice)).load(Ordering::Relaxed) };
+    (seg + offset as usize) as *mut Page
+}
+
+/// As [`head_page`], ordered after the writes that made the record a head
+/// ([`set_head`] is a release), for readers that then read the record's fields.
+///
+/// # Safety
+/// As for [`head_page`].
+#[inline]
+unsafe fn head_page_acquire(seg: usize, slice: usize) -> *mut Page {
+    // SAFETY: per the contract the slot lies in the segment's metadata.
+    let offset = unsafe { (*slice_heads(seg).add(slice)).load(Ordering::Acquire) };
+    (seg + offset as usize) as *mut Page
 }
 
 #[inline(always)]
@@ -494,7 +514,8 @@ impl RegionInner {
     }
 
     /// Gives a span back (freed at `now`, ms), merging it with free neighbours; may
-    /// release its segment. The caller runs `purge_as_due` once its batch is in.
+    /// release its segment (when nothing of it is in use or resident). The caller runs
+    /// `purge_as_due` once its batch is in.
     ///
     /// # Safety
     /// `page` heads an allocated span that nothing uses any more.
@@ -527,16 +548,21 @@ impl RegionInner {
                 }
             }
             if start > FIRST_SLICE {
-                let left = head_page(seg, start - 1);
+                let left = head_page_acquire(seg, start - 1);
                 if (*left).flags & FLAG_FREE_SPAN != 0 {
                     start = (*left).slice_index();
                     count += (*left).slice_count as usize;
                     dirty += self.remove_free(left);
                 }
             }
-            if (*(seg as *mut Segment)).used_slices == 0 && self.segment_count > 1 {
-                // Nothing else is left in the segment: the merged span is all of its
-                // slices, and unmapping releases them with the metadata.
+            if (*(seg as *mut Segment)).used_slices == 0 && self.segment_count > 1 && dirty == 0 {
+                // Nothing else is left in the segment, and none of it is resident: the
+                // merged span is all of its slices, and unmapping releases them with
+                // the metadata. An empty segment that may be resident stays a free
+                // span until a purge decommits it (then it comes back here clean):
+                // unmapping it at once would make the next threads fault in a fresh
+                // one, which is the purge-and-refault churn the purge delay and the
+                // exit keep exist to avoid.
                 RELEASED_TOTAL.fetch_add(META_BYTES + (dirty << SLICE_SHIFT), Ordering::Relaxed);
                 self.release_segment(seg);
                 return;
@@ -601,26 +627,30 @@ impl RegionInner {
     /// faults right back in (test-stress: 1.8 GB decommitted and ~460,000 page faults
     /// in 10 rounds of 32 threads). The demand is learned from the program itself:
     /// each exit's purge records what it decommitted, later takes of memory match
-    /// against that, and the next exit raises the learned demand to what was matched.
-    /// A lone thread that frees a peak and exits has had nothing decommitted before it
-    /// that it took back, so it keeps `EXIT_KEEP_DIRTY` only. The demand is halved per
-    /// `EXIT_DEMAND_HALF_LIFE_MS`, bounded by half of the segments' memory, and
-    /// forgotten by `lg_trim`. What an exit keeps still ages like any free memory: the
-    /// purge delay decommits it once nobody reused it.
+    /// against that, and the next exit adds what was matched to the demand it had
+    /// (what the exits kept was not enough by that much). A lone thread that frees a
+    /// peak and exits has had nothing decommitted before it that it took back, so it
+    /// keeps `EXIT_KEEP_DIRTY` only. The demand is halved per
+    /// `EXIT_DEMAND_HALF_LIFE_MS` and forgotten by `lg_trim`; it is bounded by the
+    /// segments' memory only, because what an exit keeps still ages like any free
+    /// memory: the purge delay decommits it once nobody reused it. (Bounded by half
+    /// the segments' memory, it fell short of one round of mimalloc's test-stress,
+    /// whose exits then decommitted 3.7 GB over 50 rounds, all faulted back in.)
     fn exit_keep(&self, now: u64) -> usize {
         let halvings = now.saturating_sub(self.exit_demand_at) / EXIT_DEMAND_HALF_LIFE_MS;
         let demand = self.exit_demand.checked_shr(halvings as u32).unwrap_or(0);
-        let bound = SEGMENT_BYTES.load(Ordering::Relaxed) / 2;
+        let bound = SEGMENT_BYTES.load(Ordering::Relaxed);
         EXIT_KEEP_DIRTY + demand.min(bound)
     }
 
-    /// At a thread exit, before its purge: raises the learned exit demand to what was
+    /// At a thread exit, before its purge: adds to the learned exit demand what was
     /// taken back since the last exits' purges (`exit_keep`), and forgets decommits old
     /// enough that the learned demand would have faded anyway.
     fn learn_exit_demand(&mut self, now: u64) {
-        let faded = self.exit_keep(now).saturating_sub(EXIT_KEEP_DIRTY);
-        if self.exit_retaken > faded {
-            self.exit_demand = self.exit_retaken;
+        // What was taken back came on top of what the exits kept: the demand is both.
+        if self.exit_retaken > 0 {
+            let faded = self.exit_keep(now).saturating_sub(EXIT_KEEP_DIRTY);
+            self.exit_demand = faded.saturating_add(self.exit_retaken);
             self.exit_demand_at = now;
         }
         self.exit_retaken = 0;
@@ -802,7 +832,9 @@ impl RegionInner {
 /// `next`, possibly null) of empty pages the heap returns in the same visit; up to
 /// `extra` more spans of the same size and alignment are taken in the same visit (next
 /// to the page where there is room) and put on the plain list `extras` (not set up as
-/// pages: the heap keeps them as spares).
+/// pages: the heap keeps them as spares). With `tail`, the page is taken with `tail`
+/// more slices after it, which go on `extras` as one spare span ([`split_spare`]): the
+/// run a heap cuts the next pages of its young classes from without coming back.
 ///
 /// With `populate` (the heap will carve these pages soon), the parts of the batch never
 /// used since their segment was mapped are backed with memory after the lock is
@@ -832,6 +864,7 @@ pub unsafe fn alloc_page(
     extra: usize,
     extras: &mut *mut Page,
     populate: bool,
+    tail: usize,
 ) -> (*mut Page, bool) {
     let align = span_alignment(block_size);
     let now = os::now_ms();
@@ -839,13 +872,13 @@ pub unsafe fn alloc_page(
         let mut runs = FreshRuns::default();
         // SAFETY: per the contract.
         unsafe { r.release_list(give_back, now) };
-        let mut p = r.take_span(slices, align);
+        let mut p = r.take_span(slices + tail, align);
         if p.0.is_null() {
             r.sweep_abandoned(usize::MAX, now);
-            p = r.take_span(slices, align);
+            p = r.take_span(slices + tail, align);
         }
         if p.0.is_null() && r.add_segment() {
-            p = r.take_span(slices, align);
+            p = r.take_span(slices + tail, align);
         }
         let (p, fresh) = p;
         if !p.is_null() {
@@ -884,9 +917,71 @@ pub unsafe fn alloc_page(
     }
     if !page.is_null() {
         // SAFETY: the span is ours now; nobody else references its record.
-        unsafe { page::init_page(page, heap, class) };
+        unsafe {
+            if tail > 0 {
+                page::mark_span_zeroed(page, zeroed);
+                page::mark_span_run(page);
+                let rest = split_spare(page, slices);
+                if !rest.is_null() {
+                    list::push_front(extras, rest);
+                }
+            }
+            page::init_page(page, heap, class);
+        }
     }
     (page, zeroed && !page.is_null())
+}
+
+/// Cuts a span the calling heap holds as a spare (taken from the region, not set up as
+/// a page) in two without the region lock: `span` keeps its first `count` slices, the
+/// rest becomes a spare span of its own, which is returned (null when nothing is left
+/// over). The rest inherits whether its memory reads as zero and whether it is a run
+/// (`page::mark_span_run`).
+///
+/// Why without the lock: a heap takes a run of slices from the region in one visit and
+/// cuts the pages of its young classes from it, instead of visiting the region for each
+/// (a thread starting up grows dozens of classes through several page sizes each).
+///
+/// Who else looks, and why that is safe: the region reads a neighbour's record to merge
+/// free spans, through the last slice's map entry (`release_span`) or at the first
+/// slice (`take_after`), and only follows `slice_count` when the record says
+/// `FLAG_FREE_SPAN`; the statistics walk (`for_each_page`) steps over pages by their
+/// map entries, not their counts. So the new record is written in full before the map
+/// entries name it (release stores), and neither record ever says free span.
+///
+/// # Safety
+/// `span` is a spare span of the calling thread's heap (on no list the region sees)
+/// with more than `count` slices, and `count > 0`.
+pub unsafe fn split_spare(span: *mut Page, count: usize) -> *mut Page {
+    let seg = segment_base(span as usize);
+    // SAFETY: per the contract the span and all records of its slices are the caller's.
+    unsafe {
+        let (idx, len) = ((*span).slice_index(), (*span).slice_count as usize);
+        if len <= count {
+            return ptr::null_mut();
+        }
+        let start = idx + count;
+        let rest = page_at(seg, start);
+        // An interior record may hold anything from an earlier life: write every field.
+        (*rest).flags = 0;
+        (*rest).used = 0;
+        (*rest).class = 0;
+        (*rest).free = (*span).free;
+        (*rest).start_offset = (start << SLICE_SHIFT) as u32;
+        (*rest).slice_count = (len - count) as u16;
+        (*rest).carved.store(0, Ordering::Relaxed);
+        (*rest).div_magic = 0;
+        (*rest).block_origin = 1;
+        (*rest).heap.store(ptr::null_mut(), Ordering::Relaxed);
+        (*rest).remote_free.store(0, Ordering::Relaxed);
+        (*rest).next = ptr::null_mut();
+        (*rest).prev = ptr::null_mut();
+        for slice in start..idx + len {
+            set_head(seg, slice, start);
+        }
+        (*span).slice_count = count as u16;
+        rest
+    }
 }
 
 /// Smallest run of fresh pages worth a `populate` call: it replaces 32 or more page
@@ -1097,14 +1192,28 @@ pub fn for_each_page(mut f: impl FnMut(*const Page)) {
             let mut slice = FIRST_SLICE;
             while slice < SLICES {
                 let p = page_at(seg, slice);
-                // SAFETY: slices from FIRST_SLICE on are partitioned into spans whose
-                // heads have valid records; `slice_count` and `flags` change only under
-                // the region lock, which is held (fields read through the raw pointer).
-                let (count, flags) = unsafe { ((*p).slice_count as usize, (*p).flags) };
-                if flags & (FLAG_FREE_SPAN | FLAG_PURGING) == 0 {
+                // SAFETY: `slice < SLICES` in a live segment. A free span's record and
+                // count change only under the region lock, which is held; a page's
+                // count may be changing (its heap cutting a spare, `split_spare`), so a
+                // page is stepped over by its map entries, which name its record for
+                // every slice it covers. A slice whose entry names another record (a
+                // cut in progress) is skipped: the snapshot is racy by nature.
+                unsafe {
+                    if head_page_acquire(seg, slice) != p {
+                        slice += 1;
+                        continue;
+                    }
+                    let flags = (*p).flags;
+                    if flags & (FLAG_FREE_SPAN | FLAG_PURGING) != 0 {
+                        slice += ((*p).slice_count as usize).max(1);
+                        continue;
+                    }
                     f(p);
+                    slice += 1;
+                    while slice < SLICES && head_page(seg, slice) == p {
+                        slice += 1;
+                    }
                 }
-                slice += count.max(1);
             }
             // SAFETY: segment list links are valid under the lock.
             s = unsafe { (*s).next };
