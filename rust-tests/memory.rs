@@ -512,9 +512,10 @@ fn thread_minor_faults() -> i64 {
 }
 
 /// A thread starting many classes cuts their first pages from runs of slices it takes
-/// from the region a few at a time (`segment::split_spare`), not one region visit per
-/// class: 64 sizes from 16 B to 1 KiB (about 40 classes) cost a handful of lock
-/// acquisitions. The blocks are usable and apart.
+/// from the region a few at a time (`segment::split_spare`; its first 4 young pages
+/// come one by one), not one region visit per class: 64 sizes from 16 B to 1 KiB
+/// (about 40 classes) cost at most 10 lock acquisitions (6 measured; 31 without runs).
+/// The blocks are usable and apart.
 #[test]
 fn a_thread_starting_many_classes_visits_the_region_a_few_times() {
     let _g = SERIAL.lock().unwrap();
@@ -553,7 +554,7 @@ fn a_thread_starting_many_classes_visits_the_region_a_few_times() {
     .join()
     .unwrap();
     eprintln!("{blocks} blocks of 64 sizes: {visits} lock acquisitions");
-    assert!(visits <= 8, "{visits} lock acquisitions to start 64 sizes");
+    assert!(visits <= 10, "{visits} lock acquisitions to start 64 sizes");
 }
 
 /// A segment emptied while its memory is resident stays mapped until a purge decommits

@@ -37,8 +37,10 @@ const SPARE_SLICES: usize = 2048;
 /// Pages beyond the one asked for that a heap takes in one visit to the region, for a
 /// class whose pages have grown to full size (at most half the spare bound).
 const EXTRA_PAGES: usize = 15;
-/// The run of slices a heap takes from the region to cut young classes' pages from
-/// (`run_tail`): its first run, and the largest, reached by doubling.
+/// The runs of slices a heap takes from the region to cut young classes' pages from
+/// (`run_tail`): young pages taken one by one first, the first run, and the largest,
+/// reached by doubling.
+const RUN_AFTER: u8 = 4;
 const RUN_FIRST_SLICES: usize = 16;
 const RUN_GROWTH_STEPS: u8 = 4;
 const RUN_MAX_SLICES: usize = RUN_FIRST_SLICES << RUN_GROWTH_STEPS;
@@ -83,9 +85,9 @@ pub struct Heap {
     pub thread: usize,
     /// Verify mode: set while this thread matches an allocation to its call site.
     verifying: bool,
-    /// Runs of slices this heap has taken from the region to cut young classes' pages
-    /// from (saturating), to size the next (`run_tail`).
-    run_growth: u8,
+    /// Young classes' pages this heap has taken from the region (saturating), to size
+    /// the run of slices taken with the next (`run_tail`).
+    young_pages: u8,
     /// Per class: the class's first page (`pages[class]`) was set up on memory that
     /// read as zero, so the blocks `page::extend` carves from it are zero but for the
     /// two words carving writes (nothing writes past a page's carved blocks). Cleared
@@ -136,7 +138,7 @@ pub static EMPTY_HEAP: Heap = Heap {
     prev_live: ptr::null_mut(),
     thread: 0,
     verifying: false,
-    run_growth: 0,
+    young_pages: 0,
     zero_tail: [false; MAX_CLASSES],
     zero_block: ptr::null_mut(),
     delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
@@ -885,20 +887,25 @@ unsafe fn keep_spare(heap: *mut Heap, page: *mut Page) {
 }
 
 /// Slices to take from the region after a young class's page of `slices`, as a run
-/// the heap cuts its next young pages from: `RUN_FIRST_SLICES` for a heap's first run,
-/// doubling with each run up to `RUN_MAX_SLICES` (a thread that allocates a little
-/// takes little address space; one that starts many classes visits the region a few
-/// times instead of once per page). Only address space: memory comes in as blocks
-/// are carved.
+/// the heap cuts its next young pages from. None for a heap's first `RUN_AFTER` young
+/// pages: a thread that holds a few objects in a few classes takes its pages one by one,
+/// next to other threads' (a run packs a thread's pages together and spreads the page
+/// records: 2 KiB more per idle thread holding 14 objects). Then `RUN_FIRST_SLICES`,
+/// doubling with each run up to `RUN_MAX_SLICES`, so a thread that starts many classes
+/// visits the region a few times instead of once per page. Only address space: memory
+/// comes in as blocks are carved.
 ///
 /// # Safety
 /// `heap` is the calling thread's live heap.
 unsafe fn run_tail(heap: *mut Heap, slices: usize) -> usize {
     // SAFETY: owner access.
     unsafe {
-        let growth = (*heap).run_growth;
-        (*heap).run_growth = growth.saturating_add(1);
-        let run = (RUN_FIRST_SLICES << growth.min(RUN_GROWTH_STEPS)).min(RUN_MAX_SLICES);
+        let young = (*heap).young_pages;
+        (*heap).young_pages = young.saturating_add(1);
+        let Some(runs) = young.checked_sub(RUN_AFTER) else {
+            return 0;
+        };
+        let run = (RUN_FIRST_SLICES << runs.min(RUN_GROWTH_STEPS)).min(RUN_MAX_SLICES);
         run.saturating_sub(slices)
     }
 }
@@ -1283,7 +1290,7 @@ fn pool_take() -> *mut Heap {
                 // SAFETY: pthread_self has no preconditions.
                 thread: libc::pthread_self() as usize,
                 verifying: false,
-                run_growth: 0,
+                young_pages: 0,
                 zero_tail: [false; MAX_CLASSES],
                 zero_block: ptr::null_mut(),
                 delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
