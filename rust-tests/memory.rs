@@ -610,3 +610,61 @@ fn memory_freed_and_taken_again_at_once_is_not_faulted_in_again() {
         "{faults} faults taking {pages} OS pages again"
     );
 }
+
+/// The purge delay adapts: memory a purge decommitted and the program took back within
+/// one delay of the purge doubles it (up to a second), and `lg_trim` resets it. A
+/// thread frees 8 MiB of blocks, waits past the starting delay (100 ms) and takes as
+/// much again, in rounds: the first round's memory was purged and faults back in; by
+/// the third, the longer delay has kept it resident. Rounds whose wait overran (a
+/// loaded machine) prove nothing and the sequence is tried again.
+#[test]
+fn memory_purged_and_taken_back_soon_lengthens_the_purge_delay() {
+    let _g = SERIAL.lock().unwrap();
+    let count = (8 << 20) / 1000;
+    let pages = (8 << 20) / 4096;
+    let rounds = std::thread::spawn(move || {
+        for _ in 0..5 {
+            lg_trim();
+            let mut ptrs: Vec<usize> = Vec::with_capacity(count);
+            let mut faults = Vec::new();
+            let mut overran = false;
+            for round in 0..4 {
+                let before = thread_minor_faults();
+                for _ in 0..count {
+                    let p = lg_malloc(1000) as usize;
+                    assert_ne!(p, 0);
+                    unsafe { std::ptr::write_bytes(p as *mut u8, round as u8, 1000) };
+                    ptrs.push(p);
+                }
+                if round > 0 {
+                    faults.push(thread_minor_faults() - before);
+                }
+                let start = std::time::Instant::now();
+                for p in ptrs.drain(..) {
+                    unsafe { lg_free(p as *mut _) };
+                }
+                std::thread::sleep(std::time::Duration::from_millis(130));
+                overran |= start.elapsed() > std::time::Duration::from_millis(180);
+            }
+            lg_trim();
+            if !overran {
+                return Some(faults);
+            }
+        }
+        None
+    })
+    .join()
+    .unwrap();
+    let Some(faults) = rounds else {
+        panic!("every attempt overran its waits: the machine is too loaded to tell");
+    };
+    eprintln!("faults taking {pages} OS pages again after 130 ms, by round: {faults:?}");
+    assert!(
+        faults[0] * 4 > pages,
+        "the first wait should have purged: {faults:?} faults of {pages} pages"
+    );
+    assert!(
+        faults[2] * 10 < pages,
+        "the third wait should have kept the memory: {faults:?} faults of {pages} pages"
+    );
+}

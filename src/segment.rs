@@ -17,10 +17,12 @@
 //! not on the steady-state path.
 //!
 //! Purging, with hysteresis: a free span remembers when it was last freed (its head's
-//! `free` word holds the time, in milliseconds). Spans untouched for `PURGE_DELAY_MS`
+//! `free` word holds the time, in milliseconds). Spans untouched for the purge delay
 //! are decommitted by the next region call (or heap slow path, `purge_if_due`) after
 //! that delay, at most one pass per delay; spans reused sooner never are, so steady
-//! churn never purges and refaults. Only when more than `PURGE_HARD` bytes of free
+//! churn never purges and refaults. The delay starts at `PURGE_DELAY_MS` and doubles
+//! (up to `PURGE_DELAY_MAX_MS`) while the program takes purged memory back within a
+//! delay of its purge, then halves back once it stops. Only when more than `PURGE_HARD` bytes of free
 //! memory may be resident is younger memory decommitted at once, down to half that.
 //!
 //! The `madvise` calls of a purge run outside the lock: the spans to purge are taken
@@ -52,8 +54,14 @@ const META_BYTES: usize = PAGES_OFFSET + SLICES * core::mem::size_of::<Page>();
 /// Slices taken by the metadata at the start of each segment.
 pub const FIRST_SLICE: usize = META_BYTES.div_ceil(SLICE_SIZE);
 
-/// How long free memory lies unused before it is decommitted.
+/// How long free memory lies unused before it is decommitted, at least (the delay a
+/// program starts with) and at most: the region lengthens it for a program that takes
+/// back purged memory soon after the purge (`RegionInner::purge_delay`).
 const PURGE_DELAY_MS: u64 = 100;
+const PURGE_DELAY_MAX_MS: u64 = 1000;
+/// Purged memory taken back early (within a delay of its purge) that lengthens the
+/// purge delay: a program's churn, not a few blocks taken from a large purged span.
+const PREMATURE_PURGE_BYTES: usize = 4 << 20;
 /// Free memory that may be resident beyond which the region decommits even young free
 /// spans, down to half of that: this much, or an eighth of the segments' memory if more
 /// (so a large steady working set does not purge what it reuses a moment later).
@@ -182,6 +190,12 @@ struct RegionInner {
     exit_retaken: usize,
     exit_demand: usize,
     exit_demand_at: u64,
+    /// The purge delay (ms), between `PURGE_DELAY_MS` and `PURGE_DELAY_MAX_MS`, and
+    /// when memory was last taken back within one delay of its purge (ms).
+    purge_delay: u64,
+    premature_purge_at: u64,
+    /// Bytes taken back early since the delay last changed.
+    premature_purge_bytes: usize,
 }
 
 /// When (milliseconds, `os::now_ms`) the next purge pass is due; zero when no free
@@ -205,6 +219,9 @@ static REGION: Locked<RegionInner> = Locked::new(RegionInner {
     exit_retaken: 0,
     exit_demand: 0,
     exit_demand_at: 0,
+    purge_delay: PURGE_DELAY_MS,
+    premature_purge_at: 0,
+    premature_purge_bytes: 0,
 });
 
 /// Bytes of address space held in segments (statistics).
@@ -367,7 +384,7 @@ impl RegionInner {
             CLEAN_FREE_BYTES.fetch_add((count - dirty) << SLICE_SHIFT, Ordering::Relaxed);
         }
         if dirty > 0 && PURGE_AT.load(Ordering::Relaxed) == 0 {
-            PURGE_AT.store(freed_at + PURGE_DELAY_MS, Ordering::Relaxed);
+            PURGE_AT.store(freed_at + self.purge_delay, Ordering::Relaxed);
         }
     }
 
@@ -480,6 +497,9 @@ impl RegionInner {
             let matched = (count << SLICE_SHIFT).min(self.exit_purged);
             self.exit_purged -= matched;
             self.exit_retaken += matched;
+            if dirty == 0 && stamp != NEVER_USED {
+                self.note_purged_memory_taken(stamp, count << SLICE_SHIFT);
+            }
             (page, dirty == 0 && stamp == NEVER_USED)
         }
     }
@@ -596,13 +616,14 @@ impl RegionInner {
         if !expired && !over {
             return;
         }
-        self.purge(now.saturating_sub(PURGE_DELAY_MS), 0, batch);
+        self.relax_purge_delay(now);
+        self.purge(now.saturating_sub(self.purge_delay), 0, batch);
         if self.dirty_bytes > hard {
             self.purge(u64::MAX, hard / 2, batch);
         }
         // The spans left are younger than the delay: look again one delay from now.
         let next = if self.dirty_bytes > 0 {
-            now + PURGE_DELAY_MS
+            now + self.purge_delay
         } else {
             0
         };
@@ -659,11 +680,47 @@ impl RegionInner {
         }
     }
 
-    /// Forgets the learned exit demand (`lg_trim`: everything goes back).
+    /// Forgets the learned exit demand and purge delay (`lg_trim`: everything goes
+    /// back).
     fn forget_exit_demand(&mut self) {
         self.exit_purged = 0;
         self.exit_retaken = 0;
         self.exit_demand = 0;
+        self.purge_delay = PURGE_DELAY_MS;
+        self.premature_purge_bytes = 0;
+    }
+
+    /// `bytes` of a free span with no resident slice were taken; `stamp` is when the
+    /// span was last given back (for a purged span: when its purge finished). Taken
+    /// within one purge delay of that, the purge came too early for this program: it
+    /// faults back in what was just decommitted (a program that builds and drops large
+    /// maps every few hundred milliseconds). Once `PREMATURE_PURGE_BYTES` were taken
+    /// back so, the delay doubles, up to `PURGE_DELAY_MAX_MS` (`relax_purge_delay`
+    /// brings it back down).
+    fn note_purged_memory_taken(&mut self, stamp: u64, bytes: usize) {
+        let now = os::now_ms();
+        if now.saturating_sub(stamp) >= self.purge_delay {
+            return;
+        }
+        self.premature_purge_at = now;
+        self.premature_purge_bytes += bytes;
+        if self.premature_purge_bytes >= PREMATURE_PURGE_BYTES {
+            self.purge_delay = (self.purge_delay * 2).min(PURGE_DELAY_MAX_MS);
+            self.premature_purge_bytes = 0;
+        }
+    }
+
+    /// Halves a lengthened purge delay once a `PURGE_DELAY_MAX_MS` has passed with no
+    /// purged memory taken back early, so a program whose churn stopped soon gives back
+    /// what it frees as promptly as at start.
+    fn relax_purge_delay(&mut self, now: u64) {
+        if self.purge_delay > PURGE_DELAY_MS
+            && now.saturating_sub(self.premature_purge_at) >= PURGE_DELAY_MAX_MS
+        {
+            self.purge_delay = (self.purge_delay / 2).max(PURGE_DELAY_MS);
+            self.premature_purge_at = now;
+            self.premature_purge_bytes = 0;
+        }
     }
 
     /// Takes free spans that may hold resident slices and were last freed before
