@@ -55,9 +55,9 @@ impl Mutex {
         }
     }
 
-    /// A held lock is usually released within a microsecond or two (the sections are
-    /// short: list and bin updates; system calls run outside them), so a waiter first
-    /// retries for about that long before it sleeps: a sleep costs two system calls
+    /// A held lock is usually released soon (the sections are short: list and bin
+    /// updates; system calls run outside them), so a waiter first retries for a few
+    /// microseconds before it sleeps: a sleep costs two system calls
     /// (the waiter's wait and the holder's wake) and a trip through the scheduler. As
     /// glibc's adaptive mutexes do, bounded, so a waiter whose holder was preempted
     /// soon sleeps instead of burning its time slice. True when the lock was taken.

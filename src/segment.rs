@@ -22,8 +22,9 @@
 //! that delay, at most one pass per delay; spans reused sooner never are, so steady
 //! churn never purges and refaults. The delay starts at `PURGE_DELAY_MS` and doubles
 //! (up to `PURGE_DELAY_MAX_MS`) while the program takes purged memory back within a
-//! delay of its purge, then halves back once it stops. Only when more than `PURGE_HARD` bytes of free
-//! memory may be resident is younger memory decommitted at once, down to half that.
+//! delay of its purge, then halves back once it stops. Only when more than
+//! `PURGE_HARD` bytes of free memory may be resident is younger memory decommitted at
+//! once, down to half that.
 //!
 //! The `madvise` calls of a purge run outside the lock: the spans to purge are taken
 //! off the bins (flagged `FLAG_PURGING` and counted as used, so neither a neighbour's
