@@ -44,6 +44,12 @@ const RUN_AFTER: u8 = 4;
 const RUN_FIRST_SLICES: usize = 16;
 const RUN_GROWTH_STEPS: u8 = 4;
 const RUN_MAX_SLICES: usize = RUN_FIRST_SLICES << RUN_GROWTH_STEPS;
+/// Young pages of at least this many slices (a large-block class's: four blocks of 8 KiB
+/// or more) come with a run of `RUN_LARGE_PAGES` such pages from the start, up to
+/// `RUN_LARGE_MAX_SLICES` in all.
+const RUN_LARGE_PAGE_SLICES: usize = 32;
+const RUN_LARGE_PAGES: usize = 4;
+const RUN_LARGE_MAX_SLICES: usize = 1024;
 /// Abandoned pages of one class a heap adopts in one visit to the region.
 const ADOPT_BATCH: usize = 16;
 /// Abandoned pages of other classes a heap adopts in the same visit.
@@ -613,40 +619,100 @@ pub fn set_verify_hook(hook: fn(usize)) {
     VERIFY_HOOK.store(hook as *mut (), Ordering::Release);
 }
 
+/// The most slices a new heap reserves for planned classes (a quarter of a segment);
+/// classes past it get their pages on demand.
+const RESERVED_MAX_SLICES: usize = 1024;
+
 /// Gives a new heap the first pages of the classes the class table marks as reserved
-/// (the classes the plan expects every thread to use), sized to the expected demand.
-/// Only address space is taken: blocks are carved (and memory touched) as the thread
-/// allocates.
+/// (the classes the plan expects every thread to use), sized to the expected demand,
+/// in one visit to the region: one span holding them all, cut into the pages without
+/// the lock (one visit per class made thread start-up the largest source of region
+/// visits under test-stress with a plan: 12k of 40k). Only address space is taken:
+/// blocks are carved (and memory touched) as the thread allocates.
 fn reserve_planned_pages(heap: *mut Heap) {
     if !size_class::any_reserved() {
         return;
     }
+    // The classes to reserve, most aligned first: a page's slice count is a multiple of
+    // its alignment, so each page cut from the front of the span starts aligned for
+    // its class when the first one does.
+    let mut classes = [0u8; MAX_CLASSES];
+    let mut count = 0;
+    let mut total = 0;
     for class in (0..size_class::class_count()).filter(|&c| size_class::class_info(c).reserved) {
         // SAFETY: `heap` is the calling thread's new heap.
-        unsafe {
-            if (*heap).pages[class] == empty_page() {
-                let bs = size_class::block_size(class);
-                let slices = page_slices(class, 0);
-                let mut none = ptr::null_mut();
-                let (page, zeroed) = segment::alloc_page(
-                    owner(heap),
-                    class,
-                    bs,
-                    slices,
-                    ptr::null_mut(),
-                    0,
-                    &mut none,
-                    false,
-                    0,
-                );
-                if page.is_null() {
-                    return;
-                }
-                (*heap).page_growth[class] = 1;
-                class_push_front(heap, page);
-                (*heap).zero_tail[class] = zeroed;
-            }
+        if unsafe { (*heap).pages[class] } != empty_page() {
+            continue;
         }
+        let slices = page_slices(class, 0);
+        if total + slices > RESERVED_MAX_SLICES {
+            continue;
+        }
+        let Some(slot) = classes.get_mut(count) else {
+            break;
+        };
+        *slot = class as u8;
+        count += 1;
+        total += slices;
+    }
+    let reserved = classes.get_mut(..count).unwrap_or(&mut []);
+    reserved.sort_unstable_by_key(|&c| {
+        core::cmp::Reverse(segment::span_alignment(size_class::block_size(c as usize)))
+    });
+    let Some((&first, rest)) = reserved.split_first() else {
+        return;
+    };
+    let first = first as usize;
+    let first_slices = page_slices(first, 0);
+    // SAFETY: `heap` is the calling thread's new heap; the run comes back as a spare of
+    // ours, cut below like any run.
+    unsafe {
+        let bs = size_class::block_size(first);
+        let mut run = ptr::null_mut();
+        let (page, zeroed) = segment::alloc_page(
+            owner(heap),
+            first,
+            bs,
+            first_slices,
+            ptr::null_mut(),
+            0,
+            &mut run,
+            false,
+            total - first_slices,
+        );
+        if page.is_null() {
+            return;
+        }
+        start_reserved_page(heap, page, zeroed);
+        for &class in rest {
+            let class = class as usize;
+            if run.is_null() {
+                break;
+            }
+            let page = run;
+            run = segment::split_spare(page, page_slices(class, 0));
+            let zeroed = page::span_is_zeroed(page);
+            page::init_page(page, owner(heap), class);
+            start_reserved_page(heap, page, zeroed);
+        }
+        if !run.is_null() {
+            list::push_front(&mut (*heap).spare, run);
+            (*heap).spare_slices += (*run).slice_count as usize;
+        }
+    }
+}
+
+/// Puts a reserved class's first page (set up for its class) on the class list.
+///
+/// # Safety
+/// `heap` is the calling thread's new heap; `page` is a page of it on no list.
+unsafe fn start_reserved_page(heap: *mut Heap, page: *mut Page, zeroed: bool) {
+    // SAFETY: per the contract.
+    unsafe {
+        let class = (*page).class as usize;
+        (*heap).page_growth[class] = 1;
+        class_push_front(heap, page);
+        (*heap).zero_tail[class] = zeroed;
     }
 }
 
@@ -892,8 +958,12 @@ unsafe fn keep_spare(heap: *mut Heap, page: *mut Page) {
 /// next to other threads' (a run packs a thread's pages together and spreads the page
 /// records: 2 KiB more per idle thread holding 14 objects). Then `RUN_FIRST_SLICES`,
 /// doubling with each run up to `RUN_MAX_SLICES`, so a thread that starts many classes
-/// visits the region a few times instead of once per page. Only address space: memory
-/// comes in as blocks are carved.
+/// visits the region a few times instead of once per page. A large-block class's young
+/// page (`RUN_LARGE_PAGE_SLICES`) comes with room for `RUN_LARGE_PAGES - 1` more of its
+/// size from the start: such pages are large for what a thread usually puts in them
+/// (a first page holds four blocks), and under test-stress, where threads take a few
+/// blocks of many large classes each, one visit per page made them half of all region
+/// visits. Only address space: memory comes in as blocks are carved.
 ///
 /// # Safety
 /// `heap` is the calling thread's live heap.
@@ -902,6 +972,11 @@ unsafe fn run_tail(heap: *mut Heap, slices: usize) -> usize {
     unsafe {
         let young = (*heap).young_pages;
         (*heap).young_pages = young.saturating_add(1);
+        if slices >= RUN_LARGE_PAGE_SLICES {
+            return (slices * RUN_LARGE_PAGES)
+                .min(RUN_LARGE_MAX_SLICES)
+                .saturating_sub(slices);
+        }
         let Some(runs) = young.checked_sub(RUN_AFTER) else {
             return 0;
         };
@@ -910,13 +985,16 @@ unsafe fn run_tail(heap: *mut Heap, slices: usize) -> usize {
     }
 }
 
-/// Takes a spare page of at least `slices` slices whose start is a multiple of `align`
-/// slices (as the region would align a page of that class): the first spare that holds
-/// it. A run (`run_tail`) is cut to `slices`, the rest staying a spare run; any other
-/// spare (a page retired whole) is taken whole: a larger page costs no more (blocks
-/// are carved, and memory touched, one slice at a time), and cutting retired pages
-/// left pieces that went back to the region and were purged and refaulted (a Rust
-/// program's madvise calls went from ~400 to ~830). Null when none fits.
+/// Takes a spare page of `slices` slices starting at a multiple of `align` slices (as
+/// the region would align a page of that class): the first spare that holds it. A run
+/// (`run_tail`) is cut where an aligned page fits in it, what lies before and after
+/// the page staying spare runs (large classes align their pages to up to 256 KiB, and
+/// taking runs from their start only sent a third of their young pages to the
+/// region). Any other spare (a page retired whole) is taken whole when its start is
+/// aligned: a larger page costs no more (blocks are carved, and memory touched, one
+/// slice at a time), and cutting retired pages left pieces that went back to the region
+/// and were purged and refaulted (a Rust program's madvise calls went from ~400 to
+/// ~830). Null when none fits.
 ///
 /// # Safety
 /// `heap` is the calling thread's live heap.
@@ -926,24 +1004,45 @@ unsafe fn take_spare(heap: *mut Heap, slices: usize, align: usize) -> *mut Page 
         let mut p = (*heap).spare;
         while !p.is_null() {
             let count = (*p).slice_count as usize;
-            if count >= slices && (*p).slice_index().is_multiple_of(align) {
+            let index = (*p).slice_index();
+            if page::span_is_run(p) {
+                let pad = index.next_multiple_of(align) - index;
+                if count >= pad + slices {
+                    return cut_run(heap, p, pad, slices);
+                }
+            } else if count >= slices && index.is_multiple_of(align) {
                 list::remove(&mut (*heap).spare, p);
-                if !page::span_is_run(p) {
-                    (*heap).spare_slices -= count;
-                    return p;
-                }
-                (*heap).spare_slices -= slices;
-                // What the page does not need stays a run (cut without the region
-                // lock).
-                let rest = segment::split_spare(p, slices);
-                if !rest.is_null() {
-                    list::push_front(&mut (*heap).spare, rest);
-                }
+                (*heap).spare_slices -= count;
                 return p;
             }
             p = (*p).next;
         }
         ptr::null_mut()
+    }
+}
+
+/// Cuts a page of `slices` slices from the spare run `run`, `pad` slices in; the slices
+/// before and after it stay spare runs (cut without the region lock).
+///
+/// # Safety
+/// `run` is a spare run of `heap`, the calling thread's live heap, of at least
+/// `pad + slices` slices.
+unsafe fn cut_run(heap: *mut Heap, run: *mut Page, pad: usize, slices: usize) -> *mut Page {
+    // SAFETY: owner access to the heap and its spare pages; per the contract, each
+    // split leaves both parts non-empty.
+    unsafe {
+        list::remove(&mut (*heap).spare, run);
+        let mut page = run;
+        if pad > 0 {
+            page = segment::split_spare(run, pad);
+            list::push_front(&mut (*heap).spare, run);
+        }
+        (*heap).spare_slices -= slices;
+        let rest = segment::split_spare(page, slices);
+        if !rest.is_null() {
+            list::push_front(&mut (*heap).spare, rest);
+        }
+        page
     }
 }
 
