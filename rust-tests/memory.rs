@@ -614,6 +614,74 @@ fn a_thread_starting_many_large_classes_visits_the_region_a_few_times() {
     );
 }
 
+/// Segments are mapped and unmapped with the region's lock released (a system call under
+/// it made every thread wanting a page wait). Four threads at once fill 16 MiB each in
+/// blocks of 60,000 bytes, so segments are mapped while other threads take pages, and
+/// exit; the main thread checks the blocks' contents and frees them. `lg_trim` then
+/// releases all segments but one, and the process's address space (VmSize) shrinks by
+/// what it says it released: the unmaps happen. A second round maps new ones and passes
+/// the same checks.
+#[test]
+fn segments_are_mapped_and_unmapped_while_threads_take_pages() {
+    let _g = SERIAL.lock().unwrap();
+    const SIZE: usize = 60_000;
+    for round in 0..2u8 {
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let fill = t.wrapping_mul(16).wrapping_add(round);
+                    let blocks: Vec<usize> = (0..(16 << 20) / SIZE)
+                        .map(|_| {
+                            let p = lg_malloc(SIZE);
+                            assert!(!p.is_null());
+                            unsafe { std::ptr::write_bytes(p as *mut u8, fill, SIZE) };
+                            p as usize
+                        })
+                        .collect();
+                    (fill, blocks)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (fill, blocks) = t.join().unwrap();
+            for p in blocks {
+                let s = unsafe { std::slice::from_raw_parts(p as *const u8, SIZE) };
+                assert!(s.iter().all(|&b| b == fill), "block {p:#x} overwritten");
+                unsafe { lg_free(p as *mut _) };
+            }
+        }
+        let (reserved, vm) = (stats().bytes_reserved as usize, vm_size());
+        lg_trim();
+        let (reserved_after, vm_after) = (stats().bytes_reserved as usize, vm_size());
+        let released = reserved - reserved_after;
+        eprintln!(
+            "round {round}: reserved {} -> {} MiB, VmSize {} -> {} MiB",
+            reserved >> 20,
+            reserved_after >> 20,
+            vm >> 20,
+            vm_after >> 20
+        );
+        assert!(
+            reserved >= 32 << 20,
+            "{reserved} bytes reserved at the peak"
+        );
+        assert!(reserved_after <= 4 << 20, "{reserved_after} bytes reserved");
+        assert!(
+            vm.saturating_sub(vm_after) >= released,
+            "released {released} bytes, VmSize shrank by {}",
+            vm.saturating_sub(vm_after)
+        );
+    }
+}
+
+/// The process's mapped address space in bytes (VmSize).
+fn vm_size() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
+    let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
 /// A segment emptied while its memory is resident stays mapped until a purge decommits
 /// it (unmapping it at once made the next allocations fault in a fresh one): a thread
 /// that frees 12 MiB of blocks and allocates as much again right away (well within the
