@@ -97,6 +97,9 @@ const EXIT_KEEP_DIRTY: usize = 4 << 20;
 const EXIT_DEMAND_HALF_LIFE_MS: u64 = 1000;
 
 const SPAN_BINS: usize = 18;
+/// Free spans smaller than this (64 KiB; a bin of their own from `bin_of` on) are not
+/// purged for age alone (`purge_as_due`).
+const DELAYED_PURGE_MIN_SLICES: usize = 64;
 
 #[repr(C)]
 struct Segment {
@@ -214,25 +217,30 @@ static PURGE_AT: AtomicU64 = AtomicU64::new(0);
 /// so a heap looks for one without taking the lock when there is none.
 static ABANDONED_IN_CLASS: [AtomicU32; MAX_CLASSES] = [const { AtomicU32::new(0) }; MAX_CLASSES];
 
-static REGION: Locked<RegionInner> = Locked::new(RegionInner {
-    segments: ptr::null_mut(),
-    unmapping: ptr::null_mut(),
-    segment_count: 0,
-    bins: [ptr::null_mut(); SPAN_BINS],
-    abandoned: [ptr::null_mut(); MAX_CLASSES],
-    abandoned_count: 0,
-    sweep_class: 0,
-    free_bytes: 0,
-    dirty_bytes: 0,
-    exit_purged: 0,
-    exit_purged_at: 0,
-    exit_retaken: 0,
-    exit_demand: 0,
-    exit_demand_at: 0,
-    purge_delay: PURGE_DELAY_MS,
-    premature_purge_at: 0,
-    premature_purge_bytes: 0,
-});
+static REGION: Locked<RegionInner> = Locked::new(RegionInner::EMPTY);
+
+impl RegionInner {
+    /// A region with no segment.
+    const EMPTY: RegionInner = RegionInner {
+        segments: ptr::null_mut(),
+        unmapping: ptr::null_mut(),
+        segment_count: 0,
+        bins: [ptr::null_mut(); SPAN_BINS],
+        abandoned: [ptr::null_mut(); MAX_CLASSES],
+        abandoned_count: 0,
+        sweep_class: 0,
+        free_bytes: 0,
+        dirty_bytes: 0,
+        exit_purged: 0,
+        exit_purged_at: 0,
+        exit_retaken: 0,
+        exit_demand: 0,
+        exit_demand_at: 0,
+        purge_delay: PURGE_DELAY_MS,
+        premature_purge_at: 0,
+        premature_purge_bytes: 0,
+    };
+}
 
 /// Bytes of address space held in segments (statistics).
 pub static SEGMENT_BYTES: AtomicUsize = AtomicUsize::new(0);
@@ -704,9 +712,14 @@ impl RegionInner {
             return;
         }
         self.relax_purge_delay(now);
-        self.purge(now.saturating_sub(self.purge_delay), 0, batch);
+        // Past the delay, free spans smaller than `DELAYED_PURGE_MIN_SLICES` stay: a gap
+        // between pages in use is likely filled again soon, and such gaps made more than
+        // half of a Rust program's purges for 6% of the bytes (350 of 644 madvise calls,
+        // 10 of 170 MB). The hard limit below, thread exits and `lg_trim` take them too.
+        let smallest = bin_of(DELAYED_PURGE_MIN_SLICES);
+        self.purge(now.saturating_sub(self.purge_delay), 0, smallest, batch);
         if self.dirty_bytes > hard {
-            self.purge(u64::MAX, hard / 2, batch);
+            self.purge(u64::MAX, hard / 2, 0, batch);
         }
         // The spans left are younger than the delay: look again one delay from now.
         let next = if self.dirty_bytes > 0 {
@@ -812,12 +825,12 @@ impl RegionInner {
 
     /// Takes free spans that may hold resident slices and were last freed before
     /// `freed_before` (ms; `u64::MAX` for any) off the bins into `batch`, until at most
-    /// `keep` dirty bytes are left or the batch is full; the caller decommits them after
-    /// the lock is released (`with_region_purging`). Clean spans are left alone. Large
-    /// spans go first: the fewest calls for the bytes a partial pass (`keep > 0`) must
-    /// release.
-    fn purge(&mut self, freed_before: u64, keep: usize, batch: &mut PurgeBatch) {
-        for bin in (0..SPAN_BINS).rev() {
+    /// `keep` dirty bytes are left or the batch is full, from bin `first_bin` up (smaller
+    /// spans stay); the caller decommits them after the lock is released
+    /// (`with_region_purging`). Clean spans are left alone. Large spans go first: the
+    /// fewest calls for the bytes a partial pass (`keep > 0`) must release.
+    fn purge(&mut self, freed_before: u64, keep: usize, first_bin: usize, batch: &mut PurgeBatch) {
+        for bin in (first_bin..SPAN_BINS).rev() {
             let mut p = self.bins[bin];
             while !p.is_null() && self.dirty_bytes > keep && batch.len < PURGE_BATCH {
                 // SAFETY: bin entries are free spans we own; the region lock is held.
@@ -1217,7 +1230,7 @@ pub unsafe fn abandon_pages(empty: *mut Page, mut live: *mut Page) {
         // what the next threads reuse without refaulting (see `exit_keep`).
         r.learn_exit_demand(now);
         let before = r.dirty_bytes;
-        r.purge(u64::MAX, r.exit_keep(now), batch);
+        r.purge(u64::MAX, r.exit_keep(now), 0, batch);
         let purged = before.saturating_sub(r.dirty_bytes);
         if purged > 0 {
             r.exit_purged = r.exit_purged.saturating_add(purged);
@@ -1295,14 +1308,14 @@ pub fn trim() {
     let (mut full, _) = with_region_purging(|r, batch| {
         r.sweep_abandoned(usize::MAX, now);
         r.forget_exit_demand();
-        r.purge(u64::MAX, 0, batch);
+        r.purge(u64::MAX, 0, 0, batch);
         PURGE_AT.store(0, Ordering::Relaxed);
         batch.len == PURGE_BATCH
     });
     // A full batch may have left dirty spans behind: take the next ones.
     while full {
         full = with_region_purging(|r, batch| {
-            r.purge(u64::MAX, 0, batch);
+            r.purge(u64::MAX, 0, 0, batch);
             batch.len == PURGE_BATCH
         })
         .0;
@@ -1368,4 +1381,62 @@ pub fn for_each_page(mut f: impl FnMut(*const Page)) {
             s = unsafe { (*s).next };
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch_holds(batch: &PurgeBatch, span: *mut Page) -> bool {
+        batch.spans[..batch.len].iter().any(|&(p, _)| p == span)
+    }
+
+    /// Past the purge delay, a free span of 64 KiB or more is taken for purging and a
+    /// gap of 8 KiB between spans in use stays resident; the unconditional purge of
+    /// `lg_trim` and thread exits takes the gap too. A region of its own, on one fresh
+    /// segment: A, gap, B, big, C taken one after another, gap and big given back.
+    #[test]
+    fn the_delayed_purge_leaves_small_gaps_to_trim() {
+        let mut r = RegionInner::EMPTY;
+        let base = map_segment();
+        assert!(!base.is_null());
+        assert!(r.add_segment(base));
+        let a = r.take_span(16, 1).0;
+        let gap = r.take_after(a, 8, 1).0;
+        let b = r.take_after(gap, 16, 1).0;
+        let big = r.take_after(b, 128, 1).0;
+        let c = r.take_after(big, 16, 1).0;
+        for p in [a, gap, b, big, c] {
+            assert!(!p.is_null());
+            assert_eq!(segment_base(p as usize), base as usize);
+        }
+        let freed = 1_000;
+        // SAFETY: both spans were just taken, nothing uses them.
+        unsafe {
+            r.release_span(gap, freed);
+            r.release_span(big, freed);
+        }
+        assert_eq!(r.dirty_bytes, (8 + 128) << SLICE_SHIFT);
+        let mut batch = PurgeBatch {
+            spans: [(ptr::null_mut(), 0); PURGE_BATCH],
+            len: 0,
+        };
+        PURGE_AT.store(1, Ordering::Relaxed);
+        r.purge_as_due(freed + r.purge_delay + 1, &mut batch);
+        assert!(batch_holds(&batch, big), "the 128 KiB span was not purged");
+        assert!(!batch_holds(&batch, gap), "the 8 KiB gap was purged");
+        assert_eq!(r.dirty_bytes, 8 << SLICE_SHIFT);
+        let mut all = PurgeBatch {
+            spans: [(ptr::null_mut(), 0); PURGE_BATCH],
+            len: 0,
+        };
+        r.purge(u64::MAX, 0, 0, &mut all);
+        assert!(batch_holds(&all, gap), "lg_trim's purge left the gap");
+        assert_eq!(r.dirty_bytes, 0);
+        // The segment is this test's alone: give it back as the region would.
+        chunk_map::set_kind(base as usize, KIND_NONE);
+        // SAFETY: nothing of the segment is in use or named any more.
+        unsafe { os::unmap(base, SEGMENT_SIZE) };
+        SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
+    }
 }
