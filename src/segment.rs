@@ -97,8 +97,8 @@ const EXIT_KEEP_DIRTY: usize = 4 << 20;
 const EXIT_DEMAND_HALF_LIFE_MS: u64 = 1000;
 
 const SPAN_BINS: usize = 18;
-/// Free spans smaller than this (64 KiB; a bin of their own from `bin_of` on) are not
-/// purged for age alone (`purge_as_due`).
+/// Free spans smaller than this (64 KiB) are not purged for age alone (`purge_as_due`);
+/// `bin_of` puts spans of this size and more in bins of their own.
 const DELAYED_PURGE_MIN_SLICES: usize = 64;
 
 #[repr(C)]
@@ -542,9 +542,8 @@ impl RegionInner {
     /// Takes a span of `first` slices and up to `extra` more of `slices` (next to it
     /// where there is room; on the plain list `extras`, each marked as reading as zero
     /// or not), all starting at multiples of `align`, for `alloc_page`; with `populate`,
-    /// notes their fresh parts. The span is null when no free span holds it, even after
-    /// sweeping the abandoned pages. Also says whether the span's memory reads as zero.
-    #[allow(clippy::too_many_arguments)]
+    /// notes their fresh parts. The span is null when no free span holds it. Also says
+    /// whether the span's memory reads as zero.
     fn take_batch(
         &mut self,
         first: usize,
@@ -553,15 +552,9 @@ impl RegionInner {
         extra: usize,
         extras: &mut *mut Page,
         populate: bool,
-        now: u64,
     ) -> (*mut Page, bool, FreshRuns) {
         let mut runs = FreshRuns::default();
-        let mut p = self.take_span(first, align);
-        if p.0.is_null() {
-            self.sweep_abandoned(usize::MAX, now);
-            p = self.take_span(first, align);
-        }
-        let (p, fresh) = p;
+        let (p, fresh) = self.take_span(first, align);
         if p.is_null() {
             return (p, false, runs);
         }
@@ -1044,19 +1037,24 @@ pub unsafe fn alloc_page(
         let ((taken, no_room), _) = with_region_purging(|r, batch| {
             // SAFETY: per the contract; the list goes back in the first visit only.
             unsafe { r.release_list(give_back, now) };
-            let mut taken =
-                r.take_batch(slices + tail, slices, align, extra, extras, populate, now);
-            if !mapped.is_null() {
-                if !taken.0.is_null() {
-                    // Another thread added room while ours was mapped: it goes back
-                    // unused (adding it too spread 500 starting threads over many
-                    // segments, 11 KiB per idle thread instead of 6).
-                    // SAFETY: our fresh mapping, not added.
-                    unsafe { r.queue_unmap(mapped) };
-                } else if r.add_segment(mapped) {
-                    taken =
-                        r.take_batch(slices + tail, slices, align, extra, extras, populate, now);
+            let mut take = |r: &mut RegionInner| {
+                r.take_batch(slices + tail, slices, align, extra, extras, populate)
+            };
+            let mut taken = take(r);
+            if taken.0.is_null() && mapped.is_null() {
+                // The first visit sweeps the abandoned pages before asking for a segment.
+                r.sweep_abandoned(usize::MAX, now);
+                taken = take(r);
+            } else if taken.0.is_null() {
+                if r.add_segment(mapped) {
+                    taken = take(r);
                 }
+            } else if !mapped.is_null() {
+                // Another thread added room while ours was mapped: it goes back unused
+                // (adding it too spread 500 starting threads over many segments, 11 KiB
+                // per idle thread instead of 6).
+                // SAFETY: our fresh mapping, not added.
+                unsafe { r.queue_unmap(mapped) };
             }
             r.purge_as_due(now, batch);
             let no_room = taken.0.is_null() && mapped.is_null();
