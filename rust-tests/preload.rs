@@ -1371,6 +1371,58 @@ fn reserved_classes_cost_a_new_thread_one_region_visit() {
     assert!(visits <= 3 * 40, "{visits} region visits for 40 threads");
 }
 
+/// `LGMALLOC_PLAN` turns the plan's mechanisms on one at a time: without `exact-fit` the
+/// predicted 4112-byte size stays in its standard class (4608), with it alone it gets
+/// its class; without `reserve` new threads take their classes' pages one by one (more
+/// region visits than `reserved_classes_cost_a_new_thread_one_region_visit` allows); an
+/// unknown word is reported and leaves every mechanism on.
+#[test]
+fn lgmalloc_plan_turns_each_mechanism_on_and_off() {
+    // A cache each: a run learns the classes it used, and the next would plan from that.
+    let verbose = ("LGMALLOC_VERBOSE", "1");
+    let cache = FreshCache::new("predict-plan-use");
+    let no_exact = run_predict(
+        &cache,
+        10,
+        &[verbose, ("LGMALLOC_PLAN", "first-pages,reserve")],
+    );
+    let err = no_exact.stderr();
+    assert_eq!(no_exact.stdout(), "usable 4608\n", "{err}");
+    assert!(
+        err.contains("lgmalloc: plan: mechanisms in force (LGMALLOC_PLAN): first-pages reserve\n"),
+        "{err}"
+    );
+    let cache = FreshCache::new("predict-plan-exact");
+    let exact_only = run_predict(&cache, 10, &[verbose, ("LGMALLOC_PLAN", "exact-fit")]);
+    assert_eq!(
+        exact_only.stdout(),
+        "usable 4112\n",
+        "{}",
+        exact_only.stderr()
+    );
+    let cache = FreshCache::new("predict-plan-unknown");
+    let unknown = run_predict(&cache, 10, &[verbose, ("LGMALLOC_PLAN", "exact-fit,bogus")]);
+    let err = unknown.stderr();
+    assert!(err.contains("LGMALLOC_PLAN not understood"), "{err}");
+    assert!(!err.contains("mechanisms in force"), "{err}");
+    assert_eq!(unknown.stdout(), "usable 4112\n", "{err}");
+
+    let exe = fixture_exe("thread_starts", &["thread_starts.c"], &[]);
+    let env = [
+        ("LGMALLOC_PREDICT", "naive"),
+        ("LGMALLOC_SHOW_STATS", "1"),
+        ("LGMALLOC_PLAN", "exact-fit,first-pages"),
+    ];
+    let r = run_lg_with(&mut Command::new(&exe), &env).success("thread_starts");
+    assert_eq!(r.stdout(), "threads ok\n");
+    let visits = region_acquisitions(&r.stderr());
+    eprintln!("40 threads, no reservations: {visits} region visits");
+    assert!(
+        visits > 3 * 40,
+        "{visits} region visits: reservations still in force?"
+    );
+}
+
 #[test]
 fn learn_0_neither_uses_nor_records_observations() {
     let cache = FreshCache::new("predict-learn-0");

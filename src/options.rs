@@ -24,6 +24,18 @@ pub enum PredictMode {
     Naive = 3,
 }
 
+/// Which of the plan's mechanisms a run puts in force (`LGMALLOC_PLAN`): a set of these
+/// bits. All by default; the ablation (bench/ablation) switches them one at a time.
+pub mod plan_use {
+    /// Exact-fit classes for predicted sizes their standard class would waste space on.
+    pub const EXACT_FIT: u8 = 1;
+    /// First pages sized to a class's expected demand.
+    pub const FIRST_PAGES: u8 = 2;
+    /// Classes most threads used, reserved in every new thread heap.
+    pub const RESERVE: u8 = 4;
+    pub const ALL: u8 = EXACT_FIT | FIRST_PAGES | RESERVE;
+}
+
 /// CPU time the analyses of a cold start may take, all modules together, by default.
 const DEFAULT_BUDGET_US: u64 = 2_000;
 
@@ -37,6 +49,9 @@ static LEARN: AtomicBool = AtomicBool::new(true);
 static DEFERRED_ANALYSIS: AtomicBool = AtomicBool::new(true);
 static PREDICT: AtomicU8 = AtomicU8::new(PredictMode::Predict as u8);
 static BUDGET_US: AtomicU64 = AtomicU64::new(DEFAULT_BUDGET_US);
+static PLAN_USE: AtomicU8 = AtomicU8::new(plan_use::ALL);
+/// `LGMALLOC_PLAN` was set but named something unknown (then every mechanism is used).
+static PLAN_USE_INVALID: AtomicBool = AtomicBool::new(false);
 
 /// Reads the variables (initialisation, before threads allocate).
 pub fn init() {
@@ -64,12 +79,35 @@ pub fn init() {
         _ => PredictMode::Predict,
     };
     PREDICT.store(mode as u8, Ordering::Relaxed);
+    if let Some(v) = var("LGMALLOC_PLAN\0") {
+        match parse_plan_use(v) {
+            Some(bits) => PLAN_USE.store(bits, Ordering::Relaxed),
+            None => PLAN_USE_INVALID.store(true, Ordering::Relaxed),
+        }
+    }
     if let Some(ms) = var("LGMALLOC_ANALYSIS_BUDGET_MS\0")
         .and_then(|v| core::str::from_utf8(v).ok())
         .and_then(|v| v.parse::<u64>().ok())
     {
         BUDGET_US.store(ms.saturating_mul(1000), Ordering::Relaxed);
     }
+}
+
+/// `LGMALLOC_PLAN`'s value: comma-separated `exact-fit`, `first-pages`, `reserve`, or
+/// `all` or `none`. None when a word is unknown.
+fn parse_plan_use(value: &[u8]) -> Option<u8> {
+    let mut bits = 0;
+    for word in value.split(|&b| b == b',') {
+        bits |= match word {
+            b"exact-fit" => plan_use::EXACT_FIT,
+            b"first-pages" => plan_use::FIRST_PAGES,
+            b"reserve" => plan_use::RESERVE,
+            b"all" => plan_use::ALL,
+            b"none" | b"" => 0,
+            _ => return None,
+        };
+    }
+    Some(bits)
 }
 
 /// True when the variable is set to something other than empty, `0`, `no` or `off`.
@@ -144,7 +182,35 @@ pub fn predict_mode() -> PredictMode {
     }
 }
 
+/// `LGMALLOC_PLAN`: the plan's mechanisms in force ([`plan_use`] bits), and whether the
+/// variable named something unknown (every mechanism is used then).
+pub fn plan_use() -> (u8, bool) {
+    (
+        PLAN_USE.load(Ordering::Relaxed),
+        PLAN_USE_INVALID.load(Ordering::Relaxed),
+    )
+}
+
 /// `LGMALLOC_ANALYSIS_BUDGET_MS`, in microseconds of CPU time.
 pub fn analysis_budget_us() -> u64 {
     BUDGET_US.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_plan_use, plan_use};
+
+    #[test]
+    fn lgmalloc_plan_values() {
+        assert_eq!(parse_plan_use(b"all"), Some(plan_use::ALL));
+        assert_eq!(parse_plan_use(b"none"), Some(0));
+        assert_eq!(parse_plan_use(b"reserve"), Some(plan_use::RESERVE));
+        assert_eq!(
+            parse_plan_use(b"exact-fit,first-pages"),
+            Some(plan_use::EXACT_FIT | plan_use::FIRST_PAGES)
+        );
+        assert_eq!(parse_plan_use(b"reserve,"), Some(plan_use::RESERVE));
+        assert_eq!(parse_plan_use(b"exact"), None);
+        assert_eq!(parse_plan_use(b"reserve,EXACT-FIT"), None);
+    }
 }

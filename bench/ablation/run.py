@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
 """Ablation of lgmalloc's predictive runtime.
 
-Arms (all through LD_PRELOAD of the override build):
+Arms (all through LD_PRELOAD of the override build, each with its own warm cache):
   A  prediction off                 LGMALLOC_PREDICT=0
   B  analysis run, result ignored   LGMALLOC_PREDICT=analyze
-  C  prediction on, static plan     LGMALLOC_PREDICT=1 LGMALLOC_LEARN=0
-  D  naive plan (8 smallest classes reserved in every thread)   LGMALLOC_PREDICT=naive
-  E  plan learned from a previous run                           LGMALLOC_PREDICT=1
+  C  static plan                    LGMALLOC_PREDICT=1 LGMALLOC_LEARN=0
+  D  learned plan, every mechanism  LGMALLOC_PREDICT=1
+  E  learned plan, exact-fit classes only       LGMALLOC_PLAN=exact-fit
+  F  learned plan, first-page sizing only       LGMALLOC_PLAN=first-pages
+  G  learned plan, per-thread reservations only LGMALLOC_PLAN=reserve
+  H  naive plan (8 smallest classes reserved in every thread, no analysis)
+                                    LGMALLOC_PREDICT=naive
 
 Workloads: a constant-size multi-threaded server with cross-thread frees, 500 threads
-holding a few objects, python3, g++ compiling a real file, git, and python3 start-up
-with a warm and with a cold analysis cache. Metrics: wall time, peak RSS, minor page
-faults, and each workload's own figure. Runs are started by bench/src/launch.c, so the
-peak RSS is the program's own (not the Python runner's carried across exec).
+holding a few objects, python3 running an allocation-heavy script, g++ compiling a file
+that pulls in much of the standard library, git log -p, perl building a large hash, sort
+of a 24 MiB file, and python3 start-up with a warm and with a cold analysis cache.
+Metrics: wall time (median, best, spread), peak RSS, minor page faults, and each
+workload's own figure. Runs are started by bench/src/launch.c, so the peak RSS is the
+program's own (not the Python runner's carried across exec).
 
 A start-up section compares `python3 -c pass` with glibc (no LD_PRELOAD): wall-time
 medians of many interleaved runs, and instruction counts under callgrind (repeatable on
@@ -44,9 +50,15 @@ ARMS = {
     "A off": {"LGMALLOC_PREDICT": "0"},
     "B analyze only": {"LGMALLOC_PREDICT": "analyze"},
     "C static plan": {"LGMALLOC_PREDICT": "1", "LGMALLOC_LEARN": "0"},
-    "D naive plan": {"LGMALLOC_PREDICT": "naive"},
-    "E learned plan": {"LGMALLOC_PREDICT": "1"},
+    "D learned plan": {"LGMALLOC_PREDICT": "1"},
+    "E learned, exact-fit": {"LGMALLOC_PREDICT": "1", "LGMALLOC_PLAN": "exact-fit"},
+    "F learned, first pages": {"LGMALLOC_PREDICT": "1", "LGMALLOC_PLAN": "first-pages"},
+    "G learned, reserve": {"LGMALLOC_PREDICT": "1", "LGMALLOC_PLAN": "reserve"},
+    "H naive plan": {"LGMALLOC_PREDICT": "naive"},
 }
+# The arm verify mode runs under: the learned plan, whose sites include those the
+# sampled profile learned.
+VERIFY_ARM = "D learned plan"
 
 
 def sh(cmd, **kw):
@@ -65,16 +77,43 @@ def build(quick):
 
 def workloads(quick):
     py = python_for_startup()
-    obj = os.path.join(tempfile.gettempdir(), "lgmalloc-ablation.o")
+    tmp = tempfile.gettempdir()
+    obj = os.path.join(tmp, "lgmalloc-ablation.o")
     return {
         "server": ([os.path.join(OUT, "server"), "400000" if quick else "4000000"], "ops_per_sec"),
         "500 threads": ([os.path.join(OUT, "threads"), "500"], "bytes_per_thread"),
         "python3": ([py, os.path.join(HERE, "work.py")], None),
         "g++ -O1": (["g++", "-O1", "-c", os.path.join(HERE, "compile_me.cpp"), "-o", obj], None),
         "git log -p": (["git", "-C", ROOT, "log", "-p", "-n", "200", "--no-color"], None),
+        "perl hash": (["perl", "-e", PERL_HASH, "50000" if quick else "150000"], None),
+        "sort": (["sort", "-o", os.path.join(tmp, "lgmalloc-ablation.sorted"), sort_input(quick)], None),
         "python3 -c pass": ([py, "-c", "pass"], None),
         "python3 -c pass, cold cache": ([py, "-c", "pass"], COLD),
     }
+
+
+# perl building a large hash of small arrays and strings, then walking it.
+PERL_HASH = (
+    'my %h; for my $i (1 .. $ARGV[0]) { $h{"key$i"} = [$i, "v" x ($i % 61), {n => $i}] } '
+    'my $t = 0; for my $k (keys %h) { $t += $h{$k}[0] + length $h{$k}[1] } print "$t\\n";'
+)
+
+
+def sort_input(quick):
+    """A file of random text lines for `sort` (written once per size; deterministic)."""
+    lines = 100_000 if quick else 400_000
+    path = os.path.join(tempfile.gettempdir(), f"lgmalloc-ablation-sort-{lines}.txt")
+    if not os.path.exists(path):
+        import random
+
+        rnd = random.Random(7)
+        words = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(3, 12)))
+                 for _ in range(5000)]
+        with open(path + ".tmp", "w") as f:
+            for _ in range(lines):
+                f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 14))) + "\n")
+        os.replace(path + ".tmp", path)
+    return path
 
 
 # A workload whose runs each start with an empty analysis cache.
@@ -114,15 +153,16 @@ def main():
         return env
 
     startup = startup_section(lib, wl["python3 -c pass"][0], base_env, reps)
-    startup["verify"] = verify_lines(wl, env_for("C static plan"))
 
-    # Warm every arm once: the analysis cache for B, C, E; the learned file for E
-    # (its second warm-up run sees the first run's observations).
+    # Warm every arm once: the analysis cache for B to G; the learned files for D to G
+    # (their second warm-up run sees the first run's observations).
     print("warming caches ...", flush=True)
     for name, (cmd, _) in wl.items():
         for arm in ARMS:
             run_once(cmd, env_for(arm))
-        run_once(cmd, env_for("E learned plan"))
+        for arm in ARMS:
+            if "learned" in arm:  # the second run plans from what the first observed
+                run_once(cmd, env_for(arm))
 
     # Peak RSS per run needs a fresh RUSAGE_CHILDREN high-water mark: run each
     # measurement in a small forked helper so the mark starts at zero.
@@ -144,6 +184,9 @@ def main():
                 done += 1
                 print(f"\r[{done}/{total}] {name:<16} {arm:<16}", end="", flush=True)
     print()
+    # Verify mode last, on the learned arm's warm cache: its plan's sites include those
+    # the sampled profile learned.
+    startup["verify"] = verify_lines(wl, env_for(VERIFY_ARM))
     report(results, wl, reps, startup)
     for d in caches.values():
         shutil.rmtree(d, ignore_errors=True)
@@ -250,21 +293,24 @@ def machine():
 
 def report(results, wl, reps, startup):
     lines = ["# Ablation of the predictive runtime", "",
-             f"Machine: {machine()}. {reps} interleaved repetitions per arm; medians, "
-             "with min-max in parentheses; ratios are to arm A (prediction off).", "",
-             "| workload | arm | time (s) | ratio | peak RSS (KiB) | ratio | minor faults | figure |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Machine: {machine()}. {reps} interleaved repetitions per arm, each arm with its "
+             "own warm cache; time: median, with min-max in parentheses; ratios are to arm A "
+             "(prediction off): of the medians, and of the best runs (the least disturbed by "
+             "other jobs on the machine). Peak RSS and faults: medians.", "",
+             "| workload | arm | time (s) | ratio | best ratio | peak RSS (KiB) | ratio | minor faults | figure |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, (_, key) in wl.items():
         base_t = med(results[name]["A off"], "time")
         base_r = med(results[name]["A off"], "rss")
+        base_best = spread(results[name]["A off"], "time")[0]
         for arm in ARMS:
             s = results[name][arm]
             t, r = med(s, "time"), med(s, "rss")
             lo, hi = spread(s, "time")
             fig = med(s, "figure")
             fig_txt = f"{key} {fig:,.0f}" if key and key != COLD else ""
-            lines.append(f"| {name} | {arm} | {t:.3f} ({lo:.3f}-{hi:.3f}) | {t / base_t:.3f} | {r:,.0f} | "
-                         f"{r / base_r:.3f} | {med(s, 'faults'):,.0f} | {fig_txt} |")
+            lines.append(f"| {name} | {arm} | {t:.3f} ({lo:.3f}-{hi:.3f}) | {t / base_t:.3f} | "
+                         f"{lo / base_best:.3f} | {r:,.0f} | {r / base_r:.3f} | {med(s, 'faults'):,.0f} | {fig_txt} |")
     lines += startup_lines(startup)
     path = os.path.join(HERE, "results.md")
     with open(path, "w") as f:
@@ -303,9 +349,10 @@ def startup_lines(startup):
         i = instr.get(k)
         itxt = f"{i:,} | {i / instr['glibc']:.3f}" if i and instr.get("glibc") else "n/a | n/a"
         lines.append(f"| {label} | {w * 1000:.2f} | {w / g:.3f} | {itxt} |")
-    lines += ["", "## Verify mode (`LGMALLOC_VERIFY=1`, static plan)", "",
-              "One line per process; predicted = calls from sites with a constant prediction, "
-              "exact = those that asked for the predicted size.", "",
+    lines += ["", f"## Verify mode (`LGMALLOC_VERIFY=1`, arm {VERIFY_ARM}, warm cache)", "",
+              "One line per process; predicted = calls from sites in the plan (static constant "
+              "sites and the constant-size sites the sampled profile learned), exact = those whose "
+              "size fell in the class predicted for them.", "",
               "| workload | verify |", "|---|---|"]
     for name, vlines in startup.get("verify", {}).items():
         text = "<br>".join(l.removeprefix("lgmalloc: verify ") for l in vlines) or "no line"

@@ -7,6 +7,7 @@ use super::verify::Site;
 use super::{PlannedClass, RuntimePlan, Source};
 use crate::analysis::{self, Analysis};
 use crate::geometry::SLICE_SIZE;
+use crate::options::{self, plan_use};
 use crate::os::OS_PAGE_SIZE;
 use crate::size_class::{self, MAX_CLASSES, TABLE_MAX_SIZE};
 
@@ -131,21 +132,32 @@ fn planned(size: usize, confidence: f32, source: Source, per_thread: Option<f32>
 /// Allocations per thread and run from which a class counts as heavily used.
 const HEAVY_PER_THREAD: f32 = 256.0;
 
-/// Hands the plan to the size-class table and records which classes heaps reserve.
+/// Hands the plan to the size-class table and records which classes heaps reserve,
+/// using the mechanisms `LGMALLOC_PLAN` leaves on (all by default): a size whose
+/// exact-fit class is off stays in its standard class, a class whose first-page sizing
+/// is off keeps its default first page.
 pub(super) fn apply(plan: &mut RuntimePlan) {
+    let (use_bits, _) = options::plan_use();
+    let exact_fit = use_bits & plan_use::EXACT_FIT != 0;
+    let first_pages = use_bits & plan_use::FIRST_PAGES != 0;
     for c in plan.classes.iter_mut() {
         let standard = size_class::size_class_of(c.size);
         let bs = size_class::block_size(standard);
         let want = c.size.next_multiple_of(16);
-        let class = if (bs - want) << WASTE_SHIFT > bs {
+        // Zero leaves a class's default first page (the table keeps the larger).
+        let blocks = if first_pages { c.first_page_blocks } else { 0 };
+        let class = if exact_fit && (bs - want) << WASTE_SHIFT > bs {
             c.exact_fit = true;
-            size_class::add_exact_class(want, c.first_page_blocks)
+            size_class::add_exact_class(want, blocks)
         } else {
-            size_class::set_first_page_blocks(standard, c.first_page_blocks);
+            size_class::set_first_page_blocks(standard, blocks);
             Some(standard)
         };
         // A full table leaves the size in its standard class.
         c.class = class.unwrap_or(standard);
+    }
+    if use_bits & plan_use::RESERVE == 0 {
+        return;
     }
     let mut reserved: Vec<usize> = Vec::new();
     for &size in &plan.reserved_sizes {

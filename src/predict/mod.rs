@@ -41,6 +41,7 @@ mod verify;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
 use crate::diag::diag;
+use crate::options::plan_use;
 use crate::stats::{self, LgStats};
 use learn::Learned;
 use verify::Site;
@@ -119,6 +120,32 @@ fn describe(plan: &RuntimePlan) {
         plan.analysis_us,
         if plan.from_cache { " (cached)" } else { "" }
     );
+    let (bits, invalid) = crate::options::plan_use();
+    if invalid {
+        diag!(
+            "lgmalloc: LGMALLOC_PLAN not understood (exact-fit, first-pages, reserve, all, none): every mechanism is used"
+        );
+    }
+    if bits != plan_use::ALL {
+        diag!(
+            "lgmalloc: plan: mechanisms in force (LGMALLOC_PLAN):{}{}{}",
+            if bits & plan_use::EXACT_FIT != 0 {
+                " exact-fit"
+            } else {
+                ""
+            },
+            if bits & plan_use::FIRST_PAGES != 0 {
+                " first-pages"
+            } else {
+                ""
+            },
+            if bits & plan_use::RESERVE != 0 {
+                " reserve"
+            } else {
+                ""
+            }
+        );
+    }
     for c in &plan.classes {
         diag!(
             "lgmalloc: plan: size {:>6} class {:>3} confidence {:.2} from {:?}{} first page {} blocks",
