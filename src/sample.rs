@@ -296,11 +296,18 @@ fn arena() -> usize {
 }
 
 /// Claims a free slot, one whose pages a free kept first (its refault is saved), else
-/// the lowest clean one. (A scan of at most `2 * SLOTS` loads, once per ~256 KiB
-/// allocated.)
+/// the lowest clean one. (A scan of at most `SLOTS` loads, `2 * SLOTS` while some free
+/// slot kept pages, once per ~256 KiB allocated.)
 fn claim_slot() -> Option<usize> {
-    claim_first(|s| beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0)
-        .or_else(|| claim_first(|_| true))
+    // Free slots that kept pages past their first go first (their memory is resident).
+    // With none kept, that pass over every slot is skipped: samples of small blocks
+    // never keep any, and the pass cost about 1,000 instructions per sample (larson).
+    let dirty = if DIRTY.load(Ordering::Relaxed) != 0 {
+        claim_first(|s| beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0)
+    } else {
+        None
+    };
+    dirty.or_else(|| claim_first(|_| true))
 }
 
 /// Claims the first free slot that `wanted` accepts.
