@@ -301,7 +301,7 @@ fn arena() -> usize {
 fn claim_slot() -> Option<usize> {
     // Free slots that kept pages past their first go first (their memory is resident).
     // With none kept, that pass over every slot is skipped: samples of small blocks
-    // never keep any, and the pass cost about 1,000 instructions per sample (larson).
+    // never keep any, and the pass cost about 2,000 instructions per sample (larson).
     let dirty = if DIRTY.load(Ordering::Relaxed) != 0 {
         claim_first(|s| beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0)
     } else {
