@@ -736,6 +736,39 @@ fn sort_of_a_large_input() {
     r.ran_on_lgmalloc("sort");
 }
 
+/// What lgmalloc writes at exit reaches the stderr a program had at start-up, even when
+/// the program closes it before its exit handlers run, as sort (coreutils) does: verify
+/// mode's summary and the statistics alike.
+#[test]
+fn exit_summaries_reach_the_stderr_a_program_closed() {
+    let dir = scratch("sort-summaries");
+    let input = dir.join("input.txt");
+    let text: String = (0..5000)
+        .map(|i| format!("{}\n", (i * 7919) % 5000))
+        .collect();
+    fs::write(&input, text).expect("write the input");
+    for (var, line) in [
+        ("LGMALLOC_VERIFY", "lgmalloc: verify calls="),
+        ("LGMALLOC_SHOW_STATS", "lgmalloc: stats: "),
+    ] {
+        let r = run_lg_with(
+            Command::new(system_program("sort"))
+                .arg(&input)
+                .env("LC_ALL", "C")
+                .current_dir(&dir),
+            &[(var, "1")],
+        )
+        .success("sort");
+        assert!(r.stdout().starts_with("0\n1\n10\n100\n"), "{}", r.stdout());
+        assert!(
+            r.stderr().lines().any(|l| l.starts_with(line)),
+            "{var}=1: no {line:?} line\n{}",
+            r.stderr()
+        );
+        r.ran_on_lgmalloc("sort");
+    }
+}
+
 #[test]
 fn cxx_stl_with_eight_threads() {
     let exe = fixture_exe("stl_threads", &["stl_threads.cpp"], &[]);

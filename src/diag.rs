@@ -2,7 +2,8 @@
 //! `write(2)`, never through stdio and never allocating, so they are safe inside malloc.
 //!
 //! Every message goes to one descriptor: stderr, or a duplicate of it taken at start-up
-//! when a summary at exit was asked for (coreutils close stderr before exit handlers run).
+//! when something is to be written at exit (statistics, verify mode's summary, verbose
+//! lines): coreutils close stderr before exit handlers run.
 
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicI32, Ordering};

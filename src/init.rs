@@ -58,7 +58,9 @@ fn init_core() {
     size_class::init();
     secret::init();
     options::init();
-    if options::show_stats() {
+    // Each of these writes at exit: statistics, verify mode's summary, verbose lines
+    // about what learning stored.
+    if options::show_stats() || options::verify() || options::verbose() {
         diag::keep_stderr_copy();
     }
 }
