@@ -184,7 +184,7 @@ pub fn predict_mode() -> PredictMode {
 
 /// `LGMALLOC_PLAN`: the plan's mechanisms in force ([`plan_use`] bits), and whether the
 /// variable named something unknown (every mechanism is used then).
-pub fn plan_use() -> (u8, bool) {
+pub fn plan_mechanisms() -> (u8, bool) {
     (
         PLAN_USE.load(Ordering::Relaxed),
         PLAN_USE_INVALID.load(Ordering::Relaxed),

@@ -137,7 +137,7 @@ const HEAVY_PER_THREAD: f32 = 256.0;
 /// exact-fit class is off stays in its standard class, a class whose first-page sizing
 /// is off keeps its default first page.
 pub(super) fn apply(plan: &mut RuntimePlan) {
-    let (use_bits, _) = options::plan_use();
+    let (use_bits, _) = options::plan_mechanisms();
     let exact_fit = use_bits & plan_use::EXACT_FIT != 0;
     let first_pages = use_bits & plan_use::FIRST_PAGES != 0;
     for c in plan.classes.iter_mut() {

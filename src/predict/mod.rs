@@ -120,30 +120,19 @@ fn describe(plan: &RuntimePlan) {
         plan.analysis_us,
         if plan.from_cache { " (cached)" } else { "" }
     );
-    let (bits, invalid) = crate::options::plan_use();
+    let (bits, invalid) = crate::options::plan_mechanisms();
     if invalid {
         diag!(
             "lgmalloc: LGMALLOC_PLAN not understood (exact-fit, first-pages, reserve, all, none): every mechanism is used"
         );
     }
     if bits != plan_use::ALL {
+        let on = |bit: u8, name: &'static str| if bits & bit != 0 { name } else { "" };
         diag!(
             "lgmalloc: plan: mechanisms in force (LGMALLOC_PLAN):{}{}{}",
-            if bits & plan_use::EXACT_FIT != 0 {
-                " exact-fit"
-            } else {
-                ""
-            },
-            if bits & plan_use::FIRST_PAGES != 0 {
-                " first-pages"
-            } else {
-                ""
-            },
-            if bits & plan_use::RESERVE != 0 {
-                " reserve"
-            } else {
-                ""
-            }
+            on(plan_use::EXACT_FIT, " exact-fit"),
+            on(plan_use::FIRST_PAGES, " first-pages"),
+            on(plan_use::RESERVE, " reserve")
         );
     }
     for c in &plan.classes {
