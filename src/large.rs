@@ -46,13 +46,16 @@ struct Header {
 ///
 /// Resident cached bytes are bounded by a budget that follows the live large bytes
 /// (half of them, at least `CACHE_FLOOR`); the oldest mappings go first, and the
-/// newest freed one always stays. A mapping unused for `CACHE_DELAY_MS` is unmapped the
+/// newest freed one always stays. A freed mapping counts what may be resident in it
+/// (all it ever gave out) until the budget is short: then the kernel is asked how much
+/// really is (`os::resident_bytes`), so a program that touches the head of big buffers
+/// keeps many of them rather than a few it is charged for in full. A mapping unused for `CACHE_DELAY_MS` is unmapped the
 /// next time the cache is used, so after a peak is freed only a floor stays resident,
 /// and nothing once the delay has passed. `lg_trim` unmaps everything at once.
 struct CacheInner {
     slots: [Cached; CACHE_SLOTS],
-    /// Sum of the slots' `touched` bytes.
-    touched: usize,
+    /// Sum of the slots' `resident` bytes.
+    resident: usize,
     /// Coarse milliseconds before which `decay` has nothing to do.
     next_decay_ms: u64,
 }
@@ -62,15 +65,28 @@ struct Cached {
     /// Chunk-aligned start; 0 for an empty slot.
     base: usize,
     size: usize,
-    /// Bytes from `base` that may be resident (the rest was never touched).
+    /// Bytes from `base` that may be resident (the rest was never touched) or read
+    /// other than zero.
     touched: usize,
+    /// Resident bytes the budget counts: `touched`, or fewer where the kernel said so.
+    resident: usize,
+    /// Of those, the OS pages in each chunk from `base` (where they lie decides whether
+    /// the mapping is worth splitting).
+    chunk_pages: ChunkPages,
     /// When it was cached (coarse monotonic milliseconds).
     since_ms: u64,
 }
 
+/// OS pages that may be resident in each chunk of a cached mapping.
+type ChunkPages = [u16; MAX_CACHED_CHUNKS];
+const MAX_CACHED_CHUNKS: usize = CACHE_MAX_MAPPING / CHUNK;
+
 const CACHE_SLOTS: usize = 32;
 /// Slots in use, readable without the lock (so thread exit skips an empty cache).
 static CACHE_USED: AtomicUsize = AtomicUsize::new(0);
+/// The cache's resident bytes, readable without the lock (a freeing thread decides
+/// whether asking the kernel is worth a system call).
+static CACHE_RESIDENT: AtomicUsize = AtomicUsize::new(0);
 /// Mappings larger than this are never cached.
 const CACHE_MAX_MAPPING: usize = 64 << 20;
 /// Resident bytes the cache may keep however few large objects are live.
@@ -85,9 +101,11 @@ static CACHE: Locked<CacheInner> = Locked::new(CacheInner {
         base: 0,
         size: 0,
         touched: 0,
+        resident: 0,
+        chunk_pages: [0; MAX_CACHED_CHUNKS],
         since_ms: 0,
     }; CACHE_SLOTS],
-    touched: 0,
+    resident: 0,
     next_decay_ms: 0,
 });
 
@@ -123,18 +141,29 @@ fn cache_take(needed: usize) -> Option<(usize, usize, usize)> {
     })
 }
 
+/// Resident bytes the cache may hold now.
+fn cache_budget() -> usize {
+    CACHE_FLOOR.max(LIVE_BYTES.load(Ordering::Relaxed) / 2)
+}
+
 /// Keeps a freed mapping with `touched` possibly resident bytes for reuse. False when
 /// it is too big to cache (the caller unmaps it).
 fn cache_put(base: usize, size: usize, touched: usize) -> bool {
     if size > CACHE_MAX_MAPPING {
         return false;
     }
+    // Charged in full while that fits and the mapping is one chunk; measured (outside
+    // the lock) once it would push older mappings out, or could be split.
+    let measure =
+        touched > CHUNK || CACHE_RESIDENT.load(Ordering::Relaxed) + touched > cache_budget();
+    let chunk_pages = residency(base, touched, measure);
+    let resident = chunk_pages.iter().map(|&n| n as usize).sum::<usize>() * OS_PAGE_SIZE;
     with_cache(|c| {
         let now = now_ms();
         c.decay(now);
-        let budget = CACHE_FLOOR.max(LIVE_BYTES.load(Ordering::Relaxed) / 2);
+        let budget = cache_budget();
         // The newest mapping is the likeliest to be reused: older ones make room.
-        while c.touched + touched > budget && c.evict_oldest() {}
+        while c.resident + resident > budget && c.evict_oldest() {}
         if !c.slots.iter().any(|s| s.base == 0) {
             c.evict_oldest();
         }
@@ -142,10 +171,32 @@ fn cache_put(base: usize, size: usize, touched: usize) -> bool {
             base,
             size,
             touched,
+            resident,
+            chunk_pages,
             since_ms: now,
         });
         true
     })
+}
+
+/// The pages of each chunk of `[base, base + touched)` that may be resident: all of
+/// them, or, when `measure`, those the kernel reports (one system call per chunk).
+fn residency(base: usize, touched: usize, measure: bool) -> ChunkPages {
+    let mut pages = [0u16; MAX_CACHED_CHUNKS];
+    for (k, n) in pages.iter_mut().enumerate() {
+        let len = touched.saturating_sub(k * CHUNK).min(CHUNK);
+        if len == 0 {
+            break;
+        }
+        let bytes = if measure {
+            os::resident_bytes((base + k * CHUNK) as *mut u8, len).map_or(len, |r| r.min(len))
+        } else {
+            len
+        };
+        // At most CHUNK / OS_PAGE_SIZE = 1024.
+        *n = bytes.div_ceil(OS_PAGE_SIZE) as u16;
+    }
+    pages
 }
 
 impl CacheInner {
@@ -168,7 +219,8 @@ impl CacheInner {
         if e.base != 0 {
             CACHE_USED.fetch_sub(1, Ordering::Relaxed);
         }
-        self.touched -= e.touched;
+        self.resident -= e.resident;
+        CACHE_RESIDENT.store(self.resident, Ordering::Relaxed);
         e
     }
 
@@ -177,7 +229,8 @@ impl CacheInner {
         match self.slots.iter_mut().find(|s| s.base == 0) {
             Some(slot) => {
                 *slot = e;
-                self.touched += e.touched;
+                self.resident += e.resident;
+                CACHE_RESIDENT.store(self.resident, Ordering::Relaxed);
                 CACHE_USED.fetch_add(1, Ordering::Relaxed);
             }
             // SAFETY: a cached mapping is ours and holds nothing live.
@@ -186,28 +239,53 @@ impl CacheInner {
     }
 
     /// Keeps the chunks of `e` past the first `needed` bytes cached as a mapping of
-    /// their own when they make at least one chunk; returns the part to use.
+    /// their own when they make at least one chunk and hold resident memory worth
+    /// keeping apart; returns the part to use.
+    ///
+    /// A tail with little resident (address space, a page or two its last user wrote)
+    /// stays with the request: cached alone it would serve a later request whose head
+    /// faults in anew, where the whole mapping keeps its resident head for the next
+    /// user.
     fn split_tail(&mut self, mut e: Cached, needed: usize) -> Cached {
         let Some(keep) = os::align_up(needed, CHUNK) else {
             return e;
         };
-        if e.size >= keep + CHUNK {
-            self.insert(Cached {
-                base: e.base + keep,
-                size: e.size - keep,
-                touched: e.touched.saturating_sub(keep),
-                since_ms: e.since_ms,
-            });
-            e.size = keep;
-            e.touched = e.touched.min(keep);
+        if e.size < keep + CHUNK {
+            return e;
         }
+        let k = keep / CHUNK;
+        let mut tail_pages = [0u16; MAX_CACHED_CHUNKS];
+        for (i, n) in e.chunk_pages.iter_mut().skip(k).enumerate() {
+            if let Some(t) = tail_pages.get_mut(i) {
+                *t = core::mem::take(n);
+            }
+        }
+        let tail_resident = tail_pages.iter().map(|&n| n as usize).sum::<usize>() * OS_PAGE_SIZE;
+        if tail_resident < MIN_GATHER {
+            // Put back what was moved out: the mapping stays whole.
+            for (n, t) in e.chunk_pages.iter_mut().skip(k).zip(tail_pages) {
+                *n = t;
+            }
+            return e;
+        }
+        self.insert(Cached {
+            base: e.base + keep,
+            size: e.size - keep,
+            touched: e.touched.saturating_sub(keep),
+            resident: tail_resident,
+            chunk_pages: tail_pages,
+            since_ms: e.since_ms,
+        });
+        e.size = keep;
+        e.touched = e.touched.min(keep);
+        e.resident = e.resident.saturating_sub(tail_resident);
         e
     }
 
     /// Moves the pages of cached mappings, most resident first, into a fresh
     /// reservation of `needed` bytes; the rest of it is fresh zeroed memory.
     fn gather(&mut self, needed: usize) -> Option<(usize, usize, usize)> {
-        if self.touched < MIN_GATHER {
+        if self.resident < MIN_GATHER {
             return None;
         }
         let dest = os::map_aligned(needed, CHUNK) as usize;
@@ -242,8 +320,8 @@ impl CacheInner {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.base != 0 && s.size <= room && s.touched >= MIN_GATHER)
-            .max_by_key(|(_, s)| s.touched)
+            .filter(|(_, s)| s.base != 0 && s.size <= room && s.resident >= MIN_GATHER)
+            .max_by_key(|(_, s)| s.resident)
             .map(|(i, _)| i)
     }
 
@@ -299,7 +377,7 @@ fn now_ms() -> u64 {
 /// Unmaps every cached mapping (for `lg_trim`). Returns the resident bytes released.
 pub fn cache_release() -> usize {
     with_cache(|c| {
-        let released = c.touched;
+        let released = c.resident;
         for s in c.slots.iter_mut() {
             if s.base != 0 {
                 // SAFETY: cached mappings are ours and hold nothing live.
@@ -307,8 +385,9 @@ pub fn cache_release() -> usize {
                 *s = Cached::default();
             }
         }
-        c.touched = 0;
+        c.resident = 0;
         CACHE_USED.store(0, Ordering::Relaxed);
+        CACHE_RESIDENT.store(0, Ordering::Relaxed);
         released
     })
 }
@@ -328,7 +407,7 @@ pub fn cache_decay_now() {
 
 /// Bytes of cached mappings, and how many of them may be resident (statistics).
 pub fn cache_figures() -> (usize, usize) {
-    with_cache(|c| (c.slots.iter().map(|s| s.size).sum(), c.touched))
+    with_cache(|c| (c.slots.iter().map(|s| s.size).sum(), c.resident))
 }
 
 /// True when the bytes of the large object at `p` are known to be zero.
@@ -397,10 +476,12 @@ fn map_below_chunk(size: usize, align: usize) -> usize {
     )
 }
 
-/// Bytes to map for `size` bytes at offset `offset` from a chunk-aligned base.
+/// Bytes to map for `size` bytes at offset `offset` from a chunk-aligned base: whole
+/// chunks. The pages past the object are never touched (address space only), and a
+/// mapping of whole chunks lets the kernel place the next one right below it, aligned,
+/// so `os::map_aligned` needs one system call instead of four.
 fn mapping_size(offset: usize, size: usize) -> Option<usize> {
-    let n = os::align_up(offset.checked_add(size)?, OS_PAGE_SIZE)?;
-    Some(n.max(CHUNK))
+    os::align_up(offset.checked_add(size)?, CHUNK)
 }
 
 /// Alignment of 4 MiB or more: the user pointer is a chunk base and the header page

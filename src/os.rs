@@ -144,6 +144,40 @@ pub unsafe fn decommit(p: *mut u8, size: usize) -> usize {
     if r == 0 { end - start } else { 0 }
 }
 
+/// Pages `resident_bytes` asks about per system call: its vector lives on the stack of
+/// whichever thread frees, so it stays small (4 MiB of address space per call).
+const RESIDENCY_BATCH: usize = 1024;
+
+/// How many bytes of `[p, p + size)` (page-aligned start) are backed by memory now
+/// (`mincore`). `None` when the kernel cannot say; the caller then assumes all of it.
+/// A page swapped out counts as not resident: use this for memory budgets only, never
+/// to conclude that memory reads as zero.
+pub fn resident_bytes(p: *mut u8, size: usize) -> Option<usize> {
+    if cfg!(miri) || !(p as usize).is_multiple_of(OS_PAGE_SIZE) {
+        return None;
+    }
+    let pages = size.div_ceil(OS_PAGE_SIZE);
+    let mut vec = [0u8; RESIDENCY_BATCH];
+    let saved_errno = errno();
+    let (mut done, mut resident) = (0, 0);
+    while done < pages {
+        let n = (pages - done).min(RESIDENCY_BATCH);
+        let at = p as usize + done * OS_PAGE_SIZE;
+        // SAFETY: mincore only reads the page tables of our mapping and writes one byte
+        // per page into `vec`, which holds `n <= RESIDENCY_BATCH` of them.
+        let r =
+            unsafe { libc::mincore(at as *mut libc::c_void, n * OS_PAGE_SIZE, vec.as_mut_ptr()) };
+        if r != 0 {
+            // free() must not change errno; a failure only makes the caller assume more.
+            set_errno(saved_errno);
+            return None;
+        }
+        resident += vec.iter().take(n).filter(|&&b| b & 1 != 0).count();
+        done += n;
+    }
+    Some(resident * OS_PAGE_SIZE)
+}
+
 /// False once the kernel turned `MADV_POPULATE_WRITE` down as unknown (Linux before
 /// 5.14): the process then relies on page faults and never asks again.
 static POPULATE_WORKS: AtomicBool = AtomicBool::new(true);
