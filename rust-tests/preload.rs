@@ -1456,6 +1456,108 @@ fn lgmalloc_plan_turns_each_mechanism_on_and_off() {
     );
 }
 
+/// `profile_shape` holding 3840 blocks of 4360 bytes (4368-byte blocks: the 4608 class
+/// wastes 5.2%), 3840 of 4512 (2.1%: under the 1/32 bar) and 20 of 2176 (5.6%, but
+/// 43 KB: less than the partly used page its class would cost), each from its own call
+/// site. The sizes come from the command line: only the profile can plan for them.
+fn run_profile_shape(cache: &Path, env: &[(&str, &str)]) -> Run {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| fixture_exe("profile_shape", &["profile_shape.c"], &[]));
+    let mut cmd = Command::new(exe);
+    cmd.args(["4360", "3840", "4512", "3840", "2176", "20"])
+        .env("LGMALLOC_CACHE_DIR", cache)
+        .env_remove("LGMALLOC_PREDICT")
+        .env_remove("LGMALLOC_LEARN");
+    let mut env = env.to_vec();
+    env.extend([
+        ("LGMALLOC_VERBOSE", "1"),
+        ("LGMALLOC_ANALYSIS_BUDGET_MS", "10000"),
+    ]);
+    let r = run_lg_with(&mut cmd, &env).success("profile_shape");
+    r.ran_on_lgmalloc("profile_shape");
+    r
+}
+
+/// The plan lines of a verbose run that name `size` (the block size planned).
+fn plan_lines_of(stderr: &str, size: usize) -> Vec<String> {
+    let prefix = format!("lgmalloc: plan: size {size:>6} ");
+    stderr
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A size that holds many live bytes and wastes more than 1/32 in its standard class gets
+/// an exact-fit class once the sampled profile has seen it (the first run has no profile
+/// yet); the plan stores it as the profile's, and a stored plan brings it back. A size
+/// under the waste bar, and one with too few bytes to repay a page, stay standard.
+#[test]
+fn the_profile_gives_a_live_size_wasting_over_1_32_an_exact_fit_class() {
+    let cache = FreshCache::new("profile-shape");
+    let first = run_profile_shape(&cache, &[]);
+    assert_eq!(
+        first.stdout(),
+        "usable 4608 4608 2304\n",
+        "{}",
+        first.stderr()
+    );
+    assert!(
+        cache_files(&cache).iter().any(|n| n.ends_with(".profile")),
+        "{:?}",
+        cache_files(&cache)
+    );
+    // The first run's observations dropped its plan: this one is built with the profile.
+    let second = run_profile_shape(&cache, &[]);
+    let err = second.stderr();
+    assert_eq!(second.stdout(), "usable 4368 4608 2304\n", "{err}");
+    let shaped = plan_lines_of(&err, 4368);
+    assert!(
+        shaped.len() == 1 && shaped[0].contains("from Profile exact-fit"),
+        "{err}"
+    );
+    assert!(!err.contains("size   4512"), "{err}");
+    assert!(!err.contains("size   2176"), "{err}");
+    // Without the exact-fit mechanism the size stays in its standard class.
+    let off = run_profile_shape(&cache, &[("LGMALLOC_PLAN", "first-pages,reserve")]);
+    assert_eq!(off.stdout(), "usable 4608 4608 2304\n", "{}", off.stderr());
+    // Runs go on until a plan is stored (the one after the exact class first appears
+    // observes a new class and drops the plan it ran with).
+    let stored_plan = || {
+        let name = cache_files(&cache)
+            .into_iter()
+            .find(|n| n.ends_with(".plan"))?;
+        fs::read_to_string(cache.join(name)).ok()
+    };
+    for _ in 0..4 {
+        if stored_plan().is_some() {
+            break;
+        }
+        run_profile_shape(&cache, &[]);
+    }
+    let text = stored_plan().expect("no run stored its plan");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("class 4368 ") && l.contains(" P ")),
+        "{text}"
+    );
+    // Without the profile, only the stored plan can bring the class back.
+    for name in cache_files(&cache) {
+        if name.ends_with(".profile") {
+            fs::remove_file(cache.join(name)).unwrap();
+        }
+    }
+    let from_plan = run_profile_shape(&cache, &[]);
+    let err = from_plan.stderr();
+    assert_eq!(from_plan.stdout(), "usable 4368 4608 2304\n", "{err}");
+    assert!(
+        plan_lines_of(&err, 4368)
+            .iter()
+            .any(|l| l.contains("from Profile exact-fit")),
+        "{err}"
+    );
+}
+
 #[test]
 fn learn_0_neither_uses_nor_records_observations() {
     let cache = FreshCache::new("predict-learn-0");

@@ -199,6 +199,18 @@ pub fn class_of_table_size(size: usize) -> usize {
     unsafe { *tables().class_of_small.get_unchecked(slot) as usize }
 }
 
+/// The block size of the standard class that serves `size` (at most
+/// [`MAX_SMALL_SIZE`]), whatever exact-fit classes the table holds: the plan compares a
+/// size's exact fit with it before the table changes.
+pub fn standard_block_size(size: usize) -> usize {
+    if size <= 128 {
+        return size.max(1).next_multiple_of(16);
+    }
+    // (2^k, 2^(k+1)] holds eight classes 2^k + j * 2^(k-3), j = 1..=8.
+    let k = (usize::BITS - 1 - (size - 1).leading_zeros()) as usize;
+    size.next_multiple_of(1 << (k - 3))
+}
+
 /// Class for any request of at most [`MAX_SMALL_SIZE`] bytes.
 #[inline]
 pub fn size_class_of(size: usize) -> usize {
@@ -279,6 +291,20 @@ mod tests {
             if size > 128 {
                 assert!((bs - size) * 8 <= bs, "size {size} wastes {}", bs - size);
             }
+        }
+    }
+
+    #[test]
+    fn standard_block_size_is_the_standard_class() {
+        for size in (1..=MAX_SMALL_SIZE)
+            .step_by(7)
+            .chain([128, 129, 4096, 4097])
+        {
+            let want = (0..STANDARD_CLASSES)
+                .map(standard_size)
+                .find(|&b| b >= size)
+                .unwrap();
+            assert_eq!(standard_block_size(size), want, "size {size}");
         }
     }
 

@@ -3,21 +3,29 @@
 
 use super::learn::{LEARNED_MIN_SHARE, Learned, MAX_RESERVED_CLASSES};
 use super::modules::Module;
+use super::profile::Profile;
+use super::shape::{self, PROFILE_WASTE_SHIFT};
 use super::verify::Site;
 use super::{PlannedClass, RuntimePlan, Source};
 use crate::analysis::{self, Analysis};
 use crate::geometry::SLICE_SIZE;
 use crate::options::{self, plan_use};
 use crate::os::OS_PAGE_SIZE;
-use crate::size_class::{self, MAX_CLASSES, TABLE_MAX_SIZE};
+use crate::size_class::{self, MAX_CLASSES, STANDARD_CLASSES, TABLE_MAX_SIZE};
 
 /// Confidence at or above which a predicted size shapes the heap.
 const HIGH_CONFIDENCE: f32 = 0.5;
-/// Exact-fit classes are added where the standard class wastes more than 1/16.
+/// Exact-fit classes are added where the standard class wastes more than 1/16 (a
+/// profile-chosen class: 1/32, see `shape`).
 const WASTE_SHIFT: usize = 4;
 
-/// Builds the plan: static predictions, adjusted by what earlier runs observed.
-pub(super) fn build(analysed: &[(Analysis, &Module)], learned: Learned) -> RuntimePlan {
+/// Builds the plan: static predictions, adjusted by what earlier runs observed, and
+/// exact-fit classes for the sizes the stored sampled profile shows worth one.
+pub(super) fn build(
+    analysed: &[(Analysis, &Module)],
+    learned: Learned,
+    profile: Option<&Profile>,
+) -> RuntimePlan {
     let learned = &learned;
     let mut classes: Vec<PlannedClass> = Vec::new();
     let sizes = analysis::merge_predicted_sizes(
@@ -57,6 +65,9 @@ pub(super) fn build(analysed: &[(Analysis, &Module)], learned: Learned) -> Runti
         }
     }
     classes.sort_by(|x, y| y.confidence.total_cmp(&x.confidence));
+    if let Some(profile) = profile {
+        add_profile_classes(&mut classes, profile, learned);
+    }
     let mut sites: Vec<Site> = analysed
         .iter()
         .flat_map(|(a, m)| constant_sites(a, m.bias))
@@ -72,6 +83,52 @@ pub(super) fn build(analysed: &[(Analysis, &Module)], learned: Learned) -> Runti
         observed: learned.clone(),
         ..RuntimePlan::default()
     }
+}
+
+/// Adds the sizes `profile` makes worth an exact-fit class (`shape`), after the others:
+/// a size some planned class already covers becomes that class's exact fit (its source
+/// becomes the profile), unless its own rule gives it one anyway. They take only the
+/// exact-fit room the other classes leave in the class table.
+fn add_profile_classes(classes: &mut Vec<PlannedClass>, profile: &Profile, learned: &Learned) {
+    let taken = classes
+        .iter()
+        .filter(|c| exact_fit_wanted(c.size, c.source))
+        .count();
+    let room = (MAX_CLASSES - STANDARD_CLASSES).saturating_sub(taken);
+    for s in shape::exact_sizes(profile, learned, room) {
+        let count = classes.len();
+        let covering = classes
+            .iter_mut()
+            .find(|c| c.size.next_multiple_of(16) == s.size);
+        match covering {
+            Some(c) if exact_fit_wanted(c.size, c.source) => {}
+            Some(c) => c.source = Source::Profile,
+            // A stored plan holds at most MAX_CLASSES classes.
+            None if count < MAX_CLASSES => {
+                // More samples, surer that the size recurs: 1 sample 0.5, 9 samples 0.9.
+                let confidence = (1.0 - 1.0 / (1.0 + s.samples as f32)).min(0.99);
+                classes.push(planned(
+                    s.size,
+                    confidence,
+                    Source::Profile,
+                    learned.per_thread(s.size),
+                ));
+            }
+            None => {}
+        }
+    }
+}
+
+/// Whether a planned size's standard class wastes enough for an exact-fit class: more
+/// than 1/16 of a block, or 1/32 for a size the profile chose.
+fn exact_fit_wanted(size: usize, source: Source) -> bool {
+    let standard = size_class::standard_block_size(size);
+    let shift = if source == Source::Profile {
+        PROFILE_WASTE_SHIFT
+    } else {
+        WASTE_SHIFT
+    };
+    (standard - size.next_multiple_of(16)) << shift > standard
 }
 
 /// Sites with a constant prediction, keyed by their run-time return address.
@@ -146,7 +203,12 @@ pub(super) fn apply(plan: &mut RuntimePlan) {
         let want = c.size.next_multiple_of(16);
         // Zero leaves a class's default first page (the table keeps the larger).
         let blocks = if first_pages { c.first_page_blocks } else { 0 };
-        let class = if exact_fit && (bs - want) << WASTE_SHIFT > bs {
+        let shift = if c.source == Source::Profile {
+            PROFILE_WASTE_SHIFT
+        } else {
+            WASTE_SHIFT
+        };
+        let class = if exact_fit && (bs - want) << shift > bs {
             c.exact_fit = true;
             size_class::add_exact_class(want, blocks)
         } else {

@@ -3,7 +3,8 @@
 //!
 //! * High-confidence predicted sizes whose standard class would waste space get
 //!   exact-fit classes; the class table sends their requests there with the same single
-//!   table load as any other size (so routing costs no instruction).
+//!   table load as any other size (so routing costs no instruction). So do sizes the
+//!   stored sampled profile shows holding enough live bytes to repay the class.
 //! * Predicted classes get first pages sized to their expected demand; classes most
 //!   threads used in earlier runs are marked reserved in the class table, and each new
 //!   thread heap takes a first page of them up front (address space only: blocks are
@@ -24,6 +25,7 @@
 //! | `modules` | the loaded ELF files a plan covers |
 //! | `build` | predicted sizes and observations -> planned classes -> class table |
 //! | `learn` | what a run observed, and whether it changes the plan |
+//! | `shape` | sizes the sampled profile makes worth an exact-fit class |
 //! | `store` | the stored plan and observations (text files in the cache) |
 //! | `deferred` | analyses that did not fit the start-up budget, run at exit |
 //! | `verify` | verify mode: every allocation matched to its call site |
@@ -34,6 +36,7 @@ mod deferred;
 mod learn;
 mod modules;
 pub mod profile;
+mod shape;
 mod start;
 pub(crate) mod store;
 mod verify;
@@ -55,6 +58,9 @@ pub enum Source {
     Learned,
     /// Both agree.
     Both,
+    /// The stored sampled profile: a size holding enough live bytes that its exact-fit
+    /// class saves more than it costs.
+    Profile,
 }
 
 /// One class the plan shapes.

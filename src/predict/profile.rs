@@ -386,6 +386,12 @@ pub fn read(program: &Path) -> Option<Profile> {
     read_in(&dir, &name)
 }
 
+/// The profile stored beside the cache entry named by `stem` (the plan's main program),
+/// if present and valid.
+pub(super) fn read_beside(dir: &CacheDir, stem: &str) -> Option<Profile> {
+    read_in(dir, &format!("{stem}.profile"))
+}
+
 fn read_in(dir: &CacheDir, name: &str) -> Option<Profile> {
     parse_or_say(&dir.read(name, MAX_FILE_BYTES)?, name)
 }

@@ -113,7 +113,12 @@ fn plan_this_process() {
                 (Some(dir), Some(name)) => read_learned(dir, name).unwrap_or_default(),
                 _ => Default::default(),
             };
-            let plan = build(&analysed, learned);
+            // Like the observations, the sampled profile shapes only a learning plan.
+            let profile = cache
+                .as_ref()
+                .filter(|_| learn)
+                .and_then(|(dir, stem)| super::profile::read_beside(dir, stem));
+            let plan = build(&analysed, learned, profile.as_ref());
             // A plan missing a module's analysis is not stored: the next run, with that
             // analysis cached, plans from all of them.
             if let (Some(dir), Some(name), true) =

@@ -142,7 +142,8 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
 }
 
 /// Format: `lgmalloc-plan 3`, then `module CACHE_ENTRY` (the modules analysed, main
-/// program first), `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS`, `eager BLOCK_SIZE`
+/// program first), `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS` (source `S`tatic,
+/// `L`earned, `B`oth or `P`rofile), `eager BLOCK_SIZE`
 /// (a class reserved in every new heap) and `observed ...` (the learned lines it was
 /// built from) lines.
 pub(super) fn write_plan(dir: &CacheDir, name: &str, plan: &RuntimePlan) {
@@ -160,6 +161,7 @@ pub(super) fn plan_text(plan: &RuntimePlan) -> String {
             Source::Static => 'S',
             Source::Learned => 'L',
             Source::Both => 'B',
+            Source::Profile => 'P',
         };
         let _ = writeln!(
             text,
@@ -245,6 +247,7 @@ fn planned_class(
         "S" => Source::Static,
         "L" => Source::Learned,
         "B" => Source::Both,
+        "P" => Source::Profile,
         _ => return Err("an unknown source"),
     };
     let first_page_blocks: u32 = number(blocks)?;
@@ -307,6 +310,15 @@ mod tests {
     }
 
     #[test]
+    fn a_profile_chosen_class_reads_back() {
+        let text = with_class_line("class 4368 0.99 P 4");
+        let plan = parse_plan(text.as_bytes()).expect("valid plan");
+        assert_eq!(plan.classes[0].source, Source::Profile);
+        assert_eq!(plan.classes[0].size, 4368);
+        assert_eq!(plan_text(&plan), text);
+    }
+
+    #[test]
     fn planted_values_are_refused() {
         for (line, why) in [
             ("class 40 NaN B 85", "a confidence outside [0, 1]"),
@@ -318,6 +330,7 @@ mod tests {
             ("class 0 0.9 B 4", "a class size out of range"),
             ("class 9000 0.9 B 4", "a class size out of range"),
             ("class 40 0.9 X 4", "an unknown source"),
+            ("class 40 0.9 p 4", "an unknown source"),
             ("class 40 0.9 B", "an unknown line"),
             ("klass 40 0.9 B 4", "an unknown line"),
             ("class -40 0.9 B 4", "a malformed number"),

@@ -1,0 +1,261 @@
+//! Size classes shaped to the program: from the stored sampled profile, the requested
+//! sizes that hold enough live bytes, and waste enough of them in their standard class,
+//! to be worth an exact-fit class of their own.
+//!
+//! Static analysis finds sizes a program may ask for; the profile says how much memory
+//! each one really holds. A size that wastes more than 1/32 of its standard block is a
+//! candidate (the static rule, without that evidence, asks for 1/16). It is chosen when
+//! the bytes its exact class would save exceed what the class costs: the partly used
+//! page each thread that uses it keeps. Candidates rank by that net saving.
+
+use super::learn::Learned;
+use super::profile::Profile;
+use crate::size_class::{self, TABLE_MAX_SIZE};
+
+/// Profile-chosen exact-fit classes need their standard class to waste more than
+/// `1 >> PROFILE_WASTE_SHIFT` (1/32) of a block.
+pub(super) const PROFILE_WASTE_SHIFT: usize = 5;
+
+/// Bytes a class's partly used page leaves unused in each thread that uses it, on
+/// average: half of a full-grown page (the heap grows a busy class's pages to 64 KiB).
+/// A small class's first pages are smaller, but a class worth shaping holds enough
+/// bytes to reach full-sized pages.
+const PARTLY_USED_PAGE_BYTES: f64 = (32 << 10) as f64;
+
+/// A size the profile makes worth an exact-fit class.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct ShapedSize {
+    /// The exact block size: the requested size rounded up to 16.
+    pub(super) size: usize,
+    /// Samples of it in the profile (over all runs stored).
+    pub(super) samples: u64,
+    /// Bytes per run the exact class is expected to save, less its cost.
+    pub(super) net_saving: f64,
+}
+
+/// One requested size, summed over the sites that ask for it.
+struct Candidate {
+    size: usize,
+    samples: u64,
+    /// Expected live blocks of it (time-averaged, per run).
+    live_blocks: f64,
+    several_threads: bool,
+}
+
+/// Sizes that earn an exact-fit class, best net saving first, at most `room` of them.
+///
+/// Live bytes per site: each sample stands for `interval` allocated bytes. A sampled
+/// block never freed before exit counts as live through the run (it holds memory from
+/// its allocation to the end, and the peak sees it). A freed one counts for the share
+/// of the run it lived (Little's law: mean live bytes = bytes allocated x mean lifetime
+/// / run length). The profile records no run length, so the longest lifetime any
+/// sampled block had stands for it: a lower bound, so a freed block weighs at most
+/// what it would with the true length (capped at one: live for the whole run). A
+/// program whose blocks all die young thus gets its short-lived sizes over-weighted;
+/// the cost of a page per thread, and the waste threshold, keep that from adding
+/// classes for sizes with few samples.
+pub(super) fn exact_sizes(profile: &Profile, learned: &Learned, room: usize) -> Vec<ShapedSize> {
+    if profile.runs == 0 || profile.interval == 0 || room == 0 {
+        return Vec::new();
+    }
+    let run_ns = profile
+        .sites
+        .iter()
+        .map(|s| s.lifetime_max_ns)
+        .max()
+        .unwrap_or(0);
+    let per_sample = profile.interval as f64 / profile.runs as f64;
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for s in &profile.sites {
+        // A varying size has no one exact fit; an aligned request is served by an
+        // aligned standard class, never by the table's routing.
+        let requested = s.size_min as usize;
+        if s.size_min != s.size_max || requested == 0 || requested > TABLE_MAX_SIZE || s.align > 16
+        {
+            continue;
+        }
+        let never_freed = s.samples.saturating_sub(s.freed) as f64;
+        let freed_weight = if run_ns == 0 {
+            0.0
+        } else {
+            (s.lifetime_ns as f64 / run_ns as f64).min(s.freed as f64)
+        };
+        let live_blocks = (never_freed + freed_weight) * per_sample / requested as f64;
+        let size = requested.next_multiple_of(16);
+        match candidates.iter_mut().find(|c| c.size == size) {
+            Some(c) => {
+                c.samples = c.samples.saturating_add(s.samples);
+                c.live_blocks += live_blocks;
+                c.several_threads |= s.threads > 1;
+            }
+            None => candidates.push(Candidate {
+                size,
+                samples: s.samples,
+                live_blocks,
+                several_threads: s.threads > 1,
+            }),
+        }
+    }
+    let mut chosen: Vec<ShapedSize> = candidates
+        .iter()
+        .filter_map(|c| {
+            let standard = size_class::standard_block_size(c.size);
+            let waste = standard - c.size;
+            if waste << PROFILE_WASTE_SHIFT <= standard {
+                return None;
+            }
+            let saving = c.live_blocks * waste as f64;
+            let cost = threads_using(c, learned) * PARTLY_USED_PAGE_BYTES;
+            let net_saving = saving - cost;
+            (net_saving > 0.0).then_some(ShapedSize {
+                size: c.size,
+                samples: c.samples,
+                net_saving,
+            })
+        })
+        .collect();
+    chosen.sort_by(|a, b| {
+        b.net_saving
+            .total_cmp(&a.net_saving)
+            .then(a.size.cmp(&b.size))
+    });
+    chosen.truncate(room);
+    chosen
+}
+
+/// Threads expected to use `c`'s class: one when the profile saw one; else as many
+/// as earlier runs saw using its standard class (or the exact class, once it exists),
+/// or as ran at all, and at least two ("several").
+fn threads_using(c: &Candidate, learned: &Learned) -> f64 {
+    if !c.several_threads {
+        return 1.0;
+    }
+    let standard = size_class::standard_block_size(c.size);
+    let using = learned
+        .classes
+        .iter()
+        .filter(|l| l.0 == c.size || l.0 == standard)
+        .map(|l| l.2)
+        .max()
+        .unwrap_or(learned.threads);
+    using.max(2) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::predict::profile::ProfileSite;
+
+    /// A profile of one run with sites of `(size, samples, freed, lifetime_ns,
+    /// threads)`.
+    fn profile(sites: &[(u64, u64, u64, u64, u64)]) -> Profile {
+        Profile {
+            runs: 1,
+            interval: 256 << 10,
+            modules: vec!["/prog".into()],
+            sites: sites
+                .iter()
+                .enumerate()
+                .map(
+                    |(i, &(size, samples, freed, lifetime_ns, threads))| ProfileSite {
+                        module: 0,
+                        offset: i as u64 * 8,
+                        samples,
+                        bytes: size * samples,
+                        size_min: size,
+                        size_max: size,
+                        align: 16,
+                        threads,
+                        freed,
+                        lifetime_ns,
+                        lifetime_max_ns: lifetime_ns / freed.max(1),
+                    },
+                )
+                .collect(),
+            classes: Vec::new(),
+        }
+    }
+
+    fn sizes(p: &Profile) -> Vec<usize> {
+        exact_sizes(p, &Learned::default(), 16)
+            .iter()
+            .map(|s| s.size)
+            .collect()
+    }
+
+    // 4360 bytes: 4368-byte blocks in the 4608 class, 5.2% waste. 4512: 2.1%.
+    #[test]
+    fn a_live_size_wasting_over_1_32_gets_a_class_and_one_under_does_not() {
+        // 128 samples never freed: 32 MiB live, 1.8 MB saved.
+        assert_eq!(sizes(&profile(&[(4360, 128, 0, 0, 1)])), [4368]);
+        assert_eq!(
+            sizes(&profile(&[(4512, 128, 0, 0, 1)])),
+            Vec::<usize>::new()
+        );
+        // 4448 wastes 160 (3.5%); 4464 exactly 1/32 (144), which is not more.
+        assert_eq!(sizes(&profile(&[(4448, 128, 0, 0, 1)])), [4448]);
+        assert_eq!(
+            sizes(&profile(&[(4464, 128, 0, 0, 1)])),
+            Vec::<usize>::new()
+        );
+    }
+
+    #[test]
+    fn negligible_live_bytes_do_not_pay_for_a_page() {
+        // One sample: 256 KiB, 13 KB saved, under half a 64 KiB page.
+        assert_eq!(sizes(&profile(&[(4360, 1, 0, 0, 1)])), Vec::<usize>::new());
+        // Three: 40 KB saved, over it.
+        assert_eq!(sizes(&profile(&[(4360, 3, 0, 0, 1)])), [4368]);
+        // Several threads pay a page each: three samples do not cover two pages.
+        assert_eq!(sizes(&profile(&[(4360, 3, 0, 0, 2)])), Vec::<usize>::new());
+        // Earlier runs saw eight threads use the class: 8 pages (256 KiB) outweigh
+        // 16 samples' 231 KB; two pages do not.
+        let learned = Learned {
+            classes: vec![(4608, 1000, 8)],
+            total: 1000,
+            threads: 8,
+        };
+        let p = profile(&[(4360, 16, 0, 0, 2)]);
+        assert!(exact_sizes(&p, &learned, 16).is_empty());
+        assert_eq!(exact_sizes(&p, &Learned::default(), 16).len(), 1);
+    }
+
+    #[test]
+    fn short_lived_blocks_weigh_by_their_share_of_the_run() {
+        // 64 samples freed after 1 us each, beside a block that lived 1 s: negligible.
+        let p = profile(&[(4360, 64, 64, 64_000, 1), (48, 1, 1, 1_000_000_000, 1)]);
+        assert_eq!(sizes(&p), Vec::<usize>::new());
+        // The same blocks freed after half the run weigh half: 16 MiB live.
+        let p = profile(&[
+            (4360, 64, 64, 32_000_000_000, 1),
+            (48, 1, 1, 1_000_000_000, 1),
+        ]);
+        let shaped = exact_sizes(&p, &Learned::default(), 16);
+        assert_eq!(shaped.len(), 1);
+        let live = 32.0 * (256 << 10) as f64 / 4360.0 * 240.0;
+        assert!((shaped[0].net_saving - (live - PARTLY_USED_PAGE_BYTES)).abs() < 1.0);
+    }
+
+    #[test]
+    fn sites_of_one_size_add_up_and_the_best_come_first_within_room() {
+        // Two sites of 2170 and 2176 bytes (2176-byte blocks, 5.6% in 2304), each too
+        // small alone; 1090 bytes (1104 in 1152, 4.2%) with more bytes.
+        let p = profile(&[(2170, 2, 0, 0, 1), (2176, 2, 0, 0, 1), (1090, 40, 0, 0, 1)]);
+        assert_eq!(sizes(&p), [1104, 2176]);
+        let best = exact_sizes(&p, &Learned::default(), 1);
+        assert_eq!(best.len(), 1);
+        assert_eq!((best[0].size, best[0].samples), (1104, 40));
+        // Varying sizes and aligned requests have no exact fit.
+        let mut varying = profile(&[(4360, 128, 0, 0, 1)]);
+        varying.sites[0].size_max = 4400;
+        varying.sites[0].bytes = 4380 * 128;
+        assert!(sizes(&varying).is_empty());
+        let mut aligned = profile(&[(4360, 128, 0, 0, 1)]);
+        aligned.sites[0].align = 64;
+        assert!(sizes(&aligned).is_empty());
+        // More runs, the same samples: less per run.
+        let mut runs = profile(&[(4360, 3, 0, 0, 1)]);
+        runs.runs = 2;
+        assert!(sizes(&runs).is_empty());
+    }
+}
