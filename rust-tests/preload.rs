@@ -1558,6 +1558,67 @@ fn the_profile_gives_a_live_size_wasting_over_1_32_an_exact_fit_class() {
     );
 }
 
+/// `run_profile_shape` with other sizes and counts (three pairs).
+fn run_profile_shape_args(cache: &Path, args: [&str; 6]) -> Run {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| fixture_exe("profile_shape", &["profile_shape.c"], &[]));
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env("LGMALLOC_CACHE_DIR", cache)
+        .env_remove("LGMALLOC_PREDICT")
+        .env_remove("LGMALLOC_LEARN");
+    let env = [
+        ("LGMALLOC_VERBOSE", "1"),
+        ("LGMALLOC_ANALYSIS_BUDGET_MS", "10000"),
+    ];
+    let r = run_lg_with(&mut cmd, &env).success("profile_shape");
+    r.ran_on_lgmalloc("profile_shape");
+    r
+}
+
+/// A program whose sizes all fit their standard classes stores an inert plan: later
+/// runs read it up to its `inert` line and put nothing in force (no plan line). Inert
+/// does not mean deaf: a later run big enough to sample (4360-byte blocks, 16 MB) learns
+/// at exit, drops the inert plan, and the run after it gets the exact-fit class.
+#[test]
+fn a_plan_that_saves_nothing_is_inert_until_a_big_run_teaches_otherwise() {
+    let cache = FreshCache::new("plan-inert");
+    // The third pair's site allocates nothing in small runs (the profile keeps only
+    // the smallest and largest size of a site: a site that asked for another size
+    // before would not count as asking for 4360).
+    let small = ["4608", "100", "2304", "10", "4360", "0"];
+    let plan_text = || {
+        let name = cache_files(&cache)
+            .into_iter()
+            .find(|n| n.ends_with(".plan"))?;
+        fs::read_to_string(cache.join(name)).ok()
+    };
+    for _ in 0..4 {
+        if plan_text().is_some() {
+            break;
+        }
+        run_profile_shape_args(&cache, small);
+    }
+    let text = plan_text().expect("no run stored its plan");
+    assert!(text.lines().any(|l| l == "inert"), "{text}");
+    let run = run_profile_shape_args(&cache, small);
+    let err = run.stderr();
+    assert!(
+        err.contains("lgmalloc: plan: inert (predicts no saving), nothing put in force"),
+        "{err}"
+    );
+    assert!(plan_lines(&err).is_empty(), "{err}");
+    assert_eq!(run.stdout(), "usable 4608 2304 0\n", "{err}");
+    // A big run under the inert plan learns; the next one plans the exact fit.
+    let big = ["4608", "100", "2304", "10", "4360", "3840"];
+    let busy = run_profile_shape_args(&cache, big);
+    assert_eq!(busy.stdout(), "usable 4608 2304 4608\n", "{}", busy.stderr());
+    let after = run_profile_shape_args(&cache, big);
+    let err = after.stderr();
+    assert_eq!(after.stdout(), "usable 4608 2304 4368\n", "{err}");
+    assert!(!err.contains("inert"), "{err}");
+}
+
 #[test]
 fn learn_0_neither_uses_nor_records_observations() {
     let cache = FreshCache::new("predict-learn-0");

@@ -74,10 +74,13 @@ pub(super) fn build(
         .collect();
     sites.sort_by_key(|s| s.ret);
     sites.dedup_by_key(|s| s.ret);
+    let reserved_sizes = learned.per_thread_sizes();
+    let inert = !predicts_saving(&classes, &reserved_sizes, profile, learned);
     RuntimePlan {
         classes,
         sites,
-        reserved_sizes: learned.per_thread_sizes(),
+        inert,
+        reserved_sizes,
         modules: analysed.iter().map(|(_, m)| m.entry_name()).collect(),
         from_cache: analysed.iter().all(|(a, _)| a.from_cache),
         observed: learned.clone(),
@@ -117,6 +120,36 @@ fn add_profile_classes(classes: &mut Vec<PlannedClass>, profile: &Profile, learn
             None => {}
         }
     }
+}
+
+/// Whether putting a plan in force would change anything that saves: an exact-fit
+/// class (for a class not chosen by the profile, one the profile, where there is one,
+/// shows paying for its partly used page), a first page larger than its class's
+/// default, or a class reserved in new heaps. A plan that does none of these (a
+/// program whose sizes all fit their standard classes, or that holds too few bytes of
+/// the others, run by one thread) is stored inert, and later runs put nothing in
+/// force: they read the stored plan up to its `inert` line and stop. Decided with
+/// every mechanism on, whatever `LGMALLOC_PLAN` says in this run, so an ablation run
+/// does not store its own choice.
+fn predicts_saving(
+    classes: &[PlannedClass],
+    reserved_sizes: &[usize],
+    profile: Option<&Profile>,
+    learned: &Learned,
+) -> bool {
+    let exact_fit_pays = |c: &PlannedClass| {
+        exact_fit_wanted(c.size, c.source)
+            && (c.source == Source::Profile
+                || profile.is_none_or(|p| {
+                    p.runs == 0 || shape::pays_off(p, learned, c.size.next_multiple_of(16))
+                }))
+    };
+    !reserved_sizes.is_empty()
+        || classes.iter().any(|c| {
+            let standard = size_class::size_class_of(c.size);
+            exact_fit_pays(c)
+                || c.first_page_blocks > size_class::class_info(standard).first_page_blocks
+        })
 }
 
 /// Whether a planned size's standard class wastes enough for an exact-fit class: more

@@ -1,10 +1,14 @@
 //! Learning across runs: what a run observed (allocations per class, which classes its
 //! threads used), and whether that would change the plan enough to store it.
 
-use super::current;
-use super::store::write_learned;
+use core::sync::atomic::{AtomicPtr, Ordering};
+
+use super::profile::MIN_SAMPLES_TO_MERGE;
+use super::store::{read_whole_plan, write_learned};
+use super::{RuntimePlan, current};
 use crate::analysis::cache_dir::CacheDir;
 use crate::heap;
+use crate::sample;
 use crate::size_class::MAX_CLASSES;
 use crate::stats::{self, LgStats};
 
@@ -61,7 +65,44 @@ impl Learned {
 /// differ from what the plan was built on, store them and drop the stored plan, so
 /// the next run plans from them.
 pub(super) extern "C" fn learn_at_exit() {
-    let Some(plan) = current() else { return };
+    if let Some(plan) = current() {
+        learn_from(plan);
+    }
+}
+
+/// The stored observation and plan files of a run under an inert plan.
+static INERT_FILES: AtomicPtr<(String, String)> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Registers the exit check of a run under an inert plan whose observations go to
+/// `files` (observations, plan).
+pub(super) fn learn_if_busy(files: (String, String)) {
+    INERT_FILES.store(Box::into_raw(Box::new(files)), Ordering::Release);
+    // SAFETY: registers a plain function.
+    unsafe { libc::atexit(learn_if_busy_at_exit) };
+}
+
+/// At exit under an inert plan: a run that allocated enough to be merged into the
+/// profile (at least `MIN_SAMPLES_TO_MERGE` samples, about 4 MiB) reads the whole
+/// stored plan and learns as any run does; a small one does nothing. Its counts
+/// include what the loader allocated before `main` (no plan recorded a starting point).
+extern "C" fn learn_if_busy_at_exit() {
+    if sample::TAKEN.load(Ordering::Relaxed) < MIN_SAMPLES_TO_MERGE {
+        return;
+    }
+    // SAFETY: set once at start-up from a leaked box, never freed.
+    let Some((learned, plan_name)) = (unsafe { INERT_FILES.load(Ordering::Acquire).as_ref() })
+    else {
+        return;
+    };
+    let Some(dir) = CacheDir::open() else { return };
+    let Some(mut plan) = read_whole_plan(&dir, plan_name) else {
+        return;
+    };
+    plan.learned_files = Some((learned.clone(), plan_name.clone()));
+    learn_from(&plan);
+}
+
+fn learn_from(plan: &RuntimePlan) {
     let Some((learned, stale_plan)) = plan.learned_files.as_ref() else {
         return;
     };
@@ -73,14 +114,11 @@ pub(super) extern "C" fn learn_at_exit() {
         threads,
         ..Learned::default()
     };
-    let counted = s
-        .classes
-        .iter()
-        .zip(plan.allocs_at_start.iter())
-        .zip(using.iter());
-    for ((c, before), using) in counted.take(s.class_count as usize) {
+    let counted = s.classes.iter().zip(using.iter()).enumerate();
+    for (i, (c, using)) in counted.take(s.class_count as usize) {
         // Only the program's own allocations, not the loader's or the analysis's.
-        let calls = c.allocations.saturating_sub(*before);
+        let before = plan.allocs_at_start.get(i).copied().unwrap_or(0);
+        let calls = c.allocations.saturating_sub(before);
         if calls > 0 {
             now.total += calls;
             now.classes.push((c.block_size as usize, calls, *using));

@@ -95,6 +95,8 @@ pub struct RuntimePlan {
     observed: Learned,
     /// Block sizes every new heap reserves a page for (learned thread coverage).
     reserved_sizes: Vec<usize>,
+    /// The plan predicts no saving: nothing is put in force (`build::predicts_saving`).
+    inert: bool,
 }
 
 static PLAN: AtomicPtr<RuntimePlan> = AtomicPtr::new(core::ptr::null_mut());

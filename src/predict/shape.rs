@@ -55,7 +55,53 @@ struct Candidate {
 /// the cost of a page per thread, and the waste threshold, keep that from adding
 /// classes for sizes with few samples.
 pub(super) fn exact_sizes(profile: &Profile, learned: &Learned, room: usize) -> Vec<ShapedSize> {
-    if profile.runs == 0 || profile.interval == 0 || room == 0 {
+    if room == 0 {
+        return Vec::new();
+    }
+    let mut chosen: Vec<ShapedSize> = candidates(profile)
+        .iter()
+        .filter_map(|c| {
+            let standard = size_class::standard_block_size(c.size);
+            if (standard - c.size) << PROFILE_WASTE_SHIFT <= standard {
+                return None;
+            }
+            let net_saving = net_saving(c, learned);
+            (net_saving > 0.0).then_some(ShapedSize {
+                size: c.size,
+                samples: c.samples,
+                net_saving,
+            })
+        })
+        .collect();
+    chosen.sort_by(|a, b| {
+        b.net_saving
+            .total_cmp(&a.net_saving)
+            .then(a.size.cmp(&b.size))
+    });
+    chosen.truncate(room);
+    chosen
+}
+
+/// Whether an exact-fit class of `block` bytes (a multiple of 16) saves more than it
+/// costs by `profile`'s evidence: a size the profile never sampled holds too few bytes
+/// to pay for a partly used page.
+pub(super) fn pays_off(profile: &Profile, learned: &Learned, block: usize) -> bool {
+    candidates(profile)
+        .iter()
+        .find(|c| c.size == block)
+        .is_some_and(|c| net_saving(c, learned) > 0.0)
+}
+
+/// Bytes per run an exact-fit class for `c` would save, less its cost.
+fn net_saving(c: &Candidate, learned: &Learned) -> f64 {
+    let waste = size_class::standard_block_size(c.size) - c.size;
+    c.live_blocks * waste as f64 - threads_using(c, learned) * PARTLY_USED_PAGE_BYTES
+}
+
+/// The profile's requested sizes (rounded up to 16), summed over the sites asking for
+/// them, with their expected live blocks (see [`exact_sizes`]).
+fn candidates(profile: &Profile) -> Vec<Candidate> {
+    if profile.runs == 0 || profile.interval == 0 {
         return Vec::new();
     }
     let run_ns = profile
@@ -101,31 +147,7 @@ pub(super) fn exact_sizes(profile: &Profile, learned: &Learned, room: usize) -> 
             }),
         }
     }
-    let mut chosen: Vec<ShapedSize> = candidates
-        .iter()
-        .filter_map(|c| {
-            let standard = size_class::standard_block_size(c.size);
-            let waste = standard - c.size;
-            if waste << PROFILE_WASTE_SHIFT <= standard {
-                return None;
-            }
-            let saving = c.live_blocks * waste as f64;
-            let cost = threads_using(c, learned) * PARTLY_USED_PAGE_BYTES;
-            let net_saving = saving - cost;
-            (net_saving > 0.0).then_some(ShapedSize {
-                size: c.size,
-                samples: c.samples,
-                net_saving,
-            })
-        })
-        .collect();
-    chosen.sort_by(|a, b| {
-        b.net_saving
-            .total_cmp(&a.net_saving)
-            .then(a.size.cmp(&b.size))
-    });
-    chosen.truncate(room);
-    chosen
+    candidates
 }
 
 /// A site's samples must fall in one 16-byte block at least this often for it to count

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::build::{apply, build};
 use super::deferred::defer_analysis;
-use super::learn::learn_at_exit;
+use super::learn::{learn_at_exit, learn_if_busy};
 use super::modules::{Module, executable_path, modules_to_plan};
 use super::store::{read_learned, read_plan, write_plan};
 use super::{PlannedClass, RuntimePlan, Source, now_us, publish, thread_cpu_us, verify};
@@ -100,6 +100,10 @@ fn plan_this_process() {
         _ => None,
     };
     let mut plan = match stored {
+        Some(p) if p.inert => {
+            put_nothing_in_force(learned_name.zip(plan_name));
+            return;
+        }
         Some(p) => p,
         None => {
             let (analysed, deferred) = analyse_modules(&modules, dir);
@@ -130,15 +134,32 @@ fn plan_this_process() {
         }
     };
     plan.analysis_us = now_us() - start;
-    plan.learned_files = learned_name.zip(plan_name);
     if mode == PredictMode::AnalyzeOnly {
         return;
     }
+    // Verify mode matches allocations to the plan's sites: it needs the plan published.
+    if plan.inert && !options::verify() {
+        put_nothing_in_force(learned_name.zip(plan_name));
+        return;
+    }
+    plan.learned_files = learned_name.zip(plan_name);
     apply(&mut plan);
     publish(plan);
     if learn && !options::verify() {
         // SAFETY: registers a plain function.
         unsafe { libc::atexit(learn_at_exit) };
+    }
+}
+
+/// An inert plan: nothing goes in force and no plan code runs in this process, but for
+/// a check at exit whether the run was big enough to learn from (its observations may
+/// differ from the small runs' that made the plan inert).
+fn put_nothing_in_force(learned_files: Option<(String, String)>) {
+    if options::verbose() {
+        diag!("lgmalloc: plan: inert (predicts no saving), nothing put in force");
+    }
+    if let Some(files) = learned_files {
+        learn_if_busy(files);
     }
 }
 

@@ -38,11 +38,18 @@ pub(super) fn read_learned(dir: &CacheDir, name: &str) -> Option<Learned> {
 
 /// The plan stored under `name`, if present, valid and built from the same `modules`
 /// (the same files: cache entries are named by build-id, or inode, size and mtime).
+/// An inert plan is read up to its `inert` line: start-up needs nothing after it.
 pub(super) fn read_plan(dir: &CacheDir, name: &str, modules: &[Module]) -> Option<RuntimePlan> {
     let bytes = dir.read(name, MAX_FILE_BYTES)?;
-    let plan = refused_if_err(name, parse_plan(&bytes))?;
+    let plan = refused_if_err(name, parse_plan_until(&bytes, Stop::AtInert))?;
     let current = modules.iter().map(Module::entry_name);
     current.eq(plan.modules.iter().cloned()).then_some(plan)
+}
+
+/// The whole plan stored under `name` (what an inert plan's busy run learns from).
+pub(super) fn read_whole_plan(dir: &CacheDir, name: &str) -> Option<RuntimePlan> {
+    let bytes = dir.read(name, MAX_FILE_BYTES)?;
+    refused_if_err(name, parse_plan(&bytes))
 }
 
 fn refused_if_err<T>(name: &str, parsed: Result<T, Refusal>) -> Option<T> {
@@ -142,7 +149,8 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
 }
 
 /// Format: `lgmalloc-plan 3`, then `module CACHE_ENTRY` (the modules analysed, main
-/// program first), `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS` (source `S`tatic,
+/// program first), `inert` (when the plan predicts no saving: start-up stops reading
+/// there and puts nothing in force), `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS` (source `S`tatic,
 /// `L`earned, `B`oth or `P`rofile), `eager BLOCK_SIZE`
 /// (a class reserved in every new heap) and `observed ...` (the learned lines it was
 /// built from) lines.
@@ -155,6 +163,9 @@ pub(super) fn plan_text(plan: &RuntimePlan) -> String {
     let mut text = String::from("lgmalloc-plan 3\n");
     for m in &plan.modules {
         let _ = writeln!(text, "module {m}");
+    }
+    if plan.inert {
+        text.push_str("inert\n");
     }
     for c in &plan.classes {
         let source = match c.source {
@@ -176,8 +187,21 @@ pub(super) fn plan_text(plan: &RuntimePlan) -> String {
     text
 }
 
+/// How much of a stored plan to read.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// Everything.
+    AtEnd,
+    /// Up to an `inert` line (the header and modules are still checked).
+    AtInert,
+}
+
 /// Parses a stored plan (see [`write_plan`]), checking every value.
 pub(super) fn parse_plan(bytes: &[u8]) -> Result<RuntimePlan, Refusal> {
+    parse_plan_until(bytes, Stop::AtEnd)
+}
+
+fn parse_plan_until(bytes: &[u8], stop: Stop) -> Result<RuntimePlan, Refusal> {
     let text = core::str::from_utf8(bytes).map_err(|_| "not text")?;
     let mut lines = text.lines();
     if lines.next() != Some("lgmalloc-plan 3") {
@@ -219,6 +243,15 @@ pub(super) fn parse_plan(bytes: &[u8]) -> Result<RuntimePlan, Refusal> {
             ["observed", ..] => {
                 let rest = line.strip_prefix("observed ").ok_or("an unknown line")?;
                 parse_learned_line(&mut plan.observed, rest)?;
+            }
+            ["inert"] => {
+                if plan.inert || !plan.classes.is_empty() || !plan.reserved_sizes.is_empty() {
+                    return Err("an inert line out of place");
+                }
+                plan.inert = true;
+                if stop == Stop::AtInert {
+                    return Ok(plan);
+                }
             }
             _ => return Err("an unknown line"),
         }
@@ -307,6 +340,30 @@ mod tests {
         assert_eq!(plan.reserved_sizes, [48]);
         assert_eq!((plan.observed.threads, plan.observed.total), (7, 768000));
         assert_eq!(plan_text(&plan), PLAN);
+    }
+
+    #[test]
+    fn an_inert_plan_reads_back_and_start_up_stops_at_its_inert_line() {
+        let text = PLAN
+            .replace("class 40", "inert\nclass 40")
+            .replace("eager 48\n", "");
+        let plan = parse_plan(text.as_bytes()).expect("valid plan");
+        assert!(plan.inert);
+        assert_eq!(plan.classes.len(), 1);
+        assert_eq!(plan_text(&plan), text);
+        // Start-up reads no further: what follows is not even parsed.
+        let spoilt = text.replace("class 40 0.975 B 85", "class 40 NaN B 85");
+        let head = parse_plan_until(spoilt.as_bytes(), Stop::AtInert).expect("header and modules");
+        assert!(head.inert && head.classes.is_empty());
+        assert_eq!(head.modules, ["b-0123-16208"]);
+        // The whole file (what a busy run learns from) is checked as ever.
+        assert!(parse_plan(spoilt.as_bytes()).is_err());
+        // An inert line after what it would switch off is refused.
+        let late = PLAN.replace("eager 48\n", "eager 48\ninert\n");
+        assert_eq!(
+            parse_plan(late.as_bytes()).err(),
+            Some("an inert line out of place")
+        );
     }
 
     #[test]
