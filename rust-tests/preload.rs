@@ -1612,7 +1612,12 @@ fn a_plan_that_saves_nothing_is_inert_until_a_big_run_teaches_otherwise() {
     // A big run under the inert plan learns; the next one plans the exact fit.
     let big = ["4608", "100", "2304", "10", "4360", "3840"];
     let busy = run_profile_shape_args(&cache, big);
-    assert_eq!(busy.stdout(), "usable 4608 2304 4608\n", "{}", busy.stderr());
+    assert_eq!(
+        busy.stdout(),
+        "usable 4608 2304 4608\n",
+        "{}",
+        busy.stderr()
+    );
     let after = run_profile_shape_args(&cache, big);
     let err = after.stderr();
     assert_eq!(after.stdout(), "usable 4608 2304 4368\n", "{err}");
@@ -1711,5 +1716,91 @@ fn a_larger_analysis_budget_plans_python_before_main() {
         "budget 10000 planned {} sites, the default {}:\n{large}\n{default}",
         sites(&large),
         sites(&default)
+    );
+}
+
+// ---- large-object retention --------------------------------------------------------------
+
+/// Runs `large_reuse ARGS` with lgmalloc (statistics and the plan reported), the cache
+/// in `cache` and `env`; its one output line's number, and its stderr.
+fn run_large_reuse(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> (i64, String) {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| fixture_exe("large_reuse", &["large_reuse.c"], &[]));
+    let mut cmd = Command::new(exe);
+    cmd.args(args).env("LGMALLOC_CACHE_DIR", cache);
+    let mut env = env.to_vec();
+    env.extend([
+        ("LGMALLOC_VERBOSE", "1"),
+        ("LGMALLOC_SHOW_STATS", "1"),
+        ("LGMALLOC_ANALYSIS_BUDGET_MS", "10000"),
+    ]);
+    let r = run_lg_with(&mut cmd, &env).success("large_reuse");
+    r.ran_on_lgmalloc("large_reuse");
+    let out = r.stdout();
+    let n = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad output {out:?}\n{}", r.stderr()));
+    (n, r.stderr())
+}
+
+/// The "N reused" of the statistics' large cache line.
+fn large_cache_reused(stderr: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("lgmalloc: stats: large cache: "))
+        .unwrap_or_else(|| panic!("no large cache statistics: {stderr}"));
+    line.split(", ")
+        .find_map(|f| f.strip_suffix(" reused"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad large cache line: {line}"))
+}
+
+/// A program that wants a freed 8 MiB buffer back after 700 ms (longer than the default
+/// 500 ms delay): the first run unmaps it and faults the new one in; it learns that a
+/// longer delay would have kept it, and the next run reuses the mapping (no page
+/// faults). With `LGMALLOC_PLAN=none` no run does.
+#[test]
+fn a_large_buffer_wanted_after_the_delay_is_kept_on_a_later_run() {
+    let pause = ["pause", "700"];
+    let cache = FreshCache::new("large-retention");
+    let (first, err) = run_large_reuse(&cache, &pause, &[]);
+    assert_eq!(large_cache_reused(&err), 0, "{err}");
+    let (second, err) = run_large_reuse(&cache, &pause, &[]);
+    eprintln!("8 MiB rewritten after 700 ms: {first} faults, then {second} on the next run");
+    assert_eq!(large_cache_reused(&err), 1, "{err}");
+    assert!(
+        err.contains("lgmalloc: plan: large retention: delay 2048 ms"),
+        "{err}"
+    );
+    assert!(
+        first >= 1024 && second * 16 < first,
+        "faults {first} then {second}\n{err}"
+    );
+
+    let off = FreshCache::new("large-retention-none");
+    for _ in 0..2 {
+        let (faults, err) = run_large_reuse(&off, &pause, &[("LGMALLOC_PLAN", "none")]);
+        assert_eq!(large_cache_reused(&err), 0, "{err}");
+        assert!(faults >= 1024, "{faults} faults\n{err}");
+        assert!(!err.contains("large retention"), "{err}");
+    }
+}
+
+/// A program that frees large buffers it never wants again: the first run keeps up to
+/// the default 16 MiB floor of them resident; it learns they were never reused, and
+/// the next run keeps only the newest.
+#[test]
+fn large_buffers_never_reused_are_returned_on_a_later_run() {
+    let cache = FreshCache::new("large-retention-drop");
+    let (first, err) = run_large_reuse(&cache, &["drop"], &[]);
+    let (second, err2) = run_large_reuse(&cache, &["drop"], &[]);
+    eprintln!("24 MiB freed: {first} KiB kept, then {second} KiB on the next run");
+    assert!(first >= 12 << 10, "{first} KiB kept\n{err}");
+    assert!(second <= 4 << 10, "{second} KiB kept\n{err2}");
+    assert!(
+        err2.contains("lgmalloc: plan: large retention: delay 100 ms, floor 0 KiB"),
+        "{err2}"
     );
 }

@@ -8,7 +8,7 @@
 //! before any page-aligned address of the chunk is safe when a wild pointer is checked.
 
 use core::ptr;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crate::chunk_map::{self, CHUNK_SHIFT, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE};
 use crate::lock::Locked;
@@ -45,19 +45,131 @@ struct Header {
 /// served from resident memory even when it is bigger than any one freed object.
 ///
 /// Resident cached bytes are bounded by a budget that follows the live large bytes
-/// (half of them, at least `CACHE_FLOOR`); the oldest mappings go first, and the
-/// newest freed one always stays. A freed mapping counts what may be resident in it
-/// (all it ever gave out) until the budget is short: then the kernel is asked how much
-/// really is (`os::resident_bytes`), so a program that touches the head of big buffers
-/// keeps many of them rather than a few it is charged for in full. A mapping unused for `CACHE_DELAY_MS` is unmapped the
-/// next time the cache is used, so after a peak is freed only a floor stays resident,
-/// and nothing once the delay has passed. `lg_trim` unmaps everything at once.
+/// (by default half of them, at least `CACHE_FLOOR`); the oldest mappings go first,
+/// and the newest freed one always stays. A freed mapping counts what may be resident
+/// in it (all it ever gave out) until the budget is short: then the kernel is asked how
+/// much really is (`os::resident_bytes`), so a program that touches the head of big
+/// buffers keeps many of them rather than a few it is charged for in full. A mapping
+/// unused for the delay (by default `CACHE_DELAY_MS`) is unmapped the next time the
+/// cache is used, so after a peak is freed only a floor stays resident, and nothing
+/// once the delay has passed. `lg_trim` unmaps everything at once. The budget and the
+/// delay are the program's [`Retention`] policy, which the predictive runtime may set
+/// at start-up from how earlier runs reused their mappings ([`ReuseCounters`]).
 struct CacheInner {
     slots: [Cached; CACHE_SLOTS],
     /// Sum of the slots' `resident` bytes.
     resident: usize,
     /// Coarse milliseconds before which `decay` has nothing to do.
     next_decay_ms: u64,
+    /// How the program reuses its mappings (for learning the retention policy).
+    counters: ReuseCounters,
+    /// The last few mappings unmapped by the budget or the delay, so a miss they would
+    /// have served is noticed.
+    ghosts: [Ghost; GHOSTS],
+    /// Where the next ghost is written (modulo `GHOSTS`).
+    next_ghost: usize,
+}
+
+/// How a program reused its large mappings: counted under the cache lock, for the
+/// predictive runtime to shape the retention policy of the next run.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct ReuseCounters {
+    /// Freed mappings cached.
+    pub puts: u64,
+    /// Requests served by one cached mapping (best fit).
+    pub hits: u64,
+    /// Requests served by gathering the pages of cached mappings.
+    pub gathered: u64,
+    /// Requests the cache could not serve (a fresh mapping).
+    pub misses: u64,
+    /// Cached mappings unmapped to keep within the budget.
+    pub evicted: u64,
+    /// Cached mappings unmapped after the delay, never reused.
+    pub expired: u64,
+    /// Misses a mapping recently unmapped by the budget would have served.
+    pub ghost_evicted: u64,
+    /// Misses a mapping unmapped by the delay (or evicted, but older than the delay)
+    /// would have served: a longer delay would have kept it.
+    pub ghost_expired: u64,
+    /// The longest a reused mapping had waited in the cache (ms, at most `MAX_WAIT_MS`).
+    pub longest_hit_wait_ms: u32,
+    /// The longest a `ghost_expired` mapping had waited since it was cached (ms).
+    pub longest_ghost_wait_ms: u32,
+}
+
+/// Waits are recorded up to this (a minute: far past any delay the policy may set).
+pub const MAX_WAIT_MS: u32 = 60_000;
+
+/// A mapping recently unmapped from the cache: its size and when it was cached.
+#[derive(Clone, Copy, Default)]
+struct Ghost {
+    /// 0 for an empty entry.
+    size: usize,
+    since_ms: u64,
+    /// Unmapped by the delay (not by the budget).
+    expired: bool,
+}
+
+const GHOSTS: usize = 8;
+
+/// How long cached mappings are kept and how many resident bytes they may hold: the
+/// delay after which an unused one is unmapped, and the budget, the larger of `floor`
+/// and the live large bytes shifted right by `live_shift`. Set by the predictive
+/// runtime at start-up ([`set_retention`]), from what earlier runs observed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Retention {
+    pub delay_ms: u32,
+    pub floor: usize,
+    pub live_shift: u32,
+}
+
+impl Retention {
+    /// The policy of a program nothing is known about.
+    pub const DEFAULT: Retention = Retention {
+        delay_ms: CACHE_DELAY_MS as u32,
+        floor: CACHE_FLOOR,
+        live_shift: 1,
+    };
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention::DEFAULT
+    }
+}
+
+/// The bounds [`set_retention`] keeps a policy within.
+pub const MIN_DELAY_MS: u32 = 100;
+pub const MAX_DELAY_MS: u32 = 5_000;
+pub const MAX_FLOOR: usize = 256 << 20;
+pub const MAX_LIVE_SHIFT: u32 = 8;
+
+/// The policy in force (see [`Retention`]); written only at start-up.
+static DELAY_MS: AtomicU32 = AtomicU32::new(CACHE_DELAY_MS as u32);
+static FLOOR: AtomicUsize = AtomicUsize::new(CACHE_FLOOR);
+static LIVE_SHIFT: AtomicU32 = AtomicU32::new(1);
+
+/// Puts `r` in force, within the bounds above (start-up, before threads run).
+pub fn set_retention(r: Retention) {
+    DELAY_MS.store(
+        r.delay_ms.clamp(MIN_DELAY_MS, MAX_DELAY_MS),
+        Ordering::Relaxed,
+    );
+    FLOOR.store(r.floor.min(MAX_FLOOR), Ordering::Relaxed);
+    LIVE_SHIFT.store(r.live_shift.min(MAX_LIVE_SHIFT), Ordering::Relaxed);
+}
+
+/// The policy in force.
+pub fn retention() -> Retention {
+    Retention {
+        delay_ms: DELAY_MS.load(Ordering::Relaxed),
+        floor: FLOOR.load(Ordering::Relaxed),
+        live_shift: LIVE_SHIFT.load(Ordering::Relaxed),
+    }
+}
+
+fn delay_ms() -> u64 {
+    DELAY_MS.load(Ordering::Relaxed) as u64
 }
 
 #[derive(Clone, Copy, Default)]
@@ -89,9 +201,10 @@ static CACHE_USED: AtomicUsize = AtomicUsize::new(0);
 static CACHE_RESIDENT: AtomicUsize = AtomicUsize::new(0);
 /// Mappings larger than this are never cached.
 const CACHE_MAX_MAPPING: usize = 64 << 20;
-/// Resident bytes the cache may keep however few large objects are live.
+/// Resident bytes the cache may keep however few large objects are live (by default:
+/// see [`Retention`]).
 const CACHE_FLOOR: usize = 16 << 20;
-/// A cached mapping unused for this long is unmapped.
+/// A cached mapping unused for this long is unmapped (by default).
 const CACHE_DELAY_MS: u64 = 500;
 /// Cached mappings with fewer resident bytes are not worth an `mremap` to gather.
 const MIN_GATHER: usize = 256 << 10;
@@ -107,6 +220,24 @@ static CACHE: Locked<CacheInner> = Locked::new(CacheInner {
     }; CACHE_SLOTS],
     resident: 0,
     next_decay_ms: 0,
+    counters: ReuseCounters {
+        puts: 0,
+        hits: 0,
+        gathered: 0,
+        misses: 0,
+        evicted: 0,
+        expired: 0,
+        ghost_evicted: 0,
+        ghost_expired: 0,
+        longest_hit_wait_ms: 0,
+        longest_ghost_wait_ms: 0,
+    },
+    ghosts: [Ghost {
+        size: 0,
+        since_ms: 0,
+        expired: false,
+    }; GHOSTS],
+    next_ghost: 0,
 });
 
 fn with_cache<R>(f: impl FnOnce(&mut CacheInner) -> R) -> R {
@@ -131,19 +262,33 @@ pub fn lock_counts() -> (u64, u64) {
 /// cached ones, as `(base, size, touched)`; `None` when the cache cannot help.
 fn cache_take(needed: usize) -> Option<(usize, usize, usize)> {
     with_cache(|c| {
-        c.decay(now_ms());
+        let now = now_ms();
+        c.decay(now);
         if let Some(i) = c.best_fit(needed) {
             let e = c.remove(i);
+            c.counters.hits += 1;
+            c.note_wait(now, e.since_ms);
             let e = c.split_tail(e, needed);
             return Some((e.base, e.size, e.touched));
         }
-        c.gather(needed)
+        let gathered = c.gather(needed, now);
+        if gathered.is_some() {
+            c.counters.gathered += 1;
+        } else {
+            c.counters.misses += 1;
+            c.match_ghost(needed, now);
+        }
+        gathered
     })
 }
 
 /// Resident bytes the cache may hold now.
 fn cache_budget() -> usize {
-    CACHE_FLOOR.max(LIVE_BYTES.load(Ordering::Relaxed) / 2)
+    let live = LIVE_BYTES.load(Ordering::Relaxed);
+    let share = live
+        .checked_shr(LIVE_SHIFT.load(Ordering::Relaxed))
+        .unwrap_or(0);
+    FLOOR.load(Ordering::Relaxed).max(share)
 }
 
 /// Keeps a freed mapping with `touched` possibly resident bytes for reuse. False when
@@ -167,6 +312,7 @@ fn cache_put(base: usize, size: usize, touched: usize) -> bool {
         if !c.slots.iter().any(|s| s.base == 0) {
             c.evict_oldest();
         }
+        c.counters.puts += 1;
         c.insert(Cached {
             base,
             size,
@@ -233,8 +379,57 @@ impl CacheInner {
                 CACHE_RESIDENT.store(self.resident, Ordering::Relaxed);
                 CACHE_USED.fetch_add(1, Ordering::Relaxed);
             }
-            // SAFETY: a cached mapping is ours and holds nothing live.
-            None => unsafe { os::unmap(e.base as *mut u8, e.size) },
+            None => {
+                self.counters.evicted += 1;
+                self.remember(e.size, e.since_ms, false);
+                // SAFETY: a cached mapping is ours and holds nothing live.
+                unsafe { os::unmap(e.base as *mut u8, e.size) }
+            }
+        }
+    }
+
+    /// Counts how long a reused mapping cached at `since` waited.
+    fn note_wait(&mut self, now: u64, since: u64) {
+        let wait = now.saturating_sub(since).min(MAX_WAIT_MS as u64) as u32;
+        let longest = &mut self.counters.longest_hit_wait_ms;
+        *longest = (*longest).max(wait);
+    }
+
+    /// Remembers a mapping of `size` bytes cached at `since_ms` that was just unmapped.
+    fn remember(&mut self, size: usize, since_ms: u64, expired: bool) {
+        if let Some(g) = self.ghosts.get_mut(self.next_ghost % GHOSTS) {
+            *g = Ghost {
+                size,
+                since_ms,
+                expired,
+            };
+        }
+        self.next_ghost = self.next_ghost.wrapping_add(1);
+    }
+
+    /// After a miss for `needed` bytes: counts the smallest recently unmapped mapping
+    /// that would have served it (best fit, as the cache would have), and forgets it.
+    /// One that had waited past the delay needed a longer delay, whatever unmapped it;
+    /// one that had not was lost to the budget. Mappings older than the longest delay
+    /// the policy may set are not counted: no policy would have kept them.
+    fn match_ghost(&mut self, needed: usize, now: u64) {
+        let delay = delay_ms();
+        let fits = self
+            .ghosts
+            .iter_mut()
+            .filter(|g| g.size >= needed && now.saturating_sub(g.since_ms) <= MAX_DELAY_MS as u64)
+            .min_by_key(|g| g.size);
+        let Some(g) = fits else {
+            return;
+        };
+        let ghost = core::mem::take(g);
+        let wait = now.saturating_sub(ghost.since_ms);
+        if ghost.expired || wait > delay {
+            self.counters.ghost_expired += 1;
+            let longest = &mut self.counters.longest_ghost_wait_ms;
+            *longest = (*longest).max(wait as u32);
+        } else {
+            self.counters.ghost_evicted += 1;
         }
     }
 
@@ -284,7 +479,7 @@ impl CacheInner {
 
     /// Moves the pages of cached mappings, most resident first, into a fresh
     /// reservation of `needed` bytes; the rest of it is fresh zeroed memory.
-    fn gather(&mut self, needed: usize) -> Option<(usize, usize, usize)> {
+    fn gather(&mut self, needed: usize, now: u64) -> Option<(usize, usize, usize)> {
         if self.resident < MIN_GATHER {
             return None;
         }
@@ -298,6 +493,7 @@ impl CacheInner {
                 break;
             };
             let e = self.remove(i);
+            self.note_wait(now, e.since_ms);
             let moved = e.size;
             // SAFETY: a cached mapping is ours and holds nothing live; the destination
             // is our reservation, still unused there.
@@ -338,25 +534,30 @@ impl CacheInner {
             return false;
         };
         let e = self.remove(i);
+        self.counters.evicted += 1;
+        self.remember(e.size, e.since_ms, false);
         // SAFETY: a cached mapping is ours and holds nothing live.
         unsafe { os::unmap(e.base as *mut u8, e.size) };
         true
     }
 
-    /// Unmaps the mappings that have waited longer than `CACHE_DELAY_MS`. Runs at
-    /// most a few times per delay, so a busy cache does not scan on every call.
+    /// Unmaps the mappings that have waited longer than the delay. Runs at most a few
+    /// times per delay, so a busy cache does not scan on every call.
     fn decay(&mut self, now: u64) {
         if now < self.next_decay_ms {
             return;
         }
-        self.next_decay_ms = now + CACHE_DELAY_MS / 4;
+        let delay = delay_ms();
+        self.next_decay_ms = now + delay / 4;
         for i in 0..CACHE_SLOTS {
             let stale = self
                 .slots
                 .get(i)
-                .is_some_and(|s| s.base != 0 && now.saturating_sub(s.since_ms) > CACHE_DELAY_MS);
+                .is_some_and(|s| s.base != 0 && now.saturating_sub(s.since_ms) > delay);
             if stale {
                 let e = self.remove(i);
+                self.counters.expired += 1;
+                self.remember(e.size, e.since_ms, true);
                 // SAFETY: a cached mapping is ours and holds nothing live.
                 unsafe { os::unmap(e.base as *mut u8, e.size) };
             }
@@ -403,6 +604,11 @@ pub fn cache_decay_now() {
         c.next_decay_ms = 0;
         c.decay(now_ms());
     });
+}
+
+/// How the program has reused its large mappings so far (statistics, learning).
+pub fn reuse_counters() -> ReuseCounters {
+    with_cache(|c| c.counters)
 }
 
 /// Bytes of cached mappings, and how many of them may be resident (statistics).

@@ -33,7 +33,10 @@ pub mod plan_use {
     pub const FIRST_PAGES: u8 = 2;
     /// Classes most threads used, reserved in every new thread heap.
     pub const RESERVE: u8 = 4;
-    pub const ALL: u8 = EXACT_FIT | FIRST_PAGES | RESERVE;
+    /// The large-object cache's delay and budget shaped by how earlier runs reused
+    /// their large mappings.
+    pub const LARGE_RETENTION: u8 = 8;
+    pub const ALL: u8 = EXACT_FIT | FIRST_PAGES | RESERVE | LARGE_RETENTION;
 }
 
 /// CPU time the analyses of a cold start may take, all modules together, by default.
@@ -93,7 +96,8 @@ pub fn init() {
     }
 }
 
-/// `LGMALLOC_PLAN`'s value: comma-separated `exact-fit`, `first-pages`, `reserve`, or
+/// `LGMALLOC_PLAN`'s value: comma-separated `exact-fit`, `first-pages`, `reserve`,
+/// `large-retention`, or
 /// `all` or `none`. None when a word is unknown.
 fn parse_plan_use(value: &[u8]) -> Option<u8> {
     let mut bits = 0;
@@ -102,6 +106,7 @@ fn parse_plan_use(value: &[u8]) -> Option<u8> {
             b"exact-fit" => plan_use::EXACT_FIT,
             b"first-pages" => plan_use::FIRST_PAGES,
             b"reserve" => plan_use::RESERVE,
+            b"large-retention" => plan_use::LARGE_RETENTION,
             b"all" => plan_use::ALL,
             b"none" | b"" => 0,
             _ => return None,
@@ -210,6 +215,10 @@ mod tests {
             Some(plan_use::EXACT_FIT | plan_use::FIRST_PAGES)
         );
         assert_eq!(parse_plan_use(b"reserve,"), Some(plan_use::RESERVE));
+        assert_eq!(
+            parse_plan_use(b"large-retention"),
+            Some(plan_use::LARGE_RETENTION)
+        );
         assert_eq!(parse_plan_use(b"exact"), None);
         assert_eq!(parse_plan_use(b"reserve,EXACT-FIT"), None);
     }

@@ -186,6 +186,20 @@ pub fn print_summary() {
         populates,
         kib(populated as u64)
     );
+    let (r, policy) = (large::reuse_counters(), large::retention());
+    diag!(
+        "lgmalloc: stats: large cache: {} cached, {} reused, {} gathered, {} missed ({} a longer delay and {} a larger budget would have served), {} evicted, {} expired; delay {} ms, floor {} KiB",
+        r.puts,
+        r.hits,
+        r.gathered,
+        r.misses,
+        r.ghost_expired,
+        r.ghost_evicted,
+        r.evicted,
+        r.expired,
+        policy.delay_ms,
+        policy.floor >> 10
+    );
     diag!(
         "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}",
         "class",

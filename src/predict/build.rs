@@ -9,6 +9,7 @@ use super::verify::Site;
 use super::{PlannedClass, RuntimePlan, Source};
 use crate::analysis::{self, Analysis};
 use crate::geometry::SLICE_SIZE;
+use crate::large::Retention;
 use crate::options::{self, plan_use};
 use crate::os::OS_PAGE_SIZE;
 use crate::size_class::{self, MAX_CLASSES, STANDARD_CLASSES, TABLE_MAX_SIZE};
@@ -75,7 +76,8 @@ pub(super) fn build(
     sites.sort_by_key(|s| s.ret);
     sites.dedup_by_key(|s| s.ret);
     let reserved_sizes = learned.per_thread_sizes();
-    let inert = !predicts_saving(&classes, &reserved_sizes, profile, learned);
+    let retains = super::retention::next_policy(&learned.large) != Retention::DEFAULT;
+    let inert = !retains && !predicts_saving(&classes, &reserved_sizes, profile, learned);
     RuntimePlan {
         classes,
         sites,
@@ -122,7 +124,8 @@ fn add_profile_classes(classes: &mut Vec<PlannedClass>, profile: &Profile, learn
     }
 }
 
-/// Whether putting a plan in force would change anything that saves: an exact-fit
+/// Whether putting a plan's classes in force would change anything that saves (its
+/// large-object retention is checked apart, by `build`): an exact-fit
 /// class (for a class not chosen by the profile, one the profile, where there is one,
 /// shows paying for its partly used page), a first page larger than its class's
 /// default, or a class reserved in new heaps. A plan that does none of these (a
@@ -225,7 +228,8 @@ const HEAVY_PER_THREAD: f32 = 256.0;
 /// Hands the plan to the size-class table and records which classes heaps reserve,
 /// using the mechanisms `LGMALLOC_PLAN` leaves on (all by default): a size whose
 /// exact-fit class is off stays in its standard class, a class whose first-page sizing
-/// is off keeps its default first page.
+/// is off keeps its default first page, and the large-object cache keeps its default
+/// retention unless `large-retention` is on.
 pub(super) fn apply(plan: &mut RuntimePlan) {
     let (use_bits, _) = options::plan_mechanisms();
     let exact_fit = use_bits & plan_use::EXACT_FIT != 0;
@@ -250,6 +254,10 @@ pub(super) fn apply(plan: &mut RuntimePlan) {
         };
         // A full table leaves the size in its standard class.
         c.class = class.unwrap_or(standard);
+    }
+    if use_bits & plan_use::LARGE_RETENTION != 0 {
+        plan.retention = super::retention::next_policy(&plan.observed.large);
+        crate::large::set_retention(plan.retention);
     }
     if use_bits & plan_use::RESERVE == 0 {
         return;

@@ -1,9 +1,11 @@
 //! Learning across runs: what a run observed (allocations per class, which classes its
-//! threads used), and whether that would change the plan enough to store it.
+//! threads used, how it reused its large mappings), and whether that would change the
+//! plan enough to store it.
 
 use core::sync::atomic::{AtomicPtr, Ordering};
 
 use super::profile::MIN_SAMPLES_TO_MERGE;
+use super::retention::{LargeObserved, next_policy};
 use super::store::{read_whole_plan, write_learned};
 use super::{RuntimePlan, current};
 use crate::analysis::cache_dir::CacheDir;
@@ -24,6 +26,10 @@ pub(super) struct Learned {
     pub(super) classes: Vec<(usize, u64, u64)>,
     pub(super) total: u64,
     pub(super) threads: u64,
+    /// The large-object retention policy in force and how the mappings were reused.
+    pub(super) large: LargeObserved,
+    /// Which `large-*` lines a stored file held (a repeated one is refused).
+    pub(super) large_lines: u8,
 }
 
 /// A class is reserved in every new heap when at least this share of a multi-threaded
@@ -112,6 +118,10 @@ fn learn_from(plan: &RuntimePlan) {
     let threads = heap::class_coverage(&mut using);
     let mut now = Learned {
         threads,
+        large: LargeObserved {
+            policy: plan.retention,
+            reuse: crate::large::reuse_counters(),
+        },
         ..Learned::default()
     };
     let counted = s.classes.iter().zip(using.iter()).enumerate();
@@ -146,10 +156,14 @@ fn shares(observed: &Learned) -> Vec<(usize, f32)> {
 }
 
 /// True when two runs' observations would plan differently: another set of frequent
-/// classes, a share that moved by more than 0.15, or other per-thread classes.
+/// classes, a share that moved by more than 0.15, other per-thread classes, or another
+/// large-object retention policy.
 fn changed(before: &Learned, now: &Learned) -> bool {
     let (a, b) = (shares(before), shares(now));
-    if a.len() != b.len() || before.per_thread_sizes() != now.per_thread_sizes() {
+    if a.len() != b.len()
+        || before.per_thread_sizes() != now.per_thread_sizes()
+        || next_policy(&before.large) != next_policy(&now.large)
+    {
         return true;
     }
     a.iter().any(|&(size, share)| {

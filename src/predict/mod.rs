@@ -11,6 +11,8 @@
 //!   carved, and memory touched, as the thread allocates).
 //! * What a run observes (allocations per class; per call site in verify mode) is
 //!   stored beside the cache entry and raises or lowers the next run's plan.
+//! * How the program reused its freed large mappings (how soon, and how many the cache
+//!   lost to its budget or delay) shapes the next run's large-object retention policy.
 //! * `LGMALLOC_VERIFY=1` checks the prediction: every allocation's call site and size
 //!   are matched against the plan, and one line sums it up at exit.
 //!
@@ -25,6 +27,7 @@
 //! | `modules` | the loaded ELF files a plan covers |
 //! | `build` | predicted sizes and observations -> planned classes -> class table |
 //! | `learn` | what a run observed, and whether it changes the plan |
+//! | `retention` | the large-object retention policy learned from the last run |
 //! | `shape` | sizes the sampled profile makes worth an exact-fit class |
 //! | `store` | the stored plan and observations (text files in the cache) |
 //! | `deferred` | analyses that did not fit the start-up budget, run at exit |
@@ -36,6 +39,7 @@ mod deferred;
 mod learn;
 mod modules;
 pub mod profile;
+mod retention;
 mod shape;
 mod start;
 pub(crate) mod store;
@@ -97,6 +101,8 @@ pub struct RuntimePlan {
     reserved_sizes: Vec<usize>,
     /// The plan predicts no saving: nothing is put in force (`build::predicts_saving`).
     inert: bool,
+    /// The large-object retention policy in force (the default unless the plan set it).
+    retention: crate::large::Retention,
 }
 
 static PLAN: AtomicPtr<RuntimePlan> = AtomicPtr::new(core::ptr::null_mut());
@@ -131,16 +137,32 @@ fn describe(plan: &RuntimePlan) {
     let (bits, invalid) = crate::options::plan_mechanisms();
     if invalid {
         diag!(
-            "lgmalloc: LGMALLOC_PLAN not understood (exact-fit, first-pages, reserve, all, none): every mechanism is used"
+            "lgmalloc: LGMALLOC_PLAN not understood (exact-fit, first-pages, reserve, large-retention, all, none): every mechanism is used"
         );
     }
     if bits != plan_use::ALL {
         let on = |bit: u8, name: &'static str| if bits & bit != 0 { name } else { "" };
         diag!(
-            "lgmalloc: plan: mechanisms in force (LGMALLOC_PLAN):{}{}{}",
+            "lgmalloc: plan: mechanisms in force (LGMALLOC_PLAN):{}{}{}{}",
             on(plan_use::EXACT_FIT, " exact-fit"),
             on(plan_use::FIRST_PAGES, " first-pages"),
-            on(plan_use::RESERVE, " reserve")
+            on(plan_use::RESERVE, " reserve"),
+            on(plan_use::LARGE_RETENTION, " large-retention")
+        );
+    }
+    if bits & plan_use::LARGE_RETENTION != 0 {
+        let (r, seen) = (plan.retention, plan.observed.large.reuse);
+        diag!(
+            "lgmalloc: plan: large retention: delay {} ms, floor {} KiB, live share 1/{} (last run: {} cached, {} reused, {} gathered, {} missed, {} would have been kept by a longer delay, {} by a larger budget)",
+            r.delay_ms,
+            r.floor >> 10,
+            1u64 << r.live_shift,
+            seen.puts,
+            seen.hits,
+            seen.gathered,
+            seen.misses,
+            seen.ghost_expired,
+            seen.ghost_evicted
         );
     }
     for c in &plan.classes {

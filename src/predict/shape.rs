@@ -273,6 +273,7 @@ mod tests {
             classes: vec![(4608, 1000, 8)],
             total: 1000,
             threads: 8,
+            ..Learned::default()
         };
         let p = profile(&[(4360, 16, 0, 0, 2)]);
         assert!(exact_sizes(&p, &learned, 16).is_empty());

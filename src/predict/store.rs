@@ -15,6 +15,7 @@ use super::modules::Module;
 use super::{PlannedClass, RuntimePlan, Source};
 use crate::analysis::cache_dir::CacheDir;
 use crate::diag::diag;
+use crate::large::{MAX_DELAY_MS, MAX_FLOOR, MAX_LIVE_SHIFT, MAX_WAIT_MS, MIN_DELAY_MS};
 use crate::options;
 use crate::size_class::{MAX_CLASSES, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
 
@@ -65,7 +66,12 @@ fn refused_if_err<T>(name: &str, parsed: Result<T, Refusal>) -> Option<T> {
 }
 
 /// Format: a first line `lgmalloc-learned 2`, then `threads N` and
-/// `class BLOCK_SIZE ALLOCATIONS THREADS_USING` lines.
+/// `class BLOCK_SIZE ALLOCATIONS THREADS_USING` lines, and, once a run freed a large
+/// object, one each of `large-policy DELAY_MS FLOOR_BYTES LIVE_SHIFT` (the retention
+/// policy that run had), `large-reuse PUTS HITS GATHERED MISSES EVICTED EXPIRED` and
+/// `large-ghosts EVICTED EXPIRED LONGEST_HIT_WAIT_MS LONGEST_GHOST_WAIT_MS` (see
+/// `large::ReuseCounters`). A file without them (written before they existed) reads as
+/// a run that freed no large object.
 pub(super) fn parse_learned(bytes: &[u8]) -> Result<Learned, Refusal> {
     let text = core::str::from_utf8(bytes).map_err(|_| "not text")?;
     let mut lines = text.lines();
@@ -100,21 +106,87 @@ fn parse_learned_line(learned: &mut Learned, line: &str) -> Result<(), Refusal> 
                 .ok_or("allocation counts overflow")?;
             learned.classes.push((size, calls, number(using)?));
         }
+        ["large-policy", delay, floor, shift] => {
+            seen_once(learned, LARGE_POLICY)?;
+            let policy = &mut learned.large.policy;
+            policy.delay_ms = number(delay)?;
+            policy.floor = number(floor)?;
+            policy.live_shift = number(shift)?;
+            // The default delay is no power of two; a learned one is.
+            if !(MIN_DELAY_MS..=MAX_DELAY_MS).contains(&policy.delay_ms)
+                || policy.floor > MAX_FLOOR
+                || policy.live_shift > MAX_LIVE_SHIFT
+            {
+                return Err("a large retention policy out of range");
+            }
+        }
+        [
+            "large-reuse",
+            puts,
+            hits,
+            gathered,
+            misses,
+            evicted,
+            expired,
+        ] => {
+            seen_once(learned, LARGE_REUSE)?;
+            let r = &mut learned.large.reuse;
+            r.puts = number(puts)?;
+            r.hits = number(hits)?;
+            r.gathered = number(gathered)?;
+            r.misses = number(misses)?;
+            r.evicted = number(evicted)?;
+            r.expired = number(expired)?;
+        }
+        ["large-ghosts", evicted, expired, hit_wait, ghost_wait] => {
+            seen_once(learned, LARGE_GHOSTS)?;
+            let r = &mut learned.large.reuse;
+            r.ghost_evicted = number(evicted)?;
+            r.ghost_expired = number(expired)?;
+            r.longest_hit_wait_ms = number(hit_wait)?;
+            r.longest_ghost_wait_ms = number(ghost_wait)?;
+            if r.longest_hit_wait_ms > MAX_WAIT_MS || r.longest_ghost_wait_ms > MAX_DELAY_MS {
+                return Err("a large-object wait out of range");
+            }
+        }
         _ => return Err("an unknown line"),
     }
     Ok(())
 }
 
-/// What the whole file must satisfy once read: no class used by more threads than ran.
+/// Bits of `Learned::large_lines`: each `large-*` line at most once.
+const LARGE_POLICY: u8 = 1;
+const LARGE_REUSE: u8 = 2;
+const LARGE_GHOSTS: u8 = 4;
+
+fn seen_once(learned: &mut Learned, line: u8) -> Result<(), Refusal> {
+    if learned.large_lines & line != 0 {
+        return Err("a repeated line");
+    }
+    learned.large_lines |= line;
+    Ok(())
+}
+
+/// What the whole file must satisfy once read: no class used by more threads than ran,
+/// the large-object lines all or none, and no more misses served by unmapped mappings
+/// than misses.
 fn check_learned(learned: &Learned) -> Result<(), Refusal> {
     if learned.classes.iter().any(|c| c.2 > learned.threads) {
         return Err("a class used by more threads than ran");
     }
+    if !matches!(learned.large_lines, 0 | 7) {
+        return Err("large-object lines missing");
+    }
+    let r = &learned.large.reuse;
+    if r.ghost_evicted.saturating_add(r.ghost_expired) > r.misses {
+        return Err("more misses served by unmapped mappings than misses");
+    }
     Ok(())
 }
 
-/// Fields on any line of a stored plan or observations, at most.
-const MAX_FIELDS: usize = 6;
+/// Fields on any line of a stored plan or observations, at most (`observed
+/// large-reuse` and its six numbers).
+const MAX_FIELDS: usize = 8;
 
 /// Splits `line` at ASCII whitespace into `out`; the fields found. Refuses a line with
 /// more than [`MAX_FIELDS`] (no line lgmalloc writes has as many). No allocation: this
@@ -145,6 +217,25 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
     let _ = writeln!(text, "{prefix}threads {}", learned.threads);
     for (size, calls, using) in &learned.classes {
         let _ = writeln!(text, "{prefix}class {size} {calls} {using}");
+    }
+    let large = &learned.large;
+    if *large != Default::default() {
+        let (p, r) = (&large.policy, &large.reuse);
+        let _ = writeln!(
+            text,
+            "{prefix}large-policy {} {} {}",
+            p.delay_ms, p.floor, p.live_shift
+        );
+        let _ = writeln!(
+            text,
+            "{prefix}large-reuse {} {} {} {} {} {}",
+            r.puts, r.hits, r.gathered, r.misses, r.evicted, r.expired
+        );
+        let _ = writeln!(
+            text,
+            "{prefix}large-ghosts {} {} {} {}",
+            r.ghost_evicted, r.ghost_expired, r.longest_hit_wait_ms, r.longest_ghost_wait_ms
+        );
     }
 }
 
@@ -464,6 +555,105 @@ mod tests {
         assert_eq!(
             parse_learned(many.as_bytes()).err(),
             Some("too many classes")
+        );
+    }
+
+    const LARGE: &str =
+        "large-policy 2048 16777216 1\nlarge-reuse 2 1 0 1 0 0\nlarge-ghosts 0 0 700 0\n";
+
+    #[test]
+    fn large_object_observations_read_back_and_old_files_still_read() {
+        let text = format!("lgmalloc-learned 2\nthreads 1\nclass 48 100 1\n{LARGE}");
+        let learned = parse_learned(text.as_bytes()).expect("valid observations");
+        let large = learned.large;
+        assert_eq!(
+            (
+                large.policy.delay_ms,
+                large.policy.floor,
+                large.policy.live_shift
+            ),
+            (2048, 16 << 20, 1)
+        );
+        assert_eq!((large.reuse.puts, large.reuse.hits), (2, 1));
+        assert_eq!(large.reuse.longest_hit_wait_ms, 700);
+        assert_eq!(
+            reparse_learned(text.as_bytes()).as_deref(),
+            Ok(text.as_str())
+        );
+        // In a plan, as what it was built from.
+        let plan_text_in = format!(
+            "{PLAN}{}",
+            LARGE
+                .lines()
+                .map(|l| format!("observed {l}\n"))
+                .collect::<String>()
+        );
+        let plan = parse_plan(plan_text_in.as_bytes()).expect("valid plan");
+        assert_eq!(plan.observed.large, large);
+        assert_eq!(plan_text(&plan), plan_text_in);
+        // A file from before the large-object lines: no large object observed.
+        let old = parse_learned(b"lgmalloc-learned 2\nthreads 1\nclass 48 100 1\n")
+            .expect("an old file reads");
+        assert_eq!(old.large, Default::default());
+    }
+
+    #[test]
+    fn planted_large_object_observations_are_refused() {
+        for (from, to, why) in [
+            (
+                "large-policy 2048",
+                "large-policy 99",
+                "a large retention policy out of range",
+            ),
+            (
+                "large-policy 2048",
+                "large-policy 6000",
+                "a large retention policy out of range",
+            ),
+            (
+                "16777216 1",
+                "999999999999 1",
+                "a large retention policy out of range",
+            ),
+            (
+                "16777216 1",
+                "16777216 64",
+                "a large retention policy out of range",
+            ),
+            (
+                "large-ghosts 0 0 700 0",
+                "large-ghosts 0 0 70000 0",
+                "a large-object wait out of range",
+            ),
+            (
+                "large-ghosts 0 0 700 0",
+                "large-ghosts 0 0 700 9000",
+                "a large-object wait out of range",
+            ),
+            (
+                "large-ghosts 0 0",
+                "large-ghosts 1 1",
+                "more misses served by unmapped mappings than misses",
+            ),
+            (
+                "large-reuse 2 1 0 1 0 0\n",
+                "",
+                "large-object lines missing",
+            ),
+            (
+                "large-reuse 2 1 0 1 0 0",
+                "large-reuse 2 1 0 1 0",
+                "an unknown line",
+            ),
+            ("large-reuse 2 1", "large-reuse -2 1", "a malformed number"),
+        ] {
+            let text = format!("lgmalloc-learned 2\n{}", LARGE.replace(from, to));
+            assert_eq!(parse_learned(text.as_bytes()).err(), Some(why), "{text}");
+        }
+        let twice = format!("lgmalloc-learned 2\n{LARGE}large-ghosts 0 0 0 0\n");
+        assert_eq!(
+            parse_learned(twice.as_bytes()).err(),
+            Some("a repeated line")
         );
     }
 }
