@@ -10,6 +10,7 @@ use super::store::{read_whole_plan, write_learned};
 use super::{RuntimePlan, current};
 use crate::analysis::cache_dir::CacheDir;
 use crate::heap;
+use crate::large::Retention;
 use crate::sample;
 use crate::size_class::MAX_CLASSES;
 use crate::stats::{self, LgStats};
@@ -88,11 +89,18 @@ pub(super) fn learn_if_busy(files: (String, String)) {
 }
 
 /// At exit under an inert plan: a run that allocated enough to be merged into the
-/// profile (at least `MIN_SAMPLES_TO_MERGE` samples, about 4 MiB) reads the whole
-/// stored plan and learns as any run does; a small one does nothing. Its counts
+/// profile (at least `MIN_SAMPLES_TO_MERGE` samples, about 4 MiB), or whose large-object
+/// reuse would set another retention policy, reads the whole stored plan and learns as
+/// any run does; a small one does nothing. Its counts
 /// include what the loader allocated before `main` (no plan recorded a starting point).
 extern "C" fn learn_if_busy_at_exit() {
-    if sample::TAKEN.load(Ordering::Relaxed) < MIN_SAMPLES_TO_MERGE {
+    // Large objects are not sampled: their reuse counts speak for them.
+    let large = LargeObserved {
+        policy: Retention::DEFAULT,
+        reuse: crate::large::reuse_counters(),
+    };
+    let retention_changes = next_policy(&large) != Retention::DEFAULT;
+    if sample::TAKEN.load(Ordering::Relaxed) < MIN_SAMPLES_TO_MERGE && !retention_changes {
         return;
     }
     // SAFETY: set once at start-up from a leaked box, never freed.
