@@ -9,6 +9,7 @@ Arms (all through LD_PRELOAD of the override build, each with its own warm cache
   E  learned plan, exact-fit classes only       LGMALLOC_PLAN=exact-fit
   F  learned plan, first-page sizing only       LGMALLOC_PLAN=first-pages
   G  learned plan, per-thread reservations only LGMALLOC_PLAN=reserve
+  I  learned plan, large-object retention only  LGMALLOC_PLAN=large-retention
   H  naive plan (8 smallest classes reserved in every thread, no analysis)
                                     LGMALLOC_PREDICT=naive
 
@@ -55,6 +56,7 @@ ARMS = {
     "F learned, first pages": {"LGMALLOC_PREDICT": "1", "LGMALLOC_PLAN": "first-pages"},
     "G learned, reserve": {"LGMALLOC_PREDICT": "1", "LGMALLOC_PLAN": "reserve"},
     "H naive plan": {"LGMALLOC_PREDICT": "naive"},
+    "I learned, large retention": {"LGMALLOC_PREDICT": "1", "LGMALLOC_PLAN": "large-retention"},
 }
 # The arm verify mode runs under: the learned plan, whose sites include those the
 # sampled profile learned.
