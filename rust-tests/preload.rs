@@ -1670,6 +1670,31 @@ fn learn_0_neither_uses_nor_records_observations() {
     assert_eq!(analysis_entries(&fresh), 2, "{names:?}");
 }
 
+/// The large objects python3's analysis allocates and frees before `main` are not
+/// learned as python3's own large-object reuse (a program that frees none would
+/// otherwise learn a retention policy, and never get an inert plan): the counters start
+/// at zero when the program does.
+#[test]
+fn large_objects_of_the_analysis_before_main_are_not_counted_as_the_programs() {
+    let python = system_program("python3");
+    let cache = FreshCache::new("analysis-large");
+    let mut cmd = Command::new(&python);
+    cmd.args(["-c", "print(6 * 7)"]);
+    cache.set(&mut cmd);
+    let env = [
+        ("LGMALLOC_ANALYSIS_BUDGET_MS", "10000"),
+        ("LGMALLOC_SHOW_STATS", "1"),
+    ];
+    let r = run_lg_with(&mut cmd, &env).success("python3");
+    assert_eq!(r.stdout(), "42\n");
+    let err = r.stderr();
+    assert!(!err.contains("deferred"), "{err}");
+    assert!(
+        err.contains("lgmalloc: stats: large cache: 0 cached, 0 reused, 0 gathered, 0 missed"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_larger_analysis_budget_plans_python_before_main() {
     let python = system_program("python3");

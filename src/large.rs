@@ -480,7 +480,9 @@ impl CacheInner {
     /// Moves the pages of cached mappings, most resident first, into a fresh
     /// reservation of `needed` bytes; the rest of it is fresh zeroed memory.
     fn gather(&mut self, needed: usize, now: u64) -> Option<(usize, usize, usize)> {
-        if self.resident < MIN_GATHER {
+        // Nothing worth moving: the caller maps fresh memory, and the request counts as
+        // a miss, not as a reuse.
+        if self.resident < MIN_GATHER || self.most_resident(needed).is_none() {
             return None;
         }
         let dest = os::map_aligned(needed, CHUNK) as usize;
@@ -609,6 +611,16 @@ pub fn cache_decay_now() {
 /// How the program has reused its large mappings so far (statistics, learning).
 pub fn reuse_counters() -> ReuseCounters {
     with_cache(|c| c.counters)
+}
+
+/// Starts the reuse counters (and the unmapped mappings a miss is matched against)
+/// afresh: at the end of start-up, so that what the analysis before `main` allocated
+/// and freed is not learned as the program's own.
+pub fn reset_reuse_counters() {
+    with_cache(|c| {
+        c.counters = ReuseCounters::default();
+        c.ghosts = Default::default();
+    });
 }
 
 /// Bytes of cached mappings, and how many of them may be resident (statistics).

@@ -255,8 +255,11 @@ pub(super) fn apply(plan: &mut RuntimePlan) {
         // A full table leaves the size in its standard class.
         c.class = class.unwrap_or(standard);
     }
+    // Recorded as the plan's policy even when not put in force (`LGMALLOC_PLAN`
+    // without `large-retention`), so an ablation run does not store the default as
+    // what was learned.
+    plan.retention = super::retention::next_policy(&plan.observed.large);
     if use_bits & plan_use::LARGE_RETENTION != 0 {
-        plan.retention = super::retention::next_policy(&plan.observed.large);
         crate::large::set_retention(plan.retention);
     }
     if use_bits & plan_use::RESERVE == 0 {

@@ -110,6 +110,9 @@ extern "C" fn learn_if_busy_at_exit() {
     };
     let Some(dir) = CacheDir::open() else { return };
     let Some(mut plan) = read_whole_plan(&dir, plan_name) else {
+        // Start-up read only its head: a plan refused whole is dropped, so the next run
+        // builds one again rather than every busy run failing here.
+        dir.remove(plan_name);
         return;
     };
     plan.learned_files = Some((learned.clone(), plan_name.clone()));

@@ -101,7 +101,8 @@ pub struct RuntimePlan {
     reserved_sizes: Vec<usize>,
     /// The plan predicts no saving: nothing is put in force (`build::predicts_saving`).
     inert: bool,
-    /// The large-object retention policy in force (the default unless the plan set it).
+    /// The large-object retention policy learned from the observations (in force unless
+    /// `LGMALLOC_PLAN` leaves `large-retention` out; the default without a plan).
     retention: crate::large::Retention,
 }
 

@@ -4,7 +4,9 @@
 //!
 //! The rules, and why:
 //!
-//! * Nothing cached (no large object freed): nothing to learn, the policy that ran stays.
+//! * Nothing cached (no large object freed), or fewer than [`MIN_PUTS_NEVER_REUSED`]
+//!   mappings cached and none reused: too little to learn from, the policy that ran
+//!   stays (so a program that frees a large buffer or two can keep an inert plan).
 //! * Never reused (no hit, no miss a recently unmapped mapping would have served): every
 //!   cached byte was memory held for nothing, so the shortest delay and no floor (the
 //!   newest freed mapping still stays, and the budget still follows the live bytes).
@@ -33,13 +35,21 @@ pub(crate) struct LargeObserved {
 /// The budget grows when at least one in this many reuses was lost to it.
 const LOST_SHARE: u64 = 8;
 
+/// Mappings cached and never reused from which the run counts as never reusing them.
+const MIN_PUTS_NEVER_REUSED: u64 = 4;
+
 /// The policy for the next run, from what the last one observed (see the module text).
 pub(crate) fn next_policy(observed: &LargeObserved) -> Retention {
     let (was, r) = (observed.policy, &observed.reuse);
-    if r.puts == 0 {
+    let reuses = r
+        .hits
+        .saturating_add(r.gathered)
+        .saturating_add(r.ghost_evicted)
+        .saturating_add(r.ghost_expired);
+    // A few frees never reused say too little to change anything.
+    if r.puts == 0 || (reuses == 0 && r.puts < MIN_PUTS_NEVER_REUSED) {
         return was;
     }
-    let reuses = r.hits + r.gathered + r.ghost_evicted + r.ghost_expired;
     if reuses == 0 {
         return Retention {
             delay_ms: MIN_DELAY_MS,
@@ -51,7 +61,7 @@ pub(crate) fn next_policy(observed: &LargeObserved) -> Retention {
     let delay_ms = (2 * wait)
         .next_power_of_two()
         .clamp(MIN_DELAY_MS as u64, MAX_DELAY_MS as u64) as u32;
-    let lost = r.ghost_evicted > 0 && r.ghost_evicted * LOST_SHARE >= reuses;
+    let lost = r.ghost_evicted > 0 && r.ghost_evicted.saturating_mul(LOST_SHARE) >= reuses;
     let (floor, live_shift) = if lost {
         (
             was.floor
@@ -76,6 +86,38 @@ mod tests {
 
     fn observed(policy: Retention, reuse: ReuseCounters) -> LargeObserved {
         LargeObserved { policy, reuse }
+    }
+
+    #[test]
+    fn a_few_frees_never_reused_change_nothing() {
+        let few = ReuseCounters {
+            puts: MIN_PUTS_NEVER_REUSED - 1,
+            misses: 3,
+            expired: 3,
+            ..ReuseCounters::default()
+        };
+        assert_eq!(
+            next_policy(&observed(Retention::DEFAULT, few)),
+            Retention::DEFAULT
+        );
+        let enough = ReuseCounters {
+            puts: MIN_PUTS_NEVER_REUSED,
+            ..few
+        };
+        assert_eq!(next_policy(&observed(Retention::DEFAULT, enough)).floor, 0);
+    }
+
+    #[test]
+    fn planted_counts_saturate() {
+        let huge = ReuseCounters {
+            puts: 1,
+            hits: 1,
+            gathered: u64::MAX,
+            ghost_evicted: u64::MAX,
+            ..ReuseCounters::default()
+        };
+        let p = next_policy(&observed(Retention::DEFAULT, huge));
+        assert!(p.delay_ms >= MIN_DELAY_MS && p.floor > 0, "{p:?}");
     }
 
     #[test]

@@ -36,6 +36,8 @@ extern "C" fn plan_at_start(
         return;
     }
     plan_this_process();
+    // What the analysis allocated and freed is not the program's large-object reuse.
+    crate::large::reset_reuse_counters();
     // Registered last so that it runs first at exit: the profile is stored before a
     // deferred analysis child is forked, and the process's exit is not drawn out
     // while that child runs.
