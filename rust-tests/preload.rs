@@ -1461,10 +1461,16 @@ fn lgmalloc_plan_turns_each_mechanism_on_and_off() {
 /// 43 KB: less than the partly used page its class would cost), each from its own call
 /// site. The sizes come from the command line: only the profile can plan for them.
 fn run_profile_shape(cache: &Path, env: &[(&str, &str)]) -> Run {
+    run_profile_shape_with(cache, ["4360", "3840", "4512", "3840", "2176", "20"], env)
+}
+
+/// `profile_shape ARGS` (three pairs of size and count) with lgmalloc, the cache in
+/// `cache`, the plan reported, a budget that analyses it before `main`, and `env`.
+fn run_profile_shape_with(cache: &Path, args: [&str; 6], env: &[(&str, &str)]) -> Run {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     let exe = EXE.get_or_init(|| fixture_exe("profile_shape", &["profile_shape.c"], &[]));
     let mut cmd = Command::new(exe);
-    cmd.args(["4360", "3840", "4512", "3840", "2176", "20"])
+    cmd.args(args)
         .env("LGMALLOC_CACHE_DIR", cache)
         .env_remove("LGMALLOC_PREDICT")
         .env_remove("LGMALLOC_LEARN");
@@ -1476,6 +1482,14 @@ fn run_profile_shape(cache: &Path, env: &[(&str, &str)]) -> Run {
     let r = run_lg_with(&mut cmd, &env).success("profile_shape");
     r.ran_on_lgmalloc("profile_shape");
     r
+}
+
+/// The text of the plan stored in `cache`, if any.
+fn stored_plan_text(cache: &Path) -> Option<String> {
+    let name = cache_files(cache)
+        .into_iter()
+        .find(|n| n.ends_with(".plan"))?;
+    fs::read_to_string(cache.join(name)).ok()
 }
 
 /// The plan lines of a verbose run that name `size` (the block size planned).
@@ -1523,12 +1537,7 @@ fn the_profile_gives_a_live_size_wasting_over_1_32_an_exact_fit_class() {
     assert_eq!(off.stdout(), "usable 4608 4608 2304\n", "{}", off.stderr());
     // Runs go on until a plan is stored (the one after the exact class first appears
     // observes a new class and drops the plan it ran with).
-    let stored_plan = || {
-        let name = cache_files(&cache)
-            .into_iter()
-            .find(|n| n.ends_with(".plan"))?;
-        fs::read_to_string(cache.join(name)).ok()
-    };
+    let stored_plan = || stored_plan_text(&cache);
     for _ in 0..4 {
         if stored_plan().is_some() {
             break;
@@ -1558,24 +1567,6 @@ fn the_profile_gives_a_live_size_wasting_over_1_32_an_exact_fit_class() {
     );
 }
 
-/// `run_profile_shape` with other sizes and counts (three pairs).
-fn run_profile_shape_args(cache: &Path, args: [&str; 6]) -> Run {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    let exe = EXE.get_or_init(|| fixture_exe("profile_shape", &["profile_shape.c"], &[]));
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .env("LGMALLOC_CACHE_DIR", cache)
-        .env_remove("LGMALLOC_PREDICT")
-        .env_remove("LGMALLOC_LEARN");
-    let env = [
-        ("LGMALLOC_VERBOSE", "1"),
-        ("LGMALLOC_ANALYSIS_BUDGET_MS", "10000"),
-    ];
-    let r = run_lg_with(&mut cmd, &env).success("profile_shape");
-    r.ran_on_lgmalloc("profile_shape");
-    r
-}
-
 /// A program whose sizes all fit their standard classes stores an inert plan: later
 /// runs read it up to its `inert` line and put nothing in force (no plan line). Inert
 /// does not mean deaf: a later run big enough to sample (4360-byte blocks, 16 MB) learns
@@ -1587,21 +1578,16 @@ fn a_plan_that_saves_nothing_is_inert_until_a_big_run_teaches_otherwise() {
     // the smallest and largest size of a site: a site that asked for another size
     // before would not count as asking for 4360).
     let small = ["4608", "100", "2304", "10", "4360", "0"];
-    let plan_text = || {
-        let name = cache_files(&cache)
-            .into_iter()
-            .find(|n| n.ends_with(".plan"))?;
-        fs::read_to_string(cache.join(name)).ok()
-    };
+    let plan_text = || stored_plan_text(&cache);
     for _ in 0..4 {
         if plan_text().is_some() {
             break;
         }
-        run_profile_shape_args(&cache, small);
+        run_profile_shape_with(&cache, small, &[]);
     }
     let text = plan_text().expect("no run stored its plan");
     assert!(text.lines().any(|l| l == "inert"), "{text}");
-    let run = run_profile_shape_args(&cache, small);
+    let run = run_profile_shape_with(&cache, small, &[]);
     let err = run.stderr();
     assert!(
         err.contains("lgmalloc: plan: inert (predicts no saving), nothing put in force"),
@@ -1611,14 +1597,14 @@ fn a_plan_that_saves_nothing_is_inert_until_a_big_run_teaches_otherwise() {
     assert_eq!(run.stdout(), "usable 4608 2304 0\n", "{err}");
     // A big run under the inert plan learns; the next one plans the exact fit.
     let big = ["4608", "100", "2304", "10", "4360", "3840"];
-    let busy = run_profile_shape_args(&cache, big);
+    let busy = run_profile_shape_with(&cache, big, &[]);
     assert_eq!(
         busy.stdout(),
         "usable 4608 2304 4608\n",
         "{}",
         busy.stderr()
     );
-    let after = run_profile_shape_args(&cache, big);
+    let after = run_profile_shape_with(&cache, big, &[]);
     let err = after.stderr();
     assert_eq!(after.stdout(), "usable 4608 2304 4368\n", "{err}");
     assert!(!err.contains("inert"), "{err}");
