@@ -99,6 +99,8 @@ struct lg_stats {
 
 
 
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

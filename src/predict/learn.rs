@@ -91,8 +91,8 @@ pub(super) fn learn_if_busy(files: (String, String)) {
 /// At exit under an inert plan: a run that allocated enough to be merged into the
 /// profile (at least `MIN_SAMPLES_TO_MERGE` samples, about 4 MiB), or whose large-object
 /// reuse would set another retention policy, reads the whole stored plan and learns as
-/// any run does; a small one does nothing. Its counts
-/// include what the loader allocated before `main` (no plan recorded a starting point).
+/// any run does; a small one does nothing. Its counts include what the loader
+/// allocated before `main` (no plan recorded a starting point).
 extern "C" fn learn_if_busy_at_exit() {
     // Large objects are not sampled: their reuse counts speak for them.
     let large = LargeObserved {
