@@ -97,6 +97,22 @@ pub struct ReuseCounters {
     pub longest_ghost_wait_ms: u32,
 }
 
+impl ReuseCounters {
+    /// Nothing counted (usable in a `static`, unlike `Default`).
+    pub const NONE: ReuseCounters = ReuseCounters {
+        puts: 0,
+        hits: 0,
+        gathered: 0,
+        misses: 0,
+        evicted: 0,
+        expired: 0,
+        ghost_evicted: 0,
+        ghost_expired: 0,
+        longest_hit_wait_ms: 0,
+        longest_ghost_wait_ms: 0,
+    };
+}
+
 /// Waits are recorded up to this (a minute: far past any delay the policy may set).
 pub const MAX_WAIT_MS: u32 = 60_000;
 
@@ -108,6 +124,14 @@ struct Ghost {
     since_ms: u64,
     /// Unmapped by the delay (not by the budget).
     expired: bool,
+}
+
+impl Ghost {
+    const NONE: Ghost = Ghost {
+        size: 0,
+        since_ms: 0,
+        expired: false,
+    };
 }
 
 const GHOSTS: usize = 8;
@@ -220,23 +244,8 @@ static CACHE: Locked<CacheInner> = Locked::new(CacheInner {
     }; CACHE_SLOTS],
     resident: 0,
     next_decay_ms: 0,
-    counters: ReuseCounters {
-        puts: 0,
-        hits: 0,
-        gathered: 0,
-        misses: 0,
-        evicted: 0,
-        expired: 0,
-        ghost_evicted: 0,
-        ghost_expired: 0,
-        longest_hit_wait_ms: 0,
-        longest_ghost_wait_ms: 0,
-    },
-    ghosts: [Ghost {
-        size: 0,
-        since_ms: 0,
-        expired: false,
-    }; GHOSTS],
+    counters: ReuseCounters::NONE,
+    ghosts: [Ghost::NONE; GHOSTS],
     next_ghost: 0,
 });
 
@@ -262,7 +271,7 @@ pub fn lock_counts() -> (u64, u64) {
 /// cached ones, as `(base, size, touched)`; `None` when the cache cannot help.
 fn cache_take(needed: usize) -> Option<(usize, usize, usize)> {
     with_cache(|c| {
-        let now = now_ms();
+        let now = os::now_ms();
         c.decay(now);
         if let Some(i) = c.best_fit(needed) {
             let e = c.remove(i);
@@ -304,7 +313,7 @@ fn cache_put(base: usize, size: usize, touched: usize) -> bool {
     let chunk_pages = residency(base, touched, measure);
     let resident = chunk_pages.iter().map(|&n| n as usize).sum::<usize>() * OS_PAGE_SIZE;
     with_cache(|c| {
-        let now = now_ms();
+        let now = os::now_ms();
         c.decay(now);
         let budget = cache_budget();
         // The newest mapping is the likeliest to be reused: older ones make room.
@@ -567,16 +576,6 @@ impl CacheInner {
     }
 }
 
-fn now_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes into `ts`; the coarse clock is a vDSO read.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
-
 /// Unmaps every cached mapping (for `lg_trim`). Returns the resident bytes released.
 pub fn cache_release() -> usize {
     with_cache(|c| {
@@ -604,7 +603,7 @@ pub fn cache_decay_now() {
     }
     with_cache(|c| {
         c.next_decay_ms = 0;
-        c.decay(now_ms());
+        c.decay(os::now_ms());
     });
 }
 
@@ -618,8 +617,8 @@ pub fn reuse_counters() -> ReuseCounters {
 /// and freed is not learned as the program's own.
 pub fn reset_reuse_counters() {
     with_cache(|c| {
-        c.counters = ReuseCounters::default();
-        c.ghosts = Default::default();
+        c.counters = ReuseCounters::NONE;
+        c.ghosts = [Ghost::NONE; GHOSTS];
     });
 }
 
