@@ -101,6 +101,8 @@ struct lg_stats {
 
 
 
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
