@@ -3,7 +3,7 @@
 
 use super::learn::{LEARNED_MIN_SHARE, Learned, MAX_RESERVED_CLASSES};
 use super::modules::Module;
-use super::profile::Profile;
+use super::profile::{Profile, SETTLED_RUNS};
 use super::shape::{self, PROFILE_WASTE_SHIFT};
 use super::verify::Site;
 use super::{PlannedClass, RuntimePlan, Source};
@@ -126,8 +126,9 @@ fn add_profile_classes(classes: &mut Vec<PlannedClass>, profile: &Profile, learn
 
 /// Whether putting a plan's classes in force would change anything that saves (its
 /// large-object retention is checked apart, by `build`): an exact-fit
-/// class (for a class not chosen by the profile, one the profile, where there is one,
-/// shows paying for its partly used page), a first page larger than its class's
+/// class (for a class not chosen by the profile, one the profile, once settled, shows
+/// paying for its partly used page: a profile of a run or two has too few samples to
+/// overrule a prediction, whether its site was sampled is chance), a first page larger than its class's
 /// default, or a class reserved in new heaps. A plan that does none of these (a
 /// program whose sizes all fit their standard classes, or that holds too few bytes of
 /// the others, run by one thread) is stored inert, and later runs put nothing in
@@ -144,7 +145,8 @@ fn predicts_saving(
         exact_fit_wanted(c.size, c.source)
             && (c.source == Source::Profile
                 || profile.is_none_or(|p| {
-                    p.runs == 0 || shape::pays_off(p, learned, c.size.next_multiple_of(16))
+                    p.runs < SETTLED_RUNS
+                        || shape::pays_off(p, learned, c.size.next_multiple_of(16))
                 }))
     };
     !reserved_sizes.is_empty()
