@@ -101,8 +101,6 @@ struct lg_stats {
 
 
 
-
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

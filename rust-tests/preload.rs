@@ -1799,6 +1799,35 @@ fn a_large_buffer_wanted_after_the_delay_is_kept_on_a_later_run() {
     }
 }
 
+/// A program that frees large buffers it never wants again and then reuses one scratch
+/// buffer, always the newest mapping freed: the first run keeps up to the default 16 MiB
+/// floor resident; it learns that every reuse was found within 4 MiB of the newest
+/// mapping (the scratch buffer's mapping, 3 MiB resident from its first user), so the
+/// next run's budget is 4 MiB: it keeps a fraction of that, and reuses as often.
+#[test]
+fn a_budget_learned_from_reuse_depth_keeps_what_is_reused_and_returns_the_rest() {
+    let cache = FreshCache::new("large-retention-depth");
+    let (first, err) = run_large_reuse(&cache, &["scratch"], &[]);
+    let (second, err2) = run_large_reuse(&cache, &["scratch"], &[]);
+    eprintln!("scratch reuse after 24 MiB freed: {first} KiB kept, then {second} KiB");
+    assert!(first >= 12 << 10, "{first} KiB kept\n{err}");
+    assert!(
+        second * 3 <= first,
+        "{first} then {second} KiB kept\n{err2}"
+    );
+    let (reused, reused2) = (large_cache_reused(&err), large_cache_reused(&err2));
+    assert!(
+        reused >= 399 && reused2 >= reused,
+        "reused {reused} then {reused2}"
+    );
+    assert!(
+        err2.contains(
+            "lgmalloc: plan: large retention: delay 100 ms, floor 4096 KiB, live share 1/256"
+        ),
+        "{err2}"
+    );
+}
+
 /// A program that frees large buffers it never wants again: the first run keeps up to
 /// the default 16 MiB floor of them resident; it learns they were never reused, and
 /// the next run keeps only the newest.

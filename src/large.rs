@@ -68,6 +68,8 @@ struct CacheInner {
     ghosts: [Ghost; GHOSTS],
     /// Where the next ghost is written (modulo `GHOSTS`).
     next_ghost: usize,
+    /// `Cached::seq` of the next mapping cached.
+    next_seq: u64,
 }
 
 /// How a program reused its large mappings: counted under the cache lock, for the
@@ -95,6 +97,29 @@ pub struct ReuseCounters {
     pub longest_hit_wait_ms: u32,
     /// The longest a `ghost_expired` mapping had waited since it was cached (ms).
     pub longest_ghost_wait_ms: u32,
+    /// Resident bytes of the reused mappings, by how deep each had been in the cache:
+    /// entry `k` counts those whose `depth` (the most resident bytes they and the
+    /// mappings cached after them held at once while they waited) was at most
+    /// `1 MiB << k`, the last entry any deeper. Since the budget pushes the oldest
+    /// mappings out first, a budget of `1 MiB << k` would have kept entries `..=k`.
+    pub reused_by_depth: [u64; DEPTH_BUCKETS],
+    /// Resident bytes of the mappings counted in `ghost_evicted` (reuse the budget
+    /// lost, which cost fresh memory and its page faults).
+    pub lost_bytes: u64,
+    /// CPU time of the process when counted (ms; user and system, all threads): what
+    /// the page faults of lost reuses are weighed against.
+    pub cpu_ms: u64,
+}
+
+/// Entries of `ReuseCounters::reused_by_depth`: depths up to 1 MiB, 2 MiB, ... 64 MiB,
+/// and deeper.
+pub const DEPTH_BUCKETS: usize = 8;
+
+/// The entry of `ReuseCounters::reused_by_depth` for a mapping reused at `depth` bytes.
+pub fn depth_bucket(depth: usize) -> usize {
+    let mib = depth.div_ceil(1 << 20).max(1);
+    let k = (usize::BITS - (mib - 1).leading_zeros()) as usize;
+    k.min(DEPTH_BUCKETS - 1)
 }
 
 impl ReuseCounters {
@@ -110,6 +135,9 @@ impl ReuseCounters {
         ghost_expired: 0,
         longest_hit_wait_ms: 0,
         longest_ghost_wait_ms: 0,
+        reused_by_depth: [0; DEPTH_BUCKETS],
+        lost_bytes: 0,
+        cpu_ms: 0,
     };
 }
 
@@ -121,6 +149,8 @@ pub const MAX_WAIT_MS: u32 = 60_000;
 struct Ghost {
     /// 0 for an empty entry.
     size: usize,
+    /// What the budget counted resident in it.
+    resident: usize,
     since_ms: u64,
     /// Unmapped by the delay (not by the budget).
     expired: bool,
@@ -129,6 +159,7 @@ struct Ghost {
 impl Ghost {
     const NONE: Ghost = Ghost {
         size: 0,
+        resident: 0,
         since_ms: 0,
         expired: false,
     };
@@ -211,6 +242,11 @@ struct Cached {
     chunk_pages: ChunkPages,
     /// When it was cached (coarse monotonic milliseconds).
     since_ms: u64,
+    /// The order it was cached in (the budget pushes the lowest out first).
+    seq: u64,
+    /// The most resident bytes this mapping and the ones cached no earlier held at
+    /// once while it waited: the budget it needed to stay cached ([`CacheInner::deepen`]).
+    depth: usize,
 }
 
 /// OS pages that may be resident in each chunk of a cached mapping.
@@ -241,7 +277,10 @@ static CACHE: Locked<CacheInner> = Locked::new(CacheInner {
         resident: 0,
         chunk_pages: [0; MAX_CACHED_CHUNKS],
         since_ms: 0,
+        seq: 0,
+        depth: 0,
     }; CACHE_SLOTS],
+    next_seq: 0,
     resident: 0,
     next_decay_ms: 0,
     counters: ReuseCounters::NONE,
@@ -268,8 +307,9 @@ pub fn lock_counts() -> (u64, u64) {
 }
 
 /// A chunk-aligned mapping of at least `needed` bytes (a page multiple) made from
-/// cached ones, as `(base, size, touched)`; `None` when the cache cannot help.
-fn cache_take(needed: usize) -> Option<(usize, usize, usize)> {
+/// cached ones, as `(base, size, touched)`, for an object that uses its first `used`
+/// bytes; `None` when the cache cannot help.
+fn cache_take(needed: usize, used: usize) -> Option<(usize, usize, usize)> {
     with_cache(|c| {
         let now = os::now_ms();
         c.decay(now);
@@ -277,10 +317,11 @@ fn cache_take(needed: usize) -> Option<(usize, usize, usize)> {
             let e = c.remove(i);
             c.counters.hits += 1;
             c.note_wait(now, e.since_ms);
+            c.note_reuse(&e, used);
             let e = c.split_tail(e, needed);
             return Some((e.base, e.size, e.touched));
         }
-        let gathered = c.gather(needed, now);
+        let gathered = c.gather(needed, used, now);
         if gathered.is_some() {
             c.counters.gathered += 1;
         } else {
@@ -329,7 +370,10 @@ fn cache_put(base: usize, size: usize, touched: usize) -> bool {
             resident,
             chunk_pages,
             since_ms: now,
+            seq: c.next_seq,
+            depth: 0,
         });
+        c.next_seq += 1;
         true
     })
 }
@@ -355,13 +399,14 @@ fn residency(base: usize, touched: usize, measure: bool) -> ChunkPages {
 }
 
 impl CacheInner {
-    /// The smallest cached mapping of at least `needed` bytes.
+    /// The smallest cached mapping of at least `needed` bytes, the newest of those: the
+    /// older ones are the first the budget and the delay give back.
     fn best_fit(&self, needed: usize) -> Option<usize> {
         self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.base != 0 && s.size >= needed)
-            .min_by_key(|(_, s)| s.size)
+            .min_by_key(|(_, s)| (s.size, u64::MAX - s.seq))
             .map(|(i, _)| i)
     }
 
@@ -387,10 +432,11 @@ impl CacheInner {
                 self.resident += e.resident;
                 CACHE_RESIDENT.store(self.resident, Ordering::Relaxed);
                 CACHE_USED.fetch_add(1, Ordering::Relaxed);
+                self.deepen();
             }
             None => {
                 self.counters.evicted += 1;
-                self.remember(e.size, e.since_ms, false);
+                self.remember(&e, false);
                 // SAFETY: a cached mapping is ours and holds nothing live.
                 unsafe { os::unmap(e.base as *mut u8, e.size) }
             }
@@ -404,12 +450,47 @@ impl CacheInner {
         *longest = (*longest).max(wait);
     }
 
-    /// Remembers a mapping of `size` bytes cached at `since_ms` that was just unmapped.
-    fn remember(&mut self, size: usize, since_ms: u64, expired: bool) {
+    /// Counts a mapping just reused by an object that uses `used` bytes of it, by its
+    /// depth: its resident bytes the object may use, at most (the page faults saved).
+    fn note_reuse(&mut self, e: &Cached, used: usize) {
+        let r = &mut self.counters;
+        if let Some(n) = r.reused_by_depth.get_mut(depth_bucket(e.depth)) {
+            *n = n.saturating_add(e.resident.min(used) as u64);
+        }
+    }
+
+    /// Raises each cached mapping's `depth` to the resident bytes it and the mappings
+    /// cached after it hold now (after an insertion: the only time those grow).
+    fn deepen(&mut self) {
+        // (order cached in, slot) of every cached mapping, newest first.
+        let mut order = [(0u64, 0usize); CACHE_SLOTS];
+        let mut n = 0;
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.base != 0
+                && let Some(o) = order.get_mut(n)
+            {
+                *o = (s.seq, i);
+                n += 1;
+            }
+        }
+        let order = order.get_mut(..n).unwrap_or_default();
+        order.sort_unstable_by_key(|o| core::cmp::Reverse(o.0));
+        let mut above = 0;
+        for &(_, i) in order.iter() {
+            if let Some(s) = self.slots.get_mut(i) {
+                above += s.resident;
+                s.depth = s.depth.max(above);
+            }
+        }
+    }
+
+    /// Remembers the cached mapping `e`, just unmapped.
+    fn remember(&mut self, e: &Cached, expired: bool) {
         if let Some(g) = self.ghosts.get_mut(self.next_ghost % GHOSTS) {
             *g = Ghost {
-                size,
-                since_ms,
+                size: e.size,
+                resident: e.resident,
+                since_ms: e.since_ms,
                 expired,
             };
         }
@@ -439,6 +520,8 @@ impl CacheInner {
             *longest = (*longest).max(wait as u32);
         } else {
             self.counters.ghost_evicted += 1;
+            let lost = &mut self.counters.lost_bytes;
+            *lost = lost.saturating_add(ghost.resident as u64);
         }
     }
 
@@ -479,6 +562,8 @@ impl CacheInner {
             resident: tail_resident,
             chunk_pages: tail_pages,
             since_ms: e.since_ms,
+            seq: e.seq,
+            depth: e.depth,
         });
         e.size = keep;
         e.touched = e.touched.min(keep);
@@ -488,7 +573,7 @@ impl CacheInner {
 
     /// Moves the pages of cached mappings, most resident first, into a fresh
     /// reservation of `needed` bytes; the rest of it is fresh zeroed memory.
-    fn gather(&mut self, needed: usize, now: u64) -> Option<(usize, usize, usize)> {
+    fn gather(&mut self, needed: usize, used: usize, now: u64) -> Option<(usize, usize, usize)> {
         // Nothing worth moving: the caller maps fresh memory, and the request counts as
         // a miss, not as a reuse.
         if self.resident < MIN_GATHER || self.most_resident(needed).is_none() {
@@ -505,6 +590,7 @@ impl CacheInner {
             };
             let e = self.remove(i);
             self.note_wait(now, e.since_ms);
+            self.note_reuse(&e, used.saturating_sub(filled));
             let moved = e.size;
             // SAFETY: a cached mapping is ours and holds nothing live; the destination
             // is our reservation, still unused there.
@@ -539,14 +625,14 @@ impl CacheInner {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.base != 0)
-            .min_by_key(|(_, s)| s.since_ms)
+            .min_by_key(|(_, s)| s.seq)
             .map(|(i, _)| i);
         let Some(i) = oldest else {
             return false;
         };
         let e = self.remove(i);
         self.counters.evicted += 1;
-        self.remember(e.size, e.since_ms, false);
+        self.remember(&e, false);
         // SAFETY: a cached mapping is ours and holds nothing live.
         unsafe { os::unmap(e.base as *mut u8, e.size) };
         true
@@ -568,7 +654,7 @@ impl CacheInner {
             if stale {
                 let e = self.remove(i);
                 self.counters.expired += 1;
-                self.remember(e.size, e.since_ms, true);
+                self.remember(&e, true);
                 // SAFETY: a cached mapping is ours and holds nothing live.
                 unsafe { os::unmap(e.base as *mut u8, e.size) };
             }
@@ -609,7 +695,9 @@ pub fn cache_decay_now() {
 
 /// How the program has reused its large mappings so far (statistics, learning).
 pub fn reuse_counters() -> ReuseCounters {
-    with_cache(|c| c.counters)
+    let mut r = with_cache(|c| c.counters);
+    r.cpu_ms = os::cpu_time_ms();
+    r
 }
 
 /// Starts the reuse counters (and the unmapped mappings a miss is matched against)
@@ -668,7 +756,7 @@ fn map_below_chunk(size: usize, align: usize) -> usize {
     let Some(map_size) = mapping_size(align, size) else {
         return 0;
     };
-    if let Some((base, cached_size, touched)) = cache_take(map_size) {
+    if let Some((base, cached_size, touched)) = cache_take(map_size, align + size) {
         let user = finish(base, cached_size, base + align, size, align, KIND_LARGE);
         if user != 0 {
             // SAFETY: `finish` wrote the header of this live object.

@@ -249,6 +249,18 @@ pub fn now_ms() -> u64 {
     (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000 + 1
 }
 
+/// CPU time the process has used so far (user and system, all threads), in ms.
+pub fn cpu_time_ms() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut ru: libc::rusage = unsafe { core::mem::zeroed() };
+    // SAFETY: getrusage writes into `ru`.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    let ms = |t: libc::timeval| (t.tv_sec as u64) * 1000 + (t.tv_usec as u64) / 1000;
+    ms(ru.ru_utime) + ms(ru.ru_stime)
+}
+
 /// Moves a mapping to `dest` (an address range we reserved) while growing it, without
 /// copying the data. Returns false when the OS refuses (the old mapping is intact).
 ///

@@ -188,7 +188,7 @@ pub fn print_summary() {
     );
     let (r, policy) = (large::reuse_counters(), large::retention());
     diag!(
-        "lgmalloc: stats: large cache: {} cached, {} reused, {} gathered, {} missed ({} a longer delay and {} a larger budget would have served), {} evicted, {} expired; delay {} ms, floor {} KiB",
+        "lgmalloc: stats: large cache: {} cached, {} reused, {} gathered, {} missed ({} a longer delay and {} a larger budget would have served), {} evicted, {} expired; reuses within {} MiB of the newest, {} KiB lost to the budget; delay {} ms, floor {} KiB, share of live 1/{}",
         r.puts,
         r.hits,
         r.gathered,
@@ -197,8 +197,14 @@ pub fn print_summary() {
         r.ghost_evicted,
         r.evicted,
         r.expired,
+        r.reused_by_depth
+            .iter()
+            .rposition(|&bytes| bytes > 0)
+            .map_or(0, |k| 1u64 << k),
+        r.lost_bytes >> 10,
         policy.delay_ms,
-        policy.floor >> 10
+        policy.floor >> 10,
+        1u64 << policy.live_shift
     );
     diag!(
         "lgmalloc: stats: {:>8} {:>12} {:>10} {:>6}",

@@ -16,14 +16,27 @@
 //!   two (runs that differ a little plan alike, and the plan is not rewritten for
 //!   noise) and kept within `MIN_DELAY_MS..=MAX_DELAY_MS`. Expired ghosts lengthen it
 //!   (their wait is past the old delay), quick reuse shortens it.
-//! * When at least one in [`LOST_SHARE`] reuses was lost to the budget (a miss a mapping
-//!   the budget evicted would have served), the floor doubles (from at least the
-//!   default) and the budget's share of the live bytes doubles, up to the bounds. A
-//!   budget that lost nothing stays as it was: it is what made those hits, and shrinking
-//!   it back would undo the lesson the next run (the rules are a fixed point for a
-//!   program that behaves alike run after run).
+//! * The budget (resident bytes the cache may hold) is weighed against the page faults
+//!   it saves. A reuse saves faulting in the reused mapping's resident bytes afresh
+//!   (about [`FAULT_NS_PER_PAGE`] per page); a run counts the bytes it reused by how
+//!   deep in the cache each mapping had been (`ReuseCounters::reused_by_depth`; the
+//!   budget pushes the oldest out first, so a budget of `D` bytes keeps every reuse
+//!   found within `D`), and the bytes of reuses the budget lost. The floor becomes the
+//!   smallest of 0, 1 MiB, 2 MiB, ... 64 MiB whose lost reuses (those deeper than it
+//!   and those already lost) would cost at most 1/[`FAULT_SHARE`] of the run's CPU time
+//!   in page faults (2%), and the share of the live bytes goes (the floor holds what was
+//!   reused). Only when the reuse already lost costs more than twice that does the
+//!   budget grow: the floor doubles (from at least 1 MiB) and the live share doubles,
+//!   up to the bounds. Between the two nothing changes, so a program whose runs differ
+//!   a little keeps its policy (a fixed point: under a learned floor nothing is reused
+//!   deeper than it, and what it loses costs at most its allowance).
+//! * Observations stored before the depths were counted (no CPU time): when at least
+//!   one in [`LOST_SHARE`] reuses was lost to the budget, the floor doubles (from at
+//!   least the default) and the live share doubles; otherwise the budget stays.
 
-use crate::large::{MAX_DELAY_MS, MAX_FLOOR, MIN_DELAY_MS, Retention, ReuseCounters};
+use crate::large::{
+    DEPTH_BUCKETS, MAX_DELAY_MS, MAX_FLOOR, MAX_LIVE_SHIFT, MIN_DELAY_MS, Retention, ReuseCounters,
+};
 
 /// What a run observed of its large mappings: the policy in force and the counters.
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
@@ -38,14 +51,18 @@ const LOST_SHARE: u64 = 8;
 /// Mappings cached and never reused from which the run counts as never reusing them.
 const MIN_PUTS_NEVER_REUSED: u64 = 4;
 
+/// Requests served by cached mappings, or that recently unmapped ones would have served.
+fn reuses(r: &ReuseCounters) -> u64 {
+    r.hits
+        .saturating_add(r.gathered)
+        .saturating_add(r.ghost_evicted)
+        .saturating_add(r.ghost_expired)
+}
+
 /// The policy for the next run, from what the last one observed (see the module text).
 pub(crate) fn next_policy(observed: &LargeObserved) -> Retention {
     let (was, r) = (observed.policy, &observed.reuse);
-    let reuses = r
-        .hits
-        .saturating_add(r.gathered)
-        .saturating_add(r.ghost_evicted)
-        .saturating_add(r.ghost_expired);
+    let reuses = reuses(r);
     // A few frees never reused say too little to change anything.
     if r.puts == 0 || (reuses == 0 && r.puts < MIN_PUTS_NEVER_REUSED) {
         return was;
@@ -61,8 +78,69 @@ pub(crate) fn next_policy(observed: &LargeObserved) -> Retention {
     let delay_ms = (2 * wait)
         .next_power_of_two()
         .clamp(MIN_DELAY_MS as u64, MAX_DELAY_MS as u64) as u32;
-    let lost = r.ghost_evicted > 0 && r.ghost_evicted.saturating_mul(LOST_SHARE) >= reuses;
-    let (floor, live_shift) = if lost {
+    let (floor, live_shift) = if r.cpu_ms > 0 {
+        weighed_budget(was, r)
+    } else {
+        counted_budget(was, r)
+    };
+    Retention {
+        delay_ms,
+        floor,
+        live_shift,
+    }
+}
+
+/// What the page faults a reuse saves cost, about (ns per 4 KiB page counted). A first
+/// touch of fresh memory costs 3.0 us per page on the virtual machine lgmalloc is
+/// measured on (best of 10 runs of 64 MiB) and well under 1 us on bare metal; and the
+/// bytes counted are an upper bound of what the next user touches (`git log -p` with the
+/// floor cut from 16 to 4 MiB lost 13 reuses counted at 9.7 MB and faulted 4.7 MB more).
+const FAULT_NS_PER_PAGE: u64 = 1_000;
+
+/// The page faults of lost reuse may cost 1 / this of the run's CPU time (2%).
+const FAULT_SHARE: u64 = 50;
+
+fn fault_ns(bytes: u64) -> u64 {
+    bytes.div_ceil(4096).saturating_mul(FAULT_NS_PER_PAGE)
+}
+
+/// The budget of a run that counted its reuse depths (see the module text): `(floor,
+/// live_shift)`.
+fn weighed_budget(was: Retention, r: &ReuseCounters) -> (usize, u32) {
+    let allowed = r.cpu_ms.saturating_mul(1_000_000) / FAULT_SHARE;
+    let lost = fault_ns(r.lost_bytes);
+    if lost > allowed.saturating_mul(2) {
+        let floor = was.floor.max(1 << 20).saturating_mul(2).min(MAX_FLOOR);
+        return (floor, was.live_shift.saturating_sub(1));
+    }
+    // Bytes reused deeper than each floor tried, from none kept at all.
+    let mut deeper = r
+        .reused_by_depth
+        .iter()
+        .fold(0u64, |a, &b| a.saturating_add(b));
+    let costs = |deeper: u64| lost.saturating_add(fault_ns(deeper));
+    if costs(deeper) <= allowed {
+        return (0, MAX_LIVE_SHIFT);
+    }
+    for (k, &bytes) in r.reused_by_depth.iter().enumerate() {
+        deeper = deeper.saturating_sub(bytes);
+        if costs(deeper) <= allowed {
+            let floor = if k + 1 < DEPTH_BUCKETS {
+                (1 << 20) << k
+            } else {
+                MAX_FLOOR
+            };
+            return (floor.min(MAX_FLOOR), MAX_LIVE_SHIFT);
+        }
+    }
+    // What was lost already uses the allowance, but not twice over: as it was.
+    (was.floor, was.live_shift)
+}
+
+/// The budget of a run stored before depths were counted: `(floor, live_shift)`.
+fn counted_budget(was: Retention, r: &ReuseCounters) -> (usize, u32) {
+    let lost = r.ghost_evicted > 0 && r.ghost_evicted.saturating_mul(LOST_SHARE) >= reuses(r);
+    if lost {
         (
             was.floor
                 .max(Retention::DEFAULT.floor)
@@ -72,11 +150,6 @@ pub(crate) fn next_policy(observed: &LargeObserved) -> Retention {
         )
     } else {
         (was.floor, was.live_shift)
-    };
-    Retention {
-        delay_ms,
-        floor,
-        live_shift,
     }
 }
 
@@ -228,5 +301,96 @@ mod tests {
             ..lossy
         };
         assert_eq!(next_policy(&observed(q, none)), q);
+    }
+
+    /// Counters of a run that took `cpu_ms` of CPU time and counted depths.
+    fn weighed(
+        cpu_ms: u64,
+        reused_by_depth: [u64; DEPTH_BUCKETS],
+        lost_bytes: u64,
+    ) -> ReuseCounters {
+        ReuseCounters {
+            puts: 100,
+            hits: 90,
+            misses: 10,
+            ghost_evicted: 5,
+            longest_hit_wait_ms: 10,
+            reused_by_depth,
+            lost_bytes,
+            cpu_ms,
+            ..ReuseCounters::default()
+        }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_budget_shrinks_to_the_depth_costly_reuse_was_found_at() {
+        // 1 s of CPU: the faults of lost reuse may cost 20 ms, 20,000 pages, 78 MiB.
+        // 400 MiB reused within 4 MiB of the newest and 40 MiB deeper: a 4 MiB floor
+        // loses 40 MiB of reuse, within the allowance; 2 MiB would lose 440.
+        let r = weighed(1000, [0, 0, 400 * MIB, 40 * MIB, 0, 0, 0, 0], 0);
+        let p = next_policy(&observed(Retention::DEFAULT, r));
+        assert_eq!((p.floor, p.live_shift), (4 << 20, MAX_LIVE_SHIFT));
+        // The next run, under it, reuses nothing deeper and loses the 40 MiB: it keeps
+        // the policy (no rewrite of the plan).
+        let under = weighed(1000, [0, 0, 400 * MIB, 0, 0, 0, 0, 0], 40 * MIB);
+        assert_eq!(next_policy(&observed(p, under)), p);
+    }
+
+    #[test]
+    fn reuse_cheaper_than_its_memory_keeps_no_floor() {
+        // 10 MiB reused in a run of 1 s: its faults cost 2.6 ms, under 20 ms.
+        let r = weighed(1000, [0, 10 * MIB, 0, 0, 0, 0, 0, 0], 0);
+        let p = next_policy(&observed(Retention::DEFAULT, r));
+        assert_eq!((p.floor, p.live_shift), (0, MAX_LIVE_SHIFT));
+        // A short run reusing as much (10 ms of CPU: 0.2 ms allowed) keeps 2 MiB.
+        let short = weighed(10, [0, 10 * MIB, 0, 0, 0, 0, 0, 0], 0);
+        let q = next_policy(&observed(Retention::DEFAULT, short));
+        assert_eq!((q.floor, q.live_shift), (2 << 20, MAX_LIVE_SHIFT));
+        // Reuse deeper than 64 MiB needs the largest floor.
+        let deep = weighed(10, [0, 0, 0, 0, 0, 0, 0, 10 * MIB], 0);
+        assert_eq!(
+            next_policy(&observed(Retention::DEFAULT, deep)).floor,
+            MAX_FLOOR
+        );
+    }
+
+    #[test]
+    fn reuse_lost_at_more_than_twice_the_allowance_grows_the_budget() {
+        let was = Retention {
+            delay_ms: 128,
+            floor: 4 << 20,
+            live_shift: MAX_LIVE_SHIFT,
+        };
+        // 1 s of CPU allows 20 ms of faults: 100 MiB lost costs 25.6 ms (kept as it
+        // is), 200 MiB 51 ms (grown).
+        let band = weighed(1000, [0, 0, 10 * MIB, 0, 0, 0, 0, 0], 100 * MIB);
+        assert_eq!(next_policy(&observed(was, band)).floor, was.floor);
+        let costly = weighed(1000, [0, 0, 10 * MIB, 0, 0, 0, 0, 0], 200 * MIB);
+        let p = next_policy(&observed(was, costly));
+        assert_eq!((p.floor, p.live_shift), (8 << 20, MAX_LIVE_SHIFT - 1));
+        // From no floor at all, it starts at 2 MiB.
+        let none = Retention { floor: 0, ..was };
+        assert_eq!(next_policy(&observed(none, costly)).floor, 2 << 20);
+    }
+
+    #[test]
+    fn depths_fall_in_power_of_two_buckets_from_1_mib() {
+        use crate::large::depth_bucket;
+        let mib = 1usize << 20;
+        let cases = [
+            (0, 0),
+            (mib, 0),
+            (mib + 1, 1),
+            (2 * mib, 1),
+            (2 * mib + 1, 2),
+            (64 * mib, 6),
+            (64 * mib + 1, 7),
+            (usize::MAX, 7),
+        ];
+        for (depth, bucket) in cases {
+            assert_eq!(depth_bucket(depth), bucket, "depth {depth}");
+        }
     }
 }

@@ -15,7 +15,9 @@ use super::modules::Module;
 use super::{PlannedClass, RuntimePlan, Source};
 use crate::analysis::cache_dir::CacheDir;
 use crate::diag::diag;
-use crate::large::{MAX_DELAY_MS, MAX_FLOOR, MAX_LIVE_SHIFT, MAX_WAIT_MS, MIN_DELAY_MS};
+use crate::large::{
+    DEPTH_BUCKETS, MAX_DELAY_MS, MAX_FLOOR, MAX_LIVE_SHIFT, MAX_WAIT_MS, MIN_DELAY_MS,
+};
 use crate::options;
 use crate::size_class::{MAX_CLASSES, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
 
@@ -69,9 +71,11 @@ fn refused_if_err<T>(name: &str, parsed: Result<T, Refusal>) -> Option<T> {
 /// `class BLOCK_SIZE ALLOCATIONS THREADS_USING` lines, and, once a run freed a large
 /// object, one each of `large-policy DELAY_MS FLOOR_BYTES LIVE_SHIFT` (the retention
 /// policy that run had), `large-reuse PUTS HITS GATHERED MISSES EVICTED EXPIRED` and
-/// `large-ghosts EVICTED EXPIRED LONGEST_HIT_WAIT_MS LONGEST_GHOST_WAIT_MS` (see
-/// `large::ReuseCounters`). A file without them (written before they existed) reads as
-/// a run that freed no large object.
+/// `large-ghosts EVICTED EXPIRED LONGEST_HIT_WAIT_MS LONGEST_GHOST_WAIT_MS`, and
+/// `large-depths CPU_MS LOST_BYTES` followed by the bytes reused at each depth (see
+/// `large::ReuseCounters`). A file without the `large-*` lines (written before they
+/// existed) reads as a run that freed no large object; one without `large-depths`, as a
+/// run that did not count depths.
 pub(super) fn parse_learned(bytes: &[u8]) -> Result<Learned, Refusal> {
     let text = core::str::from_utf8(bytes).map_err(|_| "not text")?;
     let mut lines = text.lines();
@@ -149,15 +153,36 @@ fn parse_learned_line(learned: &mut Learned, line: &str) -> Result<(), Refusal> 
                 return Err("a large-object wait out of range");
             }
         }
+        ["large-depths", cpu_ms, lost, depths @ ..] => {
+            seen_once(learned, LARGE_DEPTHS)?;
+            let r = &mut learned.large.reuse;
+            r.cpu_ms = number(cpu_ms)?;
+            r.lost_bytes = number(lost)?;
+            if depths.len() != DEPTH_BUCKETS {
+                return Err("large-object depths of another count");
+            }
+            for (slot, field) in r.reused_by_depth.iter_mut().zip(depths) {
+                *slot = number(field)?;
+            }
+            let bytes = r.reused_by_depth.iter().chain([&r.lost_bytes]);
+            if r.cpu_ms > MAX_CPU_MS || bytes.into_iter().any(|&b| b > MAX_COUNTED_BYTES) {
+                return Err("large-object depths out of range");
+            }
+        }
         _ => return Err("an unknown line"),
     }
     Ok(())
 }
 
+/// Bounds of the `large-depths` values: a century of CPU time, 2^56 bytes.
+const MAX_CPU_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+const MAX_COUNTED_BYTES: u64 = 1 << 56;
+
 /// Bits of `Learned::large_lines`: each `large-*` line at most once.
 const LARGE_POLICY: u8 = 1;
 const LARGE_REUSE: u8 = 2;
 const LARGE_GHOSTS: u8 = 4;
+const LARGE_DEPTHS: u8 = 8;
 
 fn seen_once(learned: &mut Learned, line: u8) -> Result<(), Refusal> {
     if learned.large_lines & line != 0 {
@@ -174,7 +199,7 @@ fn check_learned(learned: &Learned) -> Result<(), Refusal> {
     if learned.classes.iter().any(|c| c.2 > learned.threads) {
         return Err("a class used by more threads than ran");
     }
-    if !matches!(learned.large_lines, 0 | 7) {
+    if !matches!(learned.large_lines, 0 | 7 | 15) {
         return Err("large-object lines missing");
     }
     let r = &learned.large.reuse;
@@ -185,8 +210,8 @@ fn check_learned(learned: &Learned) -> Result<(), Refusal> {
 }
 
 /// Fields on any line of a stored plan or observations, at most (`observed
-/// large-reuse` and its six numbers).
-const MAX_FIELDS: usize = 8;
+/// large-depths` and its ten numbers).
+const MAX_FIELDS: usize = 12;
 
 /// Splits `line` at ASCII whitespace into `out`; the fields found. Refuses a line with
 /// more than [`MAX_FIELDS`] (no line lgmalloc writes has as many). No allocation: this
@@ -236,6 +261,11 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
             "{prefix}large-ghosts {} {} {} {}",
             r.ghost_evicted, r.ghost_expired, r.longest_hit_wait_ms, r.longest_ghost_wait_ms
         );
+        let _ = write!(text, "{prefix}large-depths {} {}", r.cpu_ms, r.lost_bytes);
+        for bytes in r.reused_by_depth {
+            let _ = write!(text, " {bytes}");
+        }
+        text.push('\n');
     }
 }
 
@@ -558,8 +588,7 @@ mod tests {
         );
     }
 
-    const LARGE: &str =
-        "large-policy 2048 16777216 1\nlarge-reuse 2 1 0 1 0 0\nlarge-ghosts 0 0 700 0\n";
+    const LARGE: &str = "large-policy 2048 16777216 1\nlarge-reuse 2 1 0 1 0 0\nlarge-ghosts 0 0 700 0\nlarge-depths 420 0 0 0 0 8388608 0 0 0 0\n";
 
     #[test]
     fn large_object_observations_read_back_and_old_files_still_read() {
@@ -576,6 +605,8 @@ mod tests {
         );
         assert_eq!((large.reuse.puts, large.reuse.hits), (2, 1));
         assert_eq!(large.reuse.longest_hit_wait_ms, 700);
+        assert_eq!(large.reuse.cpu_ms, 420);
+        assert_eq!(large.reuse.reused_by_depth[3], 8 << 20);
         assert_eq!(
             reparse_learned(text.as_bytes()).as_deref(),
             Ok(text.as_str())
@@ -595,6 +626,10 @@ mod tests {
         let old = parse_learned(b"lgmalloc-learned 2\nthreads 1\nclass 48 100 1\n")
             .expect("an old file reads");
         assert_eq!(old.large, Default::default());
+        // One from before the depths were counted: no CPU time, no depths.
+        let before_depths = text.replace("large-depths 420 0 0 0 0 8388608 0 0 0 0\n", "");
+        let old = parse_learned(before_depths.as_bytes()).expect("a file without depths reads");
+        assert_eq!((old.large.reuse.cpu_ms, old.large.reuse.hits), (0, 1));
     }
 
     #[test]
@@ -646,6 +681,26 @@ mod tests {
                 "an unknown line",
             ),
             ("large-reuse 2 1", "large-reuse -2 1", "a malformed number"),
+            (
+                "large-depths 420 0 0 0 0 8388608 0 0 0 0",
+                "large-depths 420 0 0 0 0 8388608 0 0 0",
+                "large-object depths of another count",
+            ),
+            (
+                "large-depths 420 0",
+                "large-depths 420 72057594037927937",
+                "large-object depths out of range",
+            ),
+            (
+                "large-depths 420",
+                "large-depths 9999999999999",
+                "large-object depths out of range",
+            ),
+            (
+                "large-depths 420 0 0 0 0 8388608 0 0 0 0\n",
+                "large-depths 420 0 0 0 0 8388608 0 0 0 0\nlarge-depths 1 0 0 0 0 0 0 0 0 0\n",
+                "a repeated line",
+            ),
         ] {
             let text = format!("lgmalloc-learned 2\n{}", LARGE.replace(from, to));
             assert_eq!(parse_learned(text.as_bytes()).err(), Some(why), "{text}");
