@@ -244,7 +244,10 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
         let _ = writeln!(text, "{prefix}class {size} {calls} {using}");
     }
     let large = &learned.large;
-    if *large != Default::default() {
+    // The CPU time alone (every run has one) is no large-object observation.
+    let mut counted = *large;
+    counted.reuse.cpu_ms = 0;
+    if counted != Default::default() {
         let (p, r) = (&large.policy, &large.reuse);
         let _ = writeln!(
             text,
@@ -630,6 +633,20 @@ mod tests {
         let before_depths = text.replace("large-depths 420 0 0 0 0 8388608 0 0 0 0\n", "");
         let old = parse_learned(before_depths.as_bytes()).expect("a file without depths reads");
         assert_eq!((old.large.reuse.cpu_ms, old.large.reuse.hits), (0, 1));
+    }
+
+    #[test]
+    fn a_run_that_freed_no_large_object_writes_no_large_object_lines() {
+        let mut learned = parse_learned(b"lgmalloc-learned 2\nthreads 1\nclass 48 100 1\n")
+            .expect("valid observations");
+        learned.large.reuse.cpu_ms = 420;
+        let mut text = String::new();
+        learned_lines(&learned, "", &mut text);
+        assert_eq!(text, "threads 1\nclass 48 100 1\n");
+        learned.large.reuse.puts = 1;
+        text.clear();
+        learned_lines(&learned, "", &mut text);
+        assert!(text.contains("large-depths 420 "), "{text}");
     }
 
     #[test]
