@@ -1820,10 +1820,11 @@ fn a_budget_learned_from_reuse_depth_keeps_what_is_reused_and_returns_the_rest()
         reused >= 399 && reused2 >= reused,
         "reused {reused} then {reused2}"
     );
+    // The delay follows how long reuse waited, which a loaded machine can stretch.
     assert!(
-        err2.contains(
-            "lgmalloc: plan: large retention: delay 100 ms, floor 4096 KiB, live share 1/256"
-        ),
+        err2.lines()
+            .any(|l| l.starts_with("lgmalloc: plan: large retention: delay ")
+                && l.contains(" ms, floor 4096 KiB, live share 1/256 ")),
         "{err2}"
     );
 }
