@@ -94,7 +94,7 @@ pub(crate) fn next_policy(observed: &LargeObserved) -> Retention {
 /// touch of fresh memory costs 3.0 us per page on the virtual machine lgmalloc is
 /// measured on (best of 10 runs of 64 MiB) and well under 1 us on bare metal; and the
 /// bytes counted are an upper bound of what the next user touches (`git log -p` with the
-/// floor cut from 16 to 4 MiB lost 13 reuses and took 1,150 more page faults, 4.7 MB).
+/// floor cut from 16 to 4 MiB lost 13 reuses and took 1,131 more page faults, 4.6 MB).
 const FAULT_NS_PER_PAGE: u64 = 1_000;
 
 /// The page faults of lost reuse may cost 1 / this of the run's CPU time (2%).
