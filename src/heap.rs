@@ -482,9 +482,20 @@ pub unsafe fn alloc_small_zeroed(heap: *mut Heap, class: usize, size: usize) -> 
                 freed_mark: 0,
             });
         } else {
-            ptr::write_bytes(p, 0, size);
+            ptr::write_bytes(p, 0, dirty_prefix(p, size));
         }
         p
+    }
+}
+
+/// Bytes of `p`, a block of `size` bytes just handed out but not known to read as zero,
+/// that `calloc` must clear: all of them, except a sampled block (served from its own
+/// slot, `sample::take`) larger than a page, whose slot says how much of it was used.
+fn dirty_prefix(p: *mut u8, size: usize) -> usize {
+    if size > os::OS_PAGE_SIZE && chunk_map::kind_of(p as usize) == chunk_map::KIND_SAMPLE {
+        sample::dirty_prefix(p as usize).min(size)
+    } else {
+        size
     }
 }
 

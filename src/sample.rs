@@ -56,6 +56,9 @@ struct Slot {
     born_ns: AtomicU64,
     /// Bytes from the slot's start that may be resident (written by the slot's holder).
     resident: AtomicUsize,
+    /// Bytes from the start of the live block that may be non-zero: what was resident
+    /// when the slot was claimed (the rest was never used or was decommitted since).
+    dirty_prefix: AtomicUsize,
 }
 
 /// One call stack and what its samples saw.
@@ -90,6 +93,7 @@ static TABLES: Tables = Tables {
             site: AtomicUsize::new(0),
             born_ns: AtomicU64::new(0),
             resident: AtomicUsize::new(0),
+            dirty_prefix: AtomicUsize::new(0),
         }
     }; SLOTS],
     sites: [const {
@@ -333,6 +337,7 @@ fn beyond_first_page(resident: usize) -> usize {
 fn reuse_slot(slot: &Slot, usable: usize) {
     let resident = slot.resident.load(Ordering::Relaxed);
     DIRTY.fetch_sub(beyond_first_page(resident), Ordering::Relaxed);
+    slot.dirty_prefix.store(resident, Ordering::Relaxed);
     slot.resident.store(resident.max(usable), Ordering::Relaxed);
 }
 
@@ -423,6 +428,13 @@ pub fn usable_size(addr: usize) -> usize {
     live_slot(addr)
         .filter(|s| s.state.load(Ordering::Acquire) == SLOT_LIVE)
         .map_or(0, |s| s.usable.load(Ordering::Relaxed))
+}
+
+/// How many bytes from the start of `addr`, a sampled block its caller has just been
+/// handed, may be non-zero: `calloc` clears only those. A slot's memory past what was
+/// resident when it was claimed reads as zero (never used, or decommitted since).
+pub fn dirty_prefix(addr: usize) -> usize {
+    live_slot(addr).map_or(usize::MAX, |s| s.dirty_prefix.load(Ordering::Relaxed))
 }
 
 fn now_ns() -> u64 {
@@ -587,6 +599,11 @@ mod tests {
         let blocks: Vec<usize> = (0..n).map(|_| take(class, usable, 0, 0) as usize).collect();
         for (i, &b) in blocks.iter().enumerate() {
             assert!(b != 0 && b.is_multiple_of(usable), "sample {i}: {b:#x}");
+            assert_eq!(
+                dirty_prefix(b),
+                0,
+                "sample {i}: a fresh slot has a dirty prefix"
+            );
             // SAFETY: a live sampled block of `usable` bytes.
             unsafe { core::ptr::write_bytes(b as *mut u8, i as u8 | 1, usable) };
             assert_eq!(usable_size(b), usable);
@@ -630,6 +647,7 @@ mod tests {
             kept[i], pages_per_slot,
             "took a clean slot while dirty ones were free"
         );
+        assert_eq!(dirty_prefix(again), usable, "calloc would skip kept pages");
         assert_eq!(DIRTY.load(Ordering::Relaxed), kept_bytes - extra);
         assert!(free(again));
 

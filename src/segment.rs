@@ -75,6 +75,13 @@ const PURGE_HARD: usize = 16 << 20;
 /// memory never used since it was mapped, the memory `alloc_page` populates. Real
 /// times are never zero, so no span freed since carries it.
 const NEVER_USED: u64 = 0;
+/// A free span's head keeps two things in its `free` word: when it was last freed (ms,
+/// the low bits) and, above `FRESH_SHIFT`, how many slices at its end were never used
+/// since the segment was mapped (its fresh tail: they read as zero and hold nothing
+/// resident). A monotonic clock in ms needs far fewer than 48 bits.
+const FRESH_SHIFT: u32 = 48;
+const FREED_AT_MASK: u64 = (1 << FRESH_SHIFT) - 1;
+const _: () = assert!(SLICES < 1 << (u64::BITS - FRESH_SHIFT));
 /// Abandoned pages a thread exit inspects (collecting their remote frees, freeing the
 /// empty ones). Enough that exited threads' pages emptied by other threads come back
 /// round after round (the thread-exit test parks ~300 per round; 64 let ~10 MiB pile
@@ -360,7 +367,17 @@ unsafe impl list::Linked for Segment {
 /// `head` is the head record of a free span and the region lock is held.
 unsafe fn freed_at(head: *const Page) -> u64 {
     // SAFETY: per the contract.
-    unsafe { (*head).free.addr() as u64 }
+    unsafe { (*head).free.addr() as u64 & FREED_AT_MASK }
+}
+
+/// How many slices at the end of the free span headed by `head` were never used since
+/// their segment was mapped (kept above the time in the head's `free` word).
+///
+/// # Safety
+/// As for [`freed_at`].
+unsafe fn fresh_tail(head: *const Page) -> usize {
+    // SAFETY: per the contract.
+    unsafe { ((*head).free.addr() as u64 >> FRESH_SHIFT) as usize }
 }
 
 /// The dirty slice count of a free span's head record.
@@ -384,7 +401,11 @@ impl RegionInner {
     /// `dirty_bytes` never undercounts resident free memory and `CLEAN_FREE_BYTES` never
     /// counts a resident byte as clean.
     ///
-    /// `freed_at` is when its memory was last in use (ms), for the purge delay.
+    /// `freed_at` is when its memory was last in use (ms), for the purge delay. The last
+    /// `fresh` slices were never used since the segment was mapped (a span freshly
+    /// mapped is fresh throughout): a page taken wholly inside them reads as zero, so
+    /// `calloc` need not clear it, and may be backed in advance (`alloc_page`). None of
+    /// them is resident, so they bound `dirty` too.
     ///
     /// # Safety
     /// The slices are free and not on any list.
@@ -395,14 +416,17 @@ impl RegionInner {
         count: usize,
         dirty: usize,
         freed_at: u64,
+        fresh: usize,
     ) {
-        let dirty = dirty.min(count);
+        let fresh = fresh.min(count);
+        let dirty = dirty.min(count - fresh);
         let head = page_at(seg, start);
         // SAFETY: the span lies in a segment we own; its records are ours.
         unsafe {
             (*head).flags = FLAG_FREE_SPAN | if dirty > 0 { FLAG_DIRTY } else { 0 };
             (*head).used = dirty as u32;
-            (*head).free = ptr::without_provenance_mut(freed_at as usize);
+            let word = (freed_at & FREED_AT_MASK) | (fresh as u64) << FRESH_SHIFT;
+            (*head).free = ptr::without_provenance_mut(word as usize);
             (*head).start_offset = (start << SLICE_SHIFT) as u32;
             (*head).slice_count = count as u16;
             (*head).carved.store(0, Ordering::Relaxed);
@@ -503,19 +527,25 @@ impl RegionInner {
         // SAFETY: per the contract.
         unsafe {
             let (idx, len) = ((*head).slice_index(), (*head).slice_count as usize);
-            // Where the dirty slices lie is not recorded: each remaining part may hold
-            // all of them (`insert_free` caps the count at the part's size). The part
-            // taken becomes a page, counted as committed whatever its state. The parts
-            // left keep the span's age.
+            // Where the dirty slices lie is not recorded, but they lie before the fresh
+            // tail: each remaining part may hold all of them (`insert_free` caps the
+            // count at the part's size less its fresh tail). The part taken becomes a
+            // page, counted as committed whatever its state; it reads as zero when it
+            // lies wholly in the fresh tail. The parts left keep the span's age and
+            // what they hold of the fresh tail.
             let stamp = freed_at(head);
+            let fresh_from = idx + len - fresh_tail(head);
             let dirty = self.remove_free(head);
             if start > idx {
-                self.insert_free(seg, idx, start - idx, dirty, stamp);
+                let fresh = start - fresh_from.clamp(idx, start);
+                self.insert_free(seg, idx, start - idx, dirty, stamp, fresh);
             }
             let end = start + count;
             if end < idx + len {
-                self.insert_free(seg, end, idx + len - end, dirty, stamp);
+                let fresh = idx + len - fresh_from.max(end);
+                self.insert_free(seg, end, idx + len - end, dirty, stamp, fresh);
             }
+            let fresh = start >= fresh_from;
             let page = page_at(seg, start);
             (*page).flags = 0;
             // A span taken as a page but not yet set up (a heap's spare) reads as
@@ -532,10 +562,10 @@ impl RegionInner {
             let matched = (count << SLICE_SHIFT).min(self.exit_purged);
             self.exit_purged -= matched;
             self.exit_retaken += matched;
-            if dirty == 0 && stamp != NEVER_USED {
+            if !fresh && dirty == 0 && stamp != NEVER_USED {
                 self.note_purged_memory_taken(stamp, count << SLICE_SHIFT);
             }
-            (page, dirty == 0 && stamp == NEVER_USED)
+            (page, fresh)
         }
     }
 
@@ -614,7 +644,8 @@ impl RegionInner {
             for slice in 0..FIRST_SLICE {
                 set_head(seg, slice, 0);
             }
-            self.insert_free(seg, FIRST_SLICE, SLICES - FIRST_SLICE, 0, NEVER_USED);
+            let slices = SLICES - FIRST_SLICE;
+            self.insert_free(seg, FIRST_SLICE, slices, 0, NEVER_USED, slices);
         }
         self.segment_count += 1;
         SEGMENT_BYTES.fetch_add(SEGMENT_SIZE, Ordering::Relaxed);
@@ -647,11 +678,15 @@ impl RegionInner {
             } else {
                 count
             };
+            // Only a free right neighbour brings a fresh tail: the page's own memory
+            // (and a left neighbour's tail, now inside the span) may have been used.
+            let mut fresh = 0;
             let end = start + count;
             if end < SLICES {
                 let right = page_at(seg, end);
                 if (*right).flags & FLAG_FREE_SPAN != 0 {
                     count += (*right).slice_count as usize;
+                    fresh = fresh_tail(right);
                     dirty += self.remove_free(right);
                 }
             }
@@ -675,7 +710,7 @@ impl RegionInner {
                 self.release_segment(seg);
                 return;
             }
-            self.insert_free(seg, start, count, dirty, now);
+            self.insert_free(seg, start, count, dirty, now, fresh);
         }
     }
 
@@ -1387,6 +1422,58 @@ mod tests {
 
     fn batch_holds(batch: &PurgeBatch, span: *mut Page) -> bool {
         batch.spans[..batch.len].iter().any(|&(p, _)| p == span)
+    }
+
+    /// A page given back next to a segment's never-used tail leaves that tail fresh: a
+    /// page taken later from inside it says it reads as zero (so `calloc` need not clear
+    /// it), and no dirty slice is counted there; a page over the memory that was used
+    /// does not say so.
+    #[test]
+    fn a_page_given_back_leaves_the_fresh_tail_after_it() {
+        let mut r = RegionInner::EMPTY;
+        let base = map_segment();
+        assert!(!base.is_null());
+        assert!(r.add_segment(base));
+        let (a, a_fresh) = r.take_span(16, 1);
+        let (b, b_fresh) = r.take_after(a, 16, 1);
+        assert!(!a.is_null() && !b.is_null());
+        assert!(
+            a_fresh && b_fresh,
+            "a new segment's first pages are not fresh"
+        );
+        // SAFETY: `b` was just taken; its memory is ours.
+        unsafe {
+            ptr::write_bytes((*b).start(), 0xa5, (*b).bytes());
+            r.release_span(b, 1_000);
+        }
+        assert_eq!(r.dirty_bytes, 16 << SLICE_SHIFT);
+        // Over `b`'s slices and 16 fresh ones: not zero.
+        let (c, c_fresh) = r.take_after(a, 32, 1);
+        assert_eq!(c, b);
+        assert!(!c_fresh, "a page over used memory says it reads as zero");
+        assert_eq!(r.dirty_bytes, 0, "dirty slices counted in the fresh tail");
+        let (d, d_fresh) = r.take_after(c, 64, 1);
+        assert!(!d.is_null());
+        assert!(
+            d_fresh,
+            "the tail after a page given back lost its freshness"
+        );
+        // SAFETY: `d` was just taken; its memory is ours.
+        let d_bytes = unsafe { core::slice::from_raw_parts((*d).start(), (*d).bytes()) };
+        assert!(d_bytes.iter().all(|&x| x == 0));
+        // Given back between used memory and the tail, then taken again: still fresh.
+        // SAFETY: `d` is ours and unused.
+        unsafe { r.release_span(d, 2_000) };
+        let (e, e_fresh) = r.take_after(c, 128, 1);
+        assert_eq!(e, d);
+        assert!(!e_fresh, "a page given back reads as fresh");
+        let (f, f_fresh) = r.take_after(e, 16, 1);
+        assert!(!f.is_null() && f_fresh);
+        // The segment is this test's alone: give it back as the region would.
+        chunk_map::set_kind(base as usize, KIND_NONE);
+        // SAFETY: nothing of the segment is in use or named any more.
+        unsafe { os::unmap(base, SEGMENT_SIZE) };
+        SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
     }
 
     /// Past the purge delay, a free span of 64 KiB or more is taken for purging and a
