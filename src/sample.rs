@@ -54,7 +54,8 @@ struct Slot {
     class: AtomicUsize,
     site: AtomicUsize,
     born_ns: AtomicU64,
-    /// Bytes from the slot's start that may be resident (written by the slot's holder).
+    /// Bytes from the slot's start that may be resident, whole pages (written by the
+    /// slot's holder).
     resident: AtomicUsize,
     /// Bytes from the start of the live block that may be non-zero: what was resident
     /// when the slot was claimed (the rest was never used or was decommitted since).
@@ -338,7 +339,10 @@ fn reuse_slot(slot: &Slot, usable: usize) {
     let resident = slot.resident.load(Ordering::Relaxed);
     DIRTY.fetch_sub(beyond_first_page(resident), Ordering::Relaxed);
     slot.dirty_prefix.store(resident, Ordering::Relaxed);
-    slot.resident.store(resident.max(usable), Ordering::Relaxed);
+    // Whole pages: a decommit gives back whole pages only, so the last, partly used one
+    // must count as resident (it stays in the slot, which is larger than any block).
+    let used = usable.next_multiple_of(os::OS_PAGE_SIZE);
+    slot.resident.store(resident.max(used), Ordering::Relaxed);
 }
 
 /// Keeps a freed slot's pages when the dirty budget allows, else gives back all but
@@ -655,6 +659,34 @@ mod tests {
         assert_eq!(DIRTY.load(Ordering::Relaxed), 0);
         assert!(blocks.iter().all(|&b| resident_pages(b, usable) <= 1));
         assert_eq!(trim(), 0, "a second trim found pages to give back");
+
+        // A block that ends inside a page: the free gives that page back too, and the
+        // next claim of the slot calls dirty all it may find written (calloc clears
+        // only that much).
+        let odd_class = (0..size_class::STANDARD_CLASSES)
+            .find(|&c| {
+                let b = size_class::block_size(c);
+                b > 2 * os::OS_PAGE_SIZE && !b.is_multiple_of(os::OS_PAGE_SIZE)
+            })
+            .expect("a class whose blocks end inside a page");
+        let odd = size_class::block_size(odd_class);
+        let b = take(odd_class, odd, 0, 0) as usize;
+        // SAFETY: a live sampled block of `odd` bytes.
+        unsafe { core::ptr::write_bytes(b as *mut u8, 0xff, odd) };
+        assert!(free(b));
+        assert!(trim() > 0);
+        let again = take(odd_class, odd, 0, 0) as usize;
+        assert_eq!(again, b, "the lowest clean slot was not taken");
+        let dirty = dirty_prefix(again);
+        // SAFETY: a live sampled block of `odd` bytes.
+        let bytes = unsafe { core::slice::from_raw_parts(again as *const u8, odd) };
+        let written = bytes.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
+        assert!(
+            written <= dirty,
+            "{written} bytes may be non-zero, {dirty} said"
+        );
+        assert!(free(again));
+        trim();
     }
 
     #[test]
