@@ -159,6 +159,62 @@ fn calloc_reads_zero_however_the_memory_was_used_before() {
     assert!(sampled > 0, "no calloc was served by the sample arena");
 }
 
+/// `calloc` under churn from several threads: random sizes up to the largest small
+/// block (many ending inside a page), each block checked zero, dirtied and freed in
+/// random order, with `lg_trim` now and then, so blocks come from fresh memory, from
+/// memory given back and from sampled slots reused after a trim.
+#[test]
+fn calloc_reads_zero_under_churn_from_several_threads() {
+    const SIZES: [usize; 10] = [
+        24, 200, 3000, 5000, 9000, 20_000, 36_000, 70_000, 150_000, 250_000,
+    ];
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut rng =
+                    0x9E37_79B9_7F4A_7C15u64 ^ (t + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                let mut next = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                let mut live: Vec<(usize, usize)> = Vec::new();
+                let mut sampled = 0;
+                for i in 0..3000 {
+                    let size =
+                        SIZES[(next() % SIZES.len() as u64) as usize] + (next() % 64) as usize;
+                    let p = lg_calloc(1, size) as *mut u8;
+                    assert!(!p.is_null());
+                    let s = unsafe { std::slice::from_raw_parts(p, size) };
+                    if let Some(at) = s.iter().position(|&b| b != 0) {
+                        panic!(
+                            "thread {t}, calloc #{i} of {size}: byte {at} is {:#x}",
+                            s[at]
+                        );
+                    }
+                    sampled += lgmalloc::profile::is_sampled(p) as usize;
+                    unsafe { ptr::write_bytes(p, 0xAB, size) };
+                    live.push((p as usize, size));
+                    if live.len() > 24 {
+                        let (q, _) = live.swap_remove((next() % live.len() as u64) as usize);
+                        unsafe { lg_free(q as *mut c_void) };
+                    }
+                    if i % 64 == 63 {
+                        lg_trim();
+                    }
+                }
+                for (q, _) in live {
+                    unsafe { lg_free(q as *mut c_void) };
+                }
+                sampled
+            })
+        })
+        .collect();
+    let sampled: usize = threads.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(sampled > 0, "no calloc was served by the sample arena");
+}
+
 #[test]
 fn free_null_and_errno_preserved() {
     set_errno(1234);
