@@ -1420,6 +1420,23 @@ pub fn for_each_page(mut f: impl FnMut(*const Page)) {
 mod tests {
     use super::*;
 
+    /// A region of the test's own, on one fresh segment (not the process's region).
+    fn region_of_one_segment() -> (RegionInner, *mut u8) {
+        let mut r = RegionInner::EMPTY;
+        let base = map_segment();
+        assert!(!base.is_null());
+        assert!(r.add_segment(base));
+        (r, base)
+    }
+
+    /// Unmaps a test region's segment as the region would once nothing of it is used.
+    fn give_back_segment(base: *mut u8) {
+        chunk_map::set_kind(base as usize, KIND_NONE);
+        // SAFETY: the segment is the test's alone and nothing of it is in use any more.
+        unsafe { os::unmap(base, SEGMENT_SIZE) };
+        SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
+    }
+
     fn batch_holds(batch: &PurgeBatch, span: *mut Page) -> bool {
         batch.spans[..batch.len].iter().any(|&(p, _)| p == span)
     }
@@ -1430,10 +1447,7 @@ mod tests {
     /// does not say so.
     #[test]
     fn a_page_given_back_leaves_the_fresh_tail_after_it() {
-        let mut r = RegionInner::EMPTY;
-        let base = map_segment();
-        assert!(!base.is_null());
-        assert!(r.add_segment(base));
+        let (mut r, base) = region_of_one_segment();
         let (a, a_fresh) = r.take_span(16, 1);
         let (b, b_fresh) = r.take_after(a, 16, 1);
         assert!(!a.is_null() && !b.is_null());
@@ -1469,11 +1483,7 @@ mod tests {
         assert!(!e_fresh, "a page given back reads as fresh");
         let (f, f_fresh) = r.take_after(e, 16, 1);
         assert!(!f.is_null() && f_fresh);
-        // The segment is this test's alone: give it back as the region would.
-        chunk_map::set_kind(base as usize, KIND_NONE);
-        // SAFETY: nothing of the segment is in use or named any more.
-        unsafe { os::unmap(base, SEGMENT_SIZE) };
-        SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
+        give_back_segment(base);
     }
 
     /// Past the purge delay, a free span of 64 KiB or more is taken for purging and a
@@ -1482,10 +1492,7 @@ mod tests {
     /// segment: A, gap, B, big, C taken one after another, gap and big given back.
     #[test]
     fn the_delayed_purge_leaves_small_gaps_to_trim() {
-        let mut r = RegionInner::EMPTY;
-        let base = map_segment();
-        assert!(!base.is_null());
-        assert!(r.add_segment(base));
+        let (mut r, base) = region_of_one_segment();
         let a = r.take_span(16, 1).0;
         let gap = r.take_after(a, 8, 1).0;
         let b = r.take_after(gap, 16, 1).0;
@@ -1518,10 +1525,6 @@ mod tests {
         r.purge(u64::MAX, 0, 0, &mut all);
         assert!(batch_holds(&all, gap), "lg_trim's purge left the gap");
         assert_eq!(r.dirty_bytes, 0);
-        // The segment is this test's alone: give it back as the region would.
-        chunk_map::set_kind(base as usize, KIND_NONE);
-        // SAFETY: nothing of the segment is in use or named any more.
-        unsafe { os::unmap(base, SEGMENT_SIZE) };
-        SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
+        give_back_segment(base);
     }
 }

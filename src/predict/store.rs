@@ -164,8 +164,8 @@ fn parse_learned_line(learned: &mut Learned, line: &str) -> Result<(), Refusal> 
             for (slot, field) in r.reused_by_depth.iter_mut().zip(depths) {
                 *slot = number(field)?;
             }
-            let bytes = r.reused_by_depth.iter().chain([&r.lost_bytes]);
-            if r.cpu_ms > MAX_CPU_MS || bytes.into_iter().any(|&b| b > MAX_COUNTED_BYTES) {
+            let mut bytes = r.reused_by_depth.iter().chain([&r.lost_bytes]);
+            if r.cpu_ms > MAX_CPU_MS || bytes.any(|&b| b > MAX_COUNTED_BYTES) {
                 return Err("large-object depths out of range");
             }
         }
