@@ -1567,6 +1567,32 @@ fn the_profile_gives_a_live_size_wasting_over_1_32_an_exact_fit_class() {
     );
 }
 
+/// Sizes up to 1 KiB are classified from each heap's own copy of the class table, and
+/// the main thread's heap exists before the plan adds its classes (its first
+/// allocations come before the plan is read): the copy is refreshed then, so the main
+/// thread gets a small exact-fit class too (520 bytes: 528 instead of 576).
+#[test]
+fn a_small_exact_fit_class_serves_the_main_thread() {
+    let cache = FreshCache::new("profile-small-exact");
+    let args = ["520", "20000", "4608", "3", "2304", "3"];
+    let first = run_profile_shape_with(&cache, args, &[]);
+    assert_eq!(
+        first.stdout(),
+        "usable 576 4608 2304\n",
+        "{}",
+        first.stderr()
+    );
+    let second = run_profile_shape_with(&cache, args, &[]);
+    let err = second.stderr();
+    assert!(
+        plan_lines_of(&err, 528)
+            .iter()
+            .any(|l| l.contains("exact-fit")),
+        "{err}"
+    );
+    assert_eq!(second.stdout(), "usable 528 4608 2304\n", "{err}");
+}
+
 /// A program whose sizes all fit their standard classes stores an inert plan: later
 /// runs read it up to its `inert` line and put nothing in force (no plan line). Inert
 /// does not mean deaf: a later run big enough to sample (4360-byte blocks, 16 MB) learns

@@ -20,7 +20,7 @@ use crate::diag::misuse;
 use crate::geometry::{SEGMENT_SIZE, SLICE_SIZE};
 use crate::lock::Locked;
 use crate::page::{self, Block, IN_FULL_FLAG, Owner, Page};
-use crate::size_class::{self, MAX_CLASSES};
+use crate::size_class::{self, HEAP_TABLE_LEN, HEAP_TABLE_MAX_SIZE, MAX_CLASSES};
 use crate::{chunk_map, list, options, os, sample, segment, tls};
 
 /// Largest page a heap asks for while growing a class (bigger blocks get one block).
@@ -60,6 +60,11 @@ pub struct Heap {
     /// Per class: the page allocations come from (head of that class's list), or the
     /// static empty page.
     pub pages: [*mut Page; MAX_CLASSES],
+    /// The class of each request size up to `HEAP_TABLE_MAX_SIZE`, by `(size + 15) / 16`:
+    /// a copy of the start of `size_class`'s table, so the fast path classifies with one
+    /// load from this record ([`class_of_small`]). All zero in the empty heap, whose
+    /// slow path classifies again.
+    class_of_small: [u8; HEAP_TABLE_LEN],
     /// `page::link_key()`, kept here so the fast paths encode and decode free-list links
     /// (`hardened`) with one load from the heap they already hold. Zero in the empty heap
     /// (whose pages have no free blocks) and when not hardened.
@@ -131,6 +136,7 @@ pub static EMPTY_PAGE: Page = Page::empty();
 /// The heap of a thread that has not allocated yet. Never written.
 pub static EMPTY_HEAP: Heap = Heap {
     pages: [&raw const EMPTY_PAGE as *mut Page; MAX_CLASSES],
+    class_of_small: [0; HEAP_TABLE_LEN],
     link_key: 0,
     // `EMPTY_PAGE.free` is zero: `0 ^ (1 << 63)` fails the segment check.
     pop_keys: [1 << (usize::BITS - 1); POP_KEYS],
@@ -211,6 +217,31 @@ fn owner(heap: *mut Heap) -> *mut Owner {
 
 // ---- the fast paths --------------------------------------------------------------------
 
+/// The class serving a request of `size` bytes, from `heap`'s copy of the class table.
+///
+/// # Safety
+/// `heap` is the calling thread's heap (possibly the empty heap, which answers class 0
+/// for every size: its slow path classifies again); `size <= HEAP_TABLE_MAX_SIZE`.
+#[inline(always)]
+pub unsafe fn class_of_small(heap: *mut Heap, size: usize) -> usize {
+    debug_assert!(size <= HEAP_TABLE_MAX_SIZE);
+    // SAFETY: per the contract `(size + 15) >> 4 < HEAP_TABLE_LEN`; the copy is written
+    // only by its owner thread (`refresh_class_table`).
+    unsafe { *(*heap).class_of_small.get_unchecked((size + 15) >> 4) as usize }
+}
+
+/// Copies the class table's start into the calling thread's heap again: the plan adds
+/// exact-fit classes before `main`, after the initialising thread's first allocations
+/// made its heap. Heaps of other threads (started by earlier constructors, if any) keep
+/// the standard classes for those sizes.
+pub fn refresh_class_table() {
+    let heap = thread_heap();
+    if heap != empty_heap() {
+        // SAFETY: the calling thread's own live heap.
+        unsafe { (*heap).class_of_small = size_class::heap_table() };
+    }
+}
+
 /// Pops a block of class `class` (chosen for a request of `size` bytes), or takes the
 /// slow path. Null only when out of memory.
 ///
@@ -267,7 +298,7 @@ unsafe fn pop_block(
         let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
         (*heap).sample_left = left;
         if sampled {
-            return alloc_sampled(heap, page, block, class, size);
+            return alloc_sampled(size, heap, page, class, block);
         }
         block.cast()
     }
@@ -501,32 +532,34 @@ fn dirty_prefix(p: *mut u8, size: usize) -> usize {
 
 /// The sampling countdown ran out (reached by a tail jump from the fast path, so the
 /// word at the stack pointer is the return address into the allocating caller): passes
-/// that address on to [`alloc_sampled_at`], which records the sample.
+/// that address on to [`alloc_sampled_at`], which records the sample. The arguments
+/// come in the order the fast path holds them in registers (`size` first, where malloc
+/// received it), so the jump here takes one move rather than a shuffle.
 ///
 /// # Safety
 /// As for [`alloc_sampled_at`].
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 #[unsafe(naked)]
 unsafe extern "C" fn alloc_sampled(
+    size: usize,
     heap: *mut Heap,
     page: *mut Page,
-    block: *mut Block,
     class: usize,
-    size: usize,
+    block: *mut Block,
 ) -> *mut u8 {
     core::arch::naked_asm!("mov r9, [rsp]", "jmp {f}", f = sym alloc_sampled_at)
 }
 
 #[cfg(not(all(target_arch = "x86_64", not(miri))))]
 unsafe extern "C" fn alloc_sampled(
+    size: usize,
     heap: *mut Heap,
     page: *mut Page,
-    block: *mut Block,
     class: usize,
-    size: usize,
+    block: *mut Block,
 ) -> *mut u8 {
     // SAFETY: forwarded contract; no return address known.
-    unsafe { alloc_sampled_at(heap, page, block, class, size, 0) }
+    unsafe { alloc_sampled_at(size, heap, page, class, block, 0) }
 }
 
 /// Serves this allocation from the sample arena (whose frees leave the fast path, see
@@ -541,11 +574,11 @@ unsafe extern "C" fn alloc_sampled(
 #[cold]
 #[inline(never)]
 unsafe extern "C" fn alloc_sampled_at(
+    size: usize,
     heap: *mut Heap,
     page: *mut Page,
-    block: *mut Block,
     class: usize,
-    size: usize,
+    block: *mut Block,
     ret: usize,
 ) -> *mut u8 {
     // SAFETY: per the contract; undoing the pop restores the page exactly.
@@ -1387,6 +1420,7 @@ fn pool_take() -> *mut Heap {
         unsafe {
             h.write(Heap {
                 pages: [empty_page(); MAX_CLASSES],
+                class_of_small: size_class::heap_table(),
                 link_key: page::link_key(),
                 pop_keys: [page::link_key() ^ empty_page().addr(); POP_KEYS],
                 alloc_count: [0; MAX_CLASSES],

@@ -12,7 +12,7 @@ use crate::chunk_map::{
     self, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE, KIND_SAMPLE, KIND_SEGMENT,
 };
 use crate::diag::misuse;
-use crate::size_class::{self, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
+use crate::size_class::{self, HEAP_TABLE_MAX_SIZE, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
 use crate::stats::{self, LgStats};
 use crate::{heap, init, large, options, os, page, sample, segment};
 
@@ -25,15 +25,19 @@ pub const MIN_ALIGN: usize = 16;
 #[inline(always)]
 pub fn malloc(size: usize) -> *mut u8 {
     let heap = heap::thread_heap();
-    if size <= TABLE_MAX_SIZE {
-        // SAFETY: `heap` is the calling thread's heap; the class comes from the table.
-        return unsafe { heap::alloc_small(heap, size_class::class_of_table_size(size), size) };
+    if size <= HEAP_TABLE_MAX_SIZE {
+        // SAFETY: `heap` is the calling thread's heap, `size` within its class table.
+        return unsafe { heap::alloc_small(heap, heap::class_of_small(heap, size), size) };
     }
-    malloc_beyond_table(size, heap)
+    malloc_beyond_heap_table(size, heap)
 }
 
 #[inline(never)]
-fn malloc_beyond_table(size: usize, heap: *mut heap::Heap) -> *mut u8 {
+fn malloc_beyond_heap_table(size: usize, heap: *mut heap::Heap) -> *mut u8 {
+    if size <= TABLE_MAX_SIZE {
+        // SAFETY: as in `malloc`; the class comes from the table.
+        return unsafe { heap::alloc_small(heap, size_class::class_of_table_size(size), size) };
+    }
     if size <= MAX_SMALL_SIZE {
         // SAFETY: as in `malloc`.
         return unsafe { heap::alloc_small(heap, size_class::size_class_of(size), size) };
@@ -108,7 +112,10 @@ pub fn calloc(count: usize, size: usize) -> *mut u8 {
     };
     if total <= MAX_SMALL_SIZE {
         let heap = heap::thread_heap();
-        let class = if total <= TABLE_MAX_SIZE {
+        let class = if total <= HEAP_TABLE_MAX_SIZE {
+            // SAFETY: `heap` is the calling thread's heap, `total` within its table.
+            unsafe { heap::class_of_small(heap, total) }
+        } else if total <= TABLE_MAX_SIZE {
             size_class::class_of_table_size(total)
         } else {
             size_class::size_class_of(total)

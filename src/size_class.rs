@@ -15,6 +15,13 @@ use core::cell::UnsafeCell;
 pub const MAX_SMALL_SIZE: usize = 256 * 1024;
 /// Sizes up to this are classified with one table load.
 pub const TABLE_MAX_SIZE: usize = 8192;
+/// Sizes up to this are classified from the copy of the table's start that every heap
+/// holds (`heap::Heap::class_of_small`): the malloc fast path then reads the class with
+/// one load from the heap it already has in a register, instead of loading the table's
+/// address first. Most requests are this small; the copy costs 65 bytes per thread.
+pub const HEAP_TABLE_MAX_SIZE: usize = 1024;
+/// Entries of a heap's copy of the table.
+pub const HEAP_TABLE_LEN: usize = HEAP_TABLE_MAX_SIZE / 16 + 1;
 /// Capacity of the class table, standard plus exact-fit classes.
 pub const MAX_CLASSES: usize = 112;
 /// Number of standard classes.
@@ -63,8 +70,9 @@ struct Tables {
 }
 
 struct TableCell(UnsafeCell<Tables>);
-// SAFETY: the tables are written only during single-threaded start-up (`init` and
-// `add_exact_class` run under the init lock before any heap exists) and read-only after.
+// SAFETY: the tables are written only during single-threaded start-up (`init` under the
+// init lock; `add_exact_class` from the `.init_array` entry, before `main` can start
+// threads) and read-only after.
 unsafe impl Sync for TableCell {}
 
 static TABLES: TableCell = TableCell(UnsafeCell::new(Tables {
@@ -126,7 +134,8 @@ fn rebuild_small_table(t: &mut Tables) {
 
 /// Adds an exact-fit class for `size` (rounded up to 16). Returns its index, or the
 /// existing class when one already has that block size. Fails when the table is full or
-/// the size is not table-classified. Start-up only (before any heap exists).
+/// the size is not table-classified. Start-up only (before `main`); heaps made before
+/// then keep their copy of the table's start until `heap::refresh_class_table`.
 pub fn add_exact_class(size: usize, first_page_blocks: u32) -> Option<usize> {
     let size = crate::os::align_up(size.max(16), 16)?;
     if size > TABLE_MAX_SIZE {
@@ -197,6 +206,15 @@ pub fn class_of_table_size(size: usize) -> usize {
     debug_assert!(slot < TABLE_LEN);
     // SAFETY: callers pass size <= TABLE_MAX_SIZE, so slot < TABLE_LEN.
     unsafe { *tables().class_of_small.get_unchecked(slot) as usize }
+}
+
+/// The first [`HEAP_TABLE_LEN`] entries of the table, for a heap's own copy.
+pub fn heap_table() -> [u8; HEAP_TABLE_LEN] {
+    let mut copy = [0; HEAP_TABLE_LEN];
+    for (entry, class) in copy.iter_mut().zip(tables().class_of_small.iter()) {
+        *entry = *class;
+    }
+    copy
 }
 
 /// The block size of the standard class that serves `size` (at most

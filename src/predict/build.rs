@@ -257,6 +257,7 @@ pub(super) fn apply(plan: &mut RuntimePlan) {
         // A full table leaves the size in its standard class.
         c.class = class.unwrap_or(standard);
     }
+    crate::heap::refresh_class_table();
     // Recorded as the plan's policy even when not put in force (`LGMALLOC_PLAN`
     // without `large-retention`), so an ablation run does not store the default as
     // what was learned.
