@@ -93,9 +93,9 @@ int main(void) {
            (unsigned long long)now.live_heaps, (unsigned long long)base.bytes_allocated,
            (unsigned long long)early.bytes_allocated, ROUNDS, (unsigned long long)now.bytes_allocated);
     /* Bounds from measurements (a round's peak is ~46 MiB): between single snapshots at
-     * round 5 and round 40, committed memory moved by -5.2 to +8.1 MiB (19 runs on a
+     * round 5 and round 40, committed memory moved by -5.2 to +8.1 MiB (27 runs on a
      * 2-core machine, one of them a CI run: the purge delay decides what a snapshot
-     * catches); the lowest of five rounds moved by -3.2 to +6.7 MiB (8 runs: which pages
+     * catches); the lowest of five rounds moved by -4.0 to +6.7 MiB (9 runs: which pages
      * a round reuses depends on how its threads were scheduled). Live bytes moved by 0,
      * and one heap was left (the main thread's). A leak of L bytes a round puts at least
      * 27 L between the windows' lowest. Margins: 16 MiB of committed memory (a leak of
