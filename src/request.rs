@@ -12,7 +12,7 @@ use crate::chunk_map::{
     self, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE, KIND_SAMPLE, KIND_SEGMENT,
 };
 use crate::diag::misuse;
-use crate::size_class::{self, HEAP_TABLE_MAX_SIZE, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
+use crate::size_class::{self, HEAP_TABLE_MAX_SIZE, MAX_SMALL_SIZE};
 use crate::stats::{self, LgStats};
 use crate::{heap, init, large, options, os, page, sample, segment};
 
@@ -34,10 +34,6 @@ pub fn malloc(size: usize) -> *mut u8 {
 
 #[inline(never)]
 fn malloc_beyond_heap_table(size: usize, heap: *mut heap::Heap) -> *mut u8 {
-    if size <= TABLE_MAX_SIZE {
-        // SAFETY: as in `malloc`; the class comes from the table.
-        return unsafe { heap::alloc_small(heap, size_class::class_of_table_size(size), size) };
-    }
     if size <= MAX_SMALL_SIZE {
         // SAFETY: as in `malloc`.
         return unsafe { heap::alloc_small(heap, size_class::size_class_of(size), size) };
@@ -115,8 +111,6 @@ pub fn calloc(count: usize, size: usize) -> *mut u8 {
         let class = if total <= HEAP_TABLE_MAX_SIZE {
             // SAFETY: `heap` is the calling thread's heap, `total` within its table.
             unsafe { heap::class_of_small(heap, total) }
-        } else if total <= TABLE_MAX_SIZE {
-            size_class::class_of_table_size(total)
         } else {
             size_class::size_class_of(total)
         };
