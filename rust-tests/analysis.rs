@@ -380,6 +380,35 @@ fn wrappers_are_promoted() {
             via.iter().all(|s| s.confidence < 0.9),
             "{name}: wrapper sites are less certain"
         );
+        // The wrappers' own calls, and only they, lie in a wrapper: a sampled stack
+        // looks past their frames to the program's call site.
+        assert!(via.iter().all(|s| !s.in_wrapper), "{name}");
+        let inside: Vec<_> = a.call_sites.iter().filter(|s| s.in_wrapper).collect();
+        for w in [x, c, xx] {
+            // The fixture's wrappers are a few instructions long.
+            assert!(
+                inside
+                    .iter()
+                    .any(|s| s.site >= w.addr && s.site - w.addr < 64),
+                "{name}: no site in {}",
+                w.name
+            );
+        }
+        // Functions that are no wrapper: the constant sites.
+        assert!(
+            a.call_sites
+                .iter()
+                .filter(|s| s.size.is_some())
+                .all(|s| !s.in_wrapper),
+            "{name}"
+        );
+        for ret in a.wrapper_returns() {
+            assert!(
+                inside
+                    .iter()
+                    .any(|s| !s.tail && s.site + u64::from(s.len) == ret)
+            );
+        }
     }
     // Unoptimised code spills the argument: no false wrapper, and still no wrong size.
     assert!(analyze(fixture("c-O0")).wrappers().next().is_none());

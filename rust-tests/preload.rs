@@ -1186,6 +1186,70 @@ fn verify_matches_the_sites_of_the_program_and_its_library() {
     );
 }
 
+/// Runs `wrapped` (allocations through a wrapper of its own, see the fixture) with its
+/// own cache, the analysis within the start-up budget.
+fn run_wrapped(cache: &Path, count: &str, env: &[(&str, &str)]) -> Run {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| fixture_exe("wrapped", &["wrapped.c"], &["-O2"]));
+    let mut cmd = Command::new(exe);
+    cmd.arg(count)
+        .env("LGMALLOC_CACHE_DIR", cache)
+        .env_remove("LGMALLOC_PREDICT")
+        .env_remove("LGMALLOC_LEARN");
+    let mut env = env.to_vec();
+    env.push(("LGMALLOC_ANALYSIS_BUDGET_MS", "10000"));
+    let r = run_lg_with(&mut cmd, &env).success("wrapped");
+    r.ran_on_lgmalloc("wrapped");
+    r
+}
+
+/// A program allocating through a wrapper (`xmalloc`) has its call sites where it calls
+/// the wrapper, each with one size. Verify mode looks past the wrapper's frame to match
+/// them (the analysis predicts 520 and 1040 there), and the sampled profile records
+/// them, not the wrapper's one call of malloc with sizes from 520 to 1040.
+#[test]
+fn sites_that_call_a_wrapper_are_the_call_sites() {
+    let cache = FreshCache::new("wrapped");
+    let r = run_wrapped(&cache, "20000", &[("LGMALLOC_VERIFY", "1")]);
+    let err = r.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("lgmalloc: verify calls="))
+        .unwrap_or_else(|| panic!("no verify line:\n{err}"));
+    let field = |name: &str| -> u64 {
+        line.split(' ')
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    assert!(field("calls") >= 30_000, "{line}");
+    assert!(
+        field("predicted") >= 30_000,
+        "the wrapper's callers unmatched: {line}"
+    );
+    assert_eq!(field("exact"), field("predicted"), "{line}");
+    // Two runs of 20 MB: about 80 samples, each size's site well sampled.
+    for _ in 0..2 {
+        run_wrapped(&cache, "20000", &[]);
+    }
+    let profile = cache_files(&cache)
+        .into_iter()
+        .find(|n| n.ends_with(".profile"))
+        .and_then(|n| fs::read_to_string(cache.join(n)).ok())
+        .expect("a stored profile");
+    // `site MODULE OFFSET SAMPLES BYTES SIZE_MIN SIZE_MAX ...`
+    let sizes: Vec<(u64, u64)> = profile
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.first() == Some(&"site")).then(|| (f[5].parse().unwrap(), f[6].parse().unwrap()))
+        })
+        .collect();
+    assert!(sizes.contains(&(520, 520)), "{profile}");
+    assert!(sizes.contains(&(1040, 1040)), "{profile}");
+    assert!(!sizes.contains(&(520, 1040)), "{profile}");
+}
+
 #[test]
 fn a_predicted_size_gets_an_exact_fit_class_and_predict_0_turns_it_off() {
     let cache = FreshCache::new("predict-exact");
@@ -1591,6 +1655,52 @@ fn a_small_exact_fit_class_serves_the_main_thread() {
         "{err}"
     );
     assert_eq!(second.stdout(), "usable 528 4608 2304\n", "{err}");
+}
+
+/// The sampled profile grows with every run, and the plan follows it even when the
+/// observations stay the same. Two runs with a few 520-byte blocks among 600,000 small
+/// ones make a plan without an exact fit for 520 (the profile holds too few of its
+/// bytes). Runs with 5,000 of them keep the mix of allocations (520 stays under the
+/// 5% share observations count) but make the profile choose a 528-byte class: the run
+/// that tips it drops the stored plan, and later runs are served 528-byte blocks. The
+/// observations file is the same throughout: the profile, not the observations, made
+/// the plan anew.
+#[test]
+fn the_plan_follows_the_profile_as_it_grows() {
+    let cache = FreshCache::new("profile-grows");
+    let few = ["520", "20", "16", "300000", "32", "300000"];
+    let many = ["520", "5000", "16", "300000", "32", "300000"];
+    let learned = || {
+        let name = cache_files(&cache)
+            .into_iter()
+            .find(|n| n.ends_with(".learned"))
+            .expect("observations stored");
+        fs::read_to_string(cache.join(name)).expect("readable observations")
+    };
+    for _ in 0..2 {
+        let run = run_profile_shape_with(&cache, few, &[]);
+        assert_eq!(run.stdout(), "usable 576 16 32\n", "{}", run.stderr());
+    }
+    let plan = stored_plan_text(&cache).expect("a stored plan");
+    assert!(plan.lines().any(|l| l == "profile-room 16"), "{plan}");
+    assert!(!plan.contains("profile-exact"), "{plan}");
+    let observed = learned();
+    // Two runs merge about 40 samples of 520 bytes: far past the 5 the choice needs.
+    for _ in 0..2 {
+        run_profile_shape_with(&cache, many, &[]);
+    }
+    let after = run_profile_shape_with(&cache, many, &[]);
+    let err = after.stderr();
+    assert_eq!(after.stdout(), "usable 528 16 32\n", "{err}");
+    assert!(
+        plan_lines_of(&err, 528)
+            .iter()
+            .any(|l| l.contains("from Profile exact-fit")),
+        "{err}"
+    );
+    let plan = stored_plan_text(&cache).expect("the plan stored again");
+    assert!(plan.lines().any(|l| l == "profile-exact 528"), "{plan}");
+    assert_eq!(learned(), observed);
 }
 
 /// A program whose sizes all fit their standard classes stores an inert plan: later

@@ -16,7 +16,7 @@
 //! are claimed with compare-and-swap, so threads and `fork` need nothing more.
 
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use crate::{chunk_map, os, secret, size_class};
 
@@ -122,6 +122,35 @@ static ARENA: AtomicUsize = AtomicUsize::new(0);
 /// object), set at start-up by `predict`; empty when linked into the program.
 static OWN_CODE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
+/// Run-time return addresses of the calls the program's allocation wrappers (`xmalloc`,
+/// `Perl_safesysmalloc`) make to the allocator, ascending; set once at start-up by
+/// `predict` from the analyses (empty until then). A sample returning to one of them
+/// unwinds the stack, so its call site can be the wrapper's caller.
+static WRAPPER_RETURNS: AtomicPtr<usize> = AtomicPtr::new(core::ptr::null_mut());
+static WRAPPER_RETURNS_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the wrappers' return addresses (see [`WRAPPER_RETURNS`]), once, at start-up.
+pub fn set_wrapper_returns(returns: &'static [usize]) {
+    WRAPPER_RETURNS_LEN.store(returns.len(), Ordering::Relaxed);
+    WRAPPER_RETURNS.store(returns.as_ptr().cast_mut(), Ordering::Release);
+}
+
+/// The wrappers' return addresses, ascending (empty before start-up sets them).
+pub fn wrapper_returns() -> &'static [usize] {
+    let p = WRAPPER_RETURNS.load(Ordering::Acquire);
+    if p.is_null() {
+        return &[];
+    }
+    // SAFETY: set once from a `'static` slice of this length (stored before the pointer
+    // was published with Release).
+    unsafe { core::slice::from_raw_parts(p, WRAPPER_RETURNS_LEN.load(Ordering::Relaxed)) }
+}
+
+/// Whether `ip` is the return address of a wrapper's call to the allocator.
+pub fn is_wrapper_return(ip: usize) -> bool {
+    wrapper_returns().binary_search(&ip).is_ok()
+}
+
 /// Whether the unwinder may be called: not before `predict` has checked that the
 /// program has the `.eh_frame_hdr` it needs (in a `-static` program linked without it,
 /// libgcc's unwinder aborts).
@@ -223,8 +252,8 @@ fn ln(u: f64) -> f64 {
 /// Serves a sampled allocation of `size` bytes in class `class` for thread `thread`
 /// and records it; null when no slot is free (the caller allocates normally). `ret`
 /// is the return address the allocating entry point will return to, when known
-/// (0 or an address inside lgmalloc otherwise: the stack is then unwound, where that
-/// is safe; else `ret` is all that is kept).
+/// (0 or an address inside lgmalloc otherwise; when it is unknown, or lies in a known
+/// wrapper, the stack is unwound, where that is safe; else `ret` is all that is kept).
 pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     let usable = size_class::block_size(class);
     if usable > 1 << SLOT_SHIFT {
@@ -235,7 +264,8 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
         SKIPPED.fetch_add(1, Ordering::Relaxed);
         return core::ptr::null_mut();
     };
-    let frames = if (ret != 0 && !is_own_code(ret)) || !UNWIND.load(Ordering::Relaxed) {
+    let known = ret != 0 && !is_own_code(ret) && !is_wrapper_return(ret);
+    let frames = if known || !UNWIND.load(Ordering::Relaxed) {
         let mut f = [0; FRAMES];
         f[0] = ret;
         f
@@ -468,7 +498,8 @@ struct Walk {
 }
 
 /// The return addresses of the current call stack, innermost first (lgmalloc's own
-/// frames included). The unwinder reads `.eh_frame` and allocates nothing; nested
+/// frames included), up to the first that is neither lgmalloc's (when its code is known)
+/// nor a wrapper's. The unwinder reads `.eh_frame` and allocates nothing; nested
 /// allocations, if any, find the countdown disarmed by the caller.
 #[inline(never)]
 fn capture() -> [usize; FRAMES] {
@@ -481,6 +512,12 @@ fn capture() -> [usize; FRAMES] {
             return 0;
         }
         match walk.frames.get_mut(k - SKIP_FRAMES) {
+            // The call site found (outside lgmalloc and the program's wrappers): the
+            // frames further out are not kept, so they are not unwound.
+            Some(f) if ip != 0 && !is_own_code(ip) && !is_wrapper_return(ip) => {
+                *f = ip;
+                5
+            }
             Some(f) if ip != 0 => {
                 *f = ip;
                 0

@@ -26,7 +26,7 @@ use super::mmap::FileId;
 use super::{Analysis, CallSite, Callee, confidence};
 
 const MAGIC: &[u8; 8] = b"LGMACACH";
-pub(crate) const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 3;
 const HEADER: usize = 8 + 4 + 8 + 8;
 
 /// The cache entry path for this file, or `None` when there is no usable cache
@@ -140,7 +140,12 @@ fn put_callee(p: &mut Vec<u8>, c: &Callee) {
 fn put_site(p: &mut Vec<u8>, s: &CallSite) {
     p.extend_from_slice(&s.site.to_le_bytes());
     p.push(s.len);
-    p.push(u8::from(s.tail) | u8::from(s.via_wrapper) << 1 | u8::from(s.size.is_some()) << 2);
+    p.push(
+        u8::from(s.tail)
+            | u8::from(s.via_wrapper) << 1
+            | u8::from(s.size.is_some()) << 2
+            | u8::from(s.in_wrapper) << 3,
+    );
     p.extend_from_slice(&s.callee.to_le_bytes());
     p.extend_from_slice(&s.size.unwrap_or(0).to_le_bytes());
     p.extend_from_slice(&s.confidence.to_bits().to_le_bytes());
@@ -382,7 +387,7 @@ impl<'a> Reader<'a> {
         let callee = self.u32().ok_or(bad)?;
         let size = self.u64().ok_or(bad)?;
         let confidence = f32::from_bits(self.u32().ok_or(bad)?);
-        if bits > 7 {
+        if bits > 15 {
             return Err("unknown call site flags");
         }
         if site >= MAX_ADDR || len == 0 || len > MAX_INSN_LEN {
@@ -403,6 +408,7 @@ impl<'a> Reader<'a> {
             size: has_size.then_some(size),
             confidence,
             via_wrapper: bits & 2 != 0,
+            in_wrapper: bits & 8 != 0,
         })
     }
 }
@@ -441,6 +447,7 @@ mod tests {
                 size: Some(72),
                 confidence: 0.95,
                 via_wrapper: false,
+                in_wrapper: true,
             },
             CallSite {
                 site: 0x1200,
@@ -450,6 +457,7 @@ mod tests {
                 size: None,
                 confidence: 0.0,
                 via_wrapper: true,
+                in_wrapper: false,
             },
         ];
         let size_classes = confidence::predicted_sizes(&call_sites);

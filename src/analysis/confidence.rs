@@ -108,6 +108,7 @@ mod tests {
             size,
             confidence,
             via_wrapper: false,
+            in_wrapper: false,
         };
         let sites = [
             site(Some(32), 0.5),

@@ -112,6 +112,10 @@ pub struct CallSite {
     pub confidence: f32,
     /// The callee is a wrapper, not an allocator.
     pub via_wrapper: bool,
+    /// The site lies in a wrapper: its return address is the wrapper's frame, not the
+    /// program's call site, and a sampled stack looks past it (see
+    /// [`Analysis::wrapper_returns`]).
+    pub in_wrapper: bool,
 }
 
 /// One predicted size and how strongly it is predicted.
@@ -156,6 +160,17 @@ impl Analysis {
     /// The wrappers found (callees that forward to another one).
     pub fn wrappers(&self) -> impl Iterator<Item = &Callee> {
         self.callees.iter().filter(|c| c.wraps.is_some())
+    }
+
+    /// Return addresses (link-time) of the calls wrappers make to what they wrap,
+    /// ascending: a stack frame at one of them is a wrapper's, and the program's call
+    /// site is the next frame out. A wrapper that tail-jumps leaves no frame.
+    pub fn wrapper_returns(&self) -> Vec<u64> {
+        self.call_sites
+            .iter()
+            .filter(|s| s.in_wrapper && !s.tail)
+            .map(|s| s.site + u64::from(s.len))
+            .collect()
     }
 }
 

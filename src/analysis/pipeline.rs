@@ -34,6 +34,8 @@ struct Pipeline<'e, 'a> {
     names: SymbolNames,
     callees: Vec<Callee>,
     sites: Vec<CallSite>,
+    /// `(site, start of the function holding it)` for every site found.
+    site_functions: Vec<(u64, u64)>,
     /// Wrappers found to allocate more than their argument (see `wrappers`).
     bad: Vec<u32>,
 }
@@ -56,6 +58,7 @@ pub(crate) fn run(
         names: SymbolNames::default(),
         callees: Vec::new(),
         sites: Vec::new(),
+        site_functions: Vec::new(),
         bad: Vec::new(),
     };
     find_allocators(elf, &mut p.callees, &mut p.targets);
@@ -71,7 +74,35 @@ pub(crate) fn run(
     drop_bad(&mut p.callees, &mut p.sites, &p.bad);
     p.sites.sort_by_key(|s| s.site);
     p.sites.dedup_by_key(|s| s.site);
+    mark_sites_in_wrappers(&mut p.sites, &mut p.site_functions, &p.callees);
     Ok((p.callees, p.sites))
+}
+
+/// Flags the sites that lie in a wrapper (a function promoted to a callee), once the
+/// wrappers are final.
+fn mark_sites_in_wrappers(
+    sites: &mut [CallSite],
+    functions: &mut [(u64, u64)],
+    callees: &[Callee],
+) {
+    let mut wrappers: Vec<u64> = callees
+        .iter()
+        .filter(|c| c.wraps.is_some())
+        .map(|c| c.addr)
+        .collect();
+    if wrappers.is_empty() {
+        return;
+    }
+    wrappers.sort_unstable();
+    functions.sort_unstable();
+    for s in sites {
+        let function = functions
+            .binary_search_by_key(&s.site, |f| f.0)
+            .ok()
+            .and_then(|i| functions.get(i))
+            .map(|f| f.1);
+        s.in_wrapper = function.is_some_and(|f| wrappers.binary_search(&f).is_ok());
+    }
 }
 
 impl Pipeline<'_, '_> {
@@ -139,6 +170,7 @@ impl Pipeline<'_, '_> {
                 continue; // a wrapper's recursion into itself
             }
             let site = self.infer(k, insn.ip(), insn.len() as u8, tail, callee);
+            self.site_functions.push((site.site, self.code.start));
             self.sites.push(site);
         }
     }
@@ -172,6 +204,7 @@ impl Pipeline<'_, '_> {
             size: None,
             confidence: 0.0,
             via_wrapper: false,
+            in_wrapper: false,
         };
         let Some(c) = self.callees.get(callee as usize) else {
             return site;

@@ -466,12 +466,13 @@ fn json(path: &Path, a: &Analysis, us: u128) -> String {
         }
         let _ = write!(
             o,
-            "{{\"site\":\"{:#x}\",\"callee\":{},\"size\":{},\"confidence\":{:.3},\"via_wrapper\":{},\"tail\":{}}}",
+            "{{\"site\":\"{:#x}\",\"callee\":{},\"size\":{},\"confidence\":{:.3},\"via_wrapper\":{},\"in_wrapper\":{},\"tail\":{}}}",
             s.site,
             jstr(callee_name(a, s)),
             s.size.map_or("null".into(), |z| z.to_string()),
             s.confidence,
             s.via_wrapper,
+            s.in_wrapper,
             s.tail,
         );
     }

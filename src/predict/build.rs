@@ -4,9 +4,9 @@
 use super::learn::{LEARNED_MIN_SHARE, Learned, MAX_RESERVED_CLASSES};
 use super::modules::Module;
 use super::profile::{Profile, SETTLED_RUNS};
-use super::shape::{self, PROFILE_WASTE_SHIFT};
+use super::shape::{self, PROFILE_WASTE_SHIFT, ProfileChoice};
 use super::verify::Site;
-use super::{PlannedClass, RuntimePlan, Source};
+use super::{MAX_WRAPPER_RETURNS, PlannedClass, RuntimePlan, Source};
 use crate::analysis::{self, Analysis};
 use crate::geometry::SLICE_SIZE;
 use crate::large::Retention;
@@ -66,26 +66,32 @@ pub(super) fn build(
         }
     }
     classes.sort_by(|x, y| y.confidence.total_cmp(&x.confidence));
-    if let Some(profile) = profile {
-        add_profile_classes(&mut classes, profile, learned);
-    }
+    let profile_choice = add_profile_classes(&mut classes, profile, learned);
     let mut sites: Vec<Site> = analysed
         .iter()
         .flat_map(|(a, m)| constant_sites(a, m.bias))
         .collect();
     sites.sort_by_key(|s| s.ret);
     sites.dedup_by_key(|s| s.ret);
+    let wrapper_returns: Vec<(usize, u64)> = analysed
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (a, _))| a.wrapper_returns().into_iter().map(move |ret| (i, ret)))
+        .take(MAX_WRAPPER_RETURNS)
+        .collect();
     let reserved_sizes = learned.per_thread_sizes();
     let retains = super::retention::next_policy(&learned.large) != Retention::DEFAULT;
     let inert = !retains && !predicts_saving(&classes, &reserved_sizes, profile, learned);
     RuntimePlan {
         classes,
         sites,
+        wrapper_returns,
         inert,
         reserved_sizes,
         modules: analysed.iter().map(|(_, m)| m.entry_name()).collect(),
         from_cache: analysed.iter().all(|(a, _)| a.from_cache),
         observed: learned.clone(),
+        profile_choice,
         ..RuntimePlan::default()
     }
 }
@@ -93,14 +99,20 @@ pub(super) fn build(
 /// Adds the sizes `profile` makes worth an exact-fit class (`shape`), after the others:
 /// a size some planned class already covers becomes that class's exact fit (its source
 /// becomes the profile), unless its own rule gives it one anyway. They take only the
-/// exact-fit room the other classes leave in the class table.
-fn add_profile_classes(classes: &mut Vec<PlannedClass>, profile: &Profile, learned: &Learned) {
+/// exact-fit room the other classes leave in the class table. Returns what the profile
+/// chose (nothing without one), which the plan keeps to tell when it goes stale.
+fn add_profile_classes(
+    classes: &mut Vec<PlannedClass>,
+    profile: Option<&Profile>,
+    learned: &Learned,
+) -> ProfileChoice {
     let taken = classes
         .iter()
         .filter(|c| exact_fit_wanted(c.size, c.source))
         .count();
     let room = (MAX_CLASSES - STANDARD_CLASSES).saturating_sub(taken);
-    for s in shape::exact_sizes(profile, learned, room) {
+    let shaped = profile.map_or_else(Vec::new, |p| shape::exact_sizes(p, learned, room));
+    for s in &shaped {
         let count = classes.len();
         let covering = classes
             .iter_mut()
@@ -122,6 +134,7 @@ fn add_profile_classes(classes: &mut Vec<PlannedClass>, profile: &Profile, learn
             None => {}
         }
     }
+    ProfileChoice::new(room, &shaped)
 }
 
 /// Whether putting a plan's classes in force would change anything that saves (its

@@ -1,16 +1,18 @@
 //! Learning across runs: what a run observed (allocations per class, which classes its
-//! threads used, how it reused its large mappings), and whether that would change the
-//! plan enough to store it.
+//! threads used, how it reused its large mappings), and whether that, or the sampled
+//! profile as this run left it, would change the plan enough to build it again.
 
 use core::sync::atomic::{AtomicPtr, Ordering};
 
-use super::profile::MIN_SAMPLES_TO_MERGE;
+use super::profile::{self, MIN_SAMPLES_TO_MERGE};
 use super::retention::{LargeObserved, next_policy};
 use super::store::{read_whole_plan, write_learned};
 use super::{RuntimePlan, current};
 use crate::analysis::cache_dir::CacheDir;
+use crate::diag::diag;
 use crate::heap;
 use crate::large::Retention;
+use crate::options;
 use crate::sample;
 use crate::size_class::MAX_CLASSES;
 use crate::stats::{self, LgStats};
@@ -145,11 +147,35 @@ fn learn_from(plan: &RuntimePlan) {
             now.classes.push((c.block_size as usize, calls, *using));
         }
     }
-    if !changed(&plan.observed, &now) {
+    if changed(&plan.observed, &now) {
+        if let Some(dir) = CacheDir::open() {
+            write_learned(&dir, learned, stale_plan, &now);
+        }
+        return;
+    }
+    drop_plan_if_profile_chooses_otherwise(plan, stale_plan);
+}
+
+/// The observations stand, but the sampled profile this run grew may choose other
+/// exact-fit sizes than the plan was built with (a program first run on small inputs,
+/// then on large ones with the same mix of sizes): then the stored plan is dropped,
+/// and the next run builds it from the profile as it now stands. Nothing to check when
+/// this run merged nothing into the profile.
+fn drop_plan_if_profile_chooses_otherwise(plan: &RuntimePlan, stored_plan: &str) {
+    let Some(profile) = profile::merged_this_run() else {
+        return;
+    };
+    if plan.profile_choice.still_made_by(profile, &plan.observed) {
         return;
     }
     if let Some(dir) = CacheDir::open() {
-        write_learned(&dir, learned, stale_plan, &now);
+        if options::verbose() {
+            diag!(
+                "lgmalloc: plan: the sampled profile now chooses other exact-fit sizes than the plan's {:?}: the stored plan is dropped, the next run builds it anew",
+                plan.profile_choice.sizes
+            );
+        }
+        dir.remove(stored_plan);
     }
 }
 

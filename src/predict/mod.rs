@@ -86,6 +86,10 @@ pub struct RuntimePlan {
     pub classes: Vec<PlannedClass>,
     /// Call sites with a constant prediction (verify mode matches allocations to them).
     sites: Vec<Site>,
+    /// The return addresses of the calls the modules' wrappers make to the allocator,
+    /// as (index into `modules`, link-time address), ascending: samples and verify mode
+    /// look past these frames to the wrapper's caller (`start::find_wrapper_frames`).
+    wrapper_returns: Vec<(usize, u64)>,
     /// Cache-entry names of the modules the plan was built from (the main program first).
     modules: Vec<String>,
     pub analysis_us: u64,
@@ -97,6 +101,8 @@ pub struct RuntimePlan {
     allocs_at_start: Vec<u64>,
     /// The observations the plan was built from.
     observed: Learned,
+    /// The exact-fit sizes the stored sampled profile chose when the plan was built.
+    profile_choice: shape::ProfileChoice,
     /// Block sizes every new heap reserves a page for (learned thread coverage).
     reserved_sizes: Vec<usize>,
     /// The plan predicts no saving: nothing is put in force (`build::predicts_saving`).
@@ -105,6 +111,9 @@ pub struct RuntimePlan {
     /// `LGMALLOC_PLAN` leaves `large-retention` out; the default without a plan).
     retention: crate::large::Retention,
 }
+
+/// Wrapper return addresses a plan keeps at most.
+const MAX_WRAPPER_RETURNS: usize = 1024;
 
 static PLAN: AtomicPtr<RuntimePlan> = AtomicPtr::new(core::ptr::null_mut());
 

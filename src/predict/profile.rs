@@ -8,6 +8,7 @@
 //! one `LGMALLOC_VERBOSE` line.
 
 use core::fmt::Write;
+use core::sync::atomic::{AtomicPtr, Ordering};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -298,14 +299,59 @@ fn loaded_modules() -> Vec<Loaded> {
     out
 }
 
-/// This run's samples, resolved to call sites: each stack's first frame outside
-/// lgmalloc (its own module when it has one, else the allocator's functions by name).
+/// What resolving a sampled stack to its call site reads, each file at most once.
+struct Resolver {
+    loaded: Vec<Loaded>,
+    own: (usize, usize),
+    /// Symbols are read only when lgmalloc is linked into the program (then its frames
+    /// are told apart by name), and only for the main program.
+    symbols: HashMap<usize, Option<Symbols>>,
+}
+
+impl Resolver {
+    /// The call site of a sampled stack (module index and offset): its first frame
+    /// outside lgmalloc (its own module when it has one, else the allocator's functions
+    /// by name) and outside the wrappers the module's analysis found (`xmalloc`,
+    /// `Perl_safesysmalloc`: their callers are the sites whose sizes mean something).
+    /// A stack with nothing but wrappers in the frames kept resolves to its first.
+    fn call_site(&mut self, frames: &[usize]) -> Option<(usize, u64)> {
+        let mut first = None;
+        for &ip in frames.iter().filter(|&&ip| ip != 0) {
+            let (lo, hi) = self.own;
+            if lo != hi && ip >= lo && ip < hi {
+                continue;
+            }
+            let Some(m) = self.loaded.iter().position(|m| ip >= m.lo && ip < m.hi) else {
+                continue;
+            };
+            let module = self.loaded.get(m)?;
+            let offset = (ip - module.base) as u64;
+            if lo == hi && m == 0 {
+                let sy = self
+                    .symbols
+                    .entry(m)
+                    .or_insert_with(|| Symbols::read(&module.path));
+                let name = sy.as_ref().and_then(|sy| sy.caller_of(offset)).map(|f| f.0);
+                if name.is_some_and(is_allocator_frame) {
+                    continue;
+                }
+            }
+            first = first.or(Some((m, offset)));
+            if !sample::is_wrapper_return(ip) {
+                return Some((m, offset));
+            }
+        }
+        first
+    }
+}
+
+/// This run's samples, resolved to call sites ([`Resolver::call_site`]).
 pub fn this_run() -> Profile {
-    let loaded = loaded_modules();
-    let (own_lo, own_hi) = sample::own_code();
-    // Symbols are read only when lgmalloc is linked into the program (then its frames
-    // are told apart by name), and only for the main program.
-    let mut symbols: HashMap<usize, Option<Symbols>> = HashMap::new();
+    let mut resolver = Resolver {
+        loaded: loaded_modules(),
+        own: sample::own_code(),
+        symbols: HashMap::new(),
+    };
     let mut p = Profile {
         runs: 1,
         interval: sample::MEAN_INTERVAL as u64,
@@ -313,30 +359,13 @@ pub fn this_run() -> Profile {
     };
     let mut run = Profile::default();
     sample::for_each_site(|s| {
-        let site = s
-            .frames
-            .iter()
-            .copied()
-            .filter(|&ip| ip != 0)
-            .find_map(|ip| {
-                if own_lo != own_hi && ip >= own_lo && ip < own_hi {
-                    return None;
-                }
-                let m = loaded.iter().position(|m| ip >= m.lo && ip < m.hi)?;
-                let module = loaded.get(m)?;
-                let offset = (ip - module.base) as u64;
-                if own_lo == own_hi && m == 0 {
-                    let sy = symbols
-                        .entry(m)
-                        .or_insert_with(|| Symbols::read(&module.path));
-                    let name = sy.as_ref().and_then(|sy| sy.caller_of(offset)).map(|f| f.0);
-                    if name.is_some_and(is_allocator_frame) {
-                        return None;
-                    }
-                }
-                Some((module.path.to_string_lossy().into_owned(), offset))
-            });
-        let Some((path, offset)) = site else { return };
+        let Some((m, offset)) = resolver.call_site(&s.frames) else {
+            return;
+        };
+        let Some(module) = resolver.loaded.get(m) else {
+            return;
+        };
+        let path = module.path.to_string_lossy().into_owned();
         if !path.starts_with('/') || s.samples == 0 {
             return;
         }
@@ -423,7 +452,7 @@ fn parse_or_say(bytes: &[u8], name: &str) -> Option<Profile> {
 
 /// Registered at start-up: merges this run's samples into the stored profile.
 pub(super) extern "C" fn write_at_exit() {
-    let taken = sample::TAKEN.load(core::sync::atomic::Ordering::Relaxed);
+    let taken = sample::TAKEN.load(Ordering::Relaxed);
     if taken == 0 {
         return;
     }
@@ -445,4 +474,15 @@ pub(super) extern "C" fn write_at_exit() {
         .unwrap_or_default();
     stored.merge(&this_run());
     dir.write(&name, stored.text().as_bytes());
+    MERGED.store(Box::into_raw(Box::new(stored)), Ordering::Release);
+}
+
+/// The stored profile with this run merged in, once `write_at_exit` has stored it.
+static MERGED: AtomicPtr<Profile> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The profile `write_at_exit` stored in this run, if it stored one: the exit checks
+/// that run after it (`learn`) ask whether it still makes the plan's choice.
+pub(super) fn merged_this_run() -> Option<&'static Profile> {
+    // SAFETY: set once at exit from a leaked box, never freed.
+    unsafe { MERGED.load(Ordering::Acquire).as_ref() }
 }

@@ -82,6 +82,33 @@ pub(super) fn exact_sizes(profile: &Profile, learned: &Learned, room: usize) -> 
     chosen
 }
 
+/// What the sampled profile decided when a plan was built: the exact-fit sizes it chose
+/// ([`exact_sizes`]) within the room the plan's other classes left. The profile grows
+/// with every run merged into it, and a choice made from a young one goes stale: a
+/// program first run on small inputs would otherwise keep the plan those runs made.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct ProfileChoice {
+    /// Exact-fit classes the profile could add.
+    pub(super) room: usize,
+    /// The block sizes it chose, ascending.
+    pub(super) sizes: Vec<usize>,
+}
+
+impl ProfileChoice {
+    /// The choice `shaped` (what [`exact_sizes`] returned for `room`) records.
+    pub(super) fn new(room: usize, shaped: &[ShapedSize]) -> Self {
+        let mut sizes: Vec<usize> = shaped.iter().map(|s| s.size).collect();
+        sizes.sort_unstable();
+        Self { room, sizes }
+    }
+
+    /// Whether `profile` (with the observations the plan was built from) still makes
+    /// the same choice.
+    pub(super) fn still_made_by(&self, profile: &Profile, learned: &Learned) -> bool {
+        *self == Self::new(self.room, &exact_sizes(profile, learned, self.room))
+    }
+}
+
 /// Whether an exact-fit class of `block` bytes (a multiple of 16) saves more than it
 /// costs by `profile`'s evidence: a size the profile never sampled holds too few bytes
 /// to pay for a partly used page.
@@ -278,6 +305,25 @@ mod tests {
         let p = profile(&[(4360, 16, 0, 0, 2)]);
         assert!(exact_sizes(&p, &learned, 16).is_empty());
         assert_eq!(exact_sizes(&p, &Learned::default(), 16).len(), 1);
+    }
+
+    #[test]
+    fn a_choice_goes_stale_when_the_grown_profile_chooses_otherwise() {
+        let none = Learned::default();
+        // One run with one sample of 4360 bytes chooses nothing (see above).
+        let young = profile(&[(4360, 1, 0, 0, 1)]);
+        let choice = ProfileChoice::new(16, &exact_sizes(&young, &none, 16));
+        assert!(choice.sizes.is_empty() && choice.still_made_by(&young, &none));
+        // Merged with a run of five, the profile holds three samples a run: 4368.
+        let mut grown = young.clone();
+        grown.merge(&profile(&[(4360, 5, 0, 0, 1)]));
+        assert!(!choice.still_made_by(&grown, &none));
+        let now = ProfileChoice::new(16, &exact_sizes(&grown, &none, 16));
+        assert_eq!(now.sizes, [4368]);
+        assert!(now.still_made_by(&grown, &none));
+        // Without room for it the profile chooses nothing, then as now.
+        let full = ProfileChoice::new(0, &[]);
+        assert!(full.still_made_by(&grown, &none));
     }
 
     #[test]

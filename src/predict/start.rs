@@ -103,6 +103,7 @@ fn plan_this_process() {
     };
     let mut plan = match stored {
         Some(p) if p.inert => {
+            find_wrapper_frames(&p, &modules);
             put_nothing_in_force(learned_name.zip(plan_name));
             return;
         }
@@ -136,6 +137,7 @@ fn plan_this_process() {
         }
     };
     plan.analysis_us = now_us() - start;
+    find_wrapper_frames(&plan, &modules);
     if mode == PredictMode::AnalyzeOnly {
         return;
     }
@@ -163,6 +165,29 @@ fn put_nothing_in_force(learned_files: Option<(String, String)>) {
     if let Some(files) = learned_files {
         learn_if_busy(files);
     }
+}
+
+/// Hands the sampler (and verify mode) the run-time return addresses of the calls the
+/// modules' wrappers make to the allocator, so that a call through `xmalloc` is
+/// attributed to `xmalloc`'s caller.
+fn find_wrapper_frames(plan: &RuntimePlan, modules: &[Module]) {
+    if plan.wrapper_returns.is_empty() {
+        return;
+    }
+    let names: Vec<String> = modules.iter().map(Module::entry_name).collect();
+    let mut returns: Vec<usize> = plan
+        .wrapper_returns
+        .iter()
+        .filter_map(|&(i, ret)| {
+            let name = plan.modules.get(i)?;
+            let m = modules.get(names.iter().position(|n| n == name)?)?;
+            // A non-PIE executable's bias is 0: its link-time addresses are its own.
+            Some(m.bias.wrapping_add(ret as usize))
+        })
+        .collect();
+    returns.sort_unstable();
+    returns.dedup();
+    crate::sample::set_wrapper_returns(Box::leak(returns.into_boxed_slice()));
 }
 
 /// The naive baseline: the smallest classes, reserved in every heap, no analysis.

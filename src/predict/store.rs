@@ -12,14 +12,14 @@ use core::fmt::Write;
 
 use super::learn::{Learned, MAX_RESERVED_CLASSES};
 use super::modules::Module;
-use super::{PlannedClass, RuntimePlan, Source};
+use super::{MAX_WRAPPER_RETURNS, PlannedClass, RuntimePlan, Source};
 use crate::analysis::cache_dir::CacheDir;
 use crate::diag::diag;
 use crate::large::{
     DEPTH_BUCKETS, MAX_DELAY_MS, MAX_FLOOR, MAX_LIVE_SHIFT, MAX_WAIT_MS, MIN_DELAY_MS,
 };
 use crate::options;
-use crate::size_class::{MAX_CLASSES, MAX_SMALL_SIZE, TABLE_MAX_SIZE};
+use crate::size_class::{MAX_CLASSES, MAX_SMALL_SIZE, STANDARD_CLASSES, TABLE_MAX_SIZE};
 
 /// Neither file is ever larger; a larger one is not read.
 pub const MAX_FILE_BYTES: usize = 64 << 10;
@@ -27,6 +27,8 @@ pub const MAX_FILE_BYTES: usize = 64 << 10;
 const MAX_FIRST_PAGE_BYTES: usize = 64 << 10;
 /// Modules a plan may name (the program and its shared objects).
 const MAX_MODULES: usize = 256;
+/// Code addresses lie below this (the 47-bit user address space).
+const MAX_CODE_ADDRESS: u64 = 1 << 47;
 /// Entries of one kind a file may hold: one per class at most.
 const MAX_ENTRIES: usize = 4 * MAX_CLASSES;
 
@@ -272,21 +274,28 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
     }
 }
 
-/// Format: `lgmalloc-plan 3`, then `module CACHE_ENTRY` (the modules analysed, main
-/// program first), `inert` (when the plan predicts no saving: start-up stops reading
+/// Format: `lgmalloc-plan 4`, then `module CACHE_ENTRY` (the modules analysed, main
+/// program first), `wrapper-return MODULE_INDEX HEX_ADDRESS` (the return addresses of
+/// the calls the modules' wrappers make to the allocator, link-time, ascending: read
+/// by inert starts too, whose samples look past those frames), `inert` (when the plan predicts no saving: start-up stops reading
 /// there and puts nothing in force), `class SIZE CONFIDENCE SOURCE FIRST_PAGE_BLOCKS` (source `S`tatic,
 /// `L`earned, `B`oth or `P`rofile), `eager BLOCK_SIZE`
-/// (a class reserved in every new heap) and `observed ...` (the learned lines it was
-/// built from) lines.
+/// (a class reserved in every new heap), `profile-room N` and `profile-exact BLOCK_SIZE`
+/// (the exact-fit sizes the sampled profile chose, ascending, and the room it had: see
+/// `shape::ProfileChoice`) and `observed ...` (the learned lines it was built from)
+/// lines.
 pub(super) fn write_plan(dir: &CacheDir, name: &str, plan: &RuntimePlan) {
     dir.write(name, plan_text(plan).as_bytes());
 }
 
 /// The stored form of `plan` (see [`write_plan`]).
 pub(super) fn plan_text(plan: &RuntimePlan) -> String {
-    let mut text = String::from("lgmalloc-plan 3\n");
+    let mut text = String::from("lgmalloc-plan 4\n");
     for m in &plan.modules {
         let _ = writeln!(text, "module {m}");
+    }
+    for (module, ret) in &plan.wrapper_returns {
+        let _ = writeln!(text, "wrapper-return {module} {ret:x}");
     }
     if plan.inert {
         text.push_str("inert\n");
@@ -306,6 +315,10 @@ pub(super) fn plan_text(plan: &RuntimePlan) -> String {
     }
     for size in &plan.reserved_sizes {
         let _ = writeln!(text, "eager {size}");
+    }
+    let _ = writeln!(text, "profile-room {}", plan.profile_choice.room);
+    for size in &plan.profile_choice.sizes {
+        let _ = writeln!(text, "profile-exact {size}");
     }
     learned_lines(&plan.observed, "observed ", &mut text);
     text
@@ -328,13 +341,14 @@ pub(super) fn parse_plan(bytes: &[u8]) -> Result<RuntimePlan, Refusal> {
 fn parse_plan_until(bytes: &[u8], stop: Stop) -> Result<RuntimePlan, Refusal> {
     let text = core::str::from_utf8(bytes).map_err(|_| "not text")?;
     let mut lines = text.lines();
-    if lines.next() != Some("lgmalloc-plan 3") {
+    if lines.next() != Some("lgmalloc-plan 4") {
         return Err("not a plan of this version");
     }
     let mut plan = RuntimePlan {
         from_cache: true,
         ..RuntimePlan::default()
     };
+    let mut room_seen = false;
     for line in lines {
         let mut f = [""; MAX_FIELDS];
         match fields(line, &mut f)? {
@@ -364,6 +378,45 @@ fn parse_plan_until(bytes: &[u8], stop: Stop) -> Result<RuntimePlan, Refusal> {
                 }
                 plan.modules.push(name.to_string());
             }
+            ["profile-room", room] => {
+                if room_seen {
+                    return Err("a second profile-room line");
+                }
+                room_seen = true;
+                plan.profile_choice.room = number(room)?;
+                if plan.profile_choice.room > MAX_CLASSES - STANDARD_CLASSES {
+                    return Err("a profile room larger than the class table's");
+                }
+            }
+            ["profile-exact", size] => {
+                let size: usize = number(size)?;
+                let chosen = &mut plan.profile_choice;
+                if !room_seen || chosen.sizes.len() >= chosen.room {
+                    return Err("a profile-chosen size beyond its room");
+                }
+                if size == 0 || size > TABLE_MAX_SIZE || !size.is_multiple_of(16) {
+                    return Err("a profile-chosen size out of range");
+                }
+                if chosen.sizes.last().is_some_and(|&last| last >= size) {
+                    return Err("profile-chosen sizes out of order");
+                }
+                chosen.sizes.push(size);
+            }
+            ["wrapper-return", module, ret] => {
+                let module: usize = number(module)?;
+                let ret = u64::from_str_radix(ret, 16).map_err(|_| "a malformed number")?;
+                if module >= plan.modules.len() || ret == 0 || ret >= MAX_CODE_ADDRESS {
+                    return Err("a wrapper return address out of range");
+                }
+                let returns = &mut plan.wrapper_returns;
+                if returns.len() >= MAX_WRAPPER_RETURNS {
+                    return Err("too many wrapper return addresses");
+                }
+                if returns.last().is_some_and(|&last| last >= (module, ret)) {
+                    return Err("wrapper return addresses out of order");
+                }
+                returns.push((module, ret));
+            }
             ["observed", ..] => {
                 let rest = line.strip_prefix("observed ").ok_or("an unknown line")?;
                 parse_learned_line(&mut plan.observed, rest)?;
@@ -379,6 +432,9 @@ fn parse_plan_until(bytes: &[u8], stop: Stop) -> Result<RuntimePlan, Refusal> {
             }
             _ => return Err("an unknown line"),
         }
+    }
+    if !room_seen {
+        return Err("no profile-room line");
     }
     check_learned(&plan.observed)?;
     Ok(plan)
@@ -443,7 +499,9 @@ pub fn reparse_learned(bytes: &[u8]) -> Result<String, Refusal> {
 mod tests {
     use super::*;
 
-    const PLAN: &str = "lgmalloc-plan 3\nmodule b-0123-16208\nclass 40 0.975 B 85\neager 48\n\
+    const PLAN: &str = "lgmalloc-plan 4\nmodule b-0123-16208\nwrapper-return 0 f6fa6\n\
+                        class 40 0.975 B 85\neager 48\n\
+                        profile-room 15\nprofile-exact 528\nprofile-exact 4368\n\
                         observed threads 7\nobserved class 48 768000 7\n";
 
     fn with_class_line(line: &str) -> String {
@@ -462,6 +520,9 @@ mod tests {
         );
         assert!((c.confidence - 0.975).abs() < 1e-6);
         assert_eq!(plan.reserved_sizes, [48]);
+        assert_eq!(plan.profile_choice.room, 15);
+        assert_eq!(plan.profile_choice.sizes, [528, 4368]);
+        assert_eq!(plan.wrapper_returns, [(0, 0xf6fa6)]);
         assert_eq!((plan.observed.threads, plan.observed.total), (7, 768000));
         assert_eq!(plan_text(&plan), PLAN);
     }
@@ -533,14 +594,68 @@ mod tests {
                 "a class used by more threads than ran",
             ),
             (
-                PLAN.replace("lgmalloc-plan 3", "lgmalloc-plan 2"),
+                PLAN.replace("lgmalloc-plan 4", "lgmalloc-plan 3"),
                 "not a plan of this version",
+            ),
+            (
+                PLAN.replace("profile-room 15\n", ""),
+                "a profile-chosen size beyond its room",
+            ),
+            (
+                PLAN.replace(
+                    "profile-room 15\nprofile-exact 528\nprofile-exact 4368\n",
+                    "",
+                ),
+                "no profile-room line",
+            ),
+            (
+                PLAN.replace("profile-room 15", "profile-room 1"),
+                "a profile-chosen size beyond its room",
+            ),
+            (
+                PLAN.replace("profile-room 15", "profile-room 17"),
+                "a profile room larger than the class table's",
+            ),
+            (
+                PLAN.replace("profile-room 15", "profile-room 15\nprofile-room 15"),
+                "a second profile-room line",
+            ),
+            (
+                PLAN.replace("profile-exact 528", "profile-exact 520"),
+                "a profile-chosen size out of range",
+            ),
+            (
+                PLAN.replace("profile-exact 528", "profile-exact 9008"),
+                "a profile-chosen size out of range",
+            ),
+            (
+                PLAN.replace("profile-exact 4368", "profile-exact 528"),
+                "profile-chosen sizes out of order",
+            ),
+            (
+                PLAN.replace("wrapper-return 0 f6fa6", "wrapper-return 1 f6fa6"),
+                "a wrapper return address out of range",
+            ),
+            (
+                PLAN.replace("wrapper-return 0 f6fa6", "wrapper-return 0 800000000000"),
+                "a wrapper return address out of range",
+            ),
+            (
+                PLAN.replace(
+                    "wrapper-return 0 f6fa6",
+                    "wrapper-return 0 f6fa6\nwrapper-return 0 f6fa6",
+                ),
+                "wrapper return addresses out of order",
+            ),
+            (
+                PLAN.replace("wrapper-return 0 f6fa6", "wrapper-return 0 xyz"),
+                "a malformed number",
             ),
         ];
         for (text, why) in planted {
             assert_eq!(parse_plan(text.as_bytes()).err(), Some(why), "{text}");
         }
-        assert_eq!(parse_plan(b"lgmalloc-plan 3\n\xff").err(), Some("not text"));
+        assert_eq!(parse_plan(b"lgmalloc-plan 4\n\xff").err(), Some("not text"));
         let many = format!("{PLAN}{}", "eager 16\n".repeat(MAX_RESERVED_CLASSES));
         assert_eq!(
             parse_plan(many.as_bytes()).err(),

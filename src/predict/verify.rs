@@ -106,7 +106,7 @@ fn record_call(size: usize) {
         return;
     }
     VERIFY_CALLS.fetch_add(1, Ordering::Relaxed);
-    let ret = caller_return_address();
+    let ret = caller_return_address(crate::sample::wrapper_returns());
     let sites = plan.map_or(&[][..], |p| &p.sites[..]);
     let site = match sites.binary_search_by_key(&ret, |s| s.ret) {
         Ok(i) => sites.get(i),
@@ -126,11 +126,20 @@ const URC_NO_REASON: c_int = 0;
 
 const URC_END_OF_STACK: c_int = 5;
 
-/// The return address of the first frame outside lgmalloc's own code.
-fn caller_return_address() -> usize {
+/// What the unwinder's callback reads and writes.
+struct Walk<'w> {
+    /// Return addresses of wrappers' calls (frames to look past), ascending.
+    wrapper_returns: &'w [usize],
+    found: usize,
+}
+
+/// The return address of the first frame outside lgmalloc's own code and outside the
+/// wrappers the analysis found (`wrapper_returns`), where sites calling a wrapper are
+/// predicted.
+fn caller_return_address(wrapper_returns: &[usize]) -> usize {
     extern "C" fn visit(ctx: *mut c_void, arg: *mut c_void) -> c_int {
-        // SAFETY: the unwinder passes a valid context; `arg` is our `usize`.
-        let ip = unsafe { _Unwind_GetIP(ctx) };
+        // SAFETY: the unwinder passes a valid context; `arg` is our `Walk`.
+        let (ip, walk) = unsafe { (_Unwind_GetIP(ctx), &mut *arg.cast::<Walk>()) };
         let (lo, hi) = (
             OWN_CODE[0].load(Ordering::Relaxed),
             OWN_CODE[1].load(Ordering::Relaxed),
@@ -138,17 +147,22 @@ fn caller_return_address() -> usize {
         if ip == 0 || (ip >= lo && ip < hi && !linked_in_caller(ip)) {
             return URC_NO_REASON;
         }
-        // SAFETY: `arg` points at the caller's `usize`.
-        unsafe { *arg.cast::<usize>() = ip };
+        walk.found = ip;
+        if walk.wrapper_returns.binary_search(&ip).is_ok() {
+            return URC_NO_REASON;
+        }
         URC_END_OF_STACK
     }
-    let mut found = 0usize;
+    let mut walk = Walk {
+        wrapper_returns,
+        found: 0,
+    };
     if !crate::sample::unwinding_allowed() {
-        return found;
+        return 0;
     }
-    // SAFETY: the callback matches the unwinder's signature and only writes `found`.
-    unsafe { _Unwind_Backtrace(visit, (&raw mut found).cast()) };
-    found
+    // SAFETY: the callback matches the unwinder's signature and only writes `walk`.
+    unsafe { _Unwind_Backtrace(visit, (&raw mut walk).cast()) };
+    walk.found
 }
 
 /// Records the code range of the module holding lgmalloc (verify mode), and when that
