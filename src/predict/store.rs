@@ -580,79 +580,88 @@ mod tests {
             let text = with_class_line(line);
             assert_eq!(parse_plan(text.as_bytes()).err(), Some(why), "{line}");
         }
+        // (what is replaced in a valid plan, by what, why the result is refused)
         let planted = [
+            ("eager 48", "eager 0", "a reserved size out of range"),
             (
-                PLAN.replace("eager 48", "eager 0"),
-                "a reserved size out of range",
-            ),
-            (
-                PLAN.replace("module b-0123-16208", "module ../../etc"),
+                "module b-0123-16208",
+                "module ../../etc",
                 "a module name that is no cache entry",
             ),
             (
-                PLAN.replace("observed threads 7", "observed threads 2"),
+                "observed threads 7",
+                "observed threads 2",
                 "a class used by more threads than ran",
             ),
             (
-                PLAN.replace("lgmalloc-plan 4", "lgmalloc-plan 3"),
+                "lgmalloc-plan 4",
+                "lgmalloc-plan 3",
                 "not a plan of this version",
             ),
             (
-                PLAN.replace("profile-room 15\n", ""),
+                "profile-room 15\n",
+                "",
                 "a profile-chosen size beyond its room",
             ),
             (
-                PLAN.replace(
-                    "profile-room 15\nprofile-exact 528\nprofile-exact 4368\n",
-                    "",
-                ),
+                "profile-room 15\nprofile-exact 528\nprofile-exact 4368\n",
+                "",
                 "no profile-room line",
             ),
             (
-                PLAN.replace("profile-room 15", "profile-room 1"),
+                "profile-room 15",
+                "profile-room 1",
                 "a profile-chosen size beyond its room",
             ),
             (
-                PLAN.replace("profile-room 15", "profile-room 17"),
+                "profile-room 15",
+                "profile-room 17",
                 "a profile room larger than the class table's",
             ),
             (
-                PLAN.replace("profile-room 15", "profile-room 15\nprofile-room 15"),
+                "profile-room 15",
+                "profile-room 15\nprofile-room 15",
                 "a second profile-room line",
             ),
             (
-                PLAN.replace("profile-exact 528", "profile-exact 520"),
+                "profile-exact 528",
+                "profile-exact 520",
                 "a profile-chosen size out of range",
             ),
             (
-                PLAN.replace("profile-exact 528", "profile-exact 9008"),
+                "profile-exact 528",
+                "profile-exact 9008",
                 "a profile-chosen size out of range",
             ),
             (
-                PLAN.replace("profile-exact 4368", "profile-exact 528"),
+                "profile-exact 4368",
+                "profile-exact 528",
                 "profile-chosen sizes out of order",
             ),
             (
-                PLAN.replace("wrapper-return 0 f6fa6", "wrapper-return 1 f6fa6"),
+                "wrapper-return 0 f6fa6",
+                "wrapper-return 1 f6fa6",
                 "a wrapper return address out of range",
             ),
             (
-                PLAN.replace("wrapper-return 0 f6fa6", "wrapper-return 0 800000000000"),
+                "wrapper-return 0 f6fa6",
+                "wrapper-return 0 800000000000",
                 "a wrapper return address out of range",
             ),
             (
-                PLAN.replace(
-                    "wrapper-return 0 f6fa6",
-                    "wrapper-return 0 f6fa6\nwrapper-return 0 f6fa6",
-                ),
+                "wrapper-return 0 f6fa6",
+                "wrapper-return 0 f6fa6\nwrapper-return 0 f6fa6",
                 "wrapper return addresses out of order",
             ),
             (
-                PLAN.replace("wrapper-return 0 f6fa6", "wrapper-return 0 xyz"),
+                "wrapper-return 0 f6fa6",
+                "wrapper-return 0 xyz",
                 "a malformed number",
             ),
         ];
-        for (text, why) in planted {
+        for (from, to, why) in planted {
+            let text = PLAN.replace(from, to);
+            assert_ne!(text, PLAN, "{from}");
             assert_eq!(parse_plan(text.as_bytes()).err(), Some(why), "{text}");
         }
         assert_eq!(parse_plan(b"lgmalloc-plan 4\n\xff").err(), Some("not text"));
