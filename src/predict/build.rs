@@ -73,12 +73,15 @@ pub(super) fn build(
         .collect();
     sites.sort_by_key(|s| s.ret);
     sites.dedup_by_key(|s| s.ret);
-    let wrapper_returns: Vec<(usize, u64)> = analysed
+    let mut wrapper_returns: Vec<(usize, u64)> = analysed
         .iter()
         .enumerate()
         .flat_map(|(i, (a, _))| a.wrapper_returns().into_iter().map(move |ret| (i, ret)))
-        .take(MAX_WRAPPER_RETURNS)
         .collect();
+    // Strictly ascending, as a stored plan must be (a cached analysis may repeat a site).
+    wrapper_returns.sort_unstable();
+    wrapper_returns.dedup();
+    wrapper_returns.truncate(MAX_WRAPPER_RETURNS);
     let reserved_sizes = learned.per_thread_sizes();
     let retains = super::retention::next_policy(&learned.large) != Retention::DEFAULT;
     let inert = !retains && !predicts_saving(&classes, &reserved_sizes, profile, learned);
