@@ -1228,7 +1228,7 @@ fn sites_that_call_a_wrapper_are_the_call_sites() {
         "the wrapper's callers unmatched: {line}"
     );
     assert_eq!(field("exact"), field("predicted"), "{line}");
-    // Two runs of 20 MB: about 80 samples, each size's site well sampled.
+    // Two more runs of about 21 MB (some 80 samples each): each size's site well sampled.
     for _ in 0..2 {
         run_wrapped(&cache, "20000", &[]);
     }
@@ -1685,7 +1685,8 @@ fn the_plan_follows_the_profile_as_it_grows() {
     assert!(plan.lines().any(|l| l == "profile-room 16"), "{plan}");
     assert!(!plan.contains("profile-exact"), "{plan}");
     let observed = learned();
-    // Two runs merge about 40 samples of 520 bytes: far past the 5 the choice needs.
+    // Two runs of 2.6 MB of 520-byte blocks merge about 20 samples of them: far past the
+    // 5 the choice needs (over 4 runs).
     for _ in 0..2 {
         run_profile_shape_with(&cache, many, &[]);
     }
