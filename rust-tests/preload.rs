@@ -1073,6 +1073,7 @@ fn predict_exe() -> PathBuf {
                 fixture("predict_lib.c").as_os_str(),
                 "-shared".as_ref(),
                 "-fPIC".as_ref(),
+                "-pthread".as_ref(),
             ],
             &lib,
         );
@@ -1248,6 +1249,28 @@ fn sites_that_call_a_wrapper_are_the_call_sites() {
     assert!(sizes.contains(&(520, 520)), "{profile}");
     assert!(sizes.contains(&(1040, 1040)), "{profile}");
     assert!(!sizes.contains(&(520, 1040)), "{profile}");
+}
+
+/// A process in which another thread already runs when lgmalloc's start-up comes to the
+/// plan (here a library's constructor started one that allocates 4112-byte blocks)
+/// keeps the standard classes: a plan would rewrite the class table under that thread.
+#[test]
+fn no_plan_goes_in_force_once_other_threads_run() {
+    let cache = FreshCache::new("predict-threads");
+    let threaded = run_predict(
+        &cache,
+        10,
+        &[("PREDICT_LIB_THREAD", "1"), ("LGMALLOC_VERBOSE", "1")],
+    );
+    let err = threaded.stderr();
+    assert_eq!(threaded.stdout(), "usable 4608\n", "{err}");
+    assert!(
+        err.contains("lgmalloc: plan: not put in force: other threads ran"),
+        "{err}"
+    );
+    // The same program without that thread is planned: 4112 bytes get their exact fit.
+    let single = run_predict(&cache, 10, &[]);
+    assert_eq!(single.stdout(), "usable 4112\n", "{}", single.stderr());
 }
 
 #[test]

@@ -334,6 +334,26 @@ pub fn random_u64() -> u64 {
     v | 1
 }
 
+/// True while the process is known to run one thread only (glibc's
+/// `__libc_single_threaded`, which the first `pthread_create` clears for good). False
+/// means other threads may run: a library constructor that ran before lgmalloc's may
+/// have started one, and it may be allocating already.
+pub fn single_threaded() -> bool {
+    #[cfg(not(miri))]
+    {
+        unsafe extern "C" {
+            static __libc_single_threaded: core::ffi::c_char;
+        }
+        // SAFETY: a byte glibc defines (2.32 and later) and only ever clears; reading
+        // it has no other effect.
+        unsafe { ptr::read_volatile(&raw const __libc_single_threaded) != 0 }
+    }
+    #[cfg(miri)]
+    {
+        true
+    }
+}
+
 /// True in secure-execution mode: a setuid or setgid program, or one with file
 /// capabilities, run by a user who may not have those rights. The environment then
 /// belongs to a less privileged caller, so nothing in it may steer the process.

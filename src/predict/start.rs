@@ -61,7 +61,7 @@ fn plan_this_process() {
         verify::start();
     }
     let mode = options::predict_mode();
-    if mode == PredictMode::Off {
+    if mode == PredictMode::Off || !table_is_ours() {
         return;
     }
     if mode == PredictMode::Naive {
@@ -153,6 +153,24 @@ fn plan_this_process() {
         // SAFETY: registers a plain function.
         unsafe { libc::atexit(learn_at_exit) };
     }
+}
+
+/// Whether a plan may write the size-class table: only while no other thread runs.
+/// Threads that a library's constructor started before this one ran may be allocating
+/// already, reading the table (and the class records) a plan would rewrite under them;
+/// such a process keeps the standard classes and spends nothing on analysis. (No
+/// thread can start between this check and the plan's writes: this is the only one.)
+fn table_is_ours() -> bool {
+    if crate::os::single_threaded() {
+        return true;
+    }
+    if options::verbose() {
+        diag!(
+            "lgmalloc: plan: not put in force: other threads ran before it was read, \
+             so the standard classes stay"
+        );
+    }
+    false
 }
 
 /// An inert plan: nothing goes in force and no plan code runs in this process, but for
