@@ -52,8 +52,6 @@ const RUN_LARGE_PAGES: usize = 4;
 const RUN_LARGE_MAX_SLICES: usize = 1024;
 /// Abandoned pages of one class a heap adopts in one visit to the region.
 const ADOPT_BATCH: usize = 16;
-/// Abandoned pages of other classes a heap adopts in the same visit.
-const ADOPT_OTHERS: usize = 32;
 
 #[repr(C)]
 pub struct Heap {
@@ -776,7 +774,7 @@ unsafe fn find_page(heap: *mut Heap, class: usize) -> *mut Page {
             // Nothing on our list: adopt pages of an exited thread (they go through
             // the same checks; a few at once, to visit the region's lock less), or
             // make a new one.
-            let mut adopted = segment::adopt_pages(owner(heap), class, ADOPT_BATCH, ADOPT_OTHERS);
+            let mut adopted = segment::adopt_pages(owner(heap), class, ADOPT_BATCH);
             if adopted.is_null() {
                 return new_page(heap, class);
             }
@@ -1111,6 +1109,11 @@ unsafe fn release_spares(heap: *mut Heap) {
 unsafe fn free_remote(block: *mut Block, page: *mut Page) {
     // SAFETY: the caller gives up `block`, a live block of `page`.
     unsafe {
+        // An exited thread's page: take it over if this thread needs a page of its
+        // class anyway, and free locally.
+        if (*page).heap.load(Ordering::Relaxed).is_null() && reclaim(page) {
+            return free_checked(page, block);
+        }
         let owner = page::push_remote(page, block).cast::<Heap>();
         if !owner.is_null() {
             // The page was full and watched: hand the block to its owner directly. Its
@@ -1128,6 +1131,47 @@ unsafe fn free_remote(block: *mut Block, page: *mut Page) {
             }
             page::end_notification(page);
         }
+    }
+}
+
+/// A free into an abandoned page (its owner exited): the calling thread takes the
+/// page over if it has a heap and the region lock is free (`segment::reclaim_page`),
+/// putting it first in its class list, so that the blocks the exited thread left
+/// (which this thread is likely freeing one by one, as a successor does) come back as
+/// local frees and are reused here. True when the page is now the caller's.
+///
+/// # Safety
+/// `page` is a live page record (the caller holds a live block of it).
+#[cold]
+#[inline(never)]
+unsafe fn reclaim(page: *mut Page) -> bool {
+    let heap = thread_heap();
+    // SAFETY: the caller holds a live block of `page`, so its class is settled.
+    if heap == empty_heap() || unsafe { has_room(heap, (*page).class as usize) } {
+        return false;
+    }
+    // SAFETY: per the contract.
+    if !unsafe { segment::reclaim_page(owner(heap), page) } {
+        return false;
+    }
+    // SAFETY: the page is ours now, on no list (the region took it off its abandoned
+    // list).
+    unsafe { class_push_front(heap, page) };
+    true
+}
+
+/// Whether `heap`'s first page of `class` has a free block at hand: a heap whose next
+/// allocation of the class would need another page takes an abandoned one over
+/// ([`reclaim`]); one that has room does not, so a thread that only frees into other
+/// threads' pages does not collect pages it will not allocate from.
+///
+/// # Safety
+/// `heap` is the calling thread's live heap; `class < MAX_CLASSES`.
+unsafe fn has_room(heap: *mut Heap, class: usize) -> bool {
+    // SAFETY: per the contract.
+    unsafe {
+        let page = (*heap).pages[class];
+        page != empty_page() && !page::free_head(page).is_null()
     }
 }
 

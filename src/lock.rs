@@ -83,6 +83,19 @@ impl Mutex {
         )
     }
 
+    /// Takes the lock if nobody holds it; true when taken (counted as an uncontended
+    /// acquisition). For work that is worth doing only when it costs no wait.
+    #[inline]
+    pub fn try_lock(&self) -> bool {
+        // SAFETY: as in `lock`.
+        if unsafe { libc::pthread_mutex_trylock(self.raw.get()) } != 0 {
+            return false;
+        }
+        self.acquired
+            .store(self.acquired.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        true
+    }
+
     #[inline]
     pub fn unlock(&self) {
         // SAFETY: as in `lock`; called by the holder.
@@ -133,6 +146,19 @@ impl<T> Locked<T> {
             // SAFETY: the lock is held, so this is the only reference to the state.
             f(unsafe { &mut *self.inner.get() })
         })
+    }
+
+    /// Runs `f` on the state if the lock is free now; `None` (and `f` not run) when
+    /// another thread holds it.
+    #[inline]
+    pub fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        if !self.lock.try_lock() {
+            return None;
+        }
+        // SAFETY: the lock is held, so this is the only reference to the state.
+        let r = f(unsafe { &mut *self.inner.get() });
+        self.lock.unlock();
+        Some(r)
     }
 
     /// Acquisitions of the lock so far, and the contended ones.

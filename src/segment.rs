@@ -922,44 +922,27 @@ impl RegionInner {
         }
     }
 
-    /// Moves up to `max` abandoned pages of classes other than `class` that still
-    /// have live blocks to `heap`, onto the plain list `adopted`.
-    fn adopt_others(
-        &mut self,
-        heap: *mut Owner,
-        class: usize,
-        mut max: usize,
-        adopted: &mut *mut Page,
-    ) {
-        for c in 0..MAX_CLASSES {
-            if max == 0 || self.abandoned_count == 0 {
-                return;
+    /// [`reclaim_page`] with the lock held.
+    ///
+    /// # Safety
+    /// `page` is a live page record (the caller holds a live block of it).
+    unsafe fn reclaim(&mut self, heap: *mut Owner, page: *mut Page) -> bool {
+        // SAFETY: per the contract; the page is region property while abandoned.
+        unsafe {
+            if (*page).flags & FLAG_ABANDONED == 0 {
+                return false;
             }
-            if c == class {
-                continue;
-            }
-            while let Some(&p) = self.abandoned.get(c) {
-                if p.is_null() || max == 0 {
-                    break;
-                }
-                // SAFETY: abandoned pages are region property while the lock is held.
-                unsafe {
-                    page::collect_remote(p);
-                    if (*p).used() == 0 {
-                        // Left for the sweep: this visit only hands out pages.
-                        break;
-                    }
-                    if let Some(list) = self.abandoned.get_mut(c) {
-                        list::remove(list, p);
-                    }
-                    self.count_abandoned(c, false);
-                    (*p).flags = 0;
-                    (*p).heap.store(heap, Ordering::Release);
-                    list::push_front(adopted, p);
-                }
-                max -= 1;
-            }
+            let class = (*page).class as usize;
+            let Some(list) = self.abandoned.get_mut(class) else {
+                return false;
+            };
+            list::remove(list, page);
+            self.count_abandoned(class, false);
+            (*page).flags = 0;
+            page::collect_remote(page);
+            (*page).heap.store(heap, Ordering::Release);
         }
+        true
     }
 
     /// Keeps the abandoned-page counts (total and the per-class copy heaps read
@@ -1274,11 +1257,13 @@ pub unsafe fn abandon_pages(empty: *mut Page, mut live: *mut Page) {
 }
 
 /// Hands up to `max` abandoned pages of `class` to `heap`, as a plain list through
-/// `next`, freeing abandoned pages of that class that turned out empty on the way; in
-/// the same visit, up to `others` abandoned pages of other classes with live blocks
-/// (an exited thread's successor usually frees into all of its classes). Null when no
-/// page of `class` is left (found without the lock when the class has none).
-pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize, others: usize) -> *mut Page {
+/// `next`, freeing abandoned pages of that class that turned out empty on the way. Null
+/// when no page of `class` is left (found without the lock when the class has none).
+/// Pages of other classes are left where they are: a thread that frees into them
+/// takes them over when it needs a page of their class ([`reclaim_page`]), and
+/// handing them to whoever allocates first gave one thread's pages to another while
+/// the first thread's successor was still freeing into them (larson's chains).
+pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
     if ABANDONED_IN_CLASS
         .get(class)
         .is_none_or(|n| n.load(Ordering::Relaxed) == 0)
@@ -1312,13 +1297,28 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize, others: usize) ->
             }
             taken += 1;
         }
-        if !adopted.is_null() {
-            r.adopt_others(heap, class, others, &mut adopted);
-        }
         r.purge_as_due(now, batch);
         adopted
     })
     .0
+}
+
+/// Makes `heap` the owner of `page` if the page is abandoned and the region lock is
+/// free: a thread freeing into an exited thread's page takes the page over, since it
+/// usually holds (and frees) the page's other blocks too, as a successor does, and
+/// from then on its frees there are local and its allocations reuse the page's blocks.
+/// False when the page is not abandoned (any more) or the lock is held: the caller
+/// frees remotely, as before, and a wait for the lock never lands on a free.
+///
+/// # Safety
+/// `page` is a live page record (the caller holds a live block of it).
+pub unsafe fn reclaim_page(heap: *mut Owner, page: *mut Page) -> bool {
+    // SAFETY: per the contract; abandoned pages are region property while the lock is
+    // held, and `flags` is written only with the lock held, so the test reads a settled
+    // value.
+    REGION
+        .try_with(|r| unsafe { r.reclaim(heap, page) })
+        .unwrap_or(false)
 }
 
 /// Runs a purge pass if one is due (free memory has waited out the purge delay). Costs

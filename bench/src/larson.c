@@ -18,7 +18,7 @@
  * `rng`, and chains run at once. Packed at 48 bytes (until 0a56157), chains shared
  * lines, and how much that cost depended on where the allocator under test put the
  * array: lgmalloc at 2 threads ran at 28-31 M pairs/s with the array where its plan
- * put it, 42-45 with prediction off, 70-74 with this layout (mimalloc 3.4.3: 55-59,
+ * put it, 32-45 with prediction off, 70-74 with this layout (mimalloc 3.4.3: 55-59,
  * then 73-76). What was measured was this program's bookkeeping, not the allocator. */
 struct __attribute__((aligned(64))) chain {
     void **slot;
