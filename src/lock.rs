@@ -44,7 +44,14 @@ impl Mutex {
             // SAFETY: as above.
             unsafe { libc::pthread_mutex_lock(self.raw.get()) };
         }
-        // Held: no other thread writes the counters now (readers only read).
+        self.count_acquired(contended);
+    }
+
+    /// Counts one acquisition, and whether it found the lock held. Called with the lock
+    /// held, so no other thread writes the counters now (readers only read): a plain
+    /// load and store, no atomic read-modify-write.
+    #[inline]
+    fn count_acquired(&self, contended: bool) {
         self.acquired
             .store(self.acquired.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         if contended {
@@ -91,8 +98,7 @@ impl Mutex {
         if unsafe { libc::pthread_mutex_trylock(self.raw.get()) } != 0 {
             return false;
         }
-        self.acquired
-            .store(self.acquired.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        self.count_acquired(false);
         true
     }
 

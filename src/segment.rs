@@ -932,17 +932,30 @@ impl RegionInner {
             if (*page).flags & FLAG_ABANDONED == 0 {
                 return false;
             }
-            let class = (*page).class as usize;
-            let Some(list) = self.abandoned.get_mut(class) else {
-                return false;
-            };
-            list::remove(list, page);
-            self.count_abandoned(class, false);
-            (*page).flags = 0;
-            page::collect_remote(page);
+            self.unpark_abandoned(page);
             (*page).heap.store(heap, Ordering::Release);
         }
         true
+    }
+
+    /// Takes `page` off its class's abandoned list and collects its remote frees: the
+    /// page is no longer abandoned, and its `used` count is current. The caller then
+    /// gives it an owner or, when it turned out empty, releases its span.
+    ///
+    /// # Safety
+    /// `page` is on its class's abandoned list (`FLAG_ABANDONED` set).
+    unsafe fn unpark_abandoned(&mut self, page: *mut Page) {
+        // SAFETY: per the contract; abandoned pages are region property while the lock
+        // is held, which `&mut self` stands for.
+        unsafe {
+            let class = (*page).class as usize;
+            if let Some(list) = self.abandoned.get_mut(class) {
+                list::remove(list, page);
+                self.count_abandoned(class, false);
+            }
+            (*page).flags = 0;
+            page::collect_remote(page);
+        }
     }
 
     /// Keeps the abandoned-page counts (total and the per-class copy heaps read
@@ -1282,12 +1295,10 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
             if p.is_null() {
                 break;
             }
-            // SAFETY: abandoned pages are region property while the lock is held.
+            // SAFETY: `p` heads `class`'s abandoned list; abandoned pages are region
+            // property while the lock is held.
             unsafe {
-                list::remove(list, p);
-                r.count_abandoned(class, false);
-                (*p).flags = 0;
-                page::collect_remote(p);
+                r.unpark_abandoned(p);
                 if (*p).used() == 0 {
                     r.release_span(p, now);
                     continue;
