@@ -1989,6 +1989,35 @@ fn a_budget_learned_from_reuse_depth_keeps_what_is_reused_and_returns_the_rest()
     );
 }
 
+/// A program that frees 40 large buffers (more than the default budget keeps) and then
+/// asks for the same sizes again: every request the cache misses was one of the
+/// mappings the budget unmapped, and each is counted as reuse a larger budget would
+/// have served, however many were unmapped in between (so the learned budget weighs
+/// all the reuse it lost, not the last few).
+#[test]
+fn every_reuse_lost_to_the_budget_is_counted_behind_many_unmapped_mappings() {
+    let cache = FreshCache::new("large-retention-ghosts");
+    let (n, err) = run_large_reuse(&cache, &["again"], &[]);
+    assert_eq!(n, 40, "{err}");
+    let line = err
+        .lines()
+        .find_map(|l| l.strip_prefix("lgmalloc: stats: large cache: "))
+        .unwrap_or_else(|| panic!("no large cache statistics: {err}"));
+    let count = |suffix: &str| -> u64 {
+        line.split([',', '(', ')'])
+            .flat_map(|f| f.split(" and "))
+            .find_map(|f| f.trim().strip_suffix(suffix))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {suffix:?} in: {line}"))
+    };
+    // The first 40 requests find nothing cached: those misses are no lost reuse.
+    let missed_again = count(" missed") - 40;
+    let lost = count(" a larger budget would have served");
+    eprintln!("{missed_again} missed on asking again, {lost} a larger budget would have served");
+    assert!(missed_again >= 20, "{line}");
+    assert_eq!(lost, missed_again, "{line}");
+}
+
 /// A program that frees large buffers it never wants again: the first run keeps up to
 /// the default 16 MiB floor of them resident; it learns they were never reused, and
 /// the next run keeps only the newest.
