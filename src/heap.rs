@@ -929,12 +929,14 @@ unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
 
 /// Retires an empty page to the heap's spare pages unless it is the only page of its
 /// class (so a loop that allocates and frees one object never maps or unmaps). Also
-/// where an otherwise idle thread notices that free memory is due to be purged.
+/// where an otherwise idle thread notices that free memory (the region's, and pages
+/// kept by free sample slots) is due to be purged.
 ///
 /// # Safety
 /// `page` is an empty page on `heap`'s class list.
 unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page) {
     segment::purge_if_due();
+    sample::purge_if_due();
     // SAFETY: owner access.
     unsafe {
         let class = (*page).class as usize;
