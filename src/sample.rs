@@ -492,24 +492,7 @@ fn decommit_slot(slot: &Slot, addr: usize) -> usize {
 
 /// Gives back the pages free slots kept (`lg_trim`). Returns the bytes given back.
 pub fn trim() -> usize {
-    let base = ARENA.load(Ordering::Acquire);
-    if base <= 2 {
-        return 0;
-    }
-    let mut released = 0;
-    for (i, slot) in TABLES.slots.iter().enumerate() {
-        if slot
-            .state
-            .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
-            let extra = decommit_slot(slot, base + (i << SLOT_SHIFT));
-            DIRTY.fetch_sub(extra, Ordering::Relaxed);
-            released += extra;
-            slot.state.store(SLOT_FREE, Ordering::Release);
-        }
-    }
-    released
+    purge_kept_before(u64::MAX)
 }
 
 /// The live slot `addr` starts, if it is one.
