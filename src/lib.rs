@@ -59,6 +59,12 @@ pub mod profile {
         crate::chunk_map::kind_of(p as usize) == crate::chunk_map::KIND_SAMPLE
     }
 
+    /// The sample arena's address space and resident bytes, as `lg_stats` counts them
+    /// in `bytes_reserved` and `bytes_committed`.
+    pub fn arena_figures() -> (usize, usize) {
+        crate::sample::arena_figures()
+    }
+
     /// Samples skipped because every slot of the sample arena held a live block.
     pub fn samples_skipped() -> u64 {
         crate::sample::SKIPPED.load(core::sync::atomic::Ordering::Relaxed)

@@ -490,6 +490,21 @@ fn decommit_slot(slot: &Slot, addr: usize) -> usize {
     extra
 }
 
+/// The arena's share of the statistics: `(reserved, resident)`, the address space it
+/// maps (none before the first sample) and the bytes of its slots that may be resident
+/// (live blocks' pages and what free slots kept, whole pages).
+pub fn arena_figures() -> (usize, usize) {
+    if ARENA.load(Ordering::Acquire) <= 2 {
+        return (0, 0);
+    }
+    let resident = TABLES
+        .slots
+        .iter()
+        .map(|s| s.resident.load(Ordering::Relaxed))
+        .sum();
+    (ARENA_BYTES, resident)
+}
+
 /// Gives back the pages free slots kept (`lg_trim`). Returns the bytes given back.
 pub fn trim() -> usize {
     purge_kept_before(u64::MAX)

@@ -115,14 +115,18 @@ pub fn collect(out: &mut LgStats) {
     let large_bytes = large::LIVE_BYTES.load(Ordering::Relaxed);
     out.bytes_allocated = allocated + large_bytes as u64;
     let (cached, cached_resident) = large::cache_figures();
-    let committed = segment::committed_bytes() + large_bytes + cached_resident;
+    // The sample arena counts too: free slots may keep up to 32 MiB of pages, which
+    // `lg_trim` gives back.
+    let (sample_reserved, sample_resident) = crate::sample::arena_figures();
+    let committed = segment::committed_bytes() + large_bytes + cached_resident + sample_resident;
     let peak = PEAK_COMMITTED
         .fetch_max(committed, Ordering::Relaxed)
         .max(committed);
     out.bytes_committed = committed as u64;
     out.peak_bytes_committed = peak as u64;
     out.bytes_reserved =
-        (segment::SEGMENT_BYTES.load(Ordering::Relaxed) + large_bytes + cached) as u64;
+        (segment::SEGMENT_BYTES.load(Ordering::Relaxed) + large_bytes + cached + sample_reserved)
+            as u64;
     out.live_heaps = heap::LIVE_HEAPS.load(Ordering::Relaxed) as u64;
     out.large_live = large::LIVE_COUNT.load(Ordering::Relaxed) as u64;
     // Read last, so the acquisitions this snapshot made itself are included.
