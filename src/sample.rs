@@ -49,7 +49,7 @@ const DIRTY_BUDGET: usize = 32 << 20;
 /// How long a free slot keeps its pages before a purge pass gives them back
 /// ([`purge_if_due`]): the region's shortest purge delay, so what sampled frees keep
 /// leaves with the rest of a freed peak.
-const SLOT_PURGE_DELAY_MS: u64 = 100;
+const SLOT_PURGE_DELAY_MS: u64 = crate::segment::PURGE_DELAY_MS;
 const _: () = assert!(DIRTY_BUDGET <= ARENA_BYTES / 2);
 
 const SLOT_FREE: u8 = 0;
@@ -449,11 +449,9 @@ fn purge_kept_before(before: u64) -> usize {
     let mut released = 0;
     let mut next_due = u64::MAX;
     for (i, slot) in TABLES.slots.iter().enumerate() {
-        let kept = |s: &Slot| {
-            s.state.load(Ordering::Relaxed) == SLOT_FREE
-                && beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0
-        };
-        if !kept(slot) {
+        let kept = slot.state.load(Ordering::Relaxed) == SLOT_FREE
+            && beyond_first_page(slot.resident.load(Ordering::Relaxed)) != 0;
+        if !kept {
             continue;
         }
         let since = slot.kept_since_ms.load(Ordering::Relaxed);

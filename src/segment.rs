@@ -62,7 +62,7 @@ pub const FIRST_SLICE: usize = META_BYTES.div_ceil(SLICE_SIZE);
 /// How long free memory lies unused before it is decommitted, at least (the delay a
 /// program starts with) and at most: the region lengthens it for a program that takes
 /// back purged memory soon after the purge (`RegionInner::purge_delay`).
-const PURGE_DELAY_MS: u64 = 100;
+pub(crate) const PURGE_DELAY_MS: u64 = 100;
 const PURGE_DELAY_MAX_MS: u64 = 1000;
 /// Purged memory taken back early (within a delay of its purge) that lengthens the
 /// purge delay: a program's churn, not a few blocks taken from a large purged span.
