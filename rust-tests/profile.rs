@@ -215,8 +215,13 @@ fn child_allocates_for_the_profile() {
         // profile, and rarely none.
         Ok("small") => profile_child_site(1 << 20),
         Ok(_) => profile_child_site(64 << 20),
-        Err(_) => {}
+        Err(_) => return,
     }
+    println!(
+        "samples taken={} unwound={}",
+        profile::samples_taken(),
+        profile::samples_unwound()
+    );
 }
 
 fn temp_cache(name: &str) -> PathBuf {
@@ -235,6 +240,8 @@ fn run_child(cache: &Path) -> std::process::Output {
 fn run_child_with(cache: &Path, env: &[(&str, &str)]) -> std::process::Output {
     let exe = std::env::current_exe().unwrap();
     let out = Command::new(&exe)
+        // Prediction off unless a test asks for it: these tests are about the profile.
+        .env("LGMALLOC_PREDICT", "off")
         .envs(
             env.iter()
                 .copied()
@@ -245,6 +252,7 @@ fn run_child_with(cache: &Path, env: &[(&str, &str)]) -> std::process::Output {
             "child_allocates_for_the_profile",
             "--ignored",
             "--test-threads=1",
+            "--nocapture",
         ])
         .env(
             "LGMALLOC_PROFILE_CHILD",
@@ -253,7 +261,6 @@ fn run_child_with(cache: &Path, env: &[(&str, &str)]) -> std::process::Output {
                 .map_or("1", |e| e.1),
         )
         .env("LGMALLOC_CACHE_DIR", cache)
-        .env("LGMALLOC_PREDICT", "off")
         .output()
         .unwrap();
     assert!(
@@ -332,6 +339,54 @@ fn profile_is_stored_at_exit_merged_and_shown_by_the_analyzer() {
     let _ = run_child(&cache);
     let again = profile::parse(&std::fs::read(&path).unwrap()).expect("rewritten valid");
     assert_eq!(again.runs, 1);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// The child's sample counts: (taken, found by unwinding the stack).
+fn child_samples(out: &std::process::Output) -> (u64, u64) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.split_once("samples taken=").map(|(_, counts)| counts))
+        .unwrap_or_else(|| panic!("no sample counts in {text}"));
+    let (taken, unwound) = line.split_once(" unwound=").expect("both counts");
+    (taken.parse().unwrap(), unwound.parse().unwrap())
+}
+
+/// Linked into the program, lgmalloc cannot tell its own code from the program's
+/// without the symbols, so a sample unwinds the stack to find its call site; once a
+/// run's profile has resolved the site (with the symbols, at exit), later runs take the
+/// return address they are handed as the site, and unwind only for other calls.
+#[test]
+fn sites_resolved_by_an_earlier_run_are_taken_without_unwinding() {
+    let cache = temp_cache("known");
+    let env = [
+        ("LGMALLOC_PREDICT", "on"),
+        ("LGMALLOC_ANALYSIS_BUDGET_MS", "0"),
+        ("LGMALLOC_DEFERRED_ANALYSIS", "0"),
+    ];
+    let (taken, unwound) = child_samples(&run_child_with(&cache, &env));
+    assert!(taken >= 128, "about 256 samples expected, {taken}");
+    assert!(
+        unwound * 10 >= taken * 9,
+        "first run: {unwound} of {taken} unwound"
+    );
+    let (taken, unwound) = child_samples(&run_child_with(&cache, &env));
+    assert!(taken >= 128, "about 256 samples expected, {taken}");
+    assert!(
+        unwound * 10 <= taken,
+        "second run: {unwound} of {taken} unwound"
+    );
+    // The site taken without unwinding is the same site: both runs' samples merge there.
+    let file = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with(".profile"))
+        .expect("a stored profile");
+    let stored = profile::parse(&std::fs::read(file.path()).unwrap()).expect("valid");
+    assert_eq!(stored.runs, 2);
+    let site = site_in(&stored, "profile_child_site").expect("the call site is named");
+    assert!(site.samples >= 256, "{} samples at the site", site.samples);
     let _ = std::fs::remove_dir_all(&cache);
 }
 

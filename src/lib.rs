@@ -65,6 +65,12 @@ pub mod profile {
         crate::sample::arena_figures()
     }
 
+    /// Samples whose call site was found by unwinding the stack (the others took the
+    /// return address they were handed).
+    pub fn samples_unwound() -> u64 {
+        crate::sample::UNWOUND.load(core::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Samples skipped because every slot of the sample arena held a live block.
     pub fn samples_skipped() -> u64 {
         crate::sample::SKIPPED.load(core::sync::atomic::Ordering::Relaxed)

@@ -135,33 +135,71 @@ static ARENA: AtomicUsize = AtomicUsize::new(0);
 /// object), set at start-up by `predict`; empty when linked into the program.
 static OWN_CODE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
-/// Run-time return addresses of the calls the program's allocation wrappers (`xmalloc`,
-/// `Perl_safesysmalloc`) make to the allocator, ascending; set once at start-up by
-/// `predict` from the analyses (empty until then). A sample returning to one of them
-/// unwinds the stack, so its call site can be the wrapper's caller.
-static WRAPPER_RETURNS: AtomicPtr<usize> = AtomicPtr::new(core::ptr::null_mut());
-static WRAPPER_RETURNS_LEN: AtomicUsize = AtomicUsize::new(0);
+/// A set of run-time addresses handed over once at start-up by `predict`: ascending,
+/// leaked, read without a lock (empty until then).
+struct AddressSet {
+    ptr: AtomicPtr<usize>,
+    len: AtomicUsize,
+}
+
+impl AddressSet {
+    const fn new() -> Self {
+        AddressSet {
+            ptr: AtomicPtr::new(core::ptr::null_mut()),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    fn set(&self, addrs: &'static [usize]) {
+        self.len.store(addrs.len(), Ordering::Relaxed);
+        self.ptr.store(addrs.as_ptr().cast_mut(), Ordering::Release);
+    }
+
+    fn get(&self) -> &'static [usize] {
+        let p = self.ptr.load(Ordering::Acquire);
+        if p.is_null() {
+            return &[];
+        }
+        // SAFETY: set once from a `'static` slice of this length (stored before the
+        // pointer was published with Release).
+        unsafe { core::slice::from_raw_parts(p, self.len.load(Ordering::Relaxed)) }
+    }
+
+    fn contains(&self, addr: usize) -> bool {
+        self.get().binary_search(&addr).is_ok()
+    }
+}
+
+/// Return addresses of the calls the program's allocation wrappers (`xmalloc`,
+/// `Perl_safesysmalloc`) make to the allocator, from the analyses. A sample returning to
+/// one of them unwinds the stack, so its call site can be the wrapper's caller.
+static WRAPPER_RETURNS: AddressSet = AddressSet::new();
+
+/// Return addresses that the stored profile resolved to call sites (lgmalloc linked
+/// into the program only). There the sampler cannot tell lgmalloc's code from the
+/// program's, so a sample unwinds the stack (about 15k instructions through libgcc)
+/// unless the return address it was handed is one of these.
+static KNOWN_SITES: AddressSet = AddressSet::new();
 
 /// Sets the wrappers' return addresses (see [`WRAPPER_RETURNS`]), once, at start-up.
 pub fn set_wrapper_returns(returns: &'static [usize]) {
-    WRAPPER_RETURNS_LEN.store(returns.len(), Ordering::Relaxed);
-    WRAPPER_RETURNS.store(returns.as_ptr().cast_mut(), Ordering::Release);
+    WRAPPER_RETURNS.set(returns);
 }
 
 /// The wrappers' return addresses, ascending (empty before start-up sets them).
 pub fn wrapper_returns() -> &'static [usize] {
-    let p = WRAPPER_RETURNS.load(Ordering::Acquire);
-    if p.is_null() {
-        return &[];
-    }
-    // SAFETY: set once from a `'static` slice of this length (stored before the pointer
-    // was published with Release).
-    unsafe { core::slice::from_raw_parts(p, WRAPPER_RETURNS_LEN.load(Ordering::Relaxed)) }
+    WRAPPER_RETURNS.get()
 }
 
 /// Whether `ip` is the return address of a wrapper's call to the allocator.
 pub fn is_wrapper_return(ip: usize) -> bool {
-    wrapper_returns().binary_search(&ip).is_ok()
+    WRAPPER_RETURNS.contains(ip)
+}
+
+/// Sets the call sites known from the stored profile (see [`KNOWN_SITES`]), once, at
+/// start-up.
+pub fn set_known_sites(sites: &'static [usize]) {
+    KNOWN_SITES.set(sites);
 }
 
 /// Whether the unwinder may be called: not before `predict` has checked that the
@@ -213,6 +251,8 @@ static DRAWS: AtomicU64 = AtomicU64::new(0);
 pub static TAKEN: AtomicU64 = AtomicU64::new(0);
 pub static SKIPPED: AtomicU64 = AtomicU64::new(0);
 pub static SITES_DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Samples whose call site was found by unwinding the stack.
+pub static UNWOUND: AtomicU64 = AtomicU64::new(0);
 /// Per size class: samples, and bytes requested by them (the plot's observed side).
 pub static CLASS_SAMPLES: [AtomicU64; size_class::MAX_CLASSES] =
     [const { AtomicU64::new(0) }; size_class::MAX_CLASSES];
@@ -279,12 +319,16 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
         SKIPPED.fetch_add(1, Ordering::Relaxed);
         return core::ptr::null_mut();
     };
-    let known = ret != 0 && !is_own_code(ret) && !is_wrapper_return(ret);
+    // The return address handed over is the call site when it lies outside lgmalloc's
+    // own code, or is one an earlier run resolved to a site; otherwise unwind to find it.
+    let known =
+        ret != 0 && !is_wrapper_return(ret) && (!is_own_code(ret) || KNOWN_SITES.contains(ret));
     let frames = if known || !UNWIND.load(Ordering::Relaxed) {
         let mut f = [0; FRAMES];
         f[0] = ret;
         f
     } else {
+        UNWOUND.fetch_add(1, Ordering::Relaxed);
         capture()
     };
     let site = site_index(&frames);

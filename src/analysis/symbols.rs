@@ -65,7 +65,7 @@ pub fn is_allocator_frame(name: &str) -> bool {
         "__libc_malloc",
         "__libc_calloc",
     ];
-    name.contains("lgmalloc")
+    names_lgmalloc_path(name)
         || name.starts_with("lg_")
         || C_NAMES.contains(&name)
         || name.starts_with("_Znw")
@@ -77,6 +77,27 @@ pub fn is_allocator_frame(name: &str) -> bool {
         || name.contains("5alloc5alloc")
 }
 
+/// Whether mangled `name` is a path into the lgmalloc crate: its identifier with its
+/// length, `8lgmalloc`, then the next component (legacy `_ZN8lgmalloc4heap..`, v0
+/// `Cs.._8lgmalloc4heap..`), or `lgmalloc..` in a legacy generic argument
+/// (`drop_in_place$LT$lgmalloc..heap..Heap$GT$`). A crate whose name only contains the
+/// word (`17lgmalloc_rust_arm`) is the program's.
+fn names_lgmalloc_path(name: &str) -> bool {
+    const CRATE: &str = "lgmalloc";
+    let b = name.as_bytes();
+    name.match_indices(CRATE).any(|(i, _)| {
+        let before = |k: usize| i.checked_sub(k).and_then(|j| b.get(j).copied());
+        let after = b.get(i + CRATE.len()).copied();
+        let identifier = before(1) == Some(b'8')
+            && !before(2).is_some_and(|c| c.is_ascii_digit())
+            && after.is_none_or(|c| c.is_ascii_digit() || c == b'E');
+        let generic_argument = before(1) == Some(b'$')
+            && b.get(i + CRATE.len()..)
+                .is_some_and(|rest| rest.starts_with(b".."));
+        identifier || generic_argument
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +107,17 @@ mod tests {
         assert!(is_allocator_frame(
             "_ZN8lgmalloc4heap16alloc_sampled_at17h0E"
         ));
+        assert!(is_allocator_frame(
+            "_RNvNtCs1a2b_8lgmalloc4heap10alloc_slow"
+        ));
+        assert!(is_allocator_frame(
+            "_ZN4core3ptr44drop_in_place$LT$lgmalloc..heap..Heap$GT$17h0E"
+        ));
+        assert!(!is_allocator_frame(
+            "_ZN17lgmalloc_rust_arm6worker17h466e7e59ad22d847E"
+        ));
+        assert!(!is_allocator_frame("_ZN18lgmalloc12345678904main17h0E"));
+        assert!(!is_allocator_frame("use_lgmalloc_here"));
         assert!(is_allocator_frame("lg_malloc"));
         assert!(is_allocator_frame("_Znwm"));
         assert!(!is_allocator_frame("xmalloc_user"));

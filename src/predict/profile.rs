@@ -421,6 +421,36 @@ pub(super) fn read_beside(dir: &CacheDir, stem: &str) -> Option<Profile> {
     read_in(dir, &format!("{stem}.profile"))
 }
 
+/// Hands the sampler the run-time return addresses that the profile stored beside
+/// `stem` resolved to call sites in the main program (lgmalloc linked into it), so a
+/// sample returning to one takes it as its site without unwinding the stack.
+pub(super) fn hand_known_sites_to_sampler(dir: &CacheDir, stem: &str) {
+    let Some(stored) = read_beside(dir, stem) else {
+        return;
+    };
+    let Some(main) = loaded_modules().into_iter().next() else {
+        return;
+    };
+    let Some(m) = stored
+        .modules
+        .iter()
+        .position(|p| Path::new(p) == main.path)
+    else {
+        return;
+    };
+    let mut sites: Vec<usize> = stored
+        .sites
+        .iter()
+        .filter(|s| s.module == m)
+        .filter_map(|s| main.base.checked_add(usize::try_from(s.offset).ok()?))
+        // A return address follows a call in the program's code.
+        .filter(|&ret| ret > main.lo && ret <= main.hi)
+        .collect();
+    sites.sort_unstable();
+    sites.dedup();
+    sample::set_known_sites(Box::leak(sites.into_boxed_slice()));
+}
+
 fn read_in(dir: &CacheDir, name: &str) -> Option<Profile> {
     parse_or_say(&dir.read(name, MAX_FILE_BYTES)?, name)
 }

@@ -51,7 +51,8 @@ extern "C" fn plan_at_start(
 fn plan_this_process() {
     // The sampler takes a sampled call's return address as its site when it lies
     // outside lgmalloc, which it can tell only when lgmalloc is a module of its own.
-    if let Some((lo, hi, false)) = verify::own_module() {
+    let own = verify::own_module();
+    if let Some((lo, hi, false)) = own {
         crate::sample::set_own_code(lo, hi);
     }
     if super::modules::unwinder_is_safe() {
@@ -93,6 +94,11 @@ fn plan_this_process() {
         .filter(|_| learn)
         .map(|(_, stem)| format!("{stem}.learned"));
     let dir = cache.as_ref().map(|(dir, _)| dir);
+    // Linked into the program, the sampler tells lgmalloc's frames from the program's
+    // only by the sites earlier runs resolved (with the program's symbols, at exit).
+    if let (Some((dir, stem)), Some((_, _, true)), true) = (&cache, own, learn) {
+        super::profile::hand_known_sites_to_sampler(dir, stem);
+    }
     // A stored plan is a few hundred bytes; the analyses it came from are only needed
     // again in verify mode (for the call sites) or when what was learned changed.
     let stored = match (dir, &plan_name) {
