@@ -56,10 +56,18 @@ fn rss_returns_after_freeing_everything() {
 /// The statistics less the sample arena, which a sampled block maps on first use and
 /// fills a slot of: the heap's own memory.
 fn heap_figures() -> lgmalloc::LgStats {
-    let mut s = stats();
+    // The arena first: a sample taken between the two reads then only adds to what
+    // `lg_stats` counts. (Only a purge of idle slots between them could take away.)
     let (reserved, resident) = lgmalloc::profile::arena_figures();
-    s.bytes_reserved -= reserved as u64;
-    s.bytes_committed -= resident as u64;
+    let mut s = stats();
+    s.bytes_reserved = s
+        .bytes_reserved
+        .checked_sub(reserved as u64)
+        .expect("lg_stats counts the sample arena's address space");
+    s.bytes_committed = s
+        .bytes_committed
+        .checked_sub(resident as u64)
+        .expect("lg_stats counts the sample arena's resident slots");
     s
 }
 
