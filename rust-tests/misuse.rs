@@ -138,6 +138,14 @@ fn perform(case: &str) {
                 let _ = page_block(48);
                 let _ = page_block(48);
             }
+            "use_after_free_garbage_calloc" => {
+                // As above, then two callocs of the class: calloc's own path checks too.
+                let p = page_block(48) as *mut u64;
+                lg_free(p.cast());
+                *p = 0x4141_4141_4141_4141;
+                let _ = lg_calloc(1, 48);
+                let _ = lg_calloc(1, 48);
+            }
             "use_after_free_zero" => {
                 // Zero written into a freed block's link (the list head is stored in
                 // link form, so an encoded null ends the list: a plain zero must not).
@@ -340,6 +348,10 @@ fn use_after_free_write_is_caught_when_hardened() {
     );
     expect_abort_at_some_address(
         "use_after_free_garbage",
+        "corrupted free list (use after free?)",
+    );
+    expect_abort_at_some_address(
+        "use_after_free_garbage_calloc",
         "corrupted free list (use after free?)",
     );
     expect_abort_at_some_address(

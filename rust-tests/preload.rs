@@ -2034,3 +2034,40 @@ fn large_buffers_never_reused_are_returned_on_a_later_run() {
         "{err2}"
     );
 }
+
+/// The sampled-profile line of the statistics: (samples, found by unwinding the stack).
+fn samples_and_unwound(stderr: &str) -> (u64, u64) {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("lgmalloc: stats: sampled profile: "))
+        .unwrap_or_else(|| panic!("no sampled-profile statistics: {stderr}"));
+    let number = |s: &str| s.parse().unwrap_or_else(|_| panic!("bad line: {line}"));
+    let (samples, rest) = line.split_once(" samples (").expect("samples");
+    let (unwound, _) = rest.split_once(' ').expect("unwound");
+    (number(samples), number(unwound))
+}
+
+/// A sample of a call straight from the program takes the return address the entry
+/// point was handed as its call site: no walk of the stack (about 7,000 instructions
+/// through libgcc), for `malloc` and for `calloc` alike (whose fast path clears the
+/// block after the pop, and hands a sampled block to a clearing tail instead).
+#[test]
+fn samples_of_direct_calls_take_their_site_without_unwinding() {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe = EXE.get_or_init(|| fixture_exe("sampled_calls", &["sampled_calls.c"], &[]));
+    for call in ["malloc", "calloc"] {
+        let mut cmd = Command::new(exe);
+        cmd.arg(call);
+        let r = run_lg_with(&mut cmd, &[("LGMALLOC_SHOW_STATS", "1")]).success("sampled_calls");
+        r.ran_on_lgmalloc("sampled_calls");
+        let (samples, unwound) = samples_and_unwound(&r.stderr());
+        assert!(
+            samples >= 128,
+            "{call}: about 256 samples expected, {samples}"
+        );
+        assert!(
+            unwound * 10 <= samples,
+            "{call}: {unwound} of {samples} samples unwound the stack"
+        );
+    }
+}

@@ -247,6 +247,32 @@ pub fn refresh_class_table() {
 /// `heap` is the calling thread's heap (possibly the empty heap).
 #[inline(always)]
 pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
+    // SAFETY: forwarded contract.
+    unsafe { alloc_small_as::<false>(heap, class, size) }
+}
+
+/// `calloc` of a small block: `size` bytes of class `class`, zeroed. Every path clears
+/// the block it hands out itself, so the fast path's sampled branch stays a tail jump
+/// (which hands the sampler the caller's return address, as for `malloc`).
+///
+/// # Safety
+/// As for [`alloc_small`].
+#[inline(always)]
+pub unsafe fn alloc_small_zeroed(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
+    // SAFETY: forwarded contract.
+    unsafe { alloc_small_as::<true>(heap, class, size) }
+}
+
+/// [`alloc_small`], or [`alloc_small_zeroed`] when `ZEROED`.
+///
+/// # Safety
+/// As for [`alloc_small`].
+#[inline(always)]
+unsafe fn alloc_small_as<const ZEROED: bool>(
+    heap: *mut Heap,
+    class: usize,
+    size: usize,
+) -> *mut u8 {
     // SAFETY: `class < MAX_CLASSES` (from the class table); the page is either the
     // static empty page or a page owned by this thread.
     unsafe {
@@ -257,27 +283,36 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
             // check of `is_in_page_segment`, which the list's end (null) fails too.
             let offset = head.addr() ^ *(*heap).pop_keys.get_unchecked(class);
             if offset >= SEGMENT_SIZE {
-                return alloc_empty_or_corrupted(size, heap, class);
+                return if ZEROED {
+                    alloc_slow_zeroed(size, heap, class)
+                } else {
+                    alloc_empty_or_corrupted(size, heap, class)
+                };
             }
             ptr::with_exposed_provenance_mut::<Block>(page.addr() ^ offset)
         } else {
             if head.is_null() {
-                return alloc_slow(size, heap, class);
+                return if ZEROED {
+                    alloc_slow_zeroed(size, heap, class)
+                } else {
+                    alloc_slow(size, heap, class)
+                };
             }
             head
         };
-        pop_block(heap, page, block, class, size)
+        pop_block::<ZEROED>(heap, page, block, class, size)
     }
 }
 
-/// Takes `block`, the head of `page`'s free list, off the list and hands it out: the
-/// part of an allocation every path that pops a block shares.
+/// Takes `block`, the head of `page`'s free list, off the list and hands it out
+/// (cleared, when `ZEROED`): the part of an allocation every path that pops a block
+/// shares.
 ///
 /// # Safety
 /// `page` is a page of `heap`'s class `class` owned by the calling thread, `block` its
 /// free list's head (checked by the caller when hardened).
 #[inline(always)]
-unsafe fn pop_block(
+unsafe fn pop_block<const ZEROED: bool>(
     heap: *mut Heap,
     page: *mut Page,
     block: *mut Block,
@@ -296,7 +331,14 @@ unsafe fn pop_block(
         let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
         (*heap).sample_left = left;
         if sampled {
-            return alloc_sampled(size, heap, page, class, block);
+            return if ZEROED {
+                alloc_sampled_zeroed(size, heap, page, class, block)
+            } else {
+                alloc_sampled(size, heap, page, class, block)
+            };
+        }
+        if ZEROED {
+            ptr::write_bytes(block.cast::<u8>(), 0, size);
         }
         block.cast()
     }
@@ -312,6 +354,20 @@ unsafe fn alloc_empty_or_corrupted(size: usize, heap: *mut Heap, class: usize) -
     // SAFETY: as for `alloc_small` (the empty heap's pages are all the empty page, whose
     // head is never decoded).
     unsafe {
+        stop_if_corrupted(heap, class);
+        alloc_slow(size, heap, class)
+    }
+}
+
+/// Stops with a message when the head of `heap`'s page of class `class` is not null:
+/// the caller found it failing the segment check (hardened).
+///
+/// # Safety
+/// As for [`alloc_small`].
+unsafe fn stop_if_corrupted(heap: *mut Heap, class: usize) {
+    // SAFETY: as for `alloc_small` (the empty heap's pages are all the empty page, whose
+    // head is never decoded).
+    unsafe {
         let page = *(*heap).pages.get_unchecked(class);
         if page != empty_page() {
             let block = page::encode_link((*heap).link_key, (*page).free);
@@ -319,7 +375,6 @@ unsafe fn alloc_empty_or_corrupted(size: usize, heap: *mut Heap, class: usize) -
                 page::corrupted_link(block);
             }
         }
-        alloc_slow(size, heap, class)
     }
 }
 
@@ -467,40 +522,29 @@ unsafe fn slow_pop(size: usize, heap: *mut Heap, class: usize) -> (*mut u8, bool
             page::corrupted_link(block);
         }
         let zero = block == (*heap).zero_block;
-        let p = pop_block(heap, page, block, class, size);
+        let p = pop_block::<false>(heap, page, block, class, size);
         // A sampled allocation is served elsewhere (`p` is not the block).
         (p, zero && p == block.cast())
     }
 }
 
-/// `slow_pop` for `alloc_small_zeroed`, kept out of its line.
+/// The slow path of [`alloc_small_zeroed`] (the page's list is empty, or, hardened,
+/// its head failed the segment check). A block carved just now from memory that reads
+/// as zero (see `slow_pop`) needs only its two carving words cleared; any other block,
+/// freed before or carved earlier with others (which a `malloc` may have handed out
+/// and taken back since: nothing on the fast paths records it), is cleared whole.
 ///
 /// # Safety
 /// As for [`alloc_small`].
 #[cold]
 #[inline(never)]
-unsafe fn alloc_slow_zeroed(size: usize, heap: *mut Heap, class: usize) -> (*mut u8, bool) {
+unsafe fn alloc_slow_zeroed(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
     // SAFETY: forwarded contract.
-    unsafe { slow_pop(size, heap, class) }
-}
-
-/// `calloc` of a small block: `size` bytes of class `class`, zeroed. A block carved
-/// just now from memory that reads as zero (its page's free list was empty, so the
-/// slow path carves) needs only its two carving words cleared; any other block, freed
-/// before or carved earlier with others (which a `malloc` may have handed out and
-/// taken back since: nothing on the fast paths records it), is cleared whole.
-///
-/// # Safety
-/// As for [`alloc_small`].
-pub unsafe fn alloc_small_zeroed(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
-    // SAFETY: as for `alloc_small`; the page is the empty page or one of this thread's.
     unsafe {
-        let page = *(*heap).pages.get_unchecked(class);
-        let (p, zero) = if page == empty_page() || page::free_head(page).is_null() {
-            alloc_slow_zeroed(size, heap, class)
-        } else {
-            (alloc_small(heap, class, size), false)
-        };
+        if page::HARDENED {
+            stop_if_corrupted(heap, class);
+        }
+        let (p, zero) = slow_pop(size, heap, class);
         if p.is_null() {
             return p;
         }
@@ -558,6 +602,56 @@ unsafe extern "C" fn alloc_sampled(
 ) -> *mut u8 {
     // SAFETY: forwarded contract; no return address known.
     unsafe { alloc_sampled_at(size, heap, page, class, block, 0) }
+}
+
+/// [`alloc_sampled`] for `calloc`: the block handed out is cleared.
+///
+/// # Safety
+/// As for [`alloc_sampled_at`].
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[unsafe(naked)]
+unsafe extern "C" fn alloc_sampled_zeroed(
+    size: usize,
+    heap: *mut Heap,
+    page: *mut Page,
+    class: usize,
+    block: *mut Block,
+) -> *mut u8 {
+    core::arch::naked_asm!("mov r9, [rsp]", "jmp {f}", f = sym alloc_sampled_zeroed_at)
+}
+
+#[cfg(not(all(target_arch = "x86_64", not(miri))))]
+unsafe extern "C" fn alloc_sampled_zeroed(
+    size: usize,
+    heap: *mut Heap,
+    page: *mut Page,
+    class: usize,
+    block: *mut Block,
+) -> *mut u8 {
+    // SAFETY: forwarded contract; no return address known.
+    unsafe { alloc_sampled_zeroed_at(size, heap, page, class, block, 0) }
+}
+
+/// [`alloc_sampled_at`], then clears what `calloc` must of the block handed out.
+///
+/// # Safety
+/// As for [`alloc_sampled_at`].
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn alloc_sampled_zeroed_at(
+    size: usize,
+    heap: *mut Heap,
+    page: *mut Page,
+    class: usize,
+    block: *mut Block,
+    ret: usize,
+) -> *mut u8 {
+    // SAFETY: forwarded contract; the block handed out holds at least `size` bytes.
+    unsafe {
+        let p = alloc_sampled_at(size, heap, page, class, block, ret);
+        ptr::write_bytes(p, 0, dirty_prefix(p, size));
+        p
+    }
 }
 
 /// Serves this allocation from the sample arena (whose frees leave the fast path, see

@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::diag::diag;
 use crate::size_class::{self, MAX_CLASSES};
-use crate::{heap, init, large, options, os, page, segment};
+use crate::{heap, init, large, options, os, page, sample, segment};
 
 /// Number of entries in [`LgStats::classes`].
 pub const LG_MAX_CLASSES: usize = 112;
@@ -189,6 +189,12 @@ pub fn print_summary() {
         decommits,
         populates,
         kib(populated as u64)
+    );
+    diag!(
+        "lgmalloc: stats: sampled profile: {} samples ({} found their call site by unwinding the stack), {} skipped (no free slot)",
+        sample::TAKEN.load(Ordering::Relaxed),
+        sample::UNWOUND.load(Ordering::Relaxed),
+        sample::SKIPPED.load(Ordering::Relaxed)
     );
     let (r, policy) = (large::reuse_counters(), large::retention());
     diag!(
