@@ -71,7 +71,7 @@ pub mod profile {
         crate::sample::UNWOUND.load(core::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Samples skipped because no slot of the sample arena that fits the block was free.
+    /// Samples skipped because every slot of the sample arena held a live block.
     pub fn samples_skipped() -> u64 {
         crate::sample::SKIPPED.load(core::sync::atomic::Ordering::Relaxed)
     }

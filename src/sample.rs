@@ -22,26 +22,11 @@ use crate::{chunk_map, os, secret, size_class};
 
 /// Mean bytes between two samples.
 pub const MEAN_INTERVAL: usize = 256 * 1024;
-/// Live sampled blocks at most (a sample is skipped while no slot that fits is free).
-/// Live samples follow live bytes, one per 256 KiB: the slots cover about 576 MiB of
-/// live heap. The arena has two tiers: [`SMALL_SLOTS`] slots of 16 KiB first (most
-/// sampled blocks are small, and a slot's size is only address space), then
-/// [`LARGE_SLOTS`] of 256 KiB, the largest small block. With 256 slots of 256 KiB
-/// alone, mimalloc's test-stress (about 240 MiB resident) skipped 15,215 of 51,747
-/// samples, mostly of long-lived blocks: a profile biased against them.
-pub const SLOTS: usize = SMALL_SLOTS + LARGE_SLOTS;
-const SMALL_SLOTS: usize = 2048;
-const LARGE_SLOTS: usize = 256;
-/// log2 of a small-tier slot's size.
-const SMALL_SLOT_SHIFT: usize = 14;
-/// log2 of a large-tier slot's size: one slot holds the largest small block.
+/// Live sampled blocks at most (a sample is skipped while all slots are taken).
+pub const SLOTS: usize = 256;
+/// log2 of a slot's size: one slot holds the largest small block.
 const SLOT_SHIFT: usize = 18;
-/// Where the large tier starts in the arena.
-const SMALL_TIER_BYTES: usize = SMALL_SLOTS << SMALL_SLOT_SHIFT;
-const ARENA_BYTES: usize = SMALL_TIER_BYTES + (LARGE_SLOTS << SLOT_SHIFT);
-/// Words of the slot bitmaps; the large tier starts at a word's first bit.
-const SLOT_WORDS: usize = SLOTS / 64;
-const _: () = assert!(SMALL_SLOTS.is_multiple_of(64) && LARGE_SLOTS.is_multiple_of(64));
+const ARENA_BYTES: usize = SLOTS << SLOT_SHIFT;
 /// Distinct call stacks recorded at most (later new stacks are counted, not kept).
 pub const SITES: usize = 1024;
 /// Return addresses kept per call stack (lgmalloc's own frames included; `predict`
@@ -143,17 +128,6 @@ static TABLES: Tables = Tables {
         }
     }; SITES],
 };
-
-/// Free slots, a bit each. A hint a claim confirms with the slot's state: a bit may
-/// stay set for a slot a claim lost the race for, but the bit of a free slot is always
-/// set (a free sets it before the slot reads `FREE`; only a successful claim clears
-/// it).
-static FREE_SLOTS: [AtomicU64; SLOT_WORDS] = [const { AtomicU64::new(u64::MAX) }; SLOT_WORDS];
-/// Free slots that kept pages past their first, a bit each (set by the free that kept
-/// them, before the slot reads `FREE`; cleared by a claim, or by the purge that gave
-/// the pages back while it held the slot). Claims take these first; purges visit only
-/// these.
-static KEPT_SLOTS: [AtomicU64; SLOT_WORDS] = [const { AtomicU64::new(0) }; SLOT_WORDS];
 
 /// Arena base, or 0 (not mapped), 1 (being mapped), 2 (mapping failed).
 static ARENA: AtomicUsize = AtomicUsize::new(0);
@@ -341,7 +315,7 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
         return core::ptr::null_mut();
     }
     let base = arena();
-    let Some(i) = (base != 0).then(|| claim_slot(usable)).flatten() else {
+    let Some(i) = (base != 0).then(claim_slot).flatten() else {
         SKIPPED.fetch_add(1, Ordering::Relaxed);
         return core::ptr::null_mut();
     };
@@ -391,24 +365,7 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     slot.born_ns.store(now_ns(), Ordering::Relaxed);
     slot.state.store(SLOT_LIVE, Ordering::Release);
     purge_if_due();
-    slot_address(base, i) as *mut u8
-}
-
-/// The address of slot `i` in the arena at `base`.
-fn slot_address(base: usize, i: usize) -> usize {
-    match i.checked_sub(SMALL_SLOTS) {
-        None => base + (i << SMALL_SLOT_SHIFT),
-        Some(j) => base + SMALL_TIER_BYTES + (j << SLOT_SHIFT),
-    }
-}
-
-/// The slot starting `off` bytes into the arena, if a slot starts there.
-fn slot_at(off: usize) -> Option<usize> {
-    let (i, shift) = match off.checked_sub(SMALL_TIER_BYTES) {
-        None => (off >> SMALL_SLOT_SHIFT, SMALL_SLOT_SHIFT),
-        Some(o) => (SMALL_SLOTS + (o >> SLOT_SHIFT), SLOT_SHIFT),
-    };
-    (off & ((1 << shift) - 1) == 0 && i < SLOTS).then_some(i)
+    (base + (i << SLOT_SHIFT)) as *mut u8
 }
 
 /// The arena's base address (mapping it on first use), or 0 when it cannot be had.
@@ -433,72 +390,32 @@ fn arena() -> usize {
     if ok { p } else { 0 }
 }
 
-/// Claims a free slot that holds `usable` bytes: one whose pages a free kept first
-/// (its refault is saved), else the lowest clean one, small tier first. (A scan of the
-/// bitmaps' words, once per ~256 KiB allocated.)
-fn claim_slot(usable: usize) -> Option<usize> {
-    // Words of the tiers a block of `usable` bytes fits in.
-    let words = if usable <= 1 << SMALL_SLOT_SHIFT {
-        0..SLOT_WORDS
-    } else {
-        SMALL_SLOTS / 64..SLOT_WORDS
-    };
+/// Claims a free slot, one whose pages a free kept first (its refault is saved), else
+/// the lowest clean one. (A scan of at most `SLOTS` loads, `2 * SLOTS` while some free
+/// slot kept pages, once per ~256 KiB allocated.)
+fn claim_slot() -> Option<usize> {
     // Free slots that kept pages past their first go first (their memory is resident).
-    // Their bit is a hint: the slot's pages were given back if it reads fewer now.
+    // With none kept, that pass over every slot is skipped: samples of small blocks
+    // never keep any, and the pass cost about 2,000 instructions per sample (larson).
     let dirty = if DIRTY.load(Ordering::Relaxed) != 0 {
-        claim_first(&KEPT_SLOTS, words.clone(), |s| {
-            beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0
-        })
+        claim_first(|s| beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0)
     } else {
         None
     };
-    dirty.or_else(|| claim_first(&FREE_SLOTS, words, |_| true))
+    dirty.or_else(|| claim_first(|_| true))
 }
 
-/// Claims the first free slot among `words` of bitmap `bits` that `wanted` accepts,
-/// and clears its bits.
-fn claim_first(
-    bits: &[AtomicU64; SLOT_WORDS],
-    words: core::ops::Range<usize>,
-    wanted: impl Fn(&Slot) -> bool,
-) -> Option<usize> {
-    for w in words {
-        let mut set = bits.get(w)?.load(Ordering::Relaxed);
-        while set != 0 {
-            let i = w * 64 + set.trailing_zeros() as usize;
-            set &= set - 1;
-            let claimed = TABLES.slots.get(i).is_some_and(|s| {
-                s.state.load(Ordering::Relaxed) == SLOT_FREE
-                    && wanted(s)
-                    && s.state
-                        .compare_exchange(
-                            SLOT_FREE,
-                            SLOT_BUSY,
-                            Ordering::Acquire,
-                            Ordering::Relaxed,
-                        )
-                        .is_ok()
-            });
-            if claimed {
-                mark(&FREE_SLOTS, i, false);
-                mark(&KEPT_SLOTS, i, false);
-                return Some(i);
-            }
-        }
-    }
-    None
-}
-
-/// Sets or clears slot `i`'s bit in `bits`.
-fn mark(bits: &[AtomicU64; SLOT_WORDS], i: usize, on: bool) {
-    if let Some(word) = bits.get(i / 64) {
-        let bit = 1u64 << (i % 64);
-        if on {
-            word.fetch_or(bit, Ordering::Release);
-        } else {
-            word.fetch_and(!bit, Ordering::Relaxed);
-        }
-    }
+/// Claims the first free slot that `wanted` accepts.
+fn claim_first(wanted: impl Fn(&Slot) -> bool) -> Option<usize> {
+    (0..SLOTS).find(|&i| {
+        TABLES.slots.get(i).is_some_and(|s| {
+            s.state.load(Ordering::Relaxed) == SLOT_FREE
+                && wanted(s)
+                && s.state
+                    .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+        })
+    })
 }
 
 /// Bytes past the first page of a slot with `resident` possibly resident bytes.
@@ -520,20 +437,19 @@ fn reuse_slot(slot: &Slot, usable: usize) {
 
 /// Keeps a freed slot's pages when the dirty budget allows, else gives back all but
 /// the first. The caller holds the slot (`BUSY`).
-fn keep_or_decommit(slot: &Slot, addr: usize) -> bool {
+fn keep_or_decommit(slot: &Slot, addr: usize) {
     let extra = beyond_first_page(slot.resident.load(Ordering::Relaxed));
     if extra == 0 {
-        return false;
+        return;
     }
     if DIRTY.fetch_add(extra, Ordering::Relaxed) + extra <= DIRTY_BUDGET {
         let now = os::now_ms();
         slot.kept_since_ms.store(now, Ordering::Relaxed);
         purge_no_later_than(now + SLOT_PURGE_DELAY_MS);
-        return true;
+        return;
     }
     DIRTY.fetch_sub(extra, Ordering::Relaxed);
     decommit_slot(slot, addr);
-    false
 }
 
 /// Makes the next purge pass due at `at` (ms) at the latest.
@@ -576,16 +492,7 @@ fn purge_kept_before(before: u64) -> usize {
     }
     let mut released = 0;
     let mut next_due = u64::MAX;
-    let kept_slots = KEPT_SLOTS.iter().enumerate().flat_map(|(w, word)| {
-        let set = word.load(Ordering::Acquire);
-        (0..64)
-            .filter(move |b| set & (1 << b) != 0)
-            .map(move |b| w * 64 + b)
-    });
-    for i in kept_slots {
-        let Some(slot) = TABLES.slots.get(i) else {
-            break;
-        };
+    for (i, slot) in TABLES.slots.iter().enumerate() {
         let kept = slot.state.load(Ordering::Relaxed) == SLOT_FREE
             && beyond_first_page(slot.resident.load(Ordering::Relaxed)) != 0;
         if !kept {
@@ -601,10 +508,9 @@ fn purge_kept_before(before: u64) -> usize {
             .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
-            let extra = decommit_slot(slot, slot_address(base, i));
+            let extra = decommit_slot(slot, base + (i << SLOT_SHIFT));
             DIRTY.fetch_sub(extra, Ordering::Relaxed);
             released += extra;
-            mark(&KEPT_SLOTS, i, false);
             slot.state.store(SLOT_FREE, Ordering::Release);
         }
     }
@@ -647,20 +553,19 @@ pub fn trim() -> usize {
 }
 
 /// The live slot `addr` starts, if it is one.
-fn live_slot(addr: usize) -> Option<(usize, &'static Slot)> {
+fn live_slot(addr: usize) -> Option<&'static Slot> {
     let base = ARENA.load(Ordering::Acquire);
     let off = addr.checked_sub(base)?;
-    if base <= 2 || off >= ARENA_BYTES {
+    if base <= 2 || off >= ARENA_BYTES || off & ((1 << SLOT_SHIFT) - 1) != 0 {
         return None;
     }
-    let i = slot_at(off)?;
-    Some((i, TABLES.slots.get(i)?))
+    TABLES.slots.get(off >> SLOT_SHIFT)
 }
 
 /// Frees the sampled block at `addr` and records its lifetime. False when `addr` is
 /// not a live sampled block (the caller reports the misuse).
 pub fn free(addr: usize) -> bool {
-    let Some((i, slot)) = live_slot(addr) else {
+    let Some(slot) = live_slot(addr) else {
         return false;
     };
     if slot
@@ -679,11 +584,7 @@ pub fn free(addr: usize) -> bool {
     if let Some(c) = CLASS_LIVE.get(slot.class.load(Ordering::Relaxed)) {
         c.fetch_sub(1, Ordering::Relaxed);
     }
-    // The bits before the state: a slot that reads `FREE` has them (see `FREE_SLOTS`).
-    if keep_or_decommit(slot, addr) {
-        mark(&KEPT_SLOTS, i, true);
-    }
-    mark(&FREE_SLOTS, i, true);
+    keep_or_decommit(slot, addr);
     slot.state.store(SLOT_FREE, Ordering::Release);
     true
 }
@@ -691,7 +592,6 @@ pub fn free(addr: usize) -> bool {
 /// Usable bytes of the live sampled block at `addr`, or 0.
 pub fn usable_size(addr: usize) -> usize {
     live_slot(addr)
-        .map(|(_, s)| s)
         .filter(|s| s.state.load(Ordering::Acquire) == SLOT_LIVE)
         .map_or(0, |s| s.usable.load(Ordering::Relaxed))
 }
@@ -700,7 +600,7 @@ pub fn usable_size(addr: usize) -> usize {
 /// handed, may be non-zero: `calloc` clears only those. A slot's memory past what was
 /// resident when it was claimed reads as zero (never used, or decommitted since).
 pub fn dirty_prefix(addr: usize) -> usize {
-    live_slot(addr).map_or(usize::MAX, |(_, s)| s.dirty_prefix.load(Ordering::Relaxed))
+    live_slot(addr).map_or(usize::MAX, |s| s.dirty_prefix.load(Ordering::Relaxed))
 }
 
 fn now_ns() -> u64 {
@@ -932,12 +832,11 @@ mod tests {
         // A kept slot stays until it has waited out the delay, then a pass gives its
         // pages back; a pass is due by then.
         let b = take(class, usable, 0, 0) as usize;
-        assert!(b != 0, "no free slot");
         // SAFETY: a live sampled block of `usable` bytes.
         unsafe { core::ptr::write_bytes(b as *mut u8, 7, usable) };
         assert!(free(b));
         assert_eq!(resident_pages(b, usable), pages_per_slot);
-        let i = slot_at(b - ARENA.load(Ordering::Relaxed)).expect("a slot's start");
+        let i = (b - ARENA.load(Ordering::Relaxed)) >> SLOT_SHIFT;
         let since = TABLES.slots[i].kept_since_ms.load(Ordering::Relaxed);
         let due = PURGE_AT.load(Ordering::Relaxed);
         assert!(due != 0 && due <= since + SLOT_PURGE_DELAY_MS, "due {due}");
@@ -959,7 +858,6 @@ mod tests {
             .expect("a class whose blocks end inside a page");
         let odd = size_class::block_size(odd_class);
         let b = take(odd_class, odd, 0, 0) as usize;
-        assert!(b != 0, "no free slot");
         // SAFETY: a live sampled block of `odd` bytes.
         unsafe { core::ptr::write_bytes(b as *mut u8, 0xff, odd) };
         assert!(free(b));
@@ -976,52 +874,6 @@ mod tests {
         );
         assert!(free(again));
         trim();
-
-        // Small blocks take the small tier's slots, then the large tier's; with every
-        // slot taken a sample is skipped; a large block never takes a small slot.
-        let tiny = size_class::block_size(0);
-        let base = ARENA.load(Ordering::Relaxed);
-        let skipped = SKIPPED.load(Ordering::Relaxed);
-        let all: Vec<usize> = (0..SLOTS).map(|_| take(0, tiny, 0, 0) as usize).collect();
-        assert!(all.iter().all(|&b| b != 0), "a free slot was not found");
-        assert!(
-            all[..SMALL_SLOTS]
-                .iter()
-                .all(|&b| b - base < SMALL_TIER_BYTES)
-        );
-        assert!(
-            all[SMALL_SLOTS..]
-                .iter()
-                .all(|&b| b - base >= SMALL_TIER_BYTES)
-        );
-        let mut sorted = all.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), SLOTS, "two samples share a slot");
-        assert!(
-            take(0, tiny, 0, 0).is_null(),
-            "a sample without a free slot"
-        );
-        assert_eq!(SKIPPED.load(Ordering::Relaxed), skipped + 1);
-        assert!(free(all[0]));
-        assert!(
-            take(class, usable, 0, 0).is_null(),
-            "a large block in a small slot"
-        );
-        assert_eq!(take(0, tiny, 0, 0) as usize, all[0]);
-        for &b in &all {
-            assert!(free(b));
-        }
-        assert!(!free(all[0]), "a freed sample freed twice was accepted");
-        // Every slot is free again.
-        let again: Vec<usize> = (0..SLOTS).map(|_| take(0, tiny, 0, 0) as usize).collect();
-        assert!(
-            again.iter().all(|&b| b != 0),
-            "a freed slot was not found again"
-        );
-        for &b in &again {
-            assert!(free(b));
-        }
     }
 
     #[test]
