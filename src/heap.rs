@@ -572,65 +572,54 @@ fn dirty_prefix(p: *mut u8, size: usize) -> usize {
     }
 }
 
-/// The sampling countdown ran out (reached by a tail jump from the fast path, so the
-/// word at the stack pointer is the return address into the allocating caller): passes
-/// that address on to [`alloc_sampled_at`], which records the sample. The arguments
-/// come in the order the fast path holds them in registers (`size` first, where malloc
-/// received it), so the jump here takes one move rather than a shuffle.
-///
-/// # Safety
-/// As for [`alloc_sampled_at`].
-#[cfg(all(target_arch = "x86_64", not(miri)))]
-#[unsafe(naked)]
-unsafe extern "C" fn alloc_sampled(
-    size: usize,
-    heap: *mut Heap,
-    page: *mut Page,
-    class: usize,
-    block: *mut Block,
-) -> *mut u8 {
-    core::arch::naked_asm!("mov r9, [rsp]", "jmp {f}", f = sym alloc_sampled_at)
+/// Defines `$name(size, heap, page, class, block)`, where the fast path goes when the
+/// sampling countdown runs out, as a naked trampoline into `$target`: reached by a tail
+/// jump from the fast path, so the word at the stack pointer is the return address into
+/// the allocating caller, which it passes on as `$target`'s sixth argument. The
+/// arguments come in the order the fast path holds them in registers (`size` first,
+/// where malloc received it), so the jump takes one move rather than a shuffle. Other
+/// targets (and Miri) pass no return address.
+macro_rules! sampled_entry {
+    ($(#[$doc:meta])* $name:ident => $target:ident) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// As for [`alloc_sampled_at`].
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        #[unsafe(naked)]
+        unsafe extern "C" fn $name(
+            size: usize,
+            heap: *mut Heap,
+            page: *mut Page,
+            class: usize,
+            block: *mut Block,
+        ) -> *mut u8 {
+            core::arch::naked_asm!("mov r9, [rsp]", "jmp {f}", f = sym $target)
+        }
+
+        #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+        unsafe extern "C" fn $name(
+            size: usize,
+            heap: *mut Heap,
+            page: *mut Page,
+            class: usize,
+            block: *mut Block,
+        ) -> *mut u8 {
+            // SAFETY: forwarded contract; no return address known.
+            unsafe { $target(size, heap, page, class, block, 0) }
+        }
+    };
 }
 
-#[cfg(not(all(target_arch = "x86_64", not(miri))))]
-unsafe extern "C" fn alloc_sampled(
-    size: usize,
-    heap: *mut Heap,
-    page: *mut Page,
-    class: usize,
-    block: *mut Block,
-) -> *mut u8 {
-    // SAFETY: forwarded contract; no return address known.
-    unsafe { alloc_sampled_at(size, heap, page, class, block, 0) }
-}
+sampled_entry!(
+    /// The sampling countdown ran out: records the sample ([`alloc_sampled_at`]).
+    alloc_sampled => alloc_sampled_at
+);
 
-/// [`alloc_sampled`] for `calloc`: the block handed out is cleared.
-///
-/// # Safety
-/// As for [`alloc_sampled_at`].
-#[cfg(all(target_arch = "x86_64", not(miri)))]
-#[unsafe(naked)]
-unsafe extern "C" fn alloc_sampled_zeroed(
-    size: usize,
-    heap: *mut Heap,
-    page: *mut Page,
-    class: usize,
-    block: *mut Block,
-) -> *mut u8 {
-    core::arch::naked_asm!("mov r9, [rsp]", "jmp {f}", f = sym alloc_sampled_zeroed_at)
-}
-
-#[cfg(not(all(target_arch = "x86_64", not(miri))))]
-unsafe extern "C" fn alloc_sampled_zeroed(
-    size: usize,
-    heap: *mut Heap,
-    page: *mut Page,
-    class: usize,
-    block: *mut Block,
-) -> *mut u8 {
-    // SAFETY: forwarded contract; no return address known.
-    unsafe { alloc_sampled_zeroed_at(size, heap, page, class, block, 0) }
-}
+sampled_entry!(
+    /// [`alloc_sampled`] for `calloc`: the block handed out is cleared.
+    alloc_sampled_zeroed => alloc_sampled_zeroed_at
+);
 
 /// [`alloc_sampled_at`], then clears what `calloc` must of the block handed out.
 ///
