@@ -2048,7 +2048,7 @@ fn samples_and_unwound(stderr: &str) -> (u64, u64) {
 }
 
 /// A sample of a call straight from the program takes the return address the entry
-/// point was handed as its call site: no walk of the stack (about 7,000 instructions
+/// point was handed as its call site: no walk of the stack (about 8,000 instructions
 /// through libgcc), for `malloc` and for `calloc` alike (whose fast path clears the
 /// block after the pop, and hands a sampled block to a clearing tail instead).
 #[test]

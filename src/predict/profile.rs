@@ -421,13 +421,10 @@ pub(super) fn read_beside(dir: &CacheDir, stem: &str) -> Option<Profile> {
     read_in(dir, &format!("{stem}.profile"))
 }
 
-/// Hands the sampler the run-time return addresses that the profile stored beside
-/// `stem` resolved to call sites in the main program (lgmalloc linked into it), so a
-/// sample returning to one takes it as its site without unwinding the stack.
-pub(super) fn hand_known_sites_to_sampler(dir: &CacheDir, stem: &str) {
-    let Some(stored) = read_beside(dir, stem) else {
-        return;
-    };
+/// Hands the sampler the run-time return addresses that the stored profile resolved
+/// to call sites in the main program (lgmalloc linked into it), so a sample returning
+/// to one takes it as its site without unwinding the stack.
+pub(super) fn hand_known_sites_to_sampler(stored: &Profile) {
     let Some(main) = loaded_modules().into_iter().next() else {
         return;
     };

@@ -94,10 +94,21 @@ fn plan_this_process() {
         .filter(|_| learn)
         .map(|(_, stem)| format!("{stem}.learned"));
     let dir = cache.as_ref().map(|(dir, _)| dir);
-    // Linked into the program, the sampler tells lgmalloc's frames from the program's
-    // only by the sites earlier runs resolved (with the program's symbols, at exit).
-    if let (Some((dir, stem)), Some((_, _, true)), true) = (&cache, own, learn) {
-        super::profile::hand_known_sites_to_sampler(dir, stem);
+    // The sampled profile: read here when lgmalloc is linked into the program (the
+    // sampler tells lgmalloc's frames from the program's only by the sites earlier runs
+    // resolved, with the program's symbols, at exit), else only if a plan is built.
+    let read_profile = || {
+        cache
+            .as_ref()
+            .filter(|_| learn)
+            .and_then(|(dir, stem)| super::profile::read_beside(dir, stem))
+    };
+    let mut profile = None;
+    if matches!(own, Some((_, _, true))) {
+        profile = read_profile();
+        if let Some(p) = &profile {
+            super::profile::hand_known_sites_to_sampler(p);
+        }
     }
     // A stored plan is a few hundred bytes; the analyses it came from are only needed
     // again in verify mode (for the call sites) or when what was learned changed.
@@ -127,10 +138,9 @@ fn plan_this_process() {
                 _ => Default::default(),
             };
             // Like the observations, the sampled profile shapes only a learning plan.
-            let profile = cache
-                .as_ref()
-                .filter(|_| learn)
-                .and_then(|(dir, stem)| super::profile::read_beside(dir, stem));
+            if profile.is_none() {
+                profile = read_profile();
+            }
             let plan = build(&analysed, learned, profile.as_ref());
             // A plan missing a module's analysis is not stored: the next run, with that
             // analysis cached, plans from all of them.
