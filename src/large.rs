@@ -70,6 +70,48 @@ struct CacheInner {
     next_ghost: usize,
     /// `Cached::seq` of the next mapping cached.
     next_seq: u64,
+    /// Mappings this visit gave up, unmapped by [`with_cache`] once the lock is
+    /// released: an unmap under the lock made every thread that frees or takes a large
+    /// object wait for the system call.
+    unmapping: Unmaps,
+}
+
+/// Mappings `(base, size)` waiting to be unmapped outside the cache lock. One visit
+/// removes each cached mapping at most once and adds at most the one being cached, so
+/// `CACHE_SLOTS + 1` entries always suffice; a full list unmaps at once all the same.
+#[derive(Clone, Copy)]
+struct Unmaps {
+    ranges: [(usize, usize); CACHE_SLOTS + 1],
+    len: usize,
+}
+
+impl Unmaps {
+    const NONE: Unmaps = Unmaps {
+        ranges: [(0, 0); CACHE_SLOTS + 1],
+        len: 0,
+    };
+
+    /// Queues a mapping for unmapping.
+    ///
+    /// # Safety
+    /// The mapping is ours, holds nothing live, and nothing will use it again.
+    unsafe fn push(&mut self, base: usize, size: usize) {
+        match self.ranges.get_mut(self.len) {
+            Some(slot) => {
+                *slot = (base, size);
+                self.len += 1;
+            }
+            // SAFETY: per the contract, the mapping is ours and holds nothing live.
+            None => unsafe { os::unmap(base as *mut u8, size) },
+        }
+    }
+
+    fn unmap_all(&self) {
+        for &(base, size) in self.ranges.iter().take(self.len) {
+            // SAFETY: queued mappings are ours, hold nothing live, and left the cache.
+            unsafe { os::unmap(base as *mut u8, size) };
+        }
+    }
 }
 
 /// How a program reused its large mappings: counted under the cache lock, for the
@@ -288,6 +330,7 @@ static CACHE: Locked<CacheInner> = Locked::new(CacheInner {
         depth: 0,
     }; CACHE_SLOTS],
     next_seq: 0,
+    unmapping: Unmaps::NONE,
     resident: 0,
     next_decay_ms: 0,
     counters: ReuseCounters::NONE,
@@ -295,8 +338,18 @@ static CACHE: Locked<CacheInner> = Locked::new(CacheInner {
     next_ghost: 0,
 });
 
+/// Runs `f` on the cache with its lock held, then unmaps what it gave up.
 fn with_cache<R>(f: impl FnOnce(&mut CacheInner) -> R) -> R {
-    CACHE.with(f)
+    let (result, unmapping) = CACHE.with(|c| {
+        let result = f(c);
+        let unmapping = (c.unmapping.len != 0).then_some(c.unmapping);
+        c.unmapping.len = 0;
+        (result, unmapping)
+    });
+    if let Some(u) = unmapping {
+        u.unmap_all();
+    }
+    result
 }
 
 /// Lock hooks for `fork`: a thread caching or taking a mapping while another forks
@@ -445,7 +498,7 @@ impl CacheInner {
                 self.counters.evicted += 1;
                 self.remember(&e, false);
                 // SAFETY: a cached mapping is ours and holds nothing live.
-                unsafe { os::unmap(e.base as *mut u8, e.size) }
+                unsafe { self.unmapping.push(e.base, e.size) };
             }
         }
     }
@@ -606,7 +659,7 @@ impl CacheInner {
                 touched = filled + e.touched.min(moved);
             } else {
                 // SAFETY: as above; the pages could not move, so they go back.
-                unsafe { os::unmap(e.base as *mut u8, moved) };
+                unsafe { self.unmapping.push(e.base, moved) };
             }
             filled += moved;
         }
@@ -641,7 +694,7 @@ impl CacheInner {
         self.counters.evicted += 1;
         self.remember(&e, false);
         // SAFETY: a cached mapping is ours and holds nothing live.
-        unsafe { os::unmap(e.base as *mut u8, e.size) };
+        unsafe { self.unmapping.push(e.base, e.size) };
         true
     }
 
@@ -663,7 +716,7 @@ impl CacheInner {
                 self.counters.expired += 1;
                 self.remember(&e, true);
                 // SAFETY: a cached mapping is ours and holds nothing live.
-                unsafe { os::unmap(e.base as *mut u8, e.size) };
+                unsafe { self.unmapping.push(e.base, e.size) };
             }
         }
     }
@@ -676,7 +729,7 @@ pub fn cache_release() -> usize {
         for s in c.slots.iter_mut() {
             if s.base != 0 {
                 // SAFETY: cached mappings are ours and hold nothing live.
-                unsafe { os::unmap(s.base as *mut u8, s.size) };
+                unsafe { c.unmapping.push(s.base, s.size) };
                 *s = Cached::default();
             }
         }
