@@ -26,7 +26,7 @@ use super::mmap::FileId;
 use super::{Analysis, CallSite, Callee, confidence};
 
 const MAGIC: &[u8; 8] = b"LGMACACH";
-pub(crate) const FORMAT_VERSION: u32 = 3;
+pub(crate) const FORMAT_VERSION: u32 = 4;
 const HEADER: usize = 8 + 4 + 8 + 8;
 
 /// The cache entry path for this file, or `None` when there is no usable cache

@@ -74,20 +74,24 @@ pub(crate) fn run(
     drop_bad(&mut p.callees, &mut p.sites, &p.bad);
     p.sites.sort_by_key(|s| s.site);
     p.sites.dedup_by_key(|s| s.site);
-    mark_sites_in_wrappers(&mut p.sites, &mut p.site_functions, &p.callees);
+    mark_sites_in_wrappers(elf, &mut p.sites, &mut p.site_functions, &p.callees);
     Ok((p.callees, p.sites))
 }
 
-/// Flags the sites that lie in a wrapper (a function promoted to a callee), once the
-/// wrappers are final.
+/// Flags the sites that lie in a wrapper, once the wrappers are final: a function
+/// promoted to a callee, or an allocation function the file defines itself (a
+/// statically linked `operator new` calling `malloc`, libstdc++'s own, a `calloc` that
+/// calls `malloc`). A call from one of those is never where a size is chosen: the
+/// caller of the function is (`Analysis::wrapper_returns`).
 fn mark_sites_in_wrappers(
+    elf: &Elf,
     sites: &mut [CallSite],
     functions: &mut [(u64, u64)],
     callees: &[Callee],
 ) {
     let mut wrappers: Vec<u64> = callees
         .iter()
-        .filter(|c| c.wraps.is_some())
+        .filter(|c| c.wraps.is_some() || (c.addr != 0 && !elf.in_plt(c.addr)))
         .map(|c| c.addr)
         .collect();
     if wrappers.is_empty() {

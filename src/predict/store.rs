@@ -274,7 +274,9 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
     }
 }
 
-/// Format: `lgmalloc-plan 4`, then `module CACHE_ENTRY` (the modules analysed, main
+/// Format: `lgmalloc-plan 5` (5: the wrapper returns include the calls made inside an
+/// allocation function a module defines, such as a statically linked `operator new`),
+/// then `module CACHE_ENTRY` (the modules analysed, main
 /// program first), `wrapper-return MODULE_INDEX HEX_ADDRESS` (the return addresses of
 /// the calls the modules' wrappers make to the allocator, link-time, ascending: read
 /// by inert starts too, whose samples look past those frames), `inert` (when the plan predicts no saving: start-up stops reading
@@ -290,7 +292,7 @@ pub(super) fn write_plan(dir: &CacheDir, name: &str, plan: &RuntimePlan) {
 
 /// The stored form of `plan` (see [`write_plan`]).
 pub(super) fn plan_text(plan: &RuntimePlan) -> String {
-    let mut text = String::from("lgmalloc-plan 4\n");
+    let mut text = String::from("lgmalloc-plan 5\n");
     for m in &plan.modules {
         let _ = writeln!(text, "module {m}");
     }
@@ -341,7 +343,7 @@ pub(super) fn parse_plan(bytes: &[u8]) -> Result<RuntimePlan, Refusal> {
 fn parse_plan_until(bytes: &[u8], stop: Stop) -> Result<RuntimePlan, Refusal> {
     let text = core::str::from_utf8(bytes).map_err(|_| "not text")?;
     let mut lines = text.lines();
-    if lines.next() != Some("lgmalloc-plan 4") {
+    if lines.next() != Some("lgmalloc-plan 5") {
         return Err("not a plan of this version");
     }
     let mut plan = RuntimePlan {
@@ -499,7 +501,7 @@ pub fn reparse_learned(bytes: &[u8]) -> Result<String, Refusal> {
 mod tests {
     use super::*;
 
-    const PLAN: &str = "lgmalloc-plan 4\nmodule b-0123-16208\nwrapper-return 0 f6fa6\n\
+    const PLAN: &str = "lgmalloc-plan 5\nmodule b-0123-16208\nwrapper-return 0 f6fa6\n\
                         class 40 0.975 B 85\neager 48\n\
                         profile-room 15\nprofile-exact 528\nprofile-exact 4368\n\
                         observed threads 7\nobserved class 48 768000 7\n";
@@ -594,8 +596,8 @@ mod tests {
                 "a class used by more threads than ran",
             ),
             (
+                "lgmalloc-plan 5",
                 "lgmalloc-plan 4",
-                "lgmalloc-plan 3",
                 "not a plan of this version",
             ),
             (
@@ -664,7 +666,7 @@ mod tests {
             assert_ne!(text, PLAN, "{from}");
             assert_eq!(parse_plan(text.as_bytes()).err(), Some(why), "{text}");
         }
-        assert_eq!(parse_plan(b"lgmalloc-plan 4\n\xff").err(), Some("not text"));
+        assert_eq!(parse_plan(b"lgmalloc-plan 5\n\xff").err(), Some("not text"));
         let many = format!("{PLAN}{}", "eager 16\n".repeat(MAX_RESERVED_CLASSES));
         assert_eq!(
             parse_plan(many.as_bytes()).err(),
