@@ -1188,21 +1188,52 @@ unsafe fn release_spares(heap: *mut Heap) {
 }
 
 // The block comes first, where `free` receives it, so the fast path reaches this by a
-// tail jump without moving it; likewise `free_unusual`.
+// tail jump without moving it; likewise `free_unusual`. The usual case (the owner is
+// alive) makes no call, so it needs no stack frame: taking an abandoned page over is
+// left to `free_to_abandoned`, reached by a tail jump (with the call to `reclaim` here,
+// every remote free saved and restored three registers: 7 of its 22 instructions).
 #[cold]
 #[inline(never)]
 unsafe fn free_remote(block: *mut Block, page: *mut Page) {
     // SAFETY: the caller gives up `block`, a live block of `page`.
     unsafe {
-        // An exited thread's page: take it over if this thread needs a page of its
-        // class anyway, and free locally.
-        if (*page).heap.load(Ordering::Relaxed).is_null() && reclaim(page) {
+        if (*page).heap.load(Ordering::Relaxed).is_null() {
+            return free_to_abandoned(block, page);
+        }
+        push_remote_or_hand_over(block, page);
+    }
+}
+
+/// A free into an exited thread's page: take the page over if this thread needs a page
+/// of its class anyway, and free locally; else free as into any other thread's page.
+///
+/// # Safety
+/// As for [`free_remote`].
+#[cold]
+#[inline(never)]
+unsafe fn free_to_abandoned(block: *mut Block, page: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe {
+        if reclaim(page) {
             return free_checked(page, block);
         }
+        push_remote_or_hand_over(block, page);
+    }
+}
+
+/// Pushes `block` on `page`'s remote list, or, when the page was full and watched,
+/// hands it to the owner heap's `delayed_free` list so the owner learns the page has
+/// room.
+///
+/// # Safety
+/// As for [`free_remote`].
+#[inline(always)]
+unsafe fn push_remote_or_hand_over(block: *mut Block, page: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe {
         let owner = page::push_remote(page, block).cast::<Heap>();
         if !owner.is_null() {
-            // The page was full and watched: hand the block to its owner directly. Its
-            // link is stored encoded (hardened), checked by `drain_delayed`.
+            // Its link is stored encoded (hardened), checked by `drain_delayed`.
             let key = page::link_key();
             let list = &(*owner).delayed_free;
             let mut head = list.load(Ordering::Relaxed);
