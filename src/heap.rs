@@ -1191,7 +1191,7 @@ unsafe fn release_spares(heap: *mut Heap) {
 // tail jump without moving it; likewise `free_unusual`. The usual case (the owner is
 // alive) makes no call, so it needs no stack frame: taking an abandoned page over is
 // left to `free_to_abandoned`, reached by a tail jump (with the call to `reclaim` here,
-// every remote free saved and restored three registers: 7 of its 22 instructions).
+// every remote free pushed and popped three registers: 6 of its 22 instructions).
 #[cold]
 #[inline(never)]
 unsafe fn free_remote(block: *mut Block, page: *mut Page) {

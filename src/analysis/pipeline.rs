@@ -78,11 +78,12 @@ pub(crate) fn run(
     Ok((p.callees, p.sites))
 }
 
-/// Flags the sites that lie in a wrapper, once the wrappers are final: a function
-/// promoted to a callee, or an allocation function the file defines itself (a
-/// statically linked `operator new` calling `malloc`, libstdc++'s own, a `calloc` that
-/// calls `malloc`). A call from one of those is never where a size is chosen: the
-/// caller of the function is (`Analysis::wrapper_returns`).
+/// Flags the sites that lie in a wrapper, once the wrappers are final: any callee whose
+/// entry is code of this file, so a function promoted to a callee or an allocation
+/// function the file defines itself (a statically linked `operator new` calling
+/// `malloc`, libstdc++'s own, a `calloc` that calls `malloc`), not a PLT stub or a
+/// pointer slot. A call from one of those is never where a size is chosen: the caller
+/// of the function is (`Analysis::wrapper_returns`).
 fn mark_sites_in_wrappers(
     elf: &Elf,
     sites: &mut [CallSite],
@@ -91,7 +92,7 @@ fn mark_sites_in_wrappers(
 ) {
     let mut wrappers: Vec<u64> = callees
         .iter()
-        .filter(|c| c.wraps.is_some() || (c.addr != 0 && !elf.in_plt(c.addr)))
+        .filter(|c| c.addr != 0 && !elf.in_plt(c.addr))
         .map(|c| c.addr)
         .collect();
     if wrappers.is_empty() {

@@ -274,6 +274,9 @@ fn learned_lines(learned: &Learned, prefix: &str, text: &mut String) {
     }
 }
 
+/// The first line of a stored plan: the format and its version.
+const PLAN_HEADER: &str = "lgmalloc-plan 5";
+
 /// Format: `lgmalloc-plan 5` (5: the wrapper returns include the calls made inside an
 /// allocation function a module defines, such as a statically linked `operator new`),
 /// then `module CACHE_ENTRY` (the modules analysed, main
@@ -292,7 +295,7 @@ pub(super) fn write_plan(dir: &CacheDir, name: &str, plan: &RuntimePlan) {
 
 /// The stored form of `plan` (see [`write_plan`]).
 pub(super) fn plan_text(plan: &RuntimePlan) -> String {
-    let mut text = String::from("lgmalloc-plan 5\n");
+    let mut text = format!("{PLAN_HEADER}\n");
     for m in &plan.modules {
         let _ = writeln!(text, "module {m}");
     }
@@ -343,7 +346,7 @@ pub(super) fn parse_plan(bytes: &[u8]) -> Result<RuntimePlan, Refusal> {
 fn parse_plan_until(bytes: &[u8], stop: Stop) -> Result<RuntimePlan, Refusal> {
     let text = core::str::from_utf8(bytes).map_err(|_| "not text")?;
     let mut lines = text.lines();
-    if lines.next() != Some("lgmalloc-plan 5") {
+    if lines.next() != Some(PLAN_HEADER) {
         return Err("not a plan of this version");
     }
     let mut plan = RuntimePlan {
