@@ -338,22 +338,24 @@ static CACHE: Locked<CacheInner> = Locked::new(CacheInner {
     next_ghost: 0,
 });
 
-/// Runs `f` on the cache with its lock held, then unmaps what it gave up.
+/// Runs `f` on the cache with its lock held, then unmaps what it gave up (which a
+/// `fork` meanwhile waits for: see `lock_for_fork`).
 fn with_cache<R>(f: impl FnOnce(&mut CacheInner) -> R) -> R {
-    let (result, unmapping) = CACHE.with(|c| {
-        let result = f(c);
-        let unmapping = (c.unmapping.len != 0).then_some(c.unmapping);
-        c.unmapping.len = 0;
-        (result, unmapping)
-    });
-    if let Some(u) = unmapping {
-        u.unmap_all();
-    }
-    result
+    CACHE.with_then(
+        |c| {
+            let result = f(c);
+            let unmapping = (c.unmapping.len != 0).then_some(c.unmapping);
+            c.unmapping.len = 0;
+            (result, unmapping)
+        },
+        |u| u.unmap_all(),
+    )
 }
 
 /// Lock hooks for `fork`: a thread caching or taking a mapping while another forks
-/// must not leave the child's cache locked.
+/// must not leave the child's cache locked, nor the child holding mappings that thread
+/// had taken out of the cache to unmap (the child has no such thread, and nothing of
+/// the child's refers to them).
 pub fn lock_for_fork() {
     CACHE.lock_for_fork();
 }

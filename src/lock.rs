@@ -5,9 +5,14 @@
 //!
 //! Each lock counts its acquisitions and the contended ones (the lock was held when
 //! asked for), for `lg_stats`: the price of the central page supply, measured.
+//!
+//! A holder may leave work for after the release ([`Locked::with_then`]: the system
+//! calls that give memory back). `fork` waits for that work as well as for the lock,
+//! or the child would inherit, unreferenced, what a thread it does not have was about
+//! to give back.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Retries of a contended lock before the waiter sleeps, and pause instructions
 /// between them: a few microseconds in all (a pause is tens to a hundred and more
@@ -126,10 +131,21 @@ impl Mutex {
     }
 }
 
+/// How long `fork`'s prepare handler waits for work left after a release before it
+/// forks anyway (the child then keeps, unreferenced, what that work would have given
+/// back). Such work is a few system calls that need no lock, done in microseconds;
+/// the bound is for a thread that cannot finish it, such as one interrupted by a signal
+/// handler that forks.
+const FORK_WAIT_MS: u64 = 1000;
+
 /// State that is only touched with its mutex held.
 pub struct Locked<T> {
     lock: Mutex,
     inner: UnsafeCell<T>,
+    /// Calls of [`Locked::with_then`] whose work after the release is under way.
+    /// Raised only with the lock held, so once `fork`'s handler holds it, the count can
+    /// only fall.
+    after_release: AtomicUsize,
 }
 
 // SAFETY: `inner` is only reached through `with`, which holds the lock; the guarded
@@ -142,6 +158,7 @@ impl<T> Locked<T> {
         Locked {
             lock: Mutex::new(),
             inner: UnsafeCell::new(state),
+            after_release: AtomicUsize::new(0),
         }
     }
 
@@ -152,6 +169,29 @@ impl<T> Locked<T> {
             // SAFETY: the lock is held, so this is the only reference to the state.
             f(unsafe { &mut *self.inner.get() })
         })
+    }
+
+    /// Runs `f` on the state with the lock held; when it returns work (`Some(w)`), runs
+    /// `after(w)` once the lock is released. A `fork` in between waits for `after`.
+    #[inline]
+    pub fn with_then<R, W>(
+        &self,
+        f: impl FnOnce(&mut T) -> (R, Option<W>),
+        after: impl FnOnce(W),
+    ) -> R {
+        let (result, work) = self.with(|state| {
+            let (result, work) = f(state);
+            if work.is_some() {
+                self.after_release.fetch_add(1, Ordering::Relaxed);
+            }
+            (result, work)
+        });
+        if let Some(w) = work {
+            after(w);
+            // Release: a fork that sees the count fall sees the work done.
+            self.after_release.fetch_sub(1, Ordering::Release);
+        }
+        result
     }
 
     /// Runs `f` on the state if the lock is free now; `None` (and `f` not run) when
@@ -172,14 +212,40 @@ impl<T> Locked<T> {
         self.lock.counts()
     }
 
-    /// `fork` prepare handler: hold the lock so the child inherits a consistent state.
-    pub fn lock_for_fork(&self) {
+    /// `fork` prepare handler: hold the lock so the child inherits a consistent state,
+    /// then wait (a bounded while, see [`FORK_WAIT_MS`]) for the work other threads left
+    /// after releasing it. True when none is left.
+    pub fn lock_for_fork(&self) -> bool {
         self.lock.lock();
+        self.wait_after_release(FORK_WAIT_MS)
+    }
+
+    /// Waits until no [`Locked::with_then`] has work under way, or `limit_ms` passed.
+    /// With the lock held none can begin, so a count seen at zero stays there.
+    fn wait_after_release(&self, limit_ms: u64) -> bool {
+        let mut deadline = 0;
+        loop {
+            // Acquire: pairs with the release in `with_then`.
+            if self.after_release.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            let now = crate::os::now_ms();
+            if deadline == 0 {
+                deadline = now + limit_ms;
+            } else if now > deadline {
+                return false;
+            }
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
     }
 
     /// `fork` parent and child handlers.
     pub fn unlock_after_fork(&self, child: bool) {
         if child {
+            // Work the parent's other threads left after a release (if the wait gave
+            // up) will never be done here: nothing is under way in the child.
+            self.after_release.store(0, Ordering::Relaxed);
             self.lock.reset_in_child();
         } else {
             self.lock.unlock();
@@ -226,5 +292,46 @@ mod tests {
         m.unlock();
         waiter.join().unwrap();
         assert_eq!(m.counts(), (4, 1));
+    }
+
+    /// `fork`'s prepare handler waits for work another thread left after releasing the
+    /// lock; a wait for work that does not end gives up at its bound.
+    #[test]
+    fn fork_waits_for_work_left_after_a_release() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::mpsc::channel;
+        let state = Arc::new(Locked::new(0u32));
+        let done = Arc::new(AtomicBool::new(false));
+        let (started_tx, started) = channel();
+        let (go, go_rx) = channel::<()>();
+        let worker = {
+            let (state, done) = (Arc::clone(&state), Arc::clone(&done));
+            std::thread::spawn(move || {
+                state.with_then(
+                    |n| {
+                        *n += 1;
+                        ((), Some(()))
+                    },
+                    |()| {
+                        started_tx.send(()).unwrap();
+                        go_rx.recv().unwrap();
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        done.store(true, Ordering::SeqCst);
+                    },
+                )
+            })
+        };
+        started.recv().unwrap();
+        // Work under way that will not end by itself: the bounded wait gives up.
+        state.lock.lock();
+        assert!(!state.wait_after_release(30), "waited for nothing");
+        state.lock.unlock();
+        // Work under way that ends: the prepare handler returns after it, not before.
+        go.send(()).unwrap();
+        assert!(state.lock_for_fork(), "the wait gave up");
+        assert!(done.load(Ordering::SeqCst), "forked before the work ended");
+        state.unlock_after_fork(false);
+        worker.join().unwrap();
+        assert_eq!(state.with(|n| *n), 1);
     }
 }

@@ -192,6 +192,11 @@ struct RegionInner {
     /// `with_region` once the lock is released (an unmap under the lock made every
     /// thread wanting a page wait for the system call).
     unmapping: *mut Segment,
+    /// Purge batches between their two visits (`with_region_purging`), linked through
+    /// `next`: their spans are off the bins, so a `fork` child, which has none of the
+    /// threads that would give them back, puts them back itself
+    /// (`RegionInner::reclaim_purging`).
+    purging: *mut PurgeBatch,
     segment_count: usize,
     bins: [*mut Page; SPAN_BINS],
     abandoned: [*mut Page; MAX_CLASSES],
@@ -231,6 +236,7 @@ impl RegionInner {
     const EMPTY: RegionInner = RegionInner {
         segments: ptr::null_mut(),
         unmapping: ptr::null_mut(),
+        purging: ptr::null_mut(),
         segment_count: 0,
         bins: [ptr::null_mut(); SPAN_BINS],
         abandoned: [ptr::null_mut(); MAX_CLASSES],
@@ -255,26 +261,28 @@ pub static SEGMENT_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// size minus its dirty slice count. `free_bytes == dirty_bytes + CLEAN_FREE_BYTES`.
 static CLEAN_FREE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
-/// Runs `f` on the region with its lock held.
+/// Runs `f` on the region with its lock held, then unmaps the segments it released
+/// (which a `fork` meanwhile waits for: see `lock_for_fork`).
 fn with_region<R>(f: impl FnOnce(&mut RegionInner) -> R) -> R {
-    let (result, mut unmapping) = REGION.with(|r| {
-        let result = f(r);
-        (
-            result,
-            core::mem::replace(&mut r.unmapping, ptr::null_mut()),
-        )
-    });
-    while !unmapping.is_null() {
-        // SAFETY: the segment left the region's list and the chunk map in the visit
-        // (`release_segment`): nothing refers to it; its header stays readable until
-        // the unmap.
-        unsafe {
-            let next = (*unmapping).next;
-            os::unmap(unmapping.cast(), SEGMENT_SIZE);
-            unmapping = next;
-        }
-    }
-    result
+    REGION.with_then(
+        |r| {
+            let result = f(r);
+            let unmapping = core::mem::replace(&mut r.unmapping, ptr::null_mut());
+            (result, (!unmapping.is_null()).then_some(unmapping))
+        },
+        |mut unmapping| {
+            while !unmapping.is_null() {
+                // SAFETY: the segment left the region's list and the chunk map in the
+                // visit (`release_segment`): nothing refers to it; its header stays
+                // readable until the unmap.
+                unsafe {
+                    let next = (*unmapping).next;
+                    os::unmap(unmapping.cast(), SEGMENT_SIZE);
+                    unmapping = next;
+                }
+            }
+        },
+    )
 }
 
 /// Bytes released by purges and segment unmaps so far ([`released_total`]).
@@ -289,6 +297,22 @@ const PURGE_BATCH: usize = 64;
 struct PurgeBatch {
     spans: [(*mut Page, usize); PURGE_BATCH],
     len: usize,
+    /// The next batch on `RegionInner::purging`.
+    next: *mut PurgeBatch,
+}
+
+impl PurgeBatch {
+    const fn new() -> PurgeBatch {
+        PurgeBatch {
+            spans: [(ptr::null_mut(), 0); PURGE_BATCH],
+            len: 0,
+            next: ptr::null_mut(),
+        }
+    }
+
+    fn taken(&self) -> &[(*mut Page, usize)] {
+        self.spans.get(..self.len).unwrap_or(&[])
+    }
 }
 
 /// Runs `f` with the region lock held, then decommits the spans it chose to purge with
@@ -296,12 +320,16 @@ struct PurgeBatch {
 /// and the bytes released: per span, what was decommitted but at most its dirty bytes,
 /// so memory returned before is not counted again.
 fn with_region_purging<R>(f: impl FnOnce(&mut RegionInner, &mut PurgeBatch) -> R) -> (R, usize) {
-    let mut batch = PurgeBatch {
-        spans: [(ptr::null_mut(), 0); PURGE_BATCH],
-        len: 0,
-    };
-    let result = with_region(|r| f(r, &mut batch));
-    let taken = batch.spans.get(..batch.len).unwrap_or(&[]);
+    let mut batch = PurgeBatch::new();
+    let result = with_region(|r| {
+        let result = f(r, &mut batch);
+        if batch.len != 0 {
+            batch.next = r.purging;
+            r.purging = &mut batch;
+        }
+        result
+    });
+    let taken = batch.taken();
     if taken.is_empty() {
         return (result, 0);
     }
@@ -316,6 +344,7 @@ fn with_region_purging<R>(f: impl FnOnce(&mut RegionInner, &mut PurgeBatch) -> R
     }
     let now = os::now_ms();
     with_region(|r| {
+        r.unlist_purging(&batch);
         for &(span, _) in taken {
             // SAFETY: as above; `release_span` sees `FLAG_PURGING` and counts it clean.
             unsafe { r.release_span(span, now) };
@@ -331,6 +360,13 @@ pub fn lock_for_fork() {
 }
 pub fn unlock_after_fork(child: bool) {
     REGION.unlock_after_fork(child);
+    if child {
+        let now = os::now_ms();
+        // SAFETY: the child's only thread runs this; the batches on the list were
+        // between their two visits when the parent forked (the second needs the lock
+        // the fork held), so their spans are off the bins and no thread here uses them.
+        with_region(|r| unsafe { r.reclaim_purging(now) });
+    }
 }
 
 /// Acquisitions of this layer's lock so far, and the contended ones (statistics).
@@ -711,6 +747,44 @@ impl RegionInner {
                 return;
             }
             self.insert_free(seg, start, count, dirty, now, fresh);
+        }
+    }
+
+    /// Takes `batch` off the list of batches between their two visits.
+    fn unlist_purging(&mut self, batch: *const PurgeBatch) {
+        let mut link: *mut *mut PurgeBatch = &mut self.purging;
+        // SAFETY: the batches on the list are alive: each is taken off (here, under the
+        // lock) before the function that owns it returns.
+        unsafe {
+            while !(*link).is_null() {
+                if ptr::eq(*link, batch) {
+                    *link = (**link).next;
+                    return;
+                }
+                link = &mut (**link).next;
+            }
+        }
+    }
+
+    /// In a `fork` child: puts the spans that the parent's other threads had taken off
+    /// the bins to purge back on them, counted dirty (whether the parent decommitted
+    /// them before the fork is unknown). Without it they would be lost to the child.
+    ///
+    /// # Safety
+    /// Only in the child, whose one thread is not between the two visits of a purge: the
+    /// listed batches are the copies, in the child's memory, of the stacks of threads it
+    /// does not have, and their spans are ours and unused.
+    unsafe fn reclaim_purging(&mut self, now: u64) {
+        let mut b = core::mem::replace(&mut self.purging, ptr::null_mut());
+        while !b.is_null() {
+            // SAFETY: per the contract.
+            unsafe {
+                for &(span, _) in (*b).taken() {
+                    (*span).flags = 0;
+                    self.release_span(span, now);
+                }
+                b = (*b).next;
+            }
         }
     }
 
@@ -1520,22 +1594,57 @@ mod tests {
             r.release_span(big, freed);
         }
         assert_eq!(r.dirty_bytes, (8 + 128) << SLICE_SHIFT);
-        let mut batch = PurgeBatch {
-            spans: [(ptr::null_mut(), 0); PURGE_BATCH],
-            len: 0,
-        };
+        let mut batch = PurgeBatch::new();
         PURGE_AT.store(1, Ordering::Relaxed);
         r.purge_as_due(freed + r.purge_delay + 1, &mut batch);
         assert!(batch_holds(&batch, big), "the 128 KiB span was not purged");
         assert!(!batch_holds(&batch, gap), "the 8 KiB gap was purged");
         assert_eq!(r.dirty_bytes, 8 << SLICE_SHIFT);
-        let mut all = PurgeBatch {
-            spans: [(ptr::null_mut(), 0); PURGE_BATCH],
-            len: 0,
-        };
+        let mut all = PurgeBatch::new();
         r.purge(u64::MAX, 0, 0, &mut all);
         assert!(batch_holds(&all, gap), "lg_trim's purge left the gap");
         assert_eq!(r.dirty_bytes, 0);
+        give_back_segment(base);
+    }
+
+    /// A `fork` child gets back the spans another thread of the parent had taken off the
+    /// bins to purge: free again, counted dirty, and the list of batches empty.
+    #[test]
+    fn a_fork_child_takes_back_spans_being_purged() {
+        let (mut r, base) = region_of_one_segment();
+        let a = r.take_span(16, 1).0;
+        let big = r.take_after(a, 128, 1).0;
+        let c = r.take_after(big, 16, 1).0;
+        assert!(!a.is_null() && !big.is_null() && !c.is_null());
+        // SAFETY: `big` was just taken; nothing uses it.
+        unsafe { r.release_span(big, 1_000) };
+        let free_before = r.free_bytes;
+        // As `with_region_purging`'s first visit leaves it, for a thread of the parent.
+        let mut batch = PurgeBatch::new();
+        r.purge(u64::MAX, 0, 0, &mut batch);
+        assert!(batch_holds(&batch, big));
+        batch.next = r.purging;
+        r.purging = &mut batch;
+        assert!(
+            r.free_bytes < free_before,
+            "the purge left the span on the bins"
+        );
+        // SAFETY: the test's region and thread stand for the child and its one thread.
+        unsafe { r.reclaim_purging(2_000) };
+        assert!(r.purging.is_null(), "the batch stayed listed");
+        assert_eq!(r.free_bytes, free_before, "the span was not given back");
+        assert_eq!(
+            r.dirty_bytes,
+            128 << SLICE_SHIFT,
+            "the span was not counted dirty"
+        );
+        // SAFETY: `big`'s record is the free span's head again.
+        assert_ne!(unsafe { (*big).flags } & FLAG_FREE_SPAN, 0);
+        assert_eq!(
+            r.take_after(a, 128, 1).0,
+            big,
+            "the span is not on the bins"
+        );
         give_back_segment(base);
     }
 }
