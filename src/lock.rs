@@ -324,7 +324,10 @@ mod tests {
         started.recv().unwrap();
         // Work under way that will not end by itself: the bounded wait gives up.
         state.lock.lock();
-        assert!(!state.wait_after_release(30), "waited for nothing");
+        assert!(
+            !state.wait_after_release(30),
+            "the wait returned while the work was under way"
+        );
         state.lock.unlock();
         // Work under way that ends: the prepare handler returns after it, not before.
         go.send(()).unwrap();
