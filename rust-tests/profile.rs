@@ -129,6 +129,9 @@ fn big_profile() -> Profile {
             freed: 1,
             lifetime_ns: 10,
             lifetime_max_ns: 10,
+            calls: 8192,
+            mode_size: 64,
+            mode_calls: 4096,
         });
     }
     p.classes.push((64, 10_000));
@@ -142,9 +145,105 @@ fn the_stored_profile_stays_within_64_kib_and_reads_back() {
     assert!(text.len() <= 64 << 10, "{} bytes", text.len());
     let back = profile::parse(text.as_bytes()).expect("what lgmalloc writes, it reads");
     assert!(back.sites.len() > 50, "{} sites kept", back.sites.len());
-    // The sites kept are the ones with the most bytes.
-    let least_kept = back.sites.iter().map(|s| s.bytes).min().unwrap();
-    assert!(least_kept > 64 * 2 + 4000);
+    // The first sites kept, up to half of all a profile keeps, are the ones with the
+    // most bytes (site i has 128 + i), whatever the file's bound leaves of the rest.
+    let mut by_bytes: Vec<u64> = back.sites.iter().map(|s| s.bytes).collect();
+    by_bytes.sort_unstable_by(|a, b| b.cmp(a));
+    let half = by_bytes.len().min(profile::MAX_SITES / 2);
+    assert_eq!(by_bytes[half - 1], 64 * 2 + 4999 - (half as u64 - 1));
+}
+
+#[test]
+fn sites_are_kept_by_bytes_and_by_calls() {
+    // Site i: bytes grow with i, estimated calls fall with it. A profile keeps the 200
+    // with the most bytes (the plan's exact-fit classes are chosen by bytes) and the 200
+    // with the most calls among the rest (verify mode and the report count calls).
+    let mut p = Profile {
+        runs: 1,
+        interval: MEAN_INTERVAL as u64,
+        modules: vec!["/m".into()],
+        ..Profile::default()
+    };
+    for i in 0..1000u64 {
+        p.sites.push(ProfileSite {
+            offset: 0x1000 + i,
+            samples: 2,
+            bytes: 2 * 64 + i,
+            size_min: 64,
+            size_max: 64 + i,
+            align: 16,
+            threads: 1,
+            calls: 2 + (1000 - i) * 100,
+            ..ProfileSite::default()
+        });
+    }
+    assert_eq!(profile::MAX_SITES, 400);
+    let back = profile::parse(p.text().as_bytes()).expect("reads back");
+    let mut kept: Vec<u64> = back.sites.iter().map(|s| s.offset - 0x1000).collect();
+    kept.sort_unstable();
+    let want: Vec<u64> = (0..200).chain(800..1000).collect();
+    assert_eq!(kept, want);
+}
+
+#[test]
+fn a_site_predicts_its_constant_size_or_its_modal_class() {
+    let site = |samples, size_min, size_max, calls, mode_size, mode_calls| ProfileSite {
+        samples,
+        bytes: samples * size_min,
+        size_min,
+        size_max,
+        align: 16,
+        threads: 1,
+        calls,
+        mode_size,
+        mode_calls,
+        ..ProfileSite::default()
+    };
+    use profile::SitePrediction::{Constant, Modal};
+    assert_eq!(site(2, 40, 40, 2, 48, 2).prediction(), Some(Constant(40)));
+    assert_eq!(site(1, 40, 40, 1, 48, 1).prediction(), None, "one sample");
+    // 80% of the calls in class 48 over 8 samples: predicted.
+    assert_eq!(site(8, 33, 100, 100, 48, 80).prediction(), Some(Modal(48)));
+    assert_eq!(site(8, 33, 100, 100, 48, 79).prediction(), None, "79%");
+    assert_eq!(
+        site(7, 33, 100, 100, 48, 90).prediction(),
+        None,
+        "7 samples"
+    );
+    assert_eq!(site(8, 33, 100, 100, 0, 0).prediction(), None, "no mode");
+
+    // Merging two runs whose modes differ keeps the larger mode and never raises the
+    // share: 60 of 100 calls in 48, then 70 of 100 in 112 -> 70 of 200 in 112.
+    let mut p = Profile {
+        runs: 1,
+        interval: MEAN_INTERVAL as u64,
+        modules: vec!["/m".into()],
+        sites: vec![site(8, 33, 100, 100, 48, 60)],
+        ..Profile::default()
+    };
+    let other = Profile {
+        sites: vec![site(8, 33, 100, 100, 112, 70)],
+        ..p.clone()
+    };
+    p.merge(&other);
+    let s = &p.sites[0];
+    assert_eq!((s.calls, s.mode_size, s.mode_calls), (200, 112, 70));
+    // The same mode adds up: 70 + 70 of 300.
+    p.merge(&other);
+    let s = &p.sites[0];
+    assert_eq!((s.calls, s.mode_size, s.mode_calls), (300, 112, 140));
+}
+
+#[test]
+fn stale_wrapper_sites_are_forgotten() {
+    let mut p = big_profile();
+    p.sites.truncate(4);
+    let (m1, off1) = (p.modules[p.sites[1].module].clone(), p.sites[1].offset);
+    let before: Vec<u64> = p.sites.iter().map(|s| s.offset).collect();
+    // The same offset in another module is a different site and stays.
+    p.forget_sites_at(&[(m1, off1), ("/elsewhere".into(), p.sites[2].offset)]);
+    let after: Vec<u64> = p.sites.iter().map(|s| s.offset).collect();
+    assert_eq!(after, [before[0], before[2], before[3]]);
 }
 
 #[test]
@@ -156,7 +255,14 @@ fn corrupt_profiles_are_refused() {
     };
     assert!(profile::parse(good.as_bytes()).is_ok());
     let bad = [
-        good.replace("lgmalloc-profile 1", "lgmalloc-profile 9"),
+        good.replace("lgmalloc-profile 2", "lgmalloc-profile 9"),
+        // The first version had no call estimates: its files are read as foreign.
+        good.replace("lgmalloc-profile 2", "lgmalloc-profile 1"),
+        good.replace(" 8192 64 4096\n", " 8192 64 8193\n"), // more calls in the mode than in all
+        good.replace(" 8192 64 4096\n", " 1 64 1\n"),       // fewer calls than samples
+        good.replace(" 8192 64 4096\n", " 8192 72 4096\n"), // not a standard block size
+        good.replace(" 8192 64 4096\n", " 8192 0 4096\n"),  // calls in no mode
+        good.replace(" 8192 64 4096\n", " 8192 64 0\n"),    // a mode with no calls
         good.replace("site 0 ", "site 7 "),
         good.replace(" 16 1 1 10 10", " 12 1 1 10 10"), // alignment not a power of two
         good.replace(" 16 1 1 10 10", " 16 1 9 10 10"), // more freed than sampled
@@ -206,6 +312,47 @@ fn profile_child_site(bytes: usize) {
     }
 }
 
+/// One call site whose calls are 85% of sizes 33-48 (standard class 48) and 15% of
+/// 100 bytes (class 112): by bytes the first class has about 70% of the samples.
+#[inline(never)]
+fn mixed_sizes(bytes: usize) {
+    let malloc: extern "C" fn(usize) -> *mut std::ffi::c_void = std::hint::black_box(lg_malloc);
+    let mut done = 0;
+    let mut i = 0;
+    while done < bytes {
+        let size = if i % 20 < 17 { 33 + i % 16 } else { 100 };
+        let p = malloc(size);
+        // SAFETY: a live block from lg_malloc.
+        unsafe { lg_free(std::hint::black_box(p)) };
+        done += size;
+        i += 1;
+    }
+}
+
+#[test]
+fn a_site_learns_the_class_most_of_its_calls_fall_in() {
+    std::thread::spawn(|| mixed_sizes(64 << 20)).join().unwrap();
+    let site = site_in(&profile::this_run(), "mixed_sizes").expect("the call site is named");
+    // About 250 samples, 70% of them in class 48; weighted by calls (each sample of n
+    // bytes stands for MEAN_INTERVAL / n calls) class 48 holds about 85%, standard
+    // deviation under 2 points.
+    assert!(site.samples >= 128, "{} samples", site.samples);
+    let share = site.mode_calls as f64 / site.calls as f64;
+    assert_eq!(site.mode_size, 48, "{site:?}");
+    assert!(
+        (0.75..=0.95).contains(&share),
+        "{share} of the calls: {site:?}"
+    );
+    // Calls estimated within a quarter of the truth: 64 MiB at 45.6 bytes a call.
+    let calls = (64 << 20) as f64 / 45.6;
+    assert!(
+        (site.calls as f64 - calls).abs() < calls / 4.0,
+        "{} estimated calls for {calls:.0}",
+        site.calls
+    );
+    assert_eq!(site.prediction(), Some(profile::SitePrediction::Modal(48)));
+}
+
 /// Run as a child by the test below: allocates, then exits, which stores the profile.
 #[test]
 #[ignore]
@@ -214,6 +361,7 @@ fn child_allocates_for_the_profile() {
         // About 4 samples: never the 16 that make a run worth merging into a settled
         // profile, and rarely none.
         Ok("small") => profile_child_site(1 << 20),
+        Ok("mixed") => mixed_sizes(64 << 20),
         Ok(_) => profile_child_site(64 << 20),
         Err(_) => return,
     }
@@ -339,6 +487,50 @@ fn profile_is_stored_at_exit_merged_and_shown_by_the_analyzer() {
     let _ = run_child(&cache);
     let again = profile::parse(&std::fs::read(&path).unwrap()).expect("rewritten valid");
     assert_eq!(again.runs, 1);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// The counts of the child's `verify calls=` line: (calls, predicted, exact).
+fn verify_counts(out: &std::process::Output) -> (u64, u64, u64) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("verify calls="))
+        .unwrap_or_else(|| panic!("no verify line in {err}"));
+    let field = |k: &str| -> u64 {
+        let v = line.split(k).nth(1).unwrap();
+        v.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (field("calls="), field("predicted="), field("exact="))
+}
+
+/// Verify mode counts a site predicted by its modal class: all its calls as predicted,
+/// the ones in that class as exact (85% of them here, by construction).
+#[test]
+fn verify_mode_counts_a_site_learned_by_its_class() {
+    let cache = temp_cache("modal");
+    let mixed = [("LGMALLOC_PROFILE_CHILD", "mixed")];
+    let _ = run_child_with(&cache, &mixed);
+    let (calls, predicted, exact) = verify_counts(&run_child_with(
+        &cache,
+        &[
+            ("LGMALLOC_PROFILE_CHILD", "mixed"),
+            ("LGMALLOC_VERIFY", "1"),
+        ],
+    ));
+    assert!(calls > 1_000_000, "{calls} calls");
+    assert!(
+        predicted * 10 >= calls * 9,
+        "{predicted} of {calls} predicted"
+    );
+    assert!(
+        exact * 100 >= predicted * 84 && exact * 100 <= predicted * 86,
+        "{exact} of {predicted} exact"
+    );
     let _ = std::fs::remove_dir_all(&cache);
 }
 

@@ -44,7 +44,8 @@ pub mod fuzzing {
 #[doc(hidden)]
 pub mod profile {
     pub use crate::predict::profile::{
-        MIN_SAMPLES_TO_MERGE, Profile, ProfileSite, SETTLED_RUNS, location, parse, read, this_run,
+        MAX_SITES, MIN_SAMPLES_TO_MERGE, Profile, ProfileSite, SETTLED_RUNS, SitePrediction,
+        location, parse, read, this_run,
     };
     pub use crate::sample::MEAN_INTERVAL;
 

@@ -32,6 +32,9 @@ pub const SITES: usize = 1024;
 /// Return addresses kept per call stack (lgmalloc's own frames included; `predict`
 /// skips them and known wrappers when it resolves the call site).
 pub const FRAMES: usize = 8;
+/// Size classes whose samples a call stack counts apart (standard classes, the first
+/// ones seen); samples of other classes count only in its total.
+pub const SITE_CLASSES: usize = 4;
 /// Frames of the unwinder's own walk before the first one worth keeping.
 const SKIP_FRAMES: usize = 1;
 /// Alignment of every block (`request::MIN_ALIGN`, which sits above this layer).
@@ -90,6 +93,12 @@ pub struct SiteEntry {
     freed: AtomicU64,
     lifetime_ns: AtomicU64,
     lifetime_max_ns: AtomicU64,
+    /// Estimated calls: each sample of `size` bytes stands for `MEAN_INTERVAL / size`
+    /// of them (sampling is per byte, so small requests are sampled less often).
+    calls: AtomicU64,
+    /// Standard block sizes (0 = not yet claimed) and the estimated calls in each.
+    class_sizes: [AtomicUsize; SITE_CLASSES],
+    class_calls: [AtomicU64; SITE_CLASSES],
 }
 
 struct Tables {
@@ -125,6 +134,9 @@ static TABLES: Tables = Tables {
             freed: AtomicU64::new(0),
             lifetime_ns: AtomicU64::new(0),
             lifetime_max_ns: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            class_sizes: [const { AtomicUsize::new(0) }; SITE_CLASSES],
+            class_calls: [const { AtomicU64::new(0) }; SITE_CLASSES],
         }
     }; SITES],
 };
@@ -347,6 +359,7 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
         if prev != 0 && prev != thread {
             s.several_threads.store(1, Ordering::Relaxed);
         }
+        count_calls(s, size);
     }
     if let Some(c) = CLASS_SAMPLES.get(class) {
         c.fetch_add(1, Ordering::Relaxed);
@@ -695,6 +708,25 @@ fn site_index(frames: &[usize; FRAMES]) -> Option<usize> {
     None
 }
 
+/// Counts the calls one sample of `size` bytes stands for, in the stack's total and in
+/// its standard class's count (one of the first [`SITE_CLASSES`] classes it saw).
+fn count_calls(s: &SiteEntry, size: usize) {
+    let size = size.max(1);
+    let calls = (MEAN_INTERVAL / size).max(1) as u64;
+    s.calls.fetch_add(calls, Ordering::Relaxed);
+    let block = size_class::standard_block_size(size);
+    for (sz, n) in s.class_sizes.iter().zip(&s.class_calls) {
+        let claimed = match sz.compare_exchange(0, block, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => true,
+            Err(other) => other == block,
+        };
+        if claimed {
+            n.fetch_add(calls, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
 /// What one call stack's samples saw (a snapshot for the profile).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SiteSnapshot {
@@ -709,6 +741,9 @@ pub struct SiteSnapshot {
     pub freed: u64,
     pub lifetime_ns: u64,
     pub lifetime_max_ns: u64,
+    /// Estimated calls, in all and per standard block size (size 0: unused).
+    pub calls: u64,
+    pub classes: [(usize, u64); SITE_CLASSES],
 }
 
 /// Calls `f` with each recorded call stack.
@@ -721,6 +756,13 @@ pub fn for_each_site(mut f: impl FnMut(&SiteSnapshot)) {
         for (d, s) in frames.iter_mut().zip(e.frames.iter()) {
             *d = s.load(Ordering::Relaxed);
         }
+        let mut classes = [(0, 0); SITE_CLASSES];
+        for (d, (sz, n)) in classes
+            .iter_mut()
+            .zip(e.class_sizes.iter().zip(&e.class_calls))
+        {
+            *d = (sz.load(Ordering::Relaxed), n.load(Ordering::Relaxed));
+        }
         f(&SiteSnapshot {
             frames,
             samples: e.samples.load(Ordering::Relaxed),
@@ -732,6 +774,8 @@ pub fn for_each_site(mut f: impl FnMut(&SiteSnapshot)) {
             freed: e.freed.load(Ordering::Relaxed),
             lifetime_ns: e.lifetime_ns.load(Ordering::Relaxed),
             lifetime_max_ns: e.lifetime_max_ns.load(Ordering::Relaxed),
+            calls: e.calls.load(Ordering::Relaxed),
+            classes,
         });
     }
 }

@@ -353,13 +353,25 @@ def startup_lines(startup):
         lines.append(f"| {label} | {w * 1000:.2f} | {w / g:.3f} | {itxt} |")
     lines += ["", f"## Verify mode (`LGMALLOC_VERIFY=1`, arm {VERIFY_ARM}, warm cache)", "",
               "One line per process; predicted = calls from sites in the plan (static constant "
-              "sites and the constant-size sites the sampled profile learned), exact = those whose "
-              "size fell in the class predicted for them.", "",
+              "sites, and the sites the sampled profile learned: one constant size, or one standard "
+              "class holding at least 80% of their estimated calls over 8 samples or more), exact = "
+              "those whose size fell in the class predicted for them; the shares in brackets are "
+              "predicted / calls and exact / predicted.", "",
               "| workload | verify |", "|---|---|"]
     for name, vlines in startup.get("verify", {}).items():
-        text = "<br>".join(l.removeprefix("lgmalloc: verify ") for l in vlines) or "no line"
+        text = "<br>".join(verify_text(l) for l in vlines) or "no line"
         lines.append(f"| {name} | {text} |")
     return lines
+
+
+def verify_text(line):
+    """One verify line, with its two shares."""
+    text = line.removeprefix("lgmalloc: verify ")
+    f = {k: figure(text, k) for k in ("calls", "predicted", "exact")}
+    if not f["calls"] or f["predicted"] is None or f["exact"] is None:
+        return text
+    exact = f"{100 * f['exact'] / f['predicted']:.1f}%" if f["predicted"] else "n/a"
+    return f"{text} ({100 * f['predicted'] / f['calls']:.1f}% predicted, {exact} exact)"
 
 
 def plot(results, wl):

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use lgmalloc::analysis::analyze_path;
 use lgmalloc::analysis::symbols::Symbols;
-use lgmalloc::profile::{self, Profile, ProfileSite};
+use lgmalloc::profile::{self, Profile, ProfileSite, SitePrediction};
 
 /// Sites listed per table.
 const TOP: usize = 20;
@@ -57,14 +57,13 @@ pub fn show(program: &Path, json: bool, plot: Option<&Path>) -> bool {
             .or_insert_with(|| static_sizes(Path::new(module)));
         let static_size = st.get(&s.offset).copied();
         let est_bytes = s.samples as f64 * p.interval as f64;
-        let mean = s.bytes as f64 / s.samples.max(1) as f64;
         let plan = plan_action(s, &planned);
         rows.push(Row {
             site: s,
             module,
             symbol,
             est_bytes,
-            est_calls: est_bytes / mean.max(1.0),
+            est_calls: s.calls as f64,
             static_size,
             plan,
         });
@@ -118,6 +117,33 @@ fn plan_action(s: &ProfileSite, planned: &[u64]) -> String {
         "standard class".into()
     } else {
         "standard classes (varying size)".into()
+    }
+}
+
+/// The share of the site's estimated calls in its most frequent standard class.
+fn mode_share(s: &ProfileSite) -> f64 {
+    s.mode_calls as f64 / s.calls.max(1) as f64
+}
+
+/// What the site's samples predict (`ProfileSite::prediction`), for the table.
+fn learned(s: &ProfileSite) -> String {
+    match s.prediction() {
+        Some(SitePrediction::Constant(size)) => size.to_string(),
+        Some(SitePrediction::Modal(block)) => {
+            format!("{block} ({:.0}%)", 100.0 * mode_share(s))
+        }
+        None => "-".into(),
+    }
+}
+
+fn learned_json(s: &ProfileSite) -> String {
+    match s.prediction() {
+        Some(SitePrediction::Constant(size)) => format!("{{\"size\":{size}}}"),
+        Some(SitePrediction::Modal(block)) => format!(
+            "{{\"standard_class\":{block},\"share\":{:.3}}}",
+            mode_share(s)
+        ),
+        None => "null".into(),
     }
 }
 
@@ -176,8 +202,8 @@ fn table(program: &Path, p: &Profile, rows: &mut [Row]) -> String {
         let _ = writeln!(o, "\ntop call sites {title}:");
         let _ = writeln!(
             o,
-            "{:>8} {:>8} {:>5} {:>13} {:>22} {:>8}  {:<30} site",
-            "bytes", "calls", "share", "size", "lifetime", "static", "plan"
+            "{:>8} {:>8} {:>5} {:>13} {:>22} {:>8} {:>12}  {:<30} site",
+            "bytes", "calls", "share", "size", "lifetime", "static", "learned", "plan"
         );
         for r in rows.iter().take(TOP) {
             let s = r.site;
@@ -188,13 +214,14 @@ fn table(program: &Path, p: &Profile, rows: &mut [Row]) -> String {
             };
             let _ = writeln!(
                 o,
-                "{:>8} {:>8} {:>4.0}% {:>13} {:>22} {:>8}  {:<30} {} ({})",
+                "{:>8} {:>8} {:>4.0}% {:>13} {:>22} {:>8} {:>12}  {:<30} {} ({})",
                 human(r.est_bytes),
                 human(r.est_calls),
                 100.0 * r.est_bytes / total.max(1.0),
                 size,
                 lifetime(s),
                 r.static_size.map_or("-".into(), |v| v.to_string()),
+                learned(s),
                 r.plan,
                 r.symbol,
                 Path::new(r.module)
@@ -233,7 +260,7 @@ fn json_report(program: &Path, p: &Profile, rows: &[Row]) -> String {
         let s = r.site;
         let _ = write!(
             o,
-            "{}{{\"module\":{},\"offset\":{},\"symbol\":{},\"samples\":{},\"est_bytes\":{:.0},\"est_calls\":{:.0},\"size_min\":{},\"size_max\":{},\"align\":{},\"threads\":{},\"freed\":{},\"mean_lifetime_ns\":{},\"max_lifetime_ns\":{},\"static_size\":{},\"plan\":{}}}",
+            "{}{{\"module\":{},\"offset\":{},\"symbol\":{},\"samples\":{},\"est_bytes\":{:.0},\"est_calls\":{:.0},\"size_min\":{},\"size_max\":{},\"align\":{},\"threads\":{},\"freed\":{},\"mean_lifetime_ns\":{},\"max_lifetime_ns\":{},\"static_size\":{},\"learned\":{},\"plan\":{}}}",
             if i > 0 { "," } else { "" },
             jstr(r.module),
             s.offset,
@@ -249,6 +276,7 @@ fn json_report(program: &Path, p: &Profile, rows: &[Row]) -> String {
             s.lifetime_ns / s.freed.max(1),
             s.lifetime_max_ns,
             r.static_size.map_or("null".into(), |v| v.to_string()),
+            learned_json(s),
             jstr(&r.plan)
         );
     }

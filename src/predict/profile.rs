@@ -23,11 +23,20 @@ use crate::size_class::{self, MAX_SMALL_SIZE};
 /// Why a stored profile was refused.
 pub type Refusal = &'static str;
 
-const HEADER: &str = "lgmalloc-profile 1";
+const HEADER: &str = "lgmalloc-profile 2";
 /// Modules a profile may name.
 const MAX_MODULES: usize = 256;
-/// Call sites a profile keeps (the ones with the most sampled bytes).
+/// Call sites a profile keeps: half of them the ones with the most sampled bytes (what
+/// the plan's classes are shaped by), the rest the ones with the most estimated calls
+/// (the many small requests that bytes alone would crowd out).
 pub const MAX_SITES: usize = 400;
+/// A site's most frequent standard class is its prediction when it held at least
+/// [`MODAL_MIN_SHARE_PERCENT`] of the site's estimated calls over at least this many
+/// samples.
+pub const MODAL_MIN_SAMPLES: u64 = 8;
+pub const MODAL_MIN_SHARE_PERCENT: u64 = 80;
+/// A site whose samples all asked for one size predicts that size after this many.
+pub const CONSTANT_MIN_SAMPLES: u64 = 2;
 /// Once a profile holds [`SETTLED_RUNS`] runs, a run that took fewer samples than this
 /// (under 4 MiB allocated) is not merged: it adds little, and an interpreter started
 /// for one line should not pay a merge and a write (about 100k instructions) at every
@@ -56,6 +65,55 @@ pub struct ProfileSite {
     pub freed: u64,
     pub lifetime_ns: u64,
     pub lifetime_max_ns: u64,
+    /// Estimated calls (each sample of `size` bytes stands for `interval / size`).
+    pub calls: u64,
+    /// The standard block size that held the most estimated calls (0: none), and those
+    /// calls. Across runs a different mode replaces the stored one only when it held
+    /// more calls, and the other's calls stay in `calls` alone, so the share never
+    /// grows by merging.
+    pub mode_size: u64,
+    pub mode_calls: u64,
+}
+
+/// What a profiled site predicts: a size it always asked for, or the standard class
+/// most of its calls fell in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SitePrediction {
+    Constant(u64),
+    Modal(u64),
+}
+
+impl ProfileSite {
+    /// The site's prediction, if its samples make one (see [`MODAL_MIN_SAMPLES`]).
+    pub fn prediction(&self) -> Option<SitePrediction> {
+        if self.size_min == self.size_max && self.samples >= CONSTANT_MIN_SAMPLES {
+            return Some(SitePrediction::Constant(self.size_min));
+        }
+        let share_ok = u128::from(self.mode_calls) * 100
+            >= u128::from(self.calls) * u128::from(MODAL_MIN_SHARE_PERCENT);
+        (self.mode_size != 0 && self.samples >= MODAL_MIN_SAMPLES && share_ok)
+            .then_some(SitePrediction::Modal(self.mode_size))
+    }
+
+    /// Adds another record of the same site.
+    fn absorb(&mut self, s: &ProfileSite) {
+        self.samples = self.samples.saturating_add(s.samples);
+        self.bytes = self.bytes.saturating_add(s.bytes);
+        self.size_min = self.size_min.min(s.size_min);
+        self.size_max = self.size_max.max(s.size_max);
+        self.align = self.align.max(s.align);
+        self.threads = self.threads.max(s.threads);
+        self.freed = self.freed.saturating_add(s.freed);
+        self.lifetime_ns = self.lifetime_ns.saturating_add(s.lifetime_ns);
+        self.lifetime_max_ns = self.lifetime_max_ns.max(s.lifetime_max_ns);
+        self.calls = self.calls.saturating_add(s.calls);
+        if self.mode_size == s.mode_size {
+            self.mode_calls = self.mode_calls.saturating_add(s.mode_calls);
+        } else if s.mode_calls > self.mode_calls {
+            self.mode_size = s.mode_size;
+            self.mode_calls = s.mode_calls;
+        }
+    }
 }
 
 /// A program's stored profile.
@@ -92,17 +150,7 @@ impl Profile {
                 .iter_mut()
                 .find(|t| t.module == module && t.offset == s.offset);
             match found {
-                Some(t) => {
-                    t.samples = t.samples.saturating_add(s.samples);
-                    t.bytes = t.bytes.saturating_add(s.bytes);
-                    t.size_min = t.size_min.min(s.size_min);
-                    t.size_max = t.size_max.max(s.size_max);
-                    t.align = t.align.max(s.align);
-                    t.threads = t.threads.max(s.threads);
-                    t.freed = t.freed.saturating_add(s.freed);
-                    t.lifetime_ns = t.lifetime_ns.saturating_add(s.lifetime_ns);
-                    t.lifetime_max_ns = t.lifetime_max_ns.max(s.lifetime_max_ns);
-                }
+                Some(t) => t.absorb(s),
                 None => self.sites.push(ProfileSite {
                     module,
                     ..s.clone()
@@ -118,12 +166,36 @@ impl Profile {
         self.classes.sort_unstable();
     }
 
-    /// The text stored: sites by sampled bytes, as many as fit in [`MAX_FILE_BYTES`]
-    /// (and [`MAX_SITES`]); only the modules they use.
-    pub fn text(&self) -> String {
-        let mut sites: Vec<&ProfileSite> = self.sites.iter().collect();
-        sites.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.offset.cmp(&b.offset)));
+    /// Forgets the sites at `returns` (module path, offset): return addresses of
+    /// wrappers' calls, recorded by runs that did not yet know them as wrappers (the
+    /// first run of a program, before its analysis). Later runs record the callers.
+    pub fn forget_sites_at(&mut self, returns: &[(String, u64)]) {
+        let modules = &self.modules;
+        self.sites.retain(|s| {
+            !returns
+                .iter()
+                .any(|(path, off)| *off == s.offset && modules.get(s.module) == Some(path))
+        });
+    }
+
+    /// The sites kept: up to half of [`MAX_SITES`] by sampled bytes, the rest by
+    /// estimated calls; in that order.
+    fn kept_sites(&self) -> Vec<&ProfileSite> {
+        let mut by_bytes: Vec<&ProfileSite> = self.sites.iter().collect();
+        by_bytes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.offset.cmp(&b.offset)));
+        let (first, rest) = by_bytes.split_at(by_bytes.len().min(MAX_SITES / 2));
+        let mut rest = rest.to_vec();
+        rest.sort_by(|a, b| b.calls.cmp(&a.calls).then(a.offset.cmp(&b.offset)));
+        let mut sites = first.to_vec();
+        sites.extend(rest);
         sites.truncate(MAX_SITES);
+        sites
+    }
+
+    /// The text stored: the sites [`Self::kept_sites`] chooses, as many as fit in
+    /// [`MAX_FILE_BYTES`]; only the modules they use.
+    pub fn text(&self) -> String {
+        let sites = self.kept_sites();
         let mut head = format!("{HEADER}\nruns {}\ninterval {}\n", self.runs, self.interval);
         for &(size, n) in &self.classes {
             let _ = writeln!(head, "class {size} {n}");
@@ -144,7 +216,7 @@ impl Profile {
                 None => continue,
             };
             let line = format!(
-                "site {idx} {:x} {} {} {} {} {} {} {} {} {}\n",
+                "site {idx} {:x} {} {} {} {} {} {} {} {} {} {} {} {}\n",
                 s.offset,
                 s.samples,
                 s.bytes,
@@ -154,7 +226,10 @@ impl Profile {
                 s.threads,
                 s.freed,
                 s.lifetime_ns,
-                s.lifetime_max_ns
+                s.lifetime_max_ns,
+                s.calls,
+                s.mode_size,
+                s.mode_calls
             );
             if head.len() + body.len() + module_line.len() + line.len() > MAX_FILE_BYTES {
                 break;
@@ -227,7 +302,7 @@ fn parse_line(p: &mut Profile, line: &str) -> Result<(), Refusal> {
             }
             p.classes.push((size, number(n)?));
         }
-        ["site", m, off, rest @ ..] if rest.len() == 9 => {
+        ["site", m, off, rest @ ..] if rest.len() == 12 => {
             let n: Vec<u64> = rest.iter().map(|v| number(v)).collect::<Result<_, _>>()?;
             let s = ProfileSite {
                 module: number(m)?,
@@ -241,6 +316,9 @@ fn parse_line(p: &mut Profile, line: &str) -> Result<(), Refusal> {
                 freed: n[6],
                 lifetime_ns: n[7],
                 lifetime_max_ns: n[8],
+                calls: n[9],
+                mode_size: n[10],
+                mode_calls: n[11],
             };
             check_site(p, &s)?;
             p.sites.push(s);
@@ -262,12 +340,37 @@ fn check_site(p: &Profile, s: &ProfileSite) -> Result<(), Refusal> {
         && s.align.is_power_of_two()
         && s.align <= MAX_SMALL_SIZE as u64
         && (1..=2).contains(&s.threads)
-        && s.lifetime_max_ns <= s.lifetime_ns;
+        && s.lifetime_max_ns <= s.lifetime_ns
+        && calls_in_range(p, s)
+        && mode_in_range(s);
     if ok {
         Ok(())
     } else {
         Err("a site out of range")
     }
+}
+
+/// Each sample stands for `interval / size` calls: at least one (no small size exceeds
+/// the interval lgmalloc samples at), at most `interval`.
+fn calls_in_range(p: &Profile, s: &ProfileSite) -> bool {
+    s.calls >= s.samples && s.calls <= s.samples.saturating_mul(p.interval.max(1))
+}
+
+/// A mode is a standard block size within the site's sizes, holding some of its
+/// calls; or there is none.
+fn mode_in_range(s: &ProfileSite) -> bool {
+    if s.mode_size == 0 {
+        return s.mode_calls == 0;
+    }
+    let Ok(mode) = usize::try_from(s.mode_size) else {
+        return false;
+    };
+    s.mode_calls > 0
+        && s.mode_calls <= s.calls
+        && s.mode_size >= s.size_min
+        && s.mode_size <= MAX_SMALL_SIZE as u64
+        && size_class::standard_block_size(mode) == mode
+        && size_class::standard_block_size(s.size_max as usize) >= mode
 }
 
 fn number<T: core::str::FromStr>(field: &str) -> Result<T, Refusal> {
@@ -358,6 +461,9 @@ pub fn this_run() -> Profile {
         ..Profile::default()
     };
     let mut run = Profile::default();
+    // Per site (path, offset): estimated calls per standard block size, summed over
+    // the call stacks that resolve to it, for its mode.
+    let mut class_calls: HashMap<(String, u64), HashMap<usize, u64>> = HashMap::new();
     sample::for_each_site(|s| {
         let Some((m, offset)) = resolver.call_site(&s.frames) else {
             return;
@@ -368,6 +474,10 @@ pub fn this_run() -> Profile {
         let path = module.path.to_string_lossy().into_owned();
         if !path.starts_with('/') || s.samples == 0 {
             return;
+        }
+        let per_class = class_calls.entry((path.clone(), offset)).or_default();
+        for &(size, n) in s.classes.iter().filter(|c| c.0 != 0) {
+            *per_class.entry(size).or_default() += n;
         }
         let one = Profile {
             runs: 0,
@@ -385,11 +495,29 @@ pub fn this_run() -> Profile {
                 freed: s.freed,
                 lifetime_ns: s.lifetime_ns,
                 lifetime_max_ns: s.lifetime_max_ns,
+                // At least one call per sample, as the stored file requires.
+                calls: s.calls.max(s.samples),
+                mode_size: 0,
+                mode_calls: 0,
             }],
             classes: Vec::new(),
         };
         run.merge(&one);
     });
+    for site in &mut run.sites {
+        let Some(path) = run.modules.get(site.module) else {
+            continue;
+        };
+        let mode = class_calls.get(&(path.clone(), site.offset)).and_then(|c| {
+            c.iter()
+                .filter(|c| *c.1 > 0)
+                .max_by_key(|&(&size, &n)| (n, size))
+        });
+        if let Some((&size, &n)) = mode {
+            site.mode_size = size as u64;
+            site.mode_calls = n.min(site.calls);
+        }
+    }
     for (class, n) in sample::CLASS_SAMPLES.iter().enumerate() {
         let n = n.load(core::sync::atomic::Ordering::Relaxed);
         if n > 0 && class < size_class::class_count() {
@@ -399,6 +527,19 @@ pub fn this_run() -> Profile {
     run.runs = 0;
     p.merge(&run);
     p
+}
+
+/// This run's wrapper return addresses (`sample::wrapper_returns`) as module path and
+/// offset, the way sites are stored.
+fn wrapper_return_sites() -> Vec<(String, u64)> {
+    let loaded = loaded_modules();
+    sample::wrapper_returns()
+        .iter()
+        .filter_map(|&ret| {
+            let m = loaded.iter().find(|m| ret >= m.lo && ret < m.hi)?;
+            Some((m.path.to_string_lossy().into_owned(), (ret - m.base) as u64))
+        })
+        .collect()
 }
 
 /// The cache directory and file name of `program`'s stored profile.
@@ -499,6 +640,7 @@ pub(super) extern "C" fn write_at_exit() {
     let mut stored = bytes
         .and_then(|b| parse_or_say(&b, &name))
         .unwrap_or_default();
+    stored.forget_sites_at(&wrapper_return_sites());
     stored.merge(&this_run());
     dir.write(&name, stored.text().as_bytes());
     MERGED.store(Box::into_raw(Box::new(stored)), Ordering::Release);

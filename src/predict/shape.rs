@@ -255,6 +255,9 @@ mod tests {
                         freed,
                         lifetime_ns,
                         lifetime_max_ns: lifetime_ns / freed.max(1),
+                        calls: samples * ((256 << 10) / size),
+                        mode_size: size_class::standard_block_size(size as usize) as u64,
+                        mode_calls: samples * ((256 << 10) / size),
                     },
                 )
                 .collect(),

@@ -1,8 +1,9 @@
 //! Verify mode (`LGMALLOC_VERIFY=1`): every allocation reaches the slow path, where
 //! its call site is found by unwinding and matched against the sites in the plan: the
-//! static analysis's constant sites and the constant-size sites the stored profile
-//! learned. One line at exit sums it up: `predicted` counts calls from those sites,
-//! `exact` the ones whose size fell in the class predicted for them.
+//! static analysis's constant sites and the sites the stored profile learned (one
+//! constant size, or one standard class holding most of their calls; see
+//! `ProfileSite::prediction`). One line at exit sums it up: `predicted` counts calls
+//! from those sites, `exact` the ones whose size fell in the class predicted for them.
 
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -10,20 +11,17 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use super::current;
 use super::modules::executable_path;
 use super::modules::{code_range, for_each_module};
-use super::profile;
+use super::profile::{self, SitePrediction};
 use crate::analysis::symbols::{Symbols, is_allocator_frame};
 use crate::diag::diag;
 use crate::sample::{_Unwind_Backtrace, _Unwind_GetIP};
 use crate::{heap, options, size_class};
 
-/// Call sites the stored profile saw with one constant size (learned), by return
-/// address; set once at start, before verify mode counts anything.
+/// Call sites the stored profile learned a prediction for, by return address; set once
+/// at start, before verify mode counts anything.
 static LEARNED_SITES: AtomicPtr<Vec<Site>> = AtomicPtr::new(core::ptr::null_mut());
 
-/// A profiled site counts as learned when this many samples saw the same size.
-const LEARNED_MIN_SAMPLES: u64 = 2;
-
-/// Reads the stored profile's constant-size sites of the loaded modules.
+/// Reads the stored profile's predicted sites of the loaded modules.
 fn load_learned_sites() {
     let Some(p) = executable_path().and_then(|exe| profile::read(&exe)) else {
         return;
@@ -41,11 +39,15 @@ fn load_learned_sites() {
     let mut sites: Vec<Site> = p
         .sites
         .iter()
-        .filter(|s| s.size_min == s.size_max && s.samples >= LEARNED_MIN_SAMPLES)
         .filter_map(|s| {
+            let prediction = s.prediction()?;
             let path = p.modules.get(s.module)?;
             let base = bases.iter().find(|b| &b.0 == path)?.1;
-            Some(Site::new(base + s.offset as usize, s.size_min))
+            let ret = base + s.offset as usize;
+            Some(match prediction {
+                SitePrediction::Constant(size) => Site::new(ret, size),
+                SitePrediction::Modal(size) => Site::modal(ret, size),
+            })
         })
         .collect();
     sites.sort_by_key(|s| s.ret);
@@ -59,21 +61,45 @@ fn learned_site(ret: usize) -> Option<&'static Site> {
     sites.get(i)
 }
 
-/// A call site with a constant prediction, keyed by its return address at run time.
+/// A call site with a prediction, keyed by its return address at run time.
 pub(super) struct Site {
     pub(super) ret: usize,
     size: u64,
+    /// `size` is a standard block size, the class most of the site's calls fell in
+    /// (learned): a call is exact when its standard class is that one, whatever
+    /// exact-fit classes the plan added.
+    modal: bool,
     calls: AtomicU64,
     exact: AtomicU64,
 }
 
 impl Site {
+    /// A site predicted to ask for `size` bytes.
     pub(super) fn new(ret: usize, size: u64) -> Site {
         Site {
             ret,
             size,
+            modal: false,
             calls: AtomicU64::new(0),
             exact: AtomicU64::new(0),
+        }
+    }
+
+    /// A site predicted to ask for sizes of the standard class of block size `block`.
+    fn modal(ret: usize, block: u64) -> Site {
+        Site {
+            modal: true,
+            ..Site::new(ret, block)
+        }
+    }
+
+    /// Whether a call of `size` bytes fell in the class predicted for the site.
+    fn is_exact(&self, size: usize) -> bool {
+        if self.modal {
+            size as u64 <= size_class::MAX_SMALL_SIZE as u64
+                && size_class::standard_block_size(size) as u64 == self.size
+        } else {
+            size_class::size_class_of(size) == size_class::size_class_of(self.size as usize)
         }
     }
 }
@@ -115,8 +141,7 @@ fn record_call(size: usize) {
     let Some(site) = site else { return };
     site.calls.fetch_add(1, Ordering::Relaxed);
     VERIFY_PREDICTED.fetch_add(1, Ordering::Relaxed);
-    // Exact: the size fell in the class predicted for the site.
-    if size_class::size_class_of(size) == size_class::size_class_of(site.size as usize) {
+    if site.is_exact(size) {
         site.exact.fetch_add(1, Ordering::Relaxed);
         VERIFY_EXACT.fetch_add(1, Ordering::Relaxed);
     }
