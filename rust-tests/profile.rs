@@ -462,22 +462,12 @@ fn profile_is_stored_at_exit_merged_and_shown_by_the_analyzer() {
     );
 
     // Verify mode counts the learned (profiled, constant-size) site as predicted.
-    let out = run_child_with(&cache, &[("LGMALLOC_VERIFY", "1")]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    let line = err
-        .lines()
-        .find(|l| l.contains("verify calls="))
-        .expect("verify line");
-    let field = |k: &str| -> u64 {
-        let v = line.split(k).nth(1).unwrap();
-        v.split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let (calls, predicted, exact) = (field("calls="), field("predicted="), field("exact="));
-    assert!(predicted * 2 >= calls && exact == predicted, "{line}");
+    let (calls, predicted, exact) =
+        verify_counts(&run_child_with(&cache, &[("LGMALLOC_VERIFY", "1")]));
+    assert!(
+        predicted * 2 >= calls && exact == predicted,
+        "calls={calls} predicted={predicted} exact={exact}"
+    );
 
     // A corrupt file is ignored: the analyzer reports no profile, and the next run
     // replaces it with a valid one.
