@@ -355,8 +355,10 @@ def startup_lines(startup):
               "One line per process; predicted = calls from sites in the plan (static constant "
               "sites, and the sites the sampled profile learned: one constant size, or one standard "
               "class holding at least 80% of their estimated calls over 8 samples or more), exact = "
-              "those whose size fell in the class predicted for them; the shares in brackets are "
-              "predicted / calls and exact / predicted.", "",
+              "those whose size fell in the class predicted for them, site-bound = the most calls any "
+              "prediction per call site could cover with 90% of them exact (each site at its most "
+              "frequent standard class, the most regular sites first); the shares in brackets are "
+              "predicted / calls, exact / predicted and site-bound / calls.", "",
               "| workload | verify |", "|---|---|"]
     for name, vlines in startup.get("verify", {}).items():
         text = "<br>".join(verify_text(l) for l in vlines) or "no line"
@@ -367,11 +369,12 @@ def startup_lines(startup):
 def verify_text(line):
     """One verify line, with its two shares."""
     text = line.removeprefix("lgmalloc: verify ")
-    f = {k: figure(text, k) for k in ("calls", "predicted", "exact")}
+    f = {k: figure(text, k) for k in ("calls", "predicted", "exact", "site-bound")}
     if not f["calls"] or f["predicted"] is None or f["exact"] is None:
         return text
     exact = f"{100 * f['exact'] / f['predicted']:.1f}%" if f["predicted"] else "n/a"
-    return f"{text} ({100 * f['predicted'] / f['calls']:.1f}% predicted, {exact} exact)"
+    bound = f"{100 * f['site-bound'] / f['calls']:.1f}%" if f["site-bound"] is not None else "n/a"
+    return f"{text} ({100 * f['predicted'] / f['calls']:.1f}% predicted, {exact} exact, bound {bound})"
 
 
 def plot(results, wl):

@@ -35,6 +35,7 @@
 //! | `profile` | the sampled profile: this run's call sites, the stored profile |
 
 mod build;
+mod census;
 mod deferred;
 mod learn;
 mod modules;

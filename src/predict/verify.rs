@@ -3,15 +3,16 @@
 //! static analysis's constant sites and the sites the stored profile learned (one
 //! constant size, or one standard class holding most of their calls; see
 //! `ProfileSite::prediction`). One line at exit sums it up: `predicted` counts calls
-//! from those sites, `exact` the ones whose size fell in the class predicted for them.
+//! from those sites, `exact` the ones whose size fell in the class predicted for them,
+//! and `site-bound` the most calls any prediction per site could cover (`census`).
 
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
-use super::current;
 use super::modules::executable_path;
 use super::modules::{code_range, for_each_module};
 use super::profile::{self, SitePrediction};
+use super::{census, current};
 use crate::analysis::symbols::{Symbols, is_allocator_frame};
 use crate::diag::diag;
 use crate::sample::{_Unwind_Backtrace, _Unwind_GetIP};
@@ -133,6 +134,7 @@ fn record_call(size: usize) {
     }
     VERIFY_CALLS.fetch_add(1, Ordering::Relaxed);
     let ret = caller_return_address(crate::sample::wrapper_returns());
+    census::record(ret, size);
     let sites = plan.map_or(&[][..], |p| &p.sites[..]);
     let site = match sites.binary_search_by_key(&ret, |s| s.ret) {
         Ok(i) => sites.get(i),
@@ -245,10 +247,11 @@ pub(super) fn own_module() -> Option<(usize, usize, bool)> {
 
 extern "C" fn report_at_exit() {
     diag!(
-        "lgmalloc: verify calls={} predicted={} exact={}",
+        "lgmalloc: verify calls={} predicted={} exact={} site-bound={}",
         VERIFY_CALLS.load(Ordering::Relaxed),
         VERIFY_PREDICTED.load(Ordering::Relaxed),
-        VERIFY_EXACT.load(Ordering::Relaxed)
+        VERIFY_EXACT.load(Ordering::Relaxed),
+        census::site_bound()
     );
     if !options::verbose() {
         return;
