@@ -202,15 +202,15 @@ fn a_site_predicts_its_constant_size_or_its_modal_class() {
     use profile::SitePrediction::{Constant, Modal};
     assert_eq!(site(2, 40, 40, 2, 48, 2).prediction(), Some(Constant(40)));
     assert_eq!(site(1, 40, 40, 1, 48, 1).prediction(), None, "one sample");
-    // 80% of the calls in class 48 over 8 samples: predicted.
-    assert_eq!(site(8, 33, 100, 100, 48, 80).prediction(), Some(Modal(48)));
-    assert_eq!(site(8, 33, 100, 100, 48, 79).prediction(), None, "79%");
+    // 80% of the calls in class 48 over 32 samples: predicted.
+    assert_eq!(site(32, 33, 100, 100, 48, 80).prediction(), Some(Modal(48)));
+    assert_eq!(site(32, 33, 100, 100, 48, 79).prediction(), None, "79%");
     assert_eq!(
-        site(7, 33, 100, 100, 48, 90).prediction(),
+        site(31, 33, 100, 100, 48, 90).prediction(),
         None,
-        "7 samples"
+        "31 samples"
     );
-    assert_eq!(site(8, 33, 100, 100, 0, 0).prediction(), None, "no mode");
+    assert_eq!(site(32, 33, 100, 100, 0, 0).prediction(), None, "no mode");
 
     // Merging two runs whose modes differ keeps the larger mode and never raises the
     // share: 60 of 100 calls in 48, then 70 of 100 in 112 -> 70 of 200 in 112.

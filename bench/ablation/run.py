@@ -354,7 +354,7 @@ def startup_lines(startup):
     lines += ["", f"## Verify mode (`LGMALLOC_VERIFY=1`, arm {VERIFY_ARM}, warm cache)", "",
               "One line per process; predicted = calls from sites in the plan (static constant "
               "sites, and the sites the sampled profile learned: one constant size, or one standard "
-              "class holding at least 80% of their estimated calls over 8 samples or more), exact = "
+              "class holding at least 80% of their estimated calls over 32 samples or more), exact = "
               "those whose size fell in the class predicted for them, site-bound = the most calls any "
               "prediction per call site could cover with 90% of them exact (each site at its most "
               "frequent standard class, the most regular sites first); the shares in brackets are "

@@ -246,12 +246,13 @@ pub(super) fn own_module() -> Option<(usize, usize, bool)> {
 }
 
 extern "C" fn report_at_exit() {
+    // First: the bound allocates, and that allocation is counted too.
+    let bound = census::site_bound();
     diag!(
-        "lgmalloc: verify calls={} predicted={} exact={} site-bound={}",
+        "lgmalloc: verify calls={} predicted={} exact={} site-bound={bound}",
         VERIFY_CALLS.load(Ordering::Relaxed),
         VERIFY_PREDICTED.load(Ordering::Relaxed),
         VERIFY_EXACT.load(Ordering::Relaxed),
-        census::site_bound()
     );
     if !options::verbose() {
         return;
