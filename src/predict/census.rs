@@ -48,7 +48,7 @@ pub(super) fn record(ret: usize, size: usize) {
         return;
     }
     let Some(site) = claim(ret) else { return };
-    let block = size_class::standard_block_size(size.max(1));
+    let block = class_of(size);
     for (sz, n) in site.sizes.iter().zip(&site.calls) {
         let ours = match sz.compare_exchange(0, block, Ordering::Relaxed, Ordering::Relaxed) {
             Ok(_) => true,
@@ -60,6 +60,16 @@ pub(super) fn record(ret: usize, size: usize) {
         }
     }
     site.other.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The standard block size of a small request; a large one's own mapping size (whole
+/// pages), which any request size can ask for without overflowing.
+fn class_of(size: usize) -> usize {
+    if size <= size_class::MAX_SMALL_SIZE {
+        size_class::standard_block_size(size.max(1))
+    } else {
+        size.checked_next_multiple_of(4096).unwrap_or(usize::MAX)
+    }
 }
 
 fn claim(ret: usize) -> Option<&'static Site> {
@@ -127,5 +137,16 @@ mod tests {
         // A site too irregular on its own is never taken.
         assert_eq!(bound_of(&mut [(40, 100)]), 0);
         assert_eq!(bound_of(&mut []), 0);
+    }
+
+    #[test]
+    fn every_request_size_has_a_class() {
+        assert_eq!(class_of(0), 16);
+        assert_eq!(
+            class_of(size_class::MAX_SMALL_SIZE),
+            size_class::MAX_SMALL_SIZE
+        );
+        assert_eq!(class_of(size_class::MAX_SMALL_SIZE + 1), (256 << 10) + 4096);
+        assert_eq!(class_of(usize::MAX - 5), usize::MAX);
     }
 }

@@ -32,7 +32,8 @@
 //! | `store` | the stored plan and observations (text files in the cache) |
 //! | `deferred` | analyses that did not fit the start-up budget, run at exit |
 //! | `verify` | verify mode: every allocation matched to its call site |
-//! | `profile` | the sampled profile: this run's call sites, the stored profile |
+//! | `census` | verify mode's calls per site and class: how far per-site prediction could go |
+//! | `profile` | the sampled profile: this run's call sites, the stored profile, what each site predicts |
 
 mod build;
 mod census;
