@@ -200,8 +200,8 @@ fn a_site_predicts_its_constant_size_or_its_modal_class() {
         ..ProfileSite::default()
     };
     use profile::SitePrediction::{Constant, Modal};
-    assert_eq!(site(2, 40, 40, 2, 48, 2).prediction(), Some(Constant(40)));
-    assert_eq!(site(1, 40, 40, 1, 48, 1).prediction(), None, "one sample");
+    assert_eq!(site(8, 40, 40, 8, 48, 8).prediction(), Some(Constant(40)));
+    assert_eq!(site(7, 40, 40, 7, 48, 7).prediction(), None, "7 samples");
     // 80% of the calls in class 48 over 32 samples: predicted.
     assert_eq!(site(32, 33, 100, 100, 48, 80).prediction(), Some(Modal(48)));
     assert_eq!(site(32, 33, 100, 100, 48, 79).prediction(), None, "79%");

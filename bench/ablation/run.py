@@ -353,7 +353,7 @@ def startup_lines(startup):
         lines.append(f"| {label} | {w * 1000:.2f} | {w / g:.3f} | {itxt} |")
     lines += ["", f"## Verify mode (`LGMALLOC_VERIFY=1`, arm {VERIFY_ARM}, warm cache)", "",
               "One line per process; predicted = calls from sites in the plan (static constant "
-              "sites, and the sites the sampled profile learned: one constant size, or one standard "
+              "sites, and the sites the sampled profile learned: one constant size over 8 samples or more, or one standard "
               "class holding at least 80% of their estimated calls over 32 samples or more), exact = "
               "those whose size fell in the class predicted for them, site-bound = the most calls any "
               "prediction per call site could cover with 90% of them exact (each site at its most "
