@@ -353,8 +353,9 @@ def startup_lines(startup):
         lines.append(f"| {label} | {w * 1000:.2f} | {w / g:.3f} | {itxt} |")
     lines += ["", f"## Verify mode (`LGMALLOC_VERIFY=1`, arm {VERIFY_ARM}, warm cache)", "",
               "One line per process; predicted = calls from sites in the plan (static constant "
-              "sites, and the sites the sampled profile learned: one constant size over 8 samples or more, or one standard "
-              "class holding at least 80% of their estimated calls over 32 samples or more), exact = "
+              "sites, and the sites the sampled profile learned: one constant size over 8 samples or "
+              "more, or one standard class holding at least 80% of their estimated calls over 32 "
+              "samples or more), exact = "
               "those whose size fell in the class predicted for them, site-bound = the most calls any "
               "prediction per call site could cover with 90% of them exact (each site at its most "
               "frequent standard class, the most regular sites first); the shares in brackets are "
@@ -367,7 +368,7 @@ def startup_lines(startup):
 
 
 def verify_text(line):
-    """One verify line, with its two shares."""
+    """One verify line, with its three shares."""
     text = line.removeprefix("lgmalloc: verify ")
     f = {k: figure(text, k) for k in ("calls", "predicted", "exact", "site-bound")}
     if not f["calls"] or f["predicted"] is None or f["exact"] is None:
