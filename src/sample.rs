@@ -96,9 +96,49 @@ pub struct SiteEntry {
     /// Estimated calls: each sample of `size` bytes stands for `MEAN_INTERVAL / size`
     /// of them (sampling is per byte, so small requests are sampled less often).
     calls: AtomicU64,
-    /// Standard block sizes (0 = not yet claimed) and the estimated calls in each.
-    class_sizes: [AtomicUsize; SITE_CLASSES],
-    class_calls: [AtomicU64; SITE_CLASSES],
+    /// Estimated calls per standard block size.
+    class_calls: ClassTally<SITE_CLASSES>,
+}
+
+/// Counts for up to `N` size classes, each slot claimed by compare-and-swap for the
+/// first classes seen (nothing allocated, any thread may add).
+pub struct ClassTally<const N: usize> {
+    /// Class sizes; 0 = slot not yet claimed.
+    sizes: [AtomicUsize; N],
+    counts: [AtomicU64; N],
+}
+
+impl<const N: usize> ClassTally<N> {
+    pub const fn new() -> Self {
+        ClassTally {
+            sizes: [const { AtomicUsize::new(0) }; N],
+            counts: [const { AtomicU64::new(0) }; N],
+        }
+    }
+
+    /// Adds `n` to class `size` (not 0); false when every slot holds another class.
+    pub fn add(&self, size: usize, n: u64) -> bool {
+        for (sz, count) in self.sizes.iter().zip(&self.counts) {
+            let ours = match sz.compare_exchange(0, size, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => true,
+                Err(other) => other == size,
+            };
+            if ours {
+                count.fetch_add(n, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// `(size, count)` per slot; size 0 for a slot never claimed.
+    pub fn snapshot(&self) -> [(usize, u64); N] {
+        let mut out = [(0, 0); N];
+        for (d, (sz, n)) in out.iter_mut().zip(self.sizes.iter().zip(&self.counts)) {
+            *d = (sz.load(Ordering::Relaxed), n.load(Ordering::Relaxed));
+        }
+        out
+    }
 }
 
 struct Tables {
@@ -135,8 +175,7 @@ static TABLES: Tables = Tables {
             lifetime_ns: AtomicU64::new(0),
             lifetime_max_ns: AtomicU64::new(0),
             calls: AtomicU64::new(0),
-            class_sizes: [const { AtomicUsize::new(0) }; SITE_CLASSES],
-            class_calls: [const { AtomicU64::new(0) }; SITE_CLASSES],
+            class_calls: ClassTally::new(),
         }
     }; SITES],
 };
@@ -714,17 +753,9 @@ fn count_calls(s: &SiteEntry, size: usize) {
     let size = size.max(1);
     let calls = (MEAN_INTERVAL / size).max(1) as u64;
     s.calls.fetch_add(calls, Ordering::Relaxed);
-    let block = size_class::standard_block_size(size);
-    for (sz, n) in s.class_sizes.iter().zip(&s.class_calls) {
-        let claimed = match sz.compare_exchange(0, block, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => true,
-            Err(other) => other == block,
-        };
-        if claimed {
-            n.fetch_add(calls, Ordering::Relaxed);
-            return;
-        }
-    }
+    // A class past the first SITE_CLASSES counts in the total alone.
+    s.class_calls
+        .add(size_class::standard_block_size(size), calls);
 }
 
 /// What one call stack's samples saw (a snapshot for the profile).
@@ -756,13 +787,6 @@ pub fn for_each_site(mut f: impl FnMut(&SiteSnapshot)) {
         for (d, s) in frames.iter_mut().zip(e.frames.iter()) {
             *d = s.load(Ordering::Relaxed);
         }
-        let mut classes = [(0, 0); SITE_CLASSES];
-        for (d, (sz, n)) in classes
-            .iter_mut()
-            .zip(e.class_sizes.iter().zip(&e.class_calls))
-        {
-            *d = (sz.load(Ordering::Relaxed), n.load(Ordering::Relaxed));
-        }
         f(&SiteSnapshot {
             frames,
             samples: e.samples.load(Ordering::Relaxed),
@@ -775,7 +799,7 @@ pub fn for_each_site(mut f: impl FnMut(&SiteSnapshot)) {
             lifetime_ns: e.lifetime_ns.load(Ordering::Relaxed),
             lifetime_max_ns: e.lifetime_max_ns.load(Ordering::Relaxed),
             calls: e.calls.load(Ordering::Relaxed),
-            classes,
+            classes: e.class_calls.snapshot(),
         });
     }
 }

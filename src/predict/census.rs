@@ -11,6 +11,7 @@
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use crate::sample::ClassTally;
 use crate::size_class;
 
 /// Sites recorded at most; calls of later ones count as unpredictable.
@@ -25,9 +26,8 @@ const EXACT_PERCENT: u64 = 90;
 struct Site {
     /// Return address; 0 = free.
     ret: AtomicUsize,
-    /// Standard block sizes (0 = free) and the calls in each.
-    sizes: [AtomicUsize; CLASSES],
-    calls: [AtomicU64; CLASSES],
+    /// Calls per class (`class_of`).
+    calls: ClassTally<CLASSES>,
     /// Calls in no counted class.
     other: AtomicU64,
 }
@@ -35,8 +35,7 @@ struct Site {
 static CENSUS: [Site; SITES] = [const {
     Site {
         ret: AtomicUsize::new(0),
-        sizes: [const { AtomicUsize::new(0) }; CLASSES],
-        calls: [const { AtomicU64::new(0) }; CLASSES],
+        calls: ClassTally::new(),
         other: AtomicU64::new(0),
     }
 }; SITES];
@@ -48,18 +47,9 @@ pub(super) fn record(ret: usize, size: usize) {
         return;
     }
     let Some(site) = claim(ret) else { return };
-    let block = class_of(size);
-    for (sz, n) in site.sizes.iter().zip(&site.calls) {
-        let ours = match sz.compare_exchange(0, block, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => true,
-            Err(other) => other == block,
-        };
-        if ours {
-            n.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+    if !site.calls.add(class_of(size), 1) {
+        site.other.fetch_add(1, Ordering::Relaxed);
     }
-    site.other.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The standard block size of a small request; a large one's own mapping size (whole
@@ -96,9 +86,9 @@ pub(super) fn site_bound() -> u64 {
         .iter()
         .filter(|s| s.ret.load(Ordering::Relaxed) != 0)
         .map(|s| {
-            let counts = s.calls.iter().map(|n| n.load(Ordering::Relaxed));
-            let top = counts.clone().max().unwrap_or(0);
-            let all = counts.sum::<u64>() + s.other.load(Ordering::Relaxed);
+            let counts = s.calls.snapshot().map(|c| c.1);
+            let top = counts.iter().copied().fold(0, u64::max);
+            let all = counts.iter().sum::<u64>() + s.other.load(Ordering::Relaxed);
             (top, all)
         })
         .filter(|&(_, all)| all > 0)
