@@ -1233,22 +1233,43 @@ fn sites_that_call_a_wrapper_are_the_call_sites() {
     for _ in 0..2 {
         run_wrapped(&cache, "20000", &[]);
     }
-    let profile = cache_files(&cache)
+    let (profile, sizes) = profile_site_sizes(&cache);
+    assert!(sizes.contains(&(520, 520)), "{profile}");
+    assert!(sizes.contains(&(1040, 1040)), "{profile}");
+    assert!(!sizes.contains(&(520, 1040)), "{profile}");
+}
+
+/// The stored profile in `cache`, and the (smallest, largest) size of each of its sites.
+fn profile_site_sizes(cache: &Path) -> (String, Vec<(u64, u64)>) {
+    let profile = cache_files(cache)
         .into_iter()
         .find(|n| n.ends_with(".profile"))
         .and_then(|n| fs::read_to_string(cache.join(n)).ok())
         .expect("a stored profile");
     // `site MODULE OFFSET SAMPLES BYTES SIZE_MIN SIZE_MAX ...`
-    let sizes: Vec<(u64, u64)> = profile
+    let sizes = profile
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             (f.first() == Some(&"site")).then(|| (f[5].parse().unwrap(), f[6].parse().unwrap()))
         })
         .collect();
-    assert!(sizes.contains(&(520, 520)), "{profile}");
-    assert!(sizes.contains(&(1040, 1040)), "{profile}");
+    (profile, sizes)
+}
+
+/// A run that does not know the wrapper (prediction off: no analysis) records its
+/// samples at the wrapper's own call of malloc, sizes 520 to 1040; the first run that
+/// knows it forgets that site when it stores the profile.
+#[test]
+fn a_site_at_a_wrapper_is_forgotten_once_the_wrapper_is_known() {
+    let cache = FreshCache::new("wrapped-stale");
+    run_wrapped(&cache, "20000", &[("LGMALLOC_PREDICT", "0")]);
+    let (profile, sizes) = profile_site_sizes(&cache);
+    assert!(sizes.contains(&(520, 1040)), "{profile}");
+    run_wrapped(&cache, "20000", &[]);
+    let (profile, sizes) = profile_site_sizes(&cache);
     assert!(!sizes.contains(&(520, 1040)), "{profile}");
+    assert!(sizes.contains(&(520, 520)), "{profile}");
 }
 
 /// A process in which another thread already runs when lgmalloc's start-up comes to the
