@@ -45,13 +45,15 @@ pub fn kind_of(addr: usize) -> u8 {
     unsafe { MAP.0.get_unchecked(idx).load(Ordering::Relaxed) }
 }
 
-/// Whether `addr` lies in a small-object segment (`kind_of(addr) == KIND_SEGMENT`),
-/// compared in memory on x86-64 rather than loaded first (the free fast path).
+/// The base of the small-object segment holding `addr`, if the chunk holding it is one
+/// (`kind_of(addr) == KIND_SEGMENT`). On x86-64 the map byte is compared in memory
+/// rather than loaded first, and the base is the chunk index shifted back, which the
+/// index the comparison needed already holds (the free fast path).
 #[inline(always)]
-pub fn is_segment(addr: usize) -> bool {
+pub fn segment_holding(addr: usize) -> Option<usize> {
+    let idx = (addr >> CHUNK_SHIFT) & (LEN - 1);
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
-        let idx = (addr >> CHUNK_SHIFT) & (LEN - 1);
         let base = MAP.0.as_ptr();
         // SAFETY: the index is masked into range; a byte read is atomic, and the asm
         // only reads it.
@@ -62,16 +64,21 @@ pub fn is_segment(addr: usize) -> bool {
                 base = in(reg) base,
                 idx = in(reg) idx,
                 segment = const KIND_SEGMENT,
-                no = label { return false; },
+                no = label { return None; },
                 options(nostack, readonly),
             );
         }
-        true
     }
     #[cfg(not(all(target_arch = "x86_64", not(miri))))]
     {
-        kind_of(addr) == KIND_SEGMENT
+        // SAFETY: the index is masked into range.
+        if unsafe { MAP.0.get_unchecked(idx).load(Ordering::Relaxed) } != KIND_SEGMENT {
+            return None;
+        }
     }
+    // An address above the 47-bit user space wraps onto the map: its chunk index names
+    // some chunk of ours, and the free path faults on reading the pointer's own words.
+    Some(idx << CHUNK_SHIFT)
 }
 
 /// As [`kind_of`], with a bounds check instead of the wrap: `KIND_NONE` for an address

@@ -67,8 +67,8 @@ fn large_alloc(size: usize, align: usize) -> *mut u8 {
 #[inline(always)]
 pub unsafe fn free(p: *mut u8) {
     let addr = p as usize;
-    if chunk_map::is_segment(addr) {
-        let page = segment::page_of(addr);
+    if let Some(seg) = chunk_map::segment_holding(addr) {
+        let page = segment::page_in(seg, addr);
         // SAFETY: the chunk map says `p` lies in one of our segments.
         unsafe { heap::free_block(page, p) };
     } else {

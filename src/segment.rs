@@ -51,10 +51,11 @@ use crate::os;
 use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, FLAG_PURGING, Owner, Page};
 use crate::size_class::MAX_CLASSES;
 
-/// Per slice, the byte offset (from the segment base) of the record of the page that
-/// holds the slice: storing the offset rather than an index saves the free path a shift.
+/// Per slice, the address of the record of the page that holds the slice: storing the
+/// address rather than an index or an offset from the segment base saves the free path
+/// a shift or an add, for 16 KiB more of (mostly untouched) metadata per segment.
 const SLICE_HEAD_OFFSET: usize = 64;
-const PAGES_OFFSET: usize = SLICE_HEAD_OFFSET + SLICES * 4;
+const PAGES_OFFSET: usize = SLICE_HEAD_OFFSET + SLICES * core::mem::size_of::<usize>();
 const META_BYTES: usize = PAGES_OFFSET + SLICES * core::mem::size_of::<Page>();
 /// Slices taken by the metadata at the start of each segment.
 pub const FIRST_SLICE: usize = META_BYTES.div_ceil(SLICE_SIZE);
@@ -125,8 +126,8 @@ const _: () = assert!(PAGES_OFFSET.is_multiple_of(64));
 /// threads may read them: the region looking at a neighbour, a free of a stray pointer.
 /// Relaxed loads and stores are plain moves on x86-64, so `page_of` costs no more.
 #[inline(always)]
-fn slice_heads(seg: usize) -> *const AtomicU32 {
-    (seg + SLICE_HEAD_OFFSET) as *const AtomicU32
+fn slice_heads(seg: usize) -> *const AtomicUsize {
+    (seg + SLICE_HEAD_OFFSET) as *const AtomicUsize
 }
 
 /// Records that slice `slice` of `seg` belongs to the page (or span) starting at `head`.
@@ -136,9 +137,9 @@ fn slice_heads(seg: usize) -> *const AtomicU32 {
 /// `seg` is a live segment and both indices are below `SLICES`.
 #[inline]
 unsafe fn set_head(seg: usize, slice: usize, head: usize) {
-    let offset = (PAGES_OFFSET + head * core::mem::size_of::<Page>()) as u32;
+    let record = page_at(seg, head) as usize;
     // SAFETY: per the contract the slot lies in the segment's metadata.
-    unsafe { (*slice_heads(seg).add(slice)).store(offset, Ordering::Release) };
+    unsafe { (*slice_heads(seg).add(slice)).store(record, Ordering::Release) };
 }
 
 /// The record of the page (or span) holding slice `slice` of `seg`.
@@ -148,8 +149,8 @@ unsafe fn set_head(seg: usize, slice: usize, head: usize) {
 #[inline(always)]
 unsafe fn head_page(seg: usize, slice: usize) -> *mut Page {
     // SAFETY: per the contract the slot lies in the segment's metadata.
-    let offset = unsafe { (*slice_heads(seg).add(slice)).load(Ordering::Relaxed) };
-    (seg + offset as usize) as *mut Page
+    let record = unsafe { (*slice_heads(seg).add(slice)).load(Ordering::Relaxed) };
+    record as *mut Page
 }
 
 /// As [`head_page`], ordered after the writes that made the record a head
@@ -160,8 +161,8 @@ unsafe fn head_page(seg: usize, slice: usize) -> *mut Page {
 #[inline]
 unsafe fn head_page_acquire(seg: usize, slice: usize) -> *mut Page {
     // SAFETY: per the contract the slot lies in the segment's metadata.
-    let offset = unsafe { (*slice_heads(seg).add(slice)).load(Ordering::Acquire) };
-    (seg + offset as usize) as *mut Page
+    let record = unsafe { (*slice_heads(seg).add(slice)).load(Ordering::Acquire) };
+    record as *mut Page
 }
 
 #[inline(always)]
@@ -172,10 +173,15 @@ fn page_at(seg: usize, slice: usize) -> *mut Page {
 /// The page holding `addr`, which must lie in a small-object segment.
 #[inline(always)]
 pub fn page_of(addr: usize) -> *mut Page {
-    let seg = segment_base(addr);
+    page_in(segment_base(addr), addr)
+}
+
+/// The page holding `addr` in segment `seg` (`chunk_map::segment_holding(addr)`).
+#[inline(always)]
+pub fn page_in(seg: usize, addr: usize) -> *mut Page {
     let slice = (addr >> SLICE_SHIFT) & (SLICES - 1);
-    // SAFETY: the chunk map said this chunk is a segment, so its slice-head map is
-    // mapped; `slice < SLICES`.
+    // SAFETY: the chunk map said `seg` is a segment, so its slice-head map is mapped;
+    // `slice < SLICES`.
     unsafe { head_page(seg, slice) }
 }
 
@@ -676,8 +682,11 @@ impl RegionInner {
         unsafe {
             (*s).used_slices = 0;
             list::push_front(&mut self.segments, s);
-            // Metadata slices map to record 0, which stays all zero (no block in it).
-            for slice in 0..FIRST_SLICE {
+            // Every slice maps to record 0 (all zero: no block in it) until a span or
+            // page names it: metadata slices for good, the rest for a stray pointer
+            // into memory never handed out, which `page_of` must resolve to a record
+            // (a zero entry would be no address at all).
+            for slice in 0..SLICES {
                 set_head(seg, slice, 0);
             }
             let slices = SLICES - FIRST_SLICE;
