@@ -55,6 +55,11 @@ const ADOPT_BATCH: usize = 16;
 
 #[repr(C)]
 pub struct Heap {
+    /// Per request size up to `HEAP_TABLE_MAX_SIZE`, by `(size + 15) / 16`: the page
+    /// `malloc` pops from, `pages[class_of_small[bucket]]`, so the fast path reaches it
+    /// with one load and no class lookup ([`alloc_by_size`]). Kept equal wherever
+    /// `pages` changes ([`class_head_changed`]).
+    direct: [*mut Page; HEAP_TABLE_LEN],
     /// Per class: the page allocations come from (head of that class's list), or the
     /// static empty page.
     pub pages: [*mut Page; MAX_CLASSES],
@@ -72,10 +77,16 @@ pub struct Heap {
     /// with it and gets `block ^ page` in one operation: below the segment size exactly
     /// when the block lies in the page's segment (the hardened check), and one more XOR
     /// with the page gives the block. Kept equal wherever `pages` changes
-    /// ([`set_pop_key`]); the empty heap's entries make every pop fail the check.
+    /// ([`class_head_changed`]); the empty heap's entries make every pop fail the check.
     pop_keys: [usize; POP_KEYS],
-    /// Per class: allocations served (statistics; owner-written, read racily).
-    pub alloc_count: [u64; MAX_CLASSES],
+    /// Hardened only, per bucket: `link_key ^ direct[bucket]`, as `pop_keys` for
+    /// [`alloc_by_size`].
+    direct_pop_keys: [usize; DIRECT_POP_KEYS],
+    /// Per class: allocations served by class (statistics; owner-written, read racily).
+    /// Those `malloc`'s fast path served are in `bucket_allocs` ([`class_counts`]).
+    alloc_count: [u64; MAX_CLASSES],
+    /// Per bucket of `direct`: allocations the fast path of [`alloc_by_size`] served.
+    bucket_allocs: [u64; HEAP_TABLE_LEN],
     /// Bytes left before this heap's next sampled allocation (`sample`).
     sample_left: usize,
     /// Pages of each class this heap has acquired so far (saturating), to size the next.
@@ -133,12 +144,15 @@ pub static EMPTY_PAGE: Page = Page::empty();
 
 /// The heap of a thread that has not allocated yet. Never written.
 pub static EMPTY_HEAP: Heap = Heap {
+    direct: [&raw const EMPTY_PAGE as *mut Page; HEAP_TABLE_LEN],
     pages: [&raw const EMPTY_PAGE as *mut Page; MAX_CLASSES],
     class_of_small: [0; HEAP_TABLE_LEN],
     link_key: 0,
     // `EMPTY_PAGE.free` is zero: `0 ^ (1 << 63)` fails the segment check.
     pop_keys: [1 << (usize::BITS - 1); POP_KEYS],
+    direct_pop_keys: [1 << (usize::BITS - 1); DIRECT_POP_KEYS],
     alloc_count: [0; MAX_CLASSES],
+    bucket_allocs: [0; HEAP_TABLE_LEN],
     sample_left: sample::NEVER,
     page_growth: [0; MAX_CLASSES],
     full: ptr::null_mut(),
@@ -156,6 +170,8 @@ pub static EMPTY_HEAP: Heap = Heap {
 
 /// Entries of `Heap::pop_keys`: one per class when hardened, none otherwise.
 const POP_KEYS: usize = if page::HARDENED { MAX_CLASSES } else { 0 };
+/// Entries of `Heap::direct_pop_keys`: one per bucket when hardened, none otherwise.
+const DIRECT_POP_KEYS: usize = if page::HARDENED { HEAP_TABLE_LEN } else { 0 };
 
 #[inline(always)]
 fn empty_page() -> *mut Page {
@@ -236,7 +252,38 @@ pub fn refresh_class_table() {
     let heap = thread_heap();
     if heap != empty_heap() {
         // SAFETY: the calling thread's own live heap.
-        unsafe { (*heap).class_of_small = size_class::heap_table() };
+        unsafe {
+            // Counts kept by bucket belong to the classes of the table they were made
+            // under.
+            let mut by_class = [0; MAX_CLASSES];
+            class_counts(heap, &mut by_class);
+            (*heap).alloc_count = by_class;
+            (*heap).bucket_allocs = [0; HEAP_TABLE_LEN];
+            (*heap).class_of_small = size_class::heap_table();
+            for bucket in 0..HEAP_TABLE_LEN {
+                let class = (*heap).class_of_small[bucket] as usize;
+                set_direct(heap, bucket, *(*heap).pages.get_unchecked(class));
+            }
+        }
+    }
+}
+
+/// `heap`'s allocations per class: those counted by class and those `malloc`'s fast
+/// path counted by bucket. Racy when `heap` is another thread's (statistics).
+///
+/// # Safety
+/// `heap` is a live heap record.
+unsafe fn class_counts(heap: *const Heap, out: &mut [u64; MAX_CLASSES]) {
+    // SAFETY: per the contract; the counters are plain words written by the heap's
+    // owner, read here (for another thread's heap) as a racy snapshot.
+    unsafe {
+        for (c, slot) in out.iter_mut().enumerate() {
+            *slot = ptr::read_volatile(&(*heap).alloc_count[c]);
+        }
+        for bucket in 0..HEAP_TABLE_LEN {
+            let class = (*heap).class_of_small[bucket] as usize;
+            out[class] += ptr::read_volatile(&(*heap).bucket_allocs[bucket]);
+        }
     }
 }
 
@@ -274,33 +321,109 @@ unsafe fn alloc_small_as<const ZEROED: bool>(
     size: usize,
 ) -> *mut u8 {
     // SAFETY: `class < MAX_CLASSES` (from the class table); the page is either the
-    // static empty page or a page owned by this thread.
+    // static empty page or a page owned by this thread; `pop_keys` has an entry per
+    // class when hardened, the only case its closure runs.
     unsafe {
-        let page = *(*heap).pages.get_unchecked(class);
+        pop_from::<ZEROED>(
+            heap,
+            *(*heap).pages.get_unchecked(class),
+            || *(*heap).pop_keys.get_unchecked(class),
+            (*heap).alloc_count.as_mut_ptr().add(class),
+            size,
+            || {
+                if ZEROED {
+                    alloc_slow_zeroed(size, heap, class)
+                } else if page::HARDENED {
+                    alloc_empty_or_corrupted(size, heap, class)
+                } else {
+                    alloc_slow(size, heap, class)
+                }
+            },
+        )
+    }
+}
+
+/// `malloc` of at most `HEAP_TABLE_MAX_SIZE` bytes: pops a block from the page the
+/// heap keeps for the request's 16-byte bucket (`Heap::direct`, the page of the
+/// bucket's class), or takes the slow path. Null only when out of memory.
+///
+/// # Safety
+/// `heap` is the calling thread's heap (possibly the empty heap);
+/// `size <= HEAP_TABLE_MAX_SIZE`.
+#[inline(always)]
+pub unsafe fn alloc_by_size(heap: *mut Heap, size: usize) -> *mut u8 {
+    debug_assert!(size <= HEAP_TABLE_MAX_SIZE);
+    let bucket = (size + 15) >> 4;
+    // SAFETY: `bucket < HEAP_TABLE_LEN` per the contract; the page is either the static
+    // empty page or a page owned by this thread; `direct_pop_keys` has an entry per
+    // bucket when hardened, the only case its closure runs.
+    unsafe {
+        pop_from::<false>(
+            heap,
+            *(*heap).direct.get_unchecked(bucket),
+            || *(*heap).direct_pop_keys.get_unchecked(bucket),
+            (*heap).bucket_allocs.as_mut_ptr().add(bucket),
+            size,
+            || alloc_slow_by_size(size, heap),
+        )
+    }
+}
+
+/// The fast pop shared by [`alloc_small_as`] and [`alloc_by_size`]: the head of
+/// `page`'s free list (checked against `pop_key`, `link_key ^ page`, when hardened),
+/// counted in `*count`, or `slow()` when the list is empty (or, hardened, its head
+/// fails the check).
+///
+/// # Safety
+/// `page` is the static empty page or a page of `heap` (the calling thread's) whose
+/// class serves `size`; `count` points into `heap`.
+#[inline(always)]
+unsafe fn pop_from<const ZEROED: bool>(
+    heap: *mut Heap,
+    page: *mut Page,
+    pop_key: impl FnOnce() -> usize,
+    count: *mut u64,
+    size: usize,
+    slow: impl FnOnce() -> *mut u8,
+) -> *mut u8 {
+    // SAFETY: per the contract.
+    unsafe {
         let head = (*page).free;
         let block = if page::HARDENED {
             // `head ^ pop_key` is `block ^ page` (see `Heap::pop_keys`): the segment
             // check of `is_in_page_segment`, which the list's end (null) fails too.
-            let offset = head.addr() ^ *(*heap).pop_keys.get_unchecked(class);
+            let offset = head.addr() ^ pop_key();
             if offset >= SEGMENT_SIZE {
-                return if ZEROED {
-                    alloc_slow_zeroed(size, heap, class)
-                } else {
-                    alloc_empty_or_corrupted(size, heap, class)
-                };
+                return slow();
             }
             ptr::with_exposed_provenance_mut::<Block>(page.addr() ^ offset)
         } else {
             if head.is_null() {
-                return if ZEROED {
-                    alloc_slow_zeroed(size, heap, class)
-                } else {
-                    alloc_slow(size, heap, class)
-                };
+                return slow();
             }
             head
         };
-        pop_block::<ZEROED>(heap, page, block, class, size)
+        pop_block::<ZEROED>(heap, page, block, count, size)
+    }
+}
+
+/// The slow path of [`alloc_by_size`]: classifies the request with the heap's table
+/// and goes on as [`alloc_small`]'s would. Reached by a tail jump.
+///
+/// # Safety
+/// As for [`alloc_by_size`].
+#[cold]
+#[inline(never)]
+unsafe fn alloc_slow_by_size(size: usize, heap: *mut Heap) -> *mut u8 {
+    // SAFETY: forwarded contract (the empty heap answers class 0, and its slow path
+    // classifies again).
+    unsafe {
+        let class = class_of_small(heap, size);
+        if page::HARDENED {
+            alloc_empty_or_corrupted(size, heap, class)
+        } else {
+            alloc_slow(size, heap, class)
+        }
     }
 }
 
@@ -309,14 +432,15 @@ unsafe fn alloc_small_as<const ZEROED: bool>(
 /// shares.
 ///
 /// # Safety
-/// `page` is a page of `heap`'s class `class` owned by the calling thread, `block` its
-/// free list's head (checked by the caller when hardened).
+/// `page` is a page of `heap` owned by the calling thread whose class serves `size`,
+/// `block` its free list's head (checked by the caller when hardened); `count` points
+/// at one of `heap`'s allocation counters.
 #[inline(always)]
 unsafe fn pop_block<const ZEROED: bool>(
     heap: *mut Heap,
     page: *mut Page,
     block: *mut Block,
-    class: usize,
+    count: *mut u64,
     size: usize,
 ) -> *mut u8 {
     // SAFETY: per the contract.
@@ -327,14 +451,14 @@ unsafe fn pop_block<const ZEROED: bool>(
         if CHECKED {
             (*block).freed_mark = 0;
         }
-        *(*heap).alloc_count.get_unchecked_mut(class) += 1;
+        *count += 1;
         let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
         (*heap).sample_left = left;
         if sampled {
             return if ZEROED {
-                alloc_sampled_zeroed(size, heap, page, class, block)
+                alloc_sampled_zeroed(size, heap, page, block)
             } else {
-                alloc_sampled(size, heap, page, class, block)
+                alloc_sampled(size, heap, page, block)
             };
         }
         if ZEROED {
@@ -522,7 +646,13 @@ unsafe fn slow_pop(size: usize, heap: *mut Heap, class: usize) -> (*mut u8, bool
             page::corrupted_link(block);
         }
         let zero = block == (*heap).zero_block;
-        let p = pop_block::<false>(heap, page, block, class, size);
+        let p = pop_block::<false>(
+            heap,
+            page,
+            block,
+            (*heap).alloc_count.as_mut_ptr().add(class),
+            size,
+        );
         // A sampled allocation is served elsewhere (`p` is not the block).
         (p, zero && p == block.cast())
     }
@@ -572,10 +702,10 @@ fn dirty_prefix(p: *mut u8, size: usize) -> usize {
     }
 }
 
-/// Defines `$name(size, heap, page, class, block)`, where the fast path goes when the
+/// Defines `$name(size, heap, page, block)`, where the fast path goes when the
 /// sampling countdown runs out, as a naked trampoline into `$target`: reached by a tail
 /// jump from the fast path, so the word at the stack pointer is the return address into
-/// the allocating caller, which it passes on as `$target`'s sixth argument. The
+/// the allocating caller, which it passes on as `$target`'s fifth argument. The
 /// arguments come in the order the fast path holds them in registers (`size` first,
 /// where malloc received it), so the jump takes one move rather than a shuffle. Other
 /// targets (and Miri) pass no return address.
@@ -591,10 +721,9 @@ macro_rules! sampled_entry {
             size: usize,
             heap: *mut Heap,
             page: *mut Page,
-            class: usize,
             block: *mut Block,
         ) -> *mut u8 {
-            core::arch::naked_asm!("mov r9, [rsp]", "jmp {f}", f = sym $target)
+            core::arch::naked_asm!("mov r8, [rsp]", "jmp {f}", f = sym $target)
         }
 
         #[cfg(not(all(target_arch = "x86_64", not(miri))))]
@@ -602,11 +731,10 @@ macro_rules! sampled_entry {
             size: usize,
             heap: *mut Heap,
             page: *mut Page,
-            class: usize,
             block: *mut Block,
         ) -> *mut u8 {
             // SAFETY: forwarded contract; no return address known.
-            unsafe { $target(size, heap, page, class, block, 0) }
+            unsafe { $target(size, heap, page, block, 0) }
         }
     };
 }
@@ -631,13 +759,12 @@ unsafe extern "C" fn alloc_sampled_zeroed_at(
     size: usize,
     heap: *mut Heap,
     page: *mut Page,
-    class: usize,
     block: *mut Block,
     ret: usize,
 ) -> *mut u8 {
     // SAFETY: forwarded contract; the block handed out holds at least `size` bytes.
     unsafe {
-        let p = alloc_sampled_at(size, heap, page, class, block, ret);
+        let p = alloc_sampled_at(size, heap, page, block, ret);
         ptr::write_bytes(p, 0, dirty_prefix(p, size));
         p
     }
@@ -658,14 +785,13 @@ unsafe extern "C" fn alloc_sampled_at(
     size: usize,
     heap: *mut Heap,
     page: *mut Page,
-    class: usize,
     block: *mut Block,
     ret: usize,
 ) -> *mut u8 {
     // SAFETY: per the contract; undoing the pop restores the page exactly.
     unsafe {
         (*heap).sample_left = sample::NEVER;
-        let p = sample::take(class, size, (*heap).thread, ret);
+        let p = sample::take((*page).class as usize, size, (*heap).thread, ret);
         (*heap).sample_left = sample::next_interval();
         if p.is_null() {
             return block.cast();
@@ -1368,7 +1494,7 @@ unsafe fn class_push_front(heap: *mut Heap, page: *mut Page) {
     unsafe {
         let class = (*page).class as usize;
         list::tailed_push_front(&mut (*heap).pages[class], empty_page(), page);
-        set_pop_key(heap, class);
+        class_head_changed(heap, class);
         (*heap).zero_tail[class] = false;
     }
 }
@@ -1385,7 +1511,7 @@ unsafe fn class_push_back(heap: *mut Heap, page: *mut Page) {
         let class = (*page).class as usize;
         let first = (*heap).pages[class];
         list::tailed_push_back(&mut (*heap).pages[class], empty_page(), page);
-        set_pop_key(heap, class);
+        class_head_changed(heap, class);
         forget_zero_tail_if_moved(heap, class, first);
     }
 }
@@ -1398,7 +1524,7 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
         let class = (*page).class as usize;
         let first = (*heap).pages[class];
         list::tailed_remove(&mut (*heap).pages[class], empty_page(), page);
-        set_pop_key(heap, class);
+        class_head_changed(heap, class);
         forget_zero_tail_if_moved(heap, class, first);
     }
 }
@@ -1418,18 +1544,45 @@ unsafe fn forget_zero_tail_if_moved(heap: *mut Heap, class: usize, first: *mut P
     }
 }
 
-/// Hardened: makes `heap.pop_keys[class]` match `heap.pages[class]` again; called
-/// wherever a class list's head may have changed (the three functions above).
+/// Makes what the fast paths read for class `class` match `heap.pages[class]` again:
+/// `direct` for each bucket of the class and, hardened, the pop keys. Called wherever a
+/// class list's head may have changed (the three functions above).
 ///
 /// # Safety
 /// Owner access; `class < MAX_CLASSES`.
 #[inline(always)]
-unsafe fn set_pop_key(heap: *mut Heap, class: usize) {
-    if page::HARDENED {
-        // SAFETY: per the contract; `pop_keys` has `MAX_CLASSES` entries when hardened.
-        unsafe {
-            let page = *(*heap).pages.get_unchecked(class);
+unsafe fn class_head_changed(heap: *mut Heap, class: usize) {
+    // SAFETY: per the contract; `pop_keys` and `direct_pop_keys` have their entries
+    // when hardened, the only case they are written.
+    unsafe {
+        let page = *(*heap).pages.get_unchecked(class);
+        if page::HARDENED {
             *(*heap).pop_keys.get_unchecked_mut(class) = (*heap).link_key ^ page.addr();
+        }
+        // The class's buckets are one run (the table is sorted by size) ending at the
+        // bucket of its block size, a multiple of 16.
+        let mut bucket = size_class::block_size(class) >> 4;
+        while bucket < HEAP_TABLE_LEN && (*heap).class_of_small[bucket] as usize == class {
+            set_direct(heap, bucket, page);
+            if bucket == 0 {
+                break;
+            }
+            bucket -= 1;
+        }
+    }
+}
+
+/// Points bucket `bucket` of `heap` at `page` (and its pop key, hardened).
+///
+/// # Safety
+/// Owner access; `bucket < HEAP_TABLE_LEN`.
+#[inline(always)]
+unsafe fn set_direct(heap: *mut Heap, bucket: usize, page: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe {
+        *(*heap).direct.get_unchecked_mut(bucket) = page;
+        if page::HARDENED {
+            *(*heap).direct_pop_keys.get_unchecked_mut(bucket) = (*heap).link_key ^ page.addr();
         }
     }
 }
@@ -1579,11 +1732,14 @@ fn pool_take() -> *mut Heap {
         // SAFETY: `h` is an unused, writable, suitably aligned heap-sized record.
         unsafe {
             h.write(Heap {
+                direct: [empty_page(); HEAP_TABLE_LEN],
                 pages: [empty_page(); MAX_CLASSES],
                 class_of_small: size_class::heap_table(),
                 link_key: page::link_key(),
                 pop_keys: [page::link_key() ^ empty_page().addr(); POP_KEYS],
+                direct_pop_keys: [page::link_key() ^ empty_page().addr(); DIRECT_POP_KEYS],
                 alloc_count: [0; MAX_CLASSES],
+                bucket_allocs: [0; HEAP_TABLE_LEN],
                 sample_left: sample::next_interval(),
                 page_growth: [0; MAX_CLASSES],
                 full: ptr::null_mut(),
@@ -1615,7 +1771,9 @@ unsafe fn pool_give(heap: *mut Heap) {
     with_pool(|p| {
         // SAFETY: `heap` is on the live list (lock held).
         unsafe {
-            for (c, n) in (*heap).alloc_count.iter().enumerate() {
+            let mut by_class = [0; MAX_CLASSES];
+            class_counts(heap, &mut by_class);
+            for (c, n) in by_class.iter().enumerate() {
                 RETIRED_ALLOCS[c].fetch_add(*n, Ordering::Relaxed);
                 if *n > 0 {
                     RETIRED_USING[c].fetch_add(1, Ordering::Relaxed);
@@ -1640,8 +1798,10 @@ pub fn counts(per_class: &mut [u64; MAX_CLASSES]) {
             // SAFETY: live heaps stay valid while the pool lock is held; the counters are
             // plain words written by their owners, read here as a racy snapshot.
             unsafe {
-                for (c, slot) in per_class.iter_mut().enumerate() {
-                    *slot += ptr::read_volatile(&(*h).alloc_count[c]);
+                let mut by_class = [0; MAX_CLASSES];
+                class_counts(h, &mut by_class);
+                for (slot, n) in per_class.iter_mut().zip(by_class) {
+                    *slot += n;
                 }
                 h = (*h).next_live;
             }
@@ -1662,8 +1822,10 @@ pub fn class_coverage(using: &mut [u64; MAX_CLASSES]) -> u64 {
             // SAFETY: live heaps stay valid while the pool lock is held (racy reads of
             // owner-written counters are fine for statistics).
             unsafe {
-                for (c, slot) in using.iter_mut().enumerate() {
-                    if ptr::read_volatile(&(*h).alloc_count[c]) > 0 {
+                let mut by_class = [0; MAX_CLASSES];
+                class_counts(h, &mut by_class);
+                for (slot, n) in using.iter_mut().zip(by_class) {
+                    if n > 0 {
                         *slot += 1;
                     }
                 }
@@ -1701,5 +1863,71 @@ pub fn collect_own() {
             }
         }
         release_spares(heap);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request;
+
+    /// Buckets of `heap` whose `direct` entry is not the first page of their class.
+    fn stale_buckets(heap: *mut Heap) -> Vec<usize> {
+        // SAFETY: the calling thread's own heap.
+        unsafe {
+            (0..HEAP_TABLE_LEN)
+                .filter(|&b| {
+                    let class = (*heap).class_of_small[b] as usize;
+                    (*heap).direct[b] != (*heap).pages[class]
+                })
+                .collect()
+        }
+    }
+
+    /// `malloc`'s fast path pops from `Heap::direct`. While pages of many classes are
+    /// taken, fill up, go to the full list, empty, retire and come back, every bucket
+    /// keeps naming the first page of its class, so no allocation is served from a page
+    /// off its class list; and the allocations counted by bucket add up by class.
+    #[test]
+    fn each_bucket_names_its_class_page_as_pages_come_and_go() {
+        std::thread::spawn(|| {
+            let sizes: Vec<usize> = (0..=HEAP_TABLE_MAX_SIZE).step_by(24).collect();
+            let mut blocks = Vec::new();
+            for round in 0..3 {
+                for &size in &sizes {
+                    // Enough blocks to fill several pages of the class.
+                    for _ in 0..(64 << 10) / size.max(16) {
+                        let p = request::malloc(size);
+                        assert!(!p.is_null());
+                        blocks.push(p as usize);
+                    }
+                    let heap = thread_heap();
+                    assert!(stale_buckets(heap).is_empty(), "after size {size}");
+                }
+                // Free every other block first (pages leave the full list), then the
+                // rest (pages empty and retire), in a different order each round.
+                let n = blocks.len();
+                for i in (round % 2..n)
+                    .step_by(2)
+                    .chain((1 - round % 2..n).step_by(2))
+                {
+                    // SAFETY: each block was allocated above and is freed once.
+                    unsafe { request::free(blocks[i] as *mut u8) };
+                    if i % 997 == 0 {
+                        assert!(stale_buckets(thread_heap()).is_empty(), "freeing {i}");
+                    }
+                }
+                assert!(stale_buckets(thread_heap()).is_empty(), "round {round}");
+                blocks.clear();
+            }
+            let heap = thread_heap();
+            let mut by_class = [0; MAX_CLASSES];
+            // SAFETY: the calling thread's own heap.
+            unsafe { class_counts(heap, &mut by_class) };
+            let expected: usize = sizes.iter().map(|&s| 3 * ((64 << 10) / s.max(16))).sum();
+            assert_eq!(by_class.iter().sum::<u64>(), expected as u64);
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -27,7 +27,7 @@ pub fn malloc(size: usize) -> *mut u8 {
     let heap = heap::thread_heap();
     if size <= HEAP_TABLE_MAX_SIZE {
         // SAFETY: `heap` is the calling thread's heap, `size` within its class table.
-        return unsafe { heap::alloc_small(heap, heap::class_of_small(heap, size), size) };
+        return unsafe { heap::alloc_by_size(heap, size) };
     }
     malloc_beyond_heap_table(size, heap)
 }
