@@ -73,6 +73,19 @@ fn perform(case: &str) {
                 let p = page_block(2048) as *mut u8;
                 lg_free(at(p.add(2048 * 3)));
             }
+            "free_in_fresh_segment_memory" => {
+                // An address in the middle of the 4 MiB segment holding a block: memory
+                // of the segment no page has covered yet (this process allocated a few
+                // blocks), whose slice-map entry was never written by a page or span.
+                let p = page_block(32) as usize;
+                let segment = p & !((4 << 20) - 1);
+                lg_free(at((segment + (2 << 20) + 512) as *const u8));
+            }
+            "free_in_segment_metadata" => {
+                let p = page_block(32) as usize;
+                let segment = p & !((4 << 20) - 1);
+                lg_free(at((segment + 64) as *const u8));
+            }
             "free_never_handed_out" => {
                 // A carved block still waiting on the free list.
                 let p = page_block(16) as *mut u8;
@@ -319,6 +332,8 @@ fn free_of_an_interior_pointer() {
 #[test]
 fn free_of_a_small_block_address_never_handed_out() {
     expect_abort("free_uncarved", NEVER_RETURNED);
+    expect_abort("free_in_fresh_segment_memory", NEVER_RETURNED);
+    expect_abort("free_in_segment_metadata", NEVER_RETURNED);
     expect_abort("free_never_handed_out", "double free");
 }
 #[cfg(not(feature = "unchecked"))]

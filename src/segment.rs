@@ -673,6 +673,15 @@ impl RegionInner {
     fn add_segment(&mut self, base: *mut u8) -> bool {
         let seg = base as usize;
         let s = seg as *mut Segment;
+        // Every slice maps to record 0 (all zero: no block in it) until a span or page
+        // names it: metadata slices for good, the rest for a stray pointer into memory
+        // never handed out, which `page_in` must resolve to a record (a zero entry would
+        // be no address at all). Written before the chunk map names the segment, which
+        // is when a free of such a pointer starts reading them.
+        for slice in 0..SLICES {
+            // SAFETY: fresh mapping of a whole segment; `slice < SLICES`.
+            unsafe { set_head(seg, slice, 0) };
+        }
         if !chunk_map::set_kind(seg, KIND_SEGMENT) {
             // SAFETY: our fresh mapping, not added.
             unsafe { self.queue_unmap(base) };
@@ -682,13 +691,6 @@ impl RegionInner {
         unsafe {
             (*s).used_slices = 0;
             list::push_front(&mut self.segments, s);
-            // Every slice maps to record 0 (all zero: no block in it) until a span or
-            // page names it: metadata slices for good, the rest for a stray pointer
-            // into memory never handed out, which `page_of` must resolve to a record
-            // (a zero entry would be no address at all).
-            for slice in 0..SLICES {
-                set_head(seg, slice, 0);
-            }
             let slices = SLICES - FIRST_SLICE;
             self.insert_free(seg, FIRST_SLICE, slices, 0, NEVER_USED, slices);
         }
