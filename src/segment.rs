@@ -203,6 +203,13 @@ struct RegionInner {
     /// threads that would give them back, puts them back itself
     /// (`RegionInner::reclaim_purging`).
     purging: *mut PurgeBatch,
+    /// Segment requests between their two visits (`alloc_page`), linked through `next`:
+    /// a `fork` child adds the segments its parent's threads had mapped but not added
+    /// (`RegionInner::add_requested_segments`).
+    requests: *mut SegmentRequest,
+    /// The request this visit made, if any: `with_region` maps its segment once the
+    /// lock is released.
+    request_now: *mut SegmentRequest,
     segment_count: usize,
     bins: [*mut Page; SPAN_BINS],
     abandoned: [*mut Page; MAX_CLASSES],
@@ -243,6 +250,8 @@ impl RegionInner {
         segments: ptr::null_mut(),
         unmapping: ptr::null_mut(),
         purging: ptr::null_mut(),
+        requests: ptr::null_mut(),
+        request_now: ptr::null_mut(),
         segment_count: 0,
         bins: [ptr::null_mut(); SPAN_BINS],
         abandoned: [ptr::null_mut(); MAX_CLASSES],
@@ -267,16 +276,30 @@ pub static SEGMENT_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// size minus its dirty slice count. `free_bytes == dirty_bytes + CLEAN_FREE_BYTES`.
 static CLEAN_FREE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
-/// Runs `f` on the region with its lock held, then unmaps the segments it released
-/// (which a `fork` meanwhile waits for: see `lock_for_fork`).
+/// A segment a visit that found no room asked for (`alloc_page`): mapped once the lock
+/// is released (`with_region`), added by the same thread's next visit. It lives on that
+/// thread's stack and stays on the region's `requests` list in between, so that a `fork`
+/// child, which does not have the thread, adds the segment itself (the fork waits for
+/// the mapping: work after a release, see `Locked::with_then`).
+struct SegmentRequest {
+    /// The segment mapped for the request; null until then, or when the OS refused.
+    base: *mut u8,
+    next: *mut SegmentRequest,
+}
+
+/// Runs `f` on the region with its lock held, then unmaps the segments it released and
+/// maps the segment it asked for (work a `fork` meanwhile waits for: see
+/// `lock_for_fork`).
 fn with_region<R>(f: impl FnOnce(&mut RegionInner) -> R) -> R {
     REGION.with_then(
         |r| {
             let result = f(r);
             let unmapping = core::mem::replace(&mut r.unmapping, ptr::null_mut());
-            (result, (!unmapping.is_null()).then_some(unmapping))
+            let request = core::mem::replace(&mut r.request_now, ptr::null_mut());
+            let work = !unmapping.is_null() || !request.is_null();
+            (result, work.then_some((unmapping, request)))
         },
-        |mut unmapping| {
+        |(mut unmapping, request)| {
             while !unmapping.is_null() {
                 // SAFETY: the segment left the region's list and the chunk map in the
                 // visit (`release_segment`): nothing refers to it; its header stays
@@ -286,6 +309,11 @@ fn with_region<R>(f: impl FnOnce(&mut RegionInner) -> R) -> R {
                     os::unmap(unmapping.cast(), SEGMENT_SIZE);
                     unmapping = next;
                 }
+            }
+            if !request.is_null() {
+                // SAFETY: the request stays alive until its thread's next visit takes
+                // it off the list; only this thread writes it.
+                unsafe { (*request).base = map_segment() };
             }
         },
     )
@@ -368,10 +396,14 @@ pub fn unlock_after_fork(child: bool) {
     REGION.unlock_after_fork(child);
     if child {
         let now = os::now_ms();
-        // SAFETY: the child's only thread runs this; the batches on the list were
-        // between their two visits when the parent forked (the second needs the lock
-        // the fork held), so their spans are off the bins and no thread here uses them.
-        with_region(|r| unsafe { r.reclaim_purging(now) });
+        // SAFETY: the child's only thread runs this; the batches and requests on the
+        // lists were between their two visits when the parent forked (the second needs
+        // the lock the fork held), so their spans are off the bins, their segments are
+        // not added, and no thread here uses either.
+        with_region(|r| unsafe {
+            r.reclaim_purging(now);
+            r.add_requested_segments();
+        });
     }
 }
 
@@ -758,6 +790,52 @@ impl RegionInner {
                 return;
             }
             self.insert_free(seg, start, count, dirty, now, fresh);
+        }
+    }
+
+    /// Lists `request` as between its two visits and has this visit map its segment.
+    fn request_segment(&mut self, request: *mut SegmentRequest) {
+        // SAFETY: the request is alive and listed nowhere (its thread made it for this
+        // visit).
+        unsafe { (*request).next = self.requests };
+        self.requests = request;
+        self.request_now = request;
+    }
+
+    /// Takes `request` off the list of requests between their two visits.
+    fn unlist_request(&mut self, request: *const SegmentRequest) {
+        let mut link: *mut *mut SegmentRequest = &mut self.requests;
+        // SAFETY: the requests on the list are alive: each is taken off (here, under the
+        // lock) before the function that owns it returns.
+        unsafe {
+            while !(*link).is_null() {
+                if ptr::eq(*link, request) {
+                    *link = (**link).next;
+                    return;
+                }
+                link = &mut (**link).next;
+            }
+        }
+    }
+
+    /// In a `fork` child: adds the segments the parent's other threads had mapped for
+    /// their requests but not added yet. Without it the child would hold them mapped
+    /// and unreferenced (4 MiB of address space each).
+    ///
+    /// # Safety
+    /// Only in the child, whose one thread is not between the two visits of a request:
+    /// the listed requests are the copies, in the child's memory, of the stacks of
+    /// threads it does not have.
+    unsafe fn add_requested_segments(&mut self) {
+        let mut request = core::mem::replace(&mut self.requests, ptr::null_mut());
+        while !request.is_null() {
+            // SAFETY: per the contract; a mapped base is a fresh segment nobody added.
+            unsafe {
+                if !(*request).base.is_null() {
+                    self.add_segment((*request).base);
+                }
+                request = (*request).next;
+            }
         }
     }
 
@@ -1148,9 +1226,14 @@ pub unsafe fn alloc_page(
     // When the region has no room, a segment is mapped with the lock released (the
     // system calls made every thread wanting a page wait) and added in a second visit,
     // which takes the page from it: nobody can take its room in between.
+    let mut request = SegmentRequest {
+        base: ptr::null_mut(),
+        next: ptr::null_mut(),
+    };
+    let request: *mut SegmentRequest = &mut request;
     let mut mapped: *mut u8 = ptr::null_mut();
     let (page, zeroed, runs) = loop {
-        let ((taken, no_room), _) = with_region_purging(|r, batch| {
+        let (taken, _) = with_region_purging(|r, batch| {
             // SAFETY: per the contract; the list goes back in the first visit only.
             unsafe { r.release_list(give_back, now) };
             let mut take = |r: &mut RegionInner| {
@@ -1161,27 +1244,34 @@ pub unsafe fn alloc_page(
                 // The first visit sweeps the abandoned pages before asking for a segment.
                 r.sweep_abandoned(usize::MAX, now);
                 taken = take(r);
-            } else if taken.0.is_null() {
-                if r.add_segment(mapped) {
-                    taken = take(r);
+                if taken.0.is_null() {
+                    r.request_segment(request);
                 }
             } else if !mapped.is_null() {
-                // Another thread added room while ours was mapped: it goes back unused
-                // (adding it too spread 500 starting threads over many segments, 11 KiB
-                // per idle thread instead of 6).
-                // SAFETY: our fresh mapping, not added.
-                unsafe { r.queue_unmap(mapped) };
+                r.unlist_request(request);
+                if taken.0.is_null() {
+                    if r.add_segment(mapped) {
+                        taken = take(r);
+                    }
+                } else {
+                    // Another thread added room while ours was mapped: it goes back
+                    // unused (adding it too spread 500 starting threads over many
+                    // segments, 11 KiB per idle thread instead of 6).
+                    // SAFETY: our fresh mapping, not added.
+                    unsafe { r.queue_unmap(mapped) };
+                }
             }
             r.purge_as_due(now, batch);
-            let no_room = taken.0.is_null() && mapped.is_null();
-            (taken, no_room)
+            taken
         });
         give_back = ptr::null_mut();
-        if !no_room {
+        if !taken.0.is_null() || !mapped.is_null() {
             break taken;
         }
-        mapped = map_segment();
+        // SAFETY: the visit just made listed the request and mapped its segment.
+        mapped = unsafe { (*request).base };
         if mapped.is_null() {
+            with_region(|r| r.unlist_request(request));
             break (ptr::null_mut(), false, FreshRuns::default());
         }
     };
@@ -1620,6 +1710,46 @@ mod tests {
 
     /// A `fork` child gets back the spans another thread of the parent had taken off the
     /// bins to purge: free again, counted dirty, and the list of batches empty.
+    /// A segment mapped for a request but not yet added when the parent forked (its
+    /// thread waits for the lock the fork holds) is added by the child: it is a segment
+    /// of the region, named by the chunk map, and its room is taken from.
+    #[test]
+    fn a_fork_child_adds_segments_mapped_for_requests() {
+        let (mut r, base) = region_of_one_segment();
+        // As `alloc_page`'s first visit and the work after it leave it, for a thread of
+        // the parent.
+        let mut request = SegmentRequest {
+            base: ptr::null_mut(),
+            next: ptr::null_mut(),
+        };
+        r.request_segment(&mut request);
+        r.request_now = ptr::null_mut();
+        request.base = map_segment();
+        assert!(!request.base.is_null());
+        let mapped = request.base as usize;
+        assert_eq!(chunk_map::kind_of(mapped), KIND_NONE);
+        // SAFETY: the test's region and thread stand for the child and its one thread.
+        unsafe { r.add_requested_segments() };
+        assert!(r.requests.is_null(), "the request stayed listed");
+        assert_eq!(r.segment_count, 2, "the segment was not added");
+        assert_eq!(chunk_map::kind_of(mapped), KIND_SEGMENT);
+        // The first segment's room, then the second's.
+        let usable = SLICES - FIRST_SLICE;
+        let a = r.take_span(usable, 1).0;
+        let b = r.take_span(usable, 1).0;
+        assert!(!a.is_null() && !b.is_null());
+        let mut taken_from = [segment_base(a as usize), segment_base(b as usize)];
+        let mut segments = [base as usize, mapped];
+        taken_from.sort();
+        segments.sort();
+        assert_eq!(
+            taken_from, segments,
+            "the room taken is not the two segments'"
+        );
+        give_back_segment(base);
+        give_back_segment(mapped as *mut u8);
+    }
+
     #[test]
     fn a_fork_child_takes_back_spans_being_purged() {
         let (mut r, base) = region_of_one_segment();
