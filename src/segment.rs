@@ -287,6 +287,48 @@ struct SegmentRequest {
     next: *mut SegmentRequest,
 }
 
+/// A record of a visit's own (on its thread's stack) listed on the region between two
+/// visits, singly linked through `next`.
+trait Listed {
+    /// The address of the record's link.
+    ///
+    /// # Safety
+    /// `this` is a live record.
+    unsafe fn next(this: *mut Self) -> *mut *mut Self;
+}
+
+impl Listed for PurgeBatch {
+    unsafe fn next(this: *mut Self) -> *mut *mut Self {
+        // SAFETY: per the contract; only the field's address is taken.
+        unsafe { &raw mut (*this).next }
+    }
+}
+
+impl Listed for SegmentRequest {
+    unsafe fn next(this: *mut Self) -> *mut *mut Self {
+        // SAFETY: per the contract; only the field's address is taken.
+        unsafe { &raw mut (*this).next }
+    }
+}
+
+/// Takes `item` off the list starting at `head`, if it is there.
+///
+/// # Safety
+/// Every record on the list is alive.
+unsafe fn unlist<T: Listed>(head: &mut *mut T, item: *const T) {
+    let mut link: *mut *mut T = head;
+    // SAFETY: per the contract.
+    unsafe {
+        while !(*link).is_null() {
+            if ptr::eq(*link, item) {
+                *link = *T::next(*link);
+                return;
+            }
+            link = T::next(*link);
+        }
+    }
+}
+
 /// Runs `f` on the region with its lock held, then unmaps the segments it released and
 /// maps the segment it asked for (work a `fork` meanwhile waits for: see
 /// `lock_for_fork`).
@@ -804,18 +846,9 @@ impl RegionInner {
 
     /// Takes `request` off the list of requests between their two visits.
     fn unlist_request(&mut self, request: *const SegmentRequest) {
-        let mut link: *mut *mut SegmentRequest = &mut self.requests;
         // SAFETY: the requests on the list are alive: each is taken off (here, under the
         // lock) before the function that owns it returns.
-        unsafe {
-            while !(*link).is_null() {
-                if ptr::eq(*link, request) {
-                    *link = (**link).next;
-                    return;
-                }
-                link = &mut (**link).next;
-            }
-        }
+        unsafe { unlist(&mut self.requests, request) };
     }
 
     /// In a `fork` child: adds the segments the parent's other threads had mapped for
@@ -841,18 +874,9 @@ impl RegionInner {
 
     /// Takes `batch` off the list of batches between their two visits.
     fn unlist_purging(&mut self, batch: *const PurgeBatch) {
-        let mut link: *mut *mut PurgeBatch = &mut self.purging;
         // SAFETY: the batches on the list are alive: each is taken off (here, under the
         // lock) before the function that owns it returns.
-        unsafe {
-            while !(*link).is_null() {
-                if ptr::eq(*link, batch) {
-                    *link = (**link).next;
-                    return;
-                }
-                link = &mut (**link).next;
-            }
-        }
+        unsafe { unlist(&mut self.purging, batch) };
     }
 
     /// In a `fork` child: puts the spans that the parent's other threads had taken off
