@@ -1869,7 +1869,6 @@ pub fn collect_own() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request;
 
     /// Buckets of `heap` whose `direct` entry is not the first page of their class.
     fn stale_buckets(heap: *mut Heap) -> Vec<usize> {
@@ -1902,7 +1901,8 @@ mod tests {
                 for &size in &sizes {
                     // Enough blocks to fill several pages of the class.
                     for _ in 0..(64 << 10) / size.max(16) {
-                        let p = request::malloc(size);
+                        // SAFETY: the calling thread's heap; `size` is within the table.
+                        let p = unsafe { alloc_by_size(thread_heap(), size) };
                         assert!(!p.is_null());
                         blocks.push(p as usize);
                     }
@@ -1916,8 +1916,9 @@ mod tests {
                     .step_by(2)
                     .chain((1 - round % 2..n).step_by(2))
                 {
-                    // SAFETY: each block was allocated above and is freed once.
-                    unsafe { request::free(blocks[i] as *mut u8) };
+                    // SAFETY: each block was allocated above (in a segment) and is freed
+                    // once.
+                    unsafe { free_block(segment::page_of(blocks[i]), blocks[i] as *mut u8) };
                     if i % 997 == 0 {
                         assert!(stale_buckets(thread_heap()).is_empty(), "freeing {i}");
                     }
