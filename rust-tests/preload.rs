@@ -852,8 +852,12 @@ fn blocks_freed_after_their_thread_exited() {
 /// `lgmalloc: <what> at <address>` (for one of `whats`), at the address the fixture
 /// announced.
 fn assert_misuse_aborts(case: &str, whats: &[&str]) {
-    let exe = fixture_exe("misuse", &["misuse.c"], &["-Wno-free-nonheap-object"]);
-    let r = run_lg(Command::new(&exe).arg(case));
+    // Built once: tests running at once must not rewrite the file another one runs
+    // (an exec of it then fails with "Text file busy").
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    let exe =
+        EXE.get_or_init(|| fixture_exe("misuse", &["misuse.c"], &["-Wno-free-nonheap-object"]));
+    let r = run_lg(Command::new(exe).arg(case));
     let stderr = r.stderr();
     assert_eq!(
         r.out.status.signal(),
@@ -1495,6 +1499,13 @@ fn region_acquisitions(stderr: &str) -> usize {
         .unwrap_or_else(|| panic!("bad region count: {line}"))
 }
 
+/// The `thread_starts` fixture, built once (as the misuse fixture, for the tests that
+/// run it at once).
+fn thread_starts_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| fixture_exe("thread_starts", &["thread_starts.c"], &[]))
+}
+
 /// A new thread's reserved classes (here the naive plan's eight) get their first pages
 /// in one region visit, cut from one span: 40 threads that each use those eight classes
 /// and exit visit the region at most 3 times each (2.2 measured; 9.2 with one visit per
@@ -1502,9 +1513,9 @@ fn region_acquisitions(stderr: &str) -> usize {
 /// Each thread's blocks are filled and checked.
 #[test]
 fn reserved_classes_cost_a_new_thread_one_region_visit() {
-    let exe = fixture_exe("thread_starts", &["thread_starts.c"], &[]);
+    let exe = thread_starts_exe();
     let env = [("LGMALLOC_PREDICT", "naive"), ("LGMALLOC_SHOW_STATS", "1")];
-    let r = run_lg_with(&mut Command::new(&exe), &env).success("thread_starts");
+    let r = run_lg_with(&mut Command::new(exe), &env).success("thread_starts");
     assert_eq!(r.stdout(), "threads ok\n");
     r.ran_on_lgmalloc("thread_starts");
     let visits = region_acquisitions(&r.stderr());
@@ -1548,13 +1559,13 @@ fn lgmalloc_plan_turns_each_mechanism_on_and_off() {
     assert!(!err.contains("mechanisms in force"), "{err}");
     assert_eq!(unknown.stdout(), "usable 4112\n", "{err}");
 
-    let exe = fixture_exe("thread_starts", &["thread_starts.c"], &[]);
+    let exe = thread_starts_exe();
     let env = [
         ("LGMALLOC_PREDICT", "naive"),
         ("LGMALLOC_SHOW_STATS", "1"),
         ("LGMALLOC_PLAN", "exact-fit,first-pages"),
     ];
-    let r = run_lg_with(&mut Command::new(&exe), &env).success("thread_starts");
+    let r = run_lg_with(&mut Command::new(exe), &env).success("thread_starts");
     assert_eq!(r.stdout(), "threads ok\n");
     let visits = region_acquisitions(&r.stderr());
     eprintln!("40 threads, no reservations: {visits} region visits");
