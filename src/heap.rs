@@ -1495,7 +1495,6 @@ unsafe fn class_push_front(heap: *mut Heap, page: *mut Page) {
         let class = (*page).class as usize;
         list::tailed_push_front(&mut (*heap).pages[class], empty_page(), page);
         class_head_changed(heap, class);
-        (*heap).zero_tail[class] = false;
     }
 }
 
@@ -1511,8 +1510,9 @@ unsafe fn class_push_back(heap: *mut Heap, page: *mut Page) {
         let class = (*page).class as usize;
         let first = (*heap).pages[class];
         list::tailed_push_back(&mut (*heap).pages[class], empty_page(), page);
-        class_head_changed(heap, class);
-        forget_zero_tail_if_moved(heap, class, first);
+        if (*heap).pages[class] != first {
+            class_head_changed(heap, class);
+        }
     }
 }
 
@@ -1524,29 +1524,17 @@ unsafe fn class_remove(heap: *mut Heap, page: *mut Page) {
         let class = (*page).class as usize;
         let first = (*heap).pages[class];
         list::tailed_remove(&mut (*heap).pages[class], empty_page(), page);
-        class_head_changed(heap, class);
-        forget_zero_tail_if_moved(heap, class, first);
-    }
-}
-
-/// `Heap::zero_tail[class]` speaks of the class's first page: it no longer holds once
-/// another page is first (the one it spoke of may be retired and reused dirty).
-///
-/// # Safety
-/// Owner access; `class < MAX_CLASSES`.
-#[inline(always)]
-unsafe fn forget_zero_tail_if_moved(heap: *mut Heap, class: usize, first: *mut Page) {
-    // SAFETY: per the contract.
-    unsafe {
         if (*heap).pages[class] != first {
-            (*heap).zero_tail[class] = false;
+            class_head_changed(heap, class);
         }
     }
 }
 
-/// Makes what the fast paths read for class `class` match `heap.pages[class]` again:
-/// `direct` for each bucket of the class and, hardened, the pop keys. Called wherever a
-/// class list's head may have changed (the three functions above).
+/// Another page is first on class `class`'s list (the three functions above): what the
+/// fast paths read for the class is made to match `heap.pages[class]` again (`direct`
+/// for each bucket of the class and, hardened, the pop keys), and `zero_tail`, which
+/// spoke of the page that was first (it may be retired and reused dirty), no longer
+/// holds.
 ///
 /// # Safety
 /// Owner access; `class < MAX_CLASSES`.
@@ -1555,6 +1543,7 @@ unsafe fn class_head_changed(heap: *mut Heap, class: usize) {
     // SAFETY: per the contract; `pop_keys` and `direct_pop_keys` have their entries
     // when hardened, the only case they are written.
     unsafe {
+        (*heap).zero_tail[class] = false;
         let page = *(*heap).pages.get_unchecked(class);
         if page::HARDENED {
             *(*heap).pop_keys.get_unchecked_mut(class) = (*heap).link_key ^ page.addr();
