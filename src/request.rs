@@ -25,15 +25,19 @@ pub const MIN_ALIGN: usize = 16;
 #[inline(always)]
 pub fn malloc(size: usize) -> *mut u8 {
     let heap = heap::thread_heap();
-    if size <= HEAP_TABLE_MAX_SIZE {
-        // SAFETY: `heap` is the calling thread's heap, `size` within its class table.
+    if size <= heap::DIRECT_MAX_SIZE {
+        // SAFETY: `heap` is the calling thread's heap, `size` within its direct pages.
         return unsafe { heap::alloc_by_size(heap, size) };
     }
-    malloc_beyond_heap_table(size, heap)
+    malloc_beyond_direct(size, heap)
 }
 
 #[inline(never)]
-fn malloc_beyond_heap_table(size: usize, heap: *mut heap::Heap) -> *mut u8 {
+fn malloc_beyond_direct(size: usize, heap: *mut heap::Heap) -> *mut u8 {
+    if size <= HEAP_TABLE_MAX_SIZE {
+        // SAFETY: `heap` is the calling thread's heap, `size` within its class table.
+        return unsafe { heap::alloc_small(heap, heap::class_of_small(heap, size), size) };
+    }
     if size <= MAX_SMALL_SIZE {
         // SAFETY: as in `malloc`.
         return unsafe { heap::alloc_small(heap, size_class::size_class_of(size), size) };
