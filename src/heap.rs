@@ -1894,7 +1894,7 @@ mod tests {
             unsafe { (*heap).sample_left = sample::NEVER };
             let sizes: Vec<usize> = (0..=DIRECT_MAX_SIZE).step_by(8).collect();
             let mut blocks = Vec::new();
-            for round in 0..3 {
+            for round in 0..4 {
                 for &size in &sizes {
                     // Enough blocks to fill several pages of the class.
                     for _ in 0..(64 << 10) / size.max(16) {
@@ -1906,17 +1906,41 @@ mod tests {
                     let heap = thread_heap();
                     assert!(stale_buckets(heap).is_empty(), "after size {size}");
                 }
-                // Free every other block first (pages leave the full list), then the
-                // rest (pages empty and retire), in a different order each round.
+                // Free every other block first (full pages go back on their class
+                // lists, behind the first), then the rest (pages empty and retire).
+                // Oldest first, the first page of a class empties last; newest first
+                // (round 2), it empties while the pages behind it hold blocks, and the
+                // class gets another first page. Round 3 empties each class's first
+                // page and gives the empty pages back, as `lg_trim` does (the last of
+                // a class too): a full page that then gets a block back comes to an
+                // empty class list.
                 let n = blocks.len();
-                for i in (round % 2..n)
-                    .step_by(2)
-                    .chain((1 - round % 2..n).step_by(2))
-                {
+                let order: Vec<usize> = match round {
+                    0 => (0..n).step_by(2).chain((1..n).step_by(2)).collect(),
+                    1 => (1..n).step_by(2).chain((0..n).step_by(2)).collect(),
+                    2 => (0..n).step_by(2).chain((1..n).step_by(2).rev()).collect(),
+                    _ => {
+                        let heap = thread_heap();
+                        // SAFETY: the calling thread's own heap.
+                        let firsts: Vec<*mut Page> = unsafe { (*heap).pages.to_vec() };
+                        let (on_first, rest): (Vec<usize>, Vec<usize>) =
+                            (0..n).partition(|&i| firsts.contains(&segment::page_of(blocks[i])));
+                        for i in on_first {
+                            // SAFETY: as below.
+                            unsafe {
+                                free_block(segment::page_of(blocks[i]), blocks[i] as *mut u8)
+                            };
+                        }
+                        collect_own();
+                        assert!(stale_buckets(heap).is_empty(), "after the trim");
+                        rest
+                    }
+                };
+                for (k, i) in order.into_iter().enumerate() {
                     // SAFETY: each block was allocated above (in a segment) and is freed
                     // once.
                     unsafe { free_block(segment::page_of(blocks[i]), blocks[i] as *mut u8) };
-                    if i % 997 == 0 {
+                    if k % 97 == 0 {
                         assert!(stale_buckets(thread_heap()).is_empty(), "freeing {i}");
                     }
                 }
@@ -1927,7 +1951,7 @@ mod tests {
             let mut by_class = [0; MAX_CLASSES];
             // SAFETY: the calling thread's own heap.
             unsafe { class_counts(heap, &mut by_class) };
-            let expected: usize = sizes.iter().map(|&s| 3 * ((64 << 10) / s.max(16))).sum();
+            let expected: usize = sizes.iter().map(|&s| 4 * ((64 << 10) / s.max(16))).sum();
             assert_eq!(by_class.iter().sum::<u64>(), expected as u64);
         })
         .join()
