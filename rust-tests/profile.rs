@@ -271,6 +271,10 @@ fn corrupt_profiles_are_refused() {
         // Found by the fuzz target: a `\r` before the line end did not read back the same.
         good.replacen("\nsite ", "\r\r\nsite ", 1),
         format!("{good}garbage line\n"),
+        // Found by the fuzz target: an interval after the sites, which the writer puts
+        // first, where the sites read back against it are out of range.
+        format!("{good}interval 6\n"),
+        format!("{good}runs 9\n"),
         "x".repeat(70 << 10),
     ];
     for (i, b) in bad.iter().enumerate() {

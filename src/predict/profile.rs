@@ -296,6 +296,12 @@ fn parse_line(p: &mut Profile, line: &str) -> Result<(), Refusal> {
     }
     let f: Vec<&str> = line.split_ascii_whitespace().collect();
     match f.as_slice() {
+        // The sites' checks read the interval: a header line after them could change
+        // what they were accepted against (found by the plan fuzz target: a second
+        // `interval` after the sites, written first, refused them on reading back).
+        ["runs" | "interval", _] if !p.modules.is_empty() || !p.classes.is_empty() => {
+            return Err("a header line after the entries");
+        }
         ["runs", n] => p.runs = number(n)?,
         ["interval", n] => p.interval = number(n)?,
         ["class", size, n] => {
