@@ -46,7 +46,7 @@ const MIN_ALIGN: usize = 16;
 /// decommits is a refault at a later sample. Under mimalloc's test-stress (32 threads,
 /// blocks up to 160 KiB) a budget of 4 MiB decommitted about 5,900 slots (250 MiB, most
 /// of the run's madvise calls) and took 270-300k page faults and 6.6 s; with no bound,
-/// 180-200k faults and 5.1 s. Slots are reused dirty first, so the kept ones that are
+/// 180-200k faults and 5.1 s. Kept slots are reused first (best fit), so the ones that are
 /// not taken again soon are the excess, and those go after [`SLOT_PURGE_DELAY_MS`].
 const DIRTY_BUDGET: usize = 32 << 20;
 /// How long a free slot keeps its pages before a purge pass gives them back
@@ -54,6 +54,10 @@ const DIRTY_BUDGET: usize = 32 << 20;
 /// leaves with the rest of a freed peak.
 const SLOT_PURGE_DELAY_MS: u64 = crate::segment::PURGE_DELAY_MS;
 const _: () = assert!(DIRTY_BUDGET <= ARENA_BYTES / 2);
+/// Kept bytes past a sampled block's last page that its slot may keep while the block
+/// lives; more are given back when the slot is taken (one `madvise`, at most once per
+/// sample).
+const PINNED_EXCESS: usize = 64 << 10;
 
 const SLOT_FREE: u8 = 0;
 const SLOT_BUSY: u8 = 1;
@@ -366,7 +370,7 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
         return core::ptr::null_mut();
     }
     let base = arena();
-    let Some(i) = (base != 0).then(claim_slot).flatten() else {
+    let Some(i) = (base != 0).then(|| claim_slot(usable)).flatten() else {
         SKIPPED.fetch_add(1, Ordering::Relaxed);
         return core::ptr::null_mut();
     };
@@ -409,7 +413,7 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     TAKEN.fetch_add(1, Ordering::Relaxed);
     // SAFETY: `i < SLOTS` (from `claim_slot`).
     let slot = unsafe { TABLES.slots.get_unchecked(i) };
-    reuse_slot(slot, usable);
+    reuse_slot(slot, base + (i << SLOT_SHIFT), usable);
     slot.usable.store(usable, Ordering::Relaxed);
     slot.class.store(class, Ordering::Relaxed);
     slot.site
@@ -442,19 +446,61 @@ fn arena() -> usize {
     if ok { p } else { 0 }
 }
 
-/// Claims a free slot, one whose pages a free kept first (its refault is saved), else
-/// the lowest clean one. (A scan of at most `SLOTS` loads, `2 * SLOTS` while some free
-/// slot kept pages, once per ~256 KiB allocated.)
-fn claim_slot() -> Option<usize> {
-    // Free slots that kept pages past their first go first (their memory is resident).
-    // With none kept, that pass over every slot is skipped: samples of small blocks
+/// Claims a free slot for a block of `usable` bytes: for a block of more than one page,
+/// the free slot whose kept pages fit it best (the smallest that holds it, else the
+/// largest: its refault is saved, and a small block does not pin a big slot's pages);
+/// otherwise, or when no free slot kept pages, the lowest clean one. (A scan of at most
+/// `SLOTS` loads, `2 * SLOTS` while some free slot kept pages, once per ~256 KiB
+/// allocated.)
+fn claim_slot(usable: usize) -> Option<usize> {
+    // With no pages kept, the pass over every slot is skipped: samples of small blocks
     // never keep any, and the pass cost about 2,000 instructions per sample (larson).
-    let dirty = if DIRTY.load(Ordering::Relaxed) != 0 {
-        claim_first(|s| beyond_first_page(s.resident.load(Ordering::Relaxed)) != 0)
+    let wanted = usable.next_multiple_of(os::OS_PAGE_SIZE);
+    let kept = if wanted > os::OS_PAGE_SIZE && DIRTY.load(Ordering::Relaxed) != 0 {
+        claim_best_kept(wanted)
     } else {
         None
     };
-    dirty.or_else(|| claim_first(|_| true))
+    kept.or_else(|| claim_first(|s| beyond_first_page(s.resident.load(Ordering::Relaxed)) == 0))
+        .or_else(|| claim_first(|_| true))
+}
+
+/// Claims the free slot with kept pages that best fits `wanted` bytes (see
+/// [`claim_slot`]), trying again a few times when another thread claims it first.
+fn claim_best_kept(wanted: usize) -> Option<usize> {
+    for _ in 0..4 {
+        let mut best: Option<(usize, usize)> = None;
+        for (i, s) in TABLES.slots.iter().enumerate() {
+            let resident = s.resident.load(Ordering::Relaxed);
+            if s.state.load(Ordering::Relaxed) != SLOT_FREE || beyond_first_page(resident) == 0 {
+                continue;
+            }
+            if best.is_none_or(|(_, b)| fits_better(resident, b, wanted)) {
+                best = Some((i, resident));
+            }
+        }
+        let (i, _) = best?;
+        let claimed = TABLES.slots.get(i).is_some_and(|s| {
+            s.state
+                .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        });
+        if claimed {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Whether a slot with `a` resident bytes suits a block of `wanted` bytes better than
+/// one with `b`: one that holds it beats one that does not; of two that do, the
+/// smaller; of two that do not, the larger.
+fn fits_better(a: usize, b: usize, wanted: usize) -> bool {
+    match (a >= wanted, b >= wanted) {
+        (true, true) => a < b,
+        (false, false) => a > b,
+        (holds, _) => holds,
+    }
 }
 
 /// Claims the first free slot that `wanted` accepts.
@@ -475,16 +521,26 @@ fn beyond_first_page(resident: usize) -> usize {
     resident.saturating_sub(os::OS_PAGE_SIZE)
 }
 
-/// Takes a claimed slot's kept bytes off the dirty count and widens its resident
-/// extent to hold `usable` bytes.
-fn reuse_slot(slot: &Slot, usable: usize) {
+/// Takes a claimed slot's kept bytes off the dirty count and sets its resident extent
+/// to hold `usable` bytes: widened for a bigger block, and cut back (the pages past the
+/// block given back) when it kept more than [`PINNED_EXCESS`] beyond them, since a live
+/// block's slot is never purged and the excess would stay resident for its lifetime.
+fn reuse_slot(slot: &Slot, addr: usize, usable: usize) {
     let resident = slot.resident.load(Ordering::Relaxed);
     DIRTY.fetch_sub(beyond_first_page(resident), Ordering::Relaxed);
     slot.dirty_prefix.store(resident, Ordering::Relaxed);
     // Whole pages: a decommit gives back whole pages only, so the last, partly used one
     // must count as resident (it stays in the slot, which is larger than any block).
     let used = usable.next_multiple_of(os::OS_PAGE_SIZE);
-    slot.resident.store(resident.max(used), Ordering::Relaxed);
+    let kept = if resident > used + PINNED_EXCESS {
+        // SAFETY: the slot is held by the caller; its bytes past `used` hold no live data
+        // (the block about to be handed out ends before them).
+        unsafe { os::decommit((addr + used) as *mut u8, resident - used) };
+        used
+    } else {
+        resident.max(used)
+    };
+    slot.resident.store(kept, Ordering::Relaxed);
 }
 
 /// Keeps a freed slot's pages when the dirty budget allows, else gives back all but
@@ -941,6 +997,50 @@ mod tests {
             "{written} bytes may be non-zero, {dirty} said"
         );
         assert!(free(again));
+        trim();
+
+        // Kept slots go to the blocks they fit best, and a block that takes a slot
+        // keeping much more than it needs gives the excess back.
+        let take_written = |size: usize| {
+            let class = size_class::size_class_of(size);
+            let usable = size_class::block_size(class);
+            let b = take(class, usable, 0, 0) as usize;
+            assert!(b != 0, "no slot for {size} bytes");
+            // SAFETY: a live sampled block of `usable` bytes.
+            unsafe { core::ptr::write_bytes(b as *mut u8, 0x5a, usable) };
+            (b, usable)
+        };
+        let (big, big_len) = take_written(1 << SLOT_SHIFT);
+        let (mid, mid_len) = take_written(64 << 10);
+        assert!(free(big) && free(mid));
+        let kept = |len: usize| len.next_multiple_of(os::OS_PAGE_SIZE) - os::OS_PAGE_SIZE;
+        assert_eq!(DIRTY.load(Ordering::Relaxed), kept(big_len) + kept(mid_len));
+        // A block of one page needs no kept pages: it takes a clean slot.
+        let (small, _) = take_written(64);
+        assert!(
+            small != big && small != mid,
+            "a one-page block took a kept slot"
+        );
+        assert_eq!(DIRTY.load(Ordering::Relaxed), kept(big_len) + kept(mid_len));
+        // 48 KiB: both kept slots hold it; the smaller one is taken, as it is.
+        let (fit, fit_len) = take_written(48 << 10);
+        assert_eq!(fit, mid, "the best-fitting kept slot was not taken");
+        assert!(mid_len - fit_len <= PINNED_EXCESS);
+        assert_eq!(
+            resident_pages(fit, 1 << SLOT_SHIFT),
+            mid_len / os::OS_PAGE_SIZE
+        );
+        assert_eq!(DIRTY.load(Ordering::Relaxed), kept(big_len));
+        // 20 KiB in the 256 KiB slot: all but the block's pages go back.
+        let (cut, cut_len) = take_written(20 << 10);
+        assert_eq!(cut, big, "the one kept slot left was not taken");
+        assert_eq!(
+            resident_pages(cut, 1 << SLOT_SHIFT),
+            cut_len.div_ceil(os::OS_PAGE_SIZE),
+            "a small block pins a big slot's pages"
+        );
+        assert_eq!(DIRTY.load(Ordering::Relaxed), 0);
+        assert!(free(small) && free(fit) && free(cut));
         trim();
     }
 
