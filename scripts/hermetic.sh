@@ -11,6 +11,10 @@
 #                    still has a liblgmalloc of this tree loaded, or if the run created
 #                    the user's cache directory (~/.cache/lgmalloc); removes the run
 #                    directory
+#   hermetic_cleanup the EXIT trap: waits as hermetic_end does (quietly), then removes
+#                    the run directory, so a run that fails midway neither removes it
+#                    under a deferred analysis still writing into it nor leaves that
+#                    child running
 #
 # The tests that run programs under lgmalloc give each one a fresh cache directory of
 # its own (rust-tests/preload.rs, c-tests/CMakeLists.txt); this is the net under them.
@@ -89,4 +93,12 @@ hermetic_end() {
     done
     rm -rf "$LGMALLOC_TEST_RUN_DIR"
     return $ok
+}
+
+hermetic_cleanup() {
+    local deadline=$((SECONDS + ${HERMETIC_WAIT_SECS:-120}))
+    while [ -n "$(hermetic_leftovers)" ] && [ $SECONDS -lt $deadline ]; do
+        sleep 0.2
+    done
+    rm -rf "$LGMALLOC_TEST_RUN_DIR"
 }

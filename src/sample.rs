@@ -244,7 +244,7 @@ static WRAPPER_RETURNS: AddressSet = AddressSet::new();
 static KNOWN_SITES: AddressSet = AddressSet::new();
 
 /// Per wrapper return address (its position in [`WRAPPER_RETURNS`], the first
-/// [`WRAPPER_DEPTHS`] of them): how far above the wrapper's stack pointer at that
+/// [`WRAPPER_DEPTH_SLOTS`] of them): how far above the wrapper's stack pointer at that
 /// address its caller's return address ends, as `depth << 2 | agreements`, learned from
 /// full unwinds (0: not yet). Once two agreed, a sample returning to the wrapper reads
 /// its caller's return address there and stops, where the unwinder would look up the
