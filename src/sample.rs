@@ -479,16 +479,25 @@ fn arena() -> usize {
 /// `SLOTS` loads, `2 * SLOTS` while some free slot kept pages, once per ~256 KiB
 /// allocated.)
 fn claim_slot(usable: usize) -> Option<usize> {
-    // With no pages kept, the pass over every slot is skipped: samples of small blocks
-    // never keep any, and the pass cost about 2,000 instructions per sample (larson).
+    // With no pages kept every free slot is clean, and the passes that tell kept from
+    // clean are skipped: samples of small blocks never keep any, and such a pass cost
+    // about 2,000 instructions per sample (larson).
+    if DIRTY.load(Ordering::Relaxed) == 0 {
+        return claim_first(|_| true);
+    }
     let wanted = usable.next_multiple_of(os::OS_PAGE_SIZE);
-    let kept = if wanted > os::OS_PAGE_SIZE && DIRTY.load(Ordering::Relaxed) != 0 {
-        claim_best_kept(wanted)
-    } else {
-        None
-    };
-    kept.or_else(|| claim_first(|s| beyond_first_page(s.resident.load(Ordering::Relaxed)) == 0))
+    (wanted > os::OS_PAGE_SIZE)
+        .then(|| claim_best_kept(wanted))
+        .flatten()
+        .or_else(|| claim_first(|s| beyond_first_page(s.resident.load(Ordering::Relaxed)) == 0))
         .or_else(|| claim_first(|_| true))
+}
+
+/// Takes a free slot for the caller (`FREE` to `BUSY`); false if another thread did.
+fn try_claim(slot: &Slot) -> bool {
+    slot.state
+        .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
 }
 
 /// Claims the free slot with kept pages that best fits `wanted` bytes (see
@@ -506,12 +515,7 @@ fn claim_best_kept(wanted: usize) -> Option<usize> {
             }
         }
         let (i, _) = best?;
-        let claimed = TABLES.slots.get(i).is_some_and(|s| {
-            s.state
-                .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        });
-        if claimed {
+        if TABLES.slots.get(i).is_some_and(try_claim) {
             return Some(i);
         }
     }
@@ -533,11 +537,7 @@ fn fits_better(a: usize, b: usize, wanted: usize) -> bool {
 fn claim_first(wanted: impl Fn(&Slot) -> bool) -> Option<usize> {
     (0..SLOTS).find(|&i| {
         TABLES.slots.get(i).is_some_and(|s| {
-            s.state.load(Ordering::Relaxed) == SLOT_FREE
-                && wanted(s)
-                && s.state
-                    .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
+            s.state.load(Ordering::Relaxed) == SLOT_FREE && wanted(s) && try_claim(s)
         })
     })
 }
@@ -637,11 +637,7 @@ fn purge_kept_before(before: u64) -> usize {
             next_due = next_due.min(since + SLOT_PURGE_DELAY_MS);
             continue;
         }
-        if slot
-            .state
-            .compare_exchange(SLOT_FREE, SLOT_BUSY, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
+        if try_claim(slot) {
             let extra = decommit_slot(slot, base + (i << SLOT_SHIFT));
             DIRTY.fetch_sub(extra, Ordering::Relaxed);
             released += extra;
@@ -831,21 +827,18 @@ fn capture() -> [usize; FRAMES] {
         }
         let k = walk.seen;
         walk.seen += 1;
-        if k < SKIP_FRAMES || ip == 0 {
-            return if k < SKIP_FRAMES { 0 } else { 5 };
+        if k < SKIP_FRAMES {
+            return 0;
         }
         let i = k - SKIP_FRAMES;
-        let Some(f) = walk.frames.get_mut(i) else {
-            return 5; // _URC_END_OF_STACK: enough frames
+        let Some(f) = walk.frames.get_mut(i).filter(|_| ip != 0) else {
+            return 5; // _URC_END_OF_STACK: enough frames, or no more
         };
         *f = ip;
-        if !is_own_code(ip) && !is_wrapper_return(ip) {
-            // The call site found (outside lgmalloc and the program's wrappers): the
-            // frames further out are not kept, so they are not unwound.
-            return 5;
-        }
         let Some(w) = WRAPPER_RETURNS.position(ip) else {
-            return 0;
+            // Outside the program's wrappers: lgmalloc's own frame, or the call site
+            // found, whose outer frames are not kept, so they are not unwound.
+            return if is_own_code(ip) { 0 } else { 5 };
         };
         if let (Some(caller), Some(next)) = (caller_of_wrapper(w, sp), walk.frames.get_mut(i + 1)) {
             *next = caller;
