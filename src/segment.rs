@@ -1,7 +1,9 @@
 //! Segments and the region: where pages come from.
 //!
 //! A segment is a 4 MiB chunk, 4 MiB aligned, cut into 4096 slices of 1 KiB. Its first
-//! slices hold metadata: a slice -> page-head map and one [`Page`] record per slice.
+//! slices hold metadata: a slice -> page-head map and one [`Page`] record per slice,
+//! in bit-reversed slice order (see [`record_slot`]), so that the records a heap of
+//! large pages uses lie together and few of the metadata's OS pages become resident.
 //! Pages are runs of slices; a new thread's first page of a class is one slice, so a
 //! thread that holds a few small objects costs about a kilobyte per class, and pages of
 //! different threads share segments (and OS pages). Finding the page of a block is a
@@ -47,7 +49,7 @@ use crate::chunk_map::{self, KIND_NONE, KIND_SEGMENT};
 use crate::geometry::{SEGMENT_SIZE, SLICE_SHIFT, SLICE_SIZE, SLICES, segment_base};
 use crate::list;
 use crate::lock::Locked;
-use crate::os;
+use crate::os::{self, OS_PAGE_SIZE};
 use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, FLAG_PURGING, Owner, Page};
 use crate::size_class::MAX_CLASSES;
 
@@ -115,6 +117,9 @@ struct Segment {
     used_slices: usize,
     next: *mut Segment,
     prev: *mut Segment,
+    /// The OS pages of page records written so far, one bit each (see
+    /// [`note_record_written`]): the rest are not resident.
+    record_pages: AtomicU64,
 }
 
 const _: () = assert!(core::mem::size_of::<Segment>() <= SLICE_HEAD_OFFSET);
@@ -130,16 +135,16 @@ fn slice_heads(seg: usize) -> *const AtomicUsize {
     (seg + SLICE_HEAD_OFFSET) as *const AtomicUsize
 }
 
-/// Records that slice `slice` of `seg` belongs to the page (or span) starting at `head`.
-/// Release: whoever finds `head` through the map finds its record written.
+/// Records that slice `slice` of `seg` belongs to the page (or span) whose record is
+/// `head` (`page_at` of its first slice). Release: whoever finds `head` through the map
+/// finds it written.
 ///
 /// # Safety
-/// `seg` is a live segment and both indices are below `SLICES`.
+/// `seg` is a live segment, `slice` is below `SLICES` and `head` is a record of `seg`.
 #[inline]
-unsafe fn set_head(seg: usize, slice: usize, head: usize) {
-    let record = page_at(seg, head) as usize;
+unsafe fn set_head(seg: usize, slice: usize, head: *mut Page) {
     // SAFETY: per the contract the slot lies in the segment's metadata.
-    unsafe { (*slice_heads(seg).add(slice)).store(record, Ordering::Release) };
+    unsafe { (*slice_heads(seg).add(slice)).store(head as usize, Ordering::Release) };
 }
 
 /// The record of the page (or span) holding slice `slice` of `seg`.
@@ -165,9 +170,97 @@ unsafe fn head_page_acquire(seg: usize, slice: usize) -> *mut Page {
     record as *mut Page
 }
 
-#[inline(always)]
+/// The first OS page of a segment that holds only page records: the ones before it hold
+/// the header and the slice -> page-head map, which `add_segment` writes in full (the
+/// last of them also holds the first records).
+const FIRST_RECORD_PAGE: usize = PAGES_OFFSET.div_ceil(OS_PAGE_SIZE);
+/// OS pages from `FIRST_RECORD_PAGE` that hold only page records (the one after them
+/// also holds the first usable slice).
+const RECORD_PAGES: usize = META_BYTES / OS_PAGE_SIZE - FIRST_RECORD_PAGE;
+const _: () = assert!(RECORD_PAGES <= u64::BITS as usize);
+
+/// Notes that `record`, which heads a span of `seg` from now on, is written, so its OS
+/// page counts as committed (statistics): a segment's records are written only where
+/// spans start ([`record_slot`]), and most of their OS pages never are. Lock-free (a
+/// heap cutting its spare spans calls it without the region lock).
+///
+/// # Safety
+/// `seg` is a live segment and `record` one of its records.
+#[inline]
+unsafe fn note_record_written(seg: usize, record: *mut Page) {
+    let page = ((record as usize - seg) / OS_PAGE_SIZE).wrapping_sub(FIRST_RECORD_PAGE);
+    if page >= RECORD_PAGES {
+        return;
+    }
+    let bit = 1u64 << page;
+    // SAFETY: per the contract the header is mapped.
+    let written = unsafe { &(*(seg as *const Segment)).record_pages };
+    if written.load(Ordering::Relaxed) & bit == 0
+        && written.fetch_or(bit, Ordering::Relaxed) & bit == 0
+    {
+        UNWRITTEN_RECORD_BYTES.fetch_sub(OS_PAGE_SIZE, Ordering::Relaxed);
+    }
+}
+
+/// Bytes of `seg`'s record pages never written.
+///
+/// # Safety
+/// `seg` is a live segment.
+unsafe fn unwritten_records(seg: usize) -> usize {
+    // SAFETY: per the contract the header is mapped.
+    let written = unsafe {
+        (*(seg as *const Segment))
+            .record_pages
+            .load(Ordering::Relaxed)
+    };
+    (RECORD_PAGES - written.count_ones() as usize) * OS_PAGE_SIZE
+}
+
+/// Bytes of `seg`'s metadata slices counted as committed: all but the record pages
+/// never written.
+///
+/// # Safety
+/// `seg` is a live segment.
+unsafe fn metadata_committed(seg: usize) -> usize {
+    // SAFETY: per the contract.
+    FIRST_SLICE * SLICE_SIZE - unsafe { unwritten_records(seg) }
+}
+
+/// Takes `seg`'s unwritten record pages out of the statistics as it goes.
+///
+/// # Safety
+/// `seg` is a live segment about to be unmapped.
+unsafe fn forget_records(seg: usize) {
+    // SAFETY: per the contract.
+    let unwritten = unsafe { unwritten_records(seg) };
+    UNWRITTEN_RECORD_BYTES.fetch_sub(unwritten, Ordering::Relaxed);
+}
+
+/// The record of the page (or span) whose first slice is `slice`.
+#[inline]
 fn page_at(seg: usize, slice: usize) -> *mut Page {
-    (seg + PAGES_OFFSET + slice * core::mem::size_of::<Page>()) as *mut Page
+    (seg + PAGES_OFFSET + record_slot(slice) * core::mem::size_of::<Page>()) as *mut Page
+}
+
+/// Where the record of slice `slice` lies among its segment's records: at the slice
+/// index with its 12 bits reversed.
+///
+/// Only the records of slices that start a page or a free span are ever written; the
+/// rest of the 256 KiB of records stays untouched, hence not resident. 64 records fill
+/// a 4 KiB OS page. In slice order, a run of 64 KiB pages (a busy class's size) writes
+/// one record in each of those pages: 6.25% of the memory the run serves (perl
+/// building a hash: 6.4 MB of metadata in its 100 MB). Reversed, a record's OS page is
+/// chosen by its slice's low 6 bits, which the starts of pages of 64 slices laid end to
+/// end share: their records fill one OS page (perl: 2.1 MB of metadata, header and map
+/// included), and those of pages of 2^k slices spread over 64 / 2^k of them. A run of
+/// one-slice pages (a young class's first pages) spreads over all 64 instead; such
+/// pages hold little memory, and at worst every record page is resident, as in slice
+/// order.
+#[inline]
+const fn record_slot(slice: usize) -> usize {
+    const SLICE_BITS: u32 = SLICES.trailing_zeros();
+    const _: () = assert!(SLICES.is_power_of_two() && SLICE_BITS <= u16::BITS);
+    (((slice as u16) << (u16::BITS - SLICE_BITS)).reverse_bits()) as usize
 }
 
 /// The page holding `addr`, which must lie in a small-object segment.
@@ -275,6 +368,9 @@ pub static SEGMENT_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// Bytes of free spans known not to be resident (statistics): for each free span, its
 /// size minus its dirty slice count. `free_bytes == dirty_bytes + CLEAN_FREE_BYTES`.
 static CLEAN_FREE_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// Bytes of segments' record pages never written (statistics; see
+/// [`note_record_written`]): not resident, like clean free spans.
+static UNWRITTEN_RECORD_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// A segment a visit that found no room asked for (`alloc_page`): mapped once the lock
 /// is released (`with_region`), added by the same thread's next visit. It lives on that
@@ -539,6 +635,7 @@ impl RegionInner {
         let head = page_at(seg, start);
         // SAFETY: the span lies in a segment we own; its records are ours.
         unsafe {
+            note_record_written(seg, head);
             (*head).flags = FLAG_FREE_SPAN | if dirty > 0 { FLAG_DIRTY } else { 0 };
             (*head).used = dirty as u32;
             let word = (freed_at & FREED_AT_MASK) | (fresh as u64) << FRESH_SHIFT;
@@ -549,8 +646,8 @@ impl RegionInner {
             (*head).div_magic = 0;
             (*head).block_origin = 1;
             (*head).heap.store(ptr::null_mut(), Ordering::Relaxed);
-            set_head(seg, start, start);
-            set_head(seg, start + count - 1, start);
+            set_head(seg, start, head);
+            set_head(seg, start + count - 1, head);
             list::push_front(&mut self.bins[bin_of(count)], head);
         }
         self.free_bytes += count << SLICE_SHIFT;
@@ -663,6 +760,7 @@ impl RegionInner {
             }
             let fresh = start >= fresh_from;
             let page = page_at(seg, start);
+            note_record_written(seg, page);
             (*page).flags = 0;
             // A span taken as a page but not yet set up (a heap's spare) reads as
             // empty to statistics.
@@ -670,7 +768,7 @@ impl RegionInner {
             (*page).start_offset = (start << SLICE_SHIFT) as u32;
             (*page).slice_count = count as u16;
             for s in start..end {
-                set_head(seg, s, start);
+                set_head(seg, s, page);
             }
             (*(seg as *mut Segment)).used_slices += count;
             // Memory taken while exits' decommits wait to be matched: what the exits
@@ -752,15 +850,17 @@ impl RegionInner {
         // never handed out, which `page_in` must resolve to a record (a zero entry would
         // be no address at all). Written before the chunk map names the segment, which
         // is when a free of such a pointer starts reading them.
+        let record_zero = page_at(seg, 0);
         for slice in 0..SLICES {
             // SAFETY: fresh mapping of a whole segment; `slice < SLICES`.
-            unsafe { set_head(seg, slice, 0) };
+            unsafe { set_head(seg, slice, record_zero) };
         }
         if !chunk_map::set_kind(seg, KIND_SEGMENT) {
             // SAFETY: our fresh mapping, not added.
             unsafe { self.queue_unmap(base) };
             return false;
         }
+        UNWRITTEN_RECORD_BYTES.fetch_add(RECORD_PAGES * OS_PAGE_SIZE, Ordering::Relaxed);
         // SAFETY: fresh zeroed mapping of a whole segment.
         unsafe {
             (*s).used_slices = 0;
@@ -827,7 +927,8 @@ impl RegionInner {
                 // unmapping it at once would make the next threads fault in a fresh
                 // one, which is the purge-and-refault churn the purge delay and the
                 // exit keep exist to avoid.
-                RELEASED_TOTAL.fetch_add(META_BYTES + (dirty << SLICE_SHIFT), Ordering::Relaxed);
+                let metadata = metadata_committed(seg);
+                RELEASED_TOTAL.fetch_add(metadata + (dirty << SLICE_SHIFT), Ordering::Relaxed);
                 self.release_segment(seg);
                 return;
             }
@@ -907,6 +1008,7 @@ impl RegionInner {
         let s = seg as *mut Segment;
         // SAFETY: per the contract; the segment is on our list.
         unsafe {
+            forget_records(seg);
             list::remove(&mut self.segments, s);
             chunk_map::set_kind(seg, KIND_NONE);
             self.queue_unmap(s.cast());
@@ -1352,6 +1454,7 @@ pub unsafe fn split_spare(span: *mut Page, count: usize) -> *mut Page {
         }
         let start = idx + count;
         let rest = page_at(seg, start);
+        note_record_written(seg, rest);
         // An interior record may hold anything from an earlier life: write every field.
         (*rest).flags = 0;
         (*rest).used = 0;
@@ -1367,7 +1470,7 @@ pub unsafe fn split_spare(span: *mut Page, count: usize) -> *mut Page {
         (*rest).next = ptr::null_mut();
         (*rest).prev = ptr::null_mut();
         for slice in start..idx + len {
-            set_head(seg, slice, start);
+            set_head(seg, slice, rest);
         }
         (*span).slice_count = count as u16;
         rest
@@ -1577,6 +1680,7 @@ pub fn committed_bytes() -> usize {
     SEGMENT_BYTES
         .load(Ordering::Relaxed)
         .saturating_sub(CLEAN_FREE_BYTES.load(Ordering::Relaxed))
+        .saturating_sub(UNWRITTEN_RECORD_BYTES.load(Ordering::Relaxed))
 }
 
 /// Visits every allocated page's record (statistics), with the region lock held. The
@@ -1643,7 +1747,10 @@ mod tests {
     fn give_back_segment(base: *mut u8) {
         chunk_map::set_kind(base as usize, KIND_NONE);
         // SAFETY: the segment is the test's alone and nothing of it is in use any more.
-        unsafe { os::unmap(base, SEGMENT_SIZE) };
+        unsafe {
+            forget_records(base as usize);
+            os::unmap(base, SEGMENT_SIZE);
+        }
         SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
     }
 
