@@ -1586,9 +1586,7 @@ fn run_profile_shape(cache: &Path, env: &[(&str, &str)]) -> Run {
 /// `profile_shape ARGS` (three pairs of size and count) with lgmalloc, the cache in
 /// `cache`, the plan reported, a budget that analyses it before `main`, and `env`.
 fn run_profile_shape_with(cache: &Path, args: [&str; 6], env: &[(&str, &str)]) -> Run {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    let exe = EXE.get_or_init(|| fixture_exe("profile_shape", &["profile_shape.c"], &[]));
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(profile_shape_exe());
     cmd.args(args)
         .env("LGMALLOC_CACHE_DIR", cache)
         .env_remove("LGMALLOC_PREDICT")
@@ -1601,6 +1599,47 @@ fn run_profile_shape_with(cache: &Path, args: [&str; 6], env: &[(&str, &str)]) -
     let r = run_lg_with(&mut cmd, &env).success("profile_shape");
     r.ran_on_lgmalloc("profile_shape");
     r
+}
+
+fn profile_shape_exe() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| fixture_exe("profile_shape", &["profile_shape.c"], &[]))
+}
+
+/// The `plan` field of each site in `lgmalloc-analyze --profile --json`'s report on
+/// `profile_shape`, by the site's (constant) size.
+fn profile_shape_report(cache: &Path) -> Vec<(u64, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_lgmalloc-analyze"))
+        .arg("--profile")
+        .arg(profile_shape_exe())
+        .arg("--json")
+        .env("LGMALLOC_CACHE_DIR", cache)
+        .output()
+        .unwrap();
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |row: &str, name: &str| {
+        let at = row.find(&format!("\"{name}\":"))? + name.len() + 3;
+        let rest = &row[at..];
+        // A string (the plan) ends at its closing quote, a number at the next comma.
+        let end = match rest.strip_prefix('"') {
+            Some(text) => text.find('"')? + 2,
+            None => rest.find([',', '}'])?,
+        };
+        Some(rest[..end].trim_matches('"').to_string())
+    };
+    json.split("\"module\":")
+        .skip(1)
+        .filter_map(|row| {
+            let (min, max) = (field(row, "size_min")?, field(row, "size_max")?);
+            (min == max).then_some(())?;
+            Some((min.parse().ok()?, field(row, "plan")?))
+        })
+        .collect()
 }
 
 /// The text of the plan stored in `cache`, if any.
@@ -1668,6 +1707,31 @@ fn the_profile_gives_a_live_size_wasting_over_1_32_an_exact_fit_class() {
         text.lines()
             .any(|l| l.starts_with("class 4368 ") && l.contains(" P ")),
         "{text}"
+    );
+    // The analyzer's report names the class each size gets: 4360 bytes their exact fit;
+    // 4512 (1/48 wasted in 4608) their standard class, which the plan learned (its first
+    // page sized); 2176, with few bytes, its standard class unplanned (when a sample
+    // caught it at all).
+    let report = profile_shape_report(&cache);
+    let plan_of = |size: u64| {
+        report
+            .iter()
+            .find(|(s, _)| *s == size)
+            .map(|(_, p)| p.as_str())
+    };
+    assert_eq!(
+        plan_of(4360),
+        Some("exact-fit class (4368 B)"),
+        "{report:?}"
+    );
+    assert_eq!(
+        plan_of(4512),
+        Some("predicted, class 4608 B"),
+        "{report:?} {text}"
+    );
+    assert!(
+        plan_of(2176).is_none_or(|p| p == "standard class (2304 B)"),
+        "{report:?}"
     );
     // Without the profile, only the stored plan can bring the class back.
     for name in cache_files(&cache) {

@@ -54,6 +54,19 @@ pub mod profile {
         crate::sample::TAKEN.load(core::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether the plan gives a predicted `size` an exact-fit class (its standard class
+    /// wastes more than 1/16 of a block, or 1/32 for a size the sampled profile chose)
+    /// rather than sizing its standard class's first page.
+    pub fn exact_fit_wanted(size: usize, from_profile: bool) -> bool {
+        use crate::predict::Source;
+        let source = if from_profile {
+            Source::Profile
+        } else {
+            Source::Static
+        };
+        crate::predict::build::exact_fit_wanted(size, source)
+    }
+
     /// Whether `p` is a sampled block (served from the sample arena, so it is not the
     /// block a free of the same class would hand back next).
     pub fn is_sampled(p: *const u8) -> bool {

@@ -9,6 +9,7 @@ use std::path::Path;
 use lgmalloc::analysis::analyze_path;
 use lgmalloc::analysis::symbols::Symbols;
 use lgmalloc::profile::{self, Profile, ProfileSite, SitePrediction};
+use lgmalloc::size_class;
 
 /// Sites listed per table.
 const TOP: usize = 20;
@@ -95,8 +96,16 @@ fn static_sizes(module: &Path) -> HashMap<u64, u64> {
         .collect()
 }
 
-/// Sizes the stored plan gives an exact-fit class (`class SIZE ...` lines).
-fn planned_sizes(program: &Path) -> Vec<u64> {
+/// A size the stored plan predicts (`class SIZE CONFIDENCE SOURCE BLOCKS` lines), and
+/// whether the sampled profile chose it (source `P`).
+struct PlannedSize {
+    size: usize,
+    from_profile: bool,
+}
+
+/// Sizes the stored plan puts in force: none when it is inert (the lines after `inert`
+/// are kept for the next plan's comparison, not applied).
+fn planned_sizes(program: &Path) -> Vec<PlannedSize> {
     let Some((dir, name)) = profile::location(program) else {
         return Vec::new();
     };
@@ -106,17 +115,48 @@ fn planned_sizes(program: &Path) -> Vec<u64> {
     };
     String::from_utf8_lossy(&bytes)
         .lines()
-        .filter_map(|l| l.strip_prefix("class ")?.split(' ').next()?.parse().ok())
+        .take_while(|l| *l != "inert")
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("class ")?.split(' ');
+            let size = words.next()?.parse().ok()?;
+            let from_profile = words.nth(1) == Some("P");
+            Some(PlannedSize { size, from_profile })
+        })
         .collect()
 }
 
-fn plan_action(s: &ProfileSite, planned: &[u64]) -> String {
-    if s.size_min == s.size_max && planned.contains(&s.size_min) {
-        "exact-fit class".into()
-    } else if s.size_min == s.size_max {
-        "standard class".into()
+/// What the plan does with a site's calls, as the runtime applies it
+/// (`predict::build::apply`): a predicted size whose standard class wastes enough gets
+/// an exact-fit class (its size rounded up to 16), which serves every size that rounds
+/// to it; another predicted size stays in its standard class, whose first page the plan
+/// sizes.
+fn plan_action(s: &ProfileSite, planned: &[PlannedSize]) -> String {
+    if s.size_min != s.size_max {
+        return "standard classes (varying size)".into();
+    }
+    let size = s.size_min as usize;
+    if size > size_class::MAX_SMALL_SIZE {
+        return "large object".into();
+    }
+    let block = size.max(1).next_multiple_of(16);
+    let standard = size_class::standard_block_size(size);
+    let exact_fit = |p: &PlannedSize| {
+        p.size <= size_class::TABLE_MAX_SIZE && profile::exact_fit_wanted(p.size, p.from_profile)
+    };
+    let (exact, sized): (Vec<&PlannedSize>, Vec<&PlannedSize>) =
+        planned.iter().partition(|p| exact_fit(p));
+    if exact
+        .iter()
+        .any(|p| p.size.max(1).next_multiple_of(16) == block)
+    {
+        format!("exact-fit class ({block} B)")
+    } else if sized
+        .iter()
+        .any(|p| size_class::standard_block_size(p.size) == standard)
+    {
+        format!("predicted, class {standard} B")
     } else {
-        "standard classes (varying size)".into()
+        format!("standard class ({standard} B)")
     }
 }
 

@@ -175,7 +175,7 @@ fn predicts_saving(
 
 /// Whether a planned size's standard class wastes enough for an exact-fit class: more
 /// than 1/16 of a block, or 1/32 for a size the profile chose.
-fn exact_fit_wanted(size: usize, source: Source) -> bool {
+pub(crate) fn exact_fit_wanted(size: usize, source: Source) -> bool {
     let standard = size_class::standard_block_size(size);
     let shift = if source == Source::Profile {
         PROFILE_WASTE_SHIFT

@@ -35,7 +35,7 @@
 //! | `census` | verify mode's calls per site and class: how far per-site prediction could go |
 //! | `profile` | the sampled profile: this run's call sites, the stored profile, what each site predicts |
 
-mod build;
+pub(crate) mod build;
 mod census;
 mod deferred;
 mod learn;
