@@ -427,26 +427,16 @@ fn segment_metadata_stays_a_small_share_of_the_memory_it_serves() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&cache);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("metadata:"))
-        .unwrap_or_else(|| panic!("no measurement: {err}"));
-    let field = |name: &str| -> usize {
-        let at = line.find(&format!(" {name}=")).expect(name) + name.len() + 2;
-        line[at..].split(' ').next().unwrap().parse().unwrap()
-    };
-    let (segments, blocks, records) = (field("segments"), field("blocks"), field("records"));
-    eprintln!("{line}");
-    assert!(segments > 0 && blocks >= 8 << 20, "{line}");
+    // The child asserts; its line shows it ran (a filter that matched no test passes).
     assert!(
-        records * 100 <= blocks,
-        "{records} bytes of page records resident for {blocks} bytes of blocks in {segments} segments"
+        out.status.success() && err.contains("metadata: segments="),
+        "{err}"
     );
 }
 
-/// The measurement of `segment_metadata_stays_a_small_share_of_the_memory_it_serves`,
-/// run by it in a fresh process.
+/// The measurement and assertion of
+/// `segment_metadata_stays_a_small_share_of_the_memory_it_serves`, run by it in a fresh
+/// process.
 #[test]
 #[ignore]
 fn segment_metadata_child() {
@@ -474,10 +464,16 @@ fn segment_metadata_child() {
         .iter()
         .map(|&s| resident_pages(s + SEGMENT_MAP, SEGMENT_METADATA - SEGMENT_MAP) * 4096)
         .sum();
+    let blocks_bytes = in_pages.len() * 4096;
     eprintln!(
-        "metadata: segments={} blocks={} records={records} ",
-        segments.len(),
-        in_pages.len() * 4096
+        "metadata: segments={} blocks={blocks_bytes} records={records}",
+        segments.len()
+    );
+    assert!(!segments.is_empty() && blocks_bytes >= 8 << 20);
+    assert!(
+        records * 100 <= blocks_bytes,
+        "{records} bytes of page records resident for {blocks_bytes} bytes of blocks in {} segments",
+        segments.len()
     );
     for &p in &blocks {
         unsafe { lg_free(p as *mut _) };

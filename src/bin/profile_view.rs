@@ -143,17 +143,11 @@ fn plan_action(s: &ProfileSite, planned: &[PlannedSize]) -> String {
     let exact_fit = |p: &PlannedSize| {
         p.size <= size_class::TABLE_MAX_SIZE && profile::exact_fit_wanted(p.size, p.from_profile)
     };
-    let (exact, sized): (Vec<&PlannedSize>, Vec<&PlannedSize>) =
-        planned.iter().partition(|p| exact_fit(p));
-    if exact
-        .iter()
-        .any(|p| p.size.max(1).next_multiple_of(16) == block)
-    {
+    let serves = |p: &PlannedSize| p.size.max(1).next_multiple_of(16) == block;
+    let sizes = |p: &PlannedSize| size_class::standard_block_size(p.size) == standard;
+    if planned.iter().any(|p| exact_fit(p) && serves(p)) {
         format!("exact-fit class ({block} B)")
-    } else if sized
-        .iter()
-        .any(|p| size_class::standard_block_size(p.size) == standard)
-    {
+    } else if planned.iter().any(|p| !exact_fit(p) && sizes(p)) {
         format!("predicted, class {standard} B")
     } else {
         format!("standard class ({standard} B)")
