@@ -678,7 +678,7 @@ fn a_thread_starting_many_classes_visits_the_region_a_few_times() {
 }
 
 /// A thread that takes one block of each large-block class (8 to 128 KiB, pages of
-/// four blocks) cuts most of their pages from runs without the region's lock, aligned
+/// four blocks, one over 64 KiB) cuts most of their pages from runs without the region's lock, aligned
 /// as the class needs: 32 sizes cost at most 16 lock acquisitions (12-13 measured; 28
 /// when each young page of these classes visited the region).
 #[test]
@@ -875,6 +875,71 @@ fn memory_purged_and_taken_back_soon_lengthens_the_purge_delay() {
         faults[2] * 10 < pages,
         "the third wait should have kept the memory: {faults:?} faults of {pages} pages"
     );
+}
+
+/// A block over 64 KiB has a page of its own (`size_class::MAX_PAGE_BYTES`). With four
+/// to a page, one live block kept its page, and so its three freed neighbours, resident
+/// for as long as it lived: out of reach of other classes, of the purge and of
+/// `lg_trim` (7 MB of the realloc-grow benchmark's 29 MB peak). Here a new thread
+/// writes four blocks of each of eight classes from 72 to 256 KiB and frees three of
+/// each; after its `lg_trim` none of the freed blocks may stay resident (the OS pages
+/// at their ends excepted), and the live ones keep their contents.
+#[test]
+fn freed_blocks_of_a_page_each_go_back_while_their_class_has_live_ones() {
+    let _g = SERIAL.lock().unwrap();
+    std::thread::spawn(|| {
+        let sizes = [
+            72 << 10,
+            80 << 10,
+            96 << 10,
+            112 << 10,
+            128 << 10,
+            160 << 10,
+            192 << 10,
+            256 << 10,
+        ];
+        let mut live = Vec::new();
+        let mut freed = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            for k in 0..4 {
+                let p = malloc_unsampled(size);
+                unsafe { std::ptr::write_bytes(p as *mut u8, i as u8 + 1, size) };
+                if k == 0 {
+                    live.push((p, size, i as u8 + 1));
+                } else {
+                    freed.push((p, size));
+                }
+            }
+        }
+        for &(p, _) in &freed {
+            unsafe { lg_free(p as *mut _) };
+        }
+        lg_trim();
+        let resident: usize = freed
+            .iter()
+            .map(|&(p, size)| {
+                let start = p.next_multiple_of(4096) + 4096;
+                let end = ((p + size) & !4095) - 4096;
+                resident_pages(start, end - start) * 4096
+            })
+            .sum();
+        for &(p, size, byte) in &live {
+            let block = unsafe { std::slice::from_raw_parts(p as *const u8, size) };
+            assert!(
+                block.iter().all(|&b| b == byte),
+                "live block of {size} bytes changed"
+            );
+            unsafe { lg_free(p as *mut _) };
+        }
+        let freed_bytes: usize = freed.iter().map(|&(_, size)| size).sum();
+        eprintln!("{resident} of {freed_bytes} freed bytes resident after lg_trim");
+        assert_eq!(
+            resident, 0,
+            "{resident} of {freed_bytes} bytes of freed blocks still resident after lg_trim"
+        );
+    })
+    .join()
+    .unwrap();
 }
 
 /// `lg_malloc(size)`, taken again until the block is not a sampled one (a sampled block

@@ -20,11 +20,9 @@ use crate::diag::misuse;
 use crate::geometry::{SEGMENT_SIZE, SLICE_SIZE};
 use crate::lock::Locked;
 use crate::page::{self, Block, IN_FULL_FLAG, Owner, Page};
-use crate::size_class::{self, HEAP_TABLE_LEN, HEAP_TABLE_MAX_SIZE, MAX_CLASSES};
+use crate::size_class::{self, HEAP_TABLE_LEN, HEAP_TABLE_MAX_SIZE, MAX_CLASSES, MAX_PAGE_BYTES};
 use crate::{chunk_map, list, options, os, sample, segment, tls};
 
-/// Largest page a heap asks for while growing a class (bigger blocks get one block).
-const MAX_PAGE_BYTES: usize = 64 * 1024;
 /// Pages of one class a heap doubles through before its pages stop growing.
 const GROWTH_STEPS: u8 = 6;
 /// Slices of empty pages a heap keeps for its own reuse before it gives some back to
@@ -45,8 +43,8 @@ const RUN_FIRST_SLICES: usize = 16;
 const RUN_GROWTH_STEPS: u8 = 4;
 const RUN_MAX_SLICES: usize = RUN_FIRST_SLICES << RUN_GROWTH_STEPS;
 /// Young pages of at least this many slices (a large-block class's: four blocks of 8 KiB
-/// or more) come with a run of `RUN_LARGE_PAGES` such pages from the start, up to
-/// `RUN_LARGE_MAX_SLICES` in all.
+/// to 64 KiB, or one larger block) come with a run of `RUN_LARGE_PAGES` such pages from
+/// the start, up to `RUN_LARGE_MAX_SLICES` in all.
 const RUN_LARGE_PAGE_SLICES: usize = 32;
 const RUN_LARGE_PAGES: usize = 4;
 const RUN_LARGE_MAX_SLICES: usize = 1024;
@@ -1229,9 +1227,10 @@ unsafe fn keep_spare(heap: *mut Heap, page: *mut Page) {
 /// visits the region a few times instead of once per page. A large-block class's young
 /// page (`RUN_LARGE_PAGE_SLICES`) comes with room for `RUN_LARGE_PAGES - 1` more of its
 /// size from the start: such pages are large for what a thread usually puts in them
-/// (a first page holds four blocks), and under test-stress, where threads take a few
-/// blocks of many large classes each, one visit per page made them over a third of all
-/// region visits (22k of 59k). Only address space: memory comes in as blocks are carved.
+/// (a first page holds four blocks, or one over 64 KiB), and under test-stress, where
+/// threads take a few blocks of many large classes each, one visit per page made them
+/// over a third of all region visits (22k of 59k). Only address space: memory comes in
+/// as blocks are carved.
 ///
 /// # Safety
 /// `heap` is the calling thread's live heap.

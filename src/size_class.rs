@@ -99,10 +99,21 @@ const fn standard_size(i: usize) -> usize {
     base + step * (base >> 3)
 }
 
-/// Default blocks in a first page: enough to fill one 1 KiB slice, at least 4 blocks.
-fn default_first_page_blocks(block_size: usize) -> u32 {
+/// Largest page a class's pages grow to by doubling. A block larger than this has a
+/// page of its own: four to a page, one live block of 64 to 256 KiB kept its three
+/// freed neighbours resident (up to 768 KiB) where no other class could reuse them and
+/// neither the purge nor `lg_trim` could reach them (7 MB of the realloc-grow
+/// benchmark's 29 MB peak).
+pub const MAX_PAGE_BYTES: usize = 64 * 1024;
+
+/// Default blocks in a first page: enough to fill one 1 KiB slice, at least 4 blocks;
+/// one block larger than `MAX_PAGE_BYTES`.
+pub fn default_first_page_blocks(block_size: usize) -> u32 {
+    if block_size > MAX_PAGE_BYTES {
+        return 1;
+    }
     let per_slice = 1024 / block_size;
-    per_slice.max(4).max(1) as u32
+    per_slice.max(4) as u32
 }
 
 /// Builds the standard tables. Called once during initialisation.

@@ -8,7 +8,6 @@ use super::shape::{self, PROFILE_WASTE_SHIFT, ProfileChoice};
 use super::verify::Site;
 use super::{MAX_WRAPPER_RETURNS, PlannedClass, RuntimePlan, Source};
 use crate::analysis::{self, Analysis};
-use crate::geometry::SLICE_SIZE;
 use crate::large::Retention;
 use crate::options::{self, plan_use};
 use crate::os::OS_PAGE_SIZE;
@@ -218,17 +217,18 @@ fn learned_share(learned: &Learned, size: usize) -> Option<f32> {
         .map(|c| c.1 as f32 / learned.total as f32)
 }
 
-/// A planned class. Its first page holds one slice, the least a thread can touch,
-/// unless earlier runs showed each thread allocating many blocks of it: then up to one
-/// OS page, so heavy users skip the early growth steps. (A larger first page for a
-/// thread that holds a few blocks would spread every thread's blocks over more OS
-/// pages and cost resident memory.)
+/// A planned class. Its first page is the one a standard class of its block size
+/// starts with (`size_class::default_first_page_blocks`: about one slice, the least a
+/// thread can touch), unless earlier runs showed each thread allocating many blocks of
+/// it: then up to one OS page, so heavy users skip the early growth steps. (A larger
+/// first page for a thread that holds a few blocks would spread every thread's blocks
+/// over more OS pages and cost resident memory.)
 fn planned(size: usize, confidence: f32, source: Source, per_thread: Option<f32>) -> PlannedClass {
     let bs = size.next_multiple_of(16).max(16);
-    let one_slice = (SLICE_SIZE / bs).max(4);
+    let default = size_class::default_first_page_blocks(bs) as usize;
     let first_page_blocks = match per_thread {
-        Some(n) if n >= HEAVY_PER_THREAD => (OS_PAGE_SIZE / bs).max(one_slice),
-        _ => one_slice,
+        Some(n) if n >= HEAVY_PER_THREAD => (OS_PAGE_SIZE / bs).max(default),
+        _ => default,
     };
     PlannedClass {
         size,
