@@ -877,13 +877,14 @@ fn memory_purged_and_taken_back_soon_lengthens_the_purge_delay() {
     );
 }
 
-/// A block over 64 KiB has a page of its own (`size_class::MAX_PAGE_BYTES`). With four
-/// to a page, one live block kept its page, and so its three freed neighbours, resident
-/// for as long as it lived: out of reach of other classes, of the purge and of
-/// `lg_trim` (7 MB of the realloc-grow benchmark's 29 MB peak). Here a new thread
-/// writes four blocks of each of eight classes from 72 to 256 KiB and frees three of
-/// each; after its `lg_trim` none of the freed blocks may stay resident (the OS pages
-/// at their ends excepted), and the live ones keep their contents.
+/// A class of blocks over 64 KiB takes pages of one block
+/// (`size_class::MAX_PAGE_BYTES`). With four to a page, one live block kept its page,
+/// and so its three freed neighbours, resident for as long as it lived: out of reach of
+/// other classes, of the purge and of `lg_trim` (7 MB of the realloc-grow benchmark's
+/// 29 MB peak). Here a new thread writes four blocks of each of eight classes from 72
+/// to 256 KiB and frees three of each; after its `lg_trim` none of the freed blocks may
+/// stay resident (the OS pages at their ends excepted), and the live ones keep their
+/// contents.
 #[test]
 fn freed_blocks_of_a_page_each_go_back_while_their_class_has_live_ones() {
     let _g = SERIAL.lock().unwrap();

@@ -99,11 +99,11 @@ const fn standard_size(i: usize) -> usize {
     base + step * (base >> 3)
 }
 
-/// Largest page a class's pages grow to by doubling. A block larger than this has a
-/// page of its own: four to a page, one live block of 64 to 256 KiB kept its three
-/// freed neighbours resident (up to 768 KiB) where no other class could reuse them and
-/// neither the purge nor `lg_trim` could reach them (7 MB of the realloc-grow
-/// benchmark's 29 MB peak).
+/// Largest page a class's pages grow to by doubling. A class of larger blocks takes its
+/// pages one block each (a retired page a heap reuses whole may still hold more): four
+/// to a page, one live block of 64 to 256 KiB kept its three freed neighbours resident
+/// (up to 768 KiB) where no other class could reuse them and neither the purge nor
+/// `lg_trim` could reach them (7 MB of the realloc-grow benchmark's 29 MB peak).
 pub const MAX_PAGE_BYTES: usize = 64 * 1024;
 
 /// Default blocks in a first page: enough to fill one 1 KiB slice, at least 4 blocks;
