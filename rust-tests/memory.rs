@@ -678,9 +678,10 @@ fn a_thread_starting_many_classes_visits_the_region_a_few_times() {
 }
 
 /// A thread that takes one block of each large-block class (8 to 128 KiB, pages of
-/// four blocks, one over 64 KiB) cuts most of their pages from runs without the region's lock, aligned
-/// as the class needs: 32 sizes cost at most 16 lock acquisitions (12-13 measured; 28
-/// when each young page of these classes visited the region).
+/// four blocks, one over 64 KiB) cuts most of their pages from runs without the
+/// region's lock, aligned as the class needs: 32 sizes cost at most 16 lock
+/// acquisitions (12-13 measured; 28 when each young page of these classes visited the
+/// region).
 #[test]
 fn a_thread_starting_many_large_classes_visits_the_region_a_few_times() {
     let _g = SERIAL.lock().unwrap();
