@@ -1250,12 +1250,12 @@ fn profile_site_sizes(cache: &Path) -> (String, Vec<(u64, u64)>) {
         .find(|n| n.ends_with(".profile"))
         .and_then(|n| fs::read_to_string(cache.join(n)).ok())
         .expect("a stored profile");
-    // `site MODULE OFFSET SAMPLES BYTES SIZE_MIN SIZE_MAX ...`
+    // `site MODULE OFFSET SAMPLES FOLLOWED BYTES SIZE_MIN SIZE_MAX ...`
     let sizes = profile
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            (f.first() == Some(&"site")).then(|| (f[5].parse().unwrap(), f[6].parse().unwrap()))
+            (f.first() == Some(&"site")).then(|| (f[6].parse().unwrap(), f[7].parse().unwrap()))
         })
         .collect();
     (profile, sizes)
@@ -2138,7 +2138,11 @@ fn samples_and_unwound(stderr: &str) -> (u64, u64) {
         .find_map(|l| l.strip_prefix("lgmalloc: stats: sampled profile: "))
         .unwrap_or_else(|| panic!("no sampled-profile statistics: {stderr}"));
     let number = |s: &str| s.parse().unwrap_or_else(|_| panic!("bad line: {line}"));
+    // `N samples (F followed to their free, U found their call site by unwinding ...`
     let (samples, rest) = line.split_once(" samples (").expect("samples");
+    let (_, rest) = rest
+        .split_once(" followed to their free, ")
+        .expect("followed");
     let (unwound, _) = rest.split_once(' ').expect("unwound");
     (number(samples), number(unwound))
 }

@@ -98,10 +98,79 @@ fn lifetimes_of_sampled_blocks_are_recorded() {
         profile::samples_skipped(),
         profile::this_run().sites
     );
+    assert_eq!(
+        site.followed, site.samples,
+        "blocks up to 8 KiB are all followed"
+    );
     assert_eq!(site.freed, site.samples);
     let mean = site.lifetime_ns / site.freed;
     assert!(mean >= hold.as_nanos() as u64, "mean lifetime {mean} ns");
     assert!(site.lifetime_max_ns >= mean);
+}
+
+/// Allocates, writes and frees `bytes / size` blocks of `size` bytes; returns how many
+/// of them came from the sample arena.
+#[inline(never)]
+fn churn_counting_arena_blocks(bytes: usize, size: usize) -> u64 {
+    let mut in_arena = 0;
+    for _ in 0..bytes / size {
+        let p = lg_malloc(size);
+        assert!(!p.is_null());
+        in_arena += u64::from(profile::is_sampled(p.cast()));
+        // SAFETY: a live block of `size` bytes, freed once.
+        unsafe {
+            std::ptr::write_bytes(p.cast::<u8>(), 0x5a, size);
+            lg_free(std::hint::black_box(p));
+        }
+    }
+    in_arena
+}
+
+#[test]
+fn samples_of_large_blocks_are_followed_at_their_share_and_the_rest_served_by_the_heap() {
+    let size = 64 << 10;
+    let in_arena = std::thread::spawn(move || churn_counting_arena_blocks(256 << 20, size))
+        .join()
+        .unwrap();
+    let site = site_in(&profile::this_run(), "churn_counting_arena_blocks")
+        .expect("the call site is named");
+    // A 64 KiB block is sampled with probability 1 - e^(-1/4): about 905 of the 4096
+    // (standard deviation 27), and a sample is followed with probability 8 KiB / 64 KiB:
+    // about 113 (standard deviation 10).
+    assert!(
+        (700..=1100).contains(&site.samples),
+        "{} samples",
+        site.samples
+    );
+    assert!(
+        (60..=170).contains(&site.followed),
+        "{} of {} samples followed",
+        site.followed,
+        site.samples
+    );
+    assert_eq!(
+        in_arena, site.followed,
+        "followed samples come from the arena, the others from the heap"
+    );
+    assert_eq!(site.freed, site.followed);
+    assert!(site.lifetime_max_ns > 0);
+}
+
+/// The fuzz target's committed seeds are in the formats lgmalloc writes today: a seed
+/// the parser refuses for its version would leave the target mutating a dead file.
+#[test]
+fn the_committed_fuzz_seeds_are_current_files() {
+    use lgmalloc::fuzzing::{reparse_learned, reparse_plan, reparse_profile};
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/plan");
+    let read = |name: &str| std::fs::read(seeds.join(name)).expect("a committed seed");
+    assert!(reparse_profile(&read("profile")).is_ok());
+    assert!(reparse_plan(&read("plan")).is_ok());
+    assert!(reparse_learned(&read("learned")).is_ok());
+    // This one is a regression seed, refused for what it tests, not for its version.
+    assert_eq!(
+        reparse_profile(&read("profile-interval-after-sites")),
+        Err("a header line after the entries")
+    );
 }
 
 fn big_profile() -> Profile {
@@ -121,6 +190,7 @@ fn big_profile() -> Profile {
             module: (i % 300) as usize,
             offset: 0x1000 + i * 16,
             samples: 2,
+            followed: 2,
             bytes: 64 * 2 + i,
             size_min: 64,
             size_max: 64 + i,
@@ -255,17 +325,21 @@ fn corrupt_profiles_are_refused() {
     };
     assert!(profile::parse(good.as_bytes()).is_ok());
     let bad = [
-        good.replace("lgmalloc-profile 2", "lgmalloc-profile 9"),
-        // The first version had no call estimates: its files are read as foreign.
-        good.replace("lgmalloc-profile 2", "lgmalloc-profile 1"),
+        good.replace("lgmalloc-profile 3", "lgmalloc-profile 9"),
+        // The first version had no call estimates, the second no count of followed
+        // samples: their files are read as foreign.
+        good.replace("lgmalloc-profile 3", "lgmalloc-profile 1"),
+        good.replace("lgmalloc-profile 3", "lgmalloc-profile 2"),
+        good.replacen(" 2 2 ", " 2 3 ", 1), // more followed than sampled
+        good.replacen(" 2 2 ", " 2 0 ", 1), // freed but never followed
         good.replace(" 8192 64 4096\n", " 8192 64 8193\n"), // more calls in the mode than in all
-        good.replace(" 8192 64 4096\n", " 1 64 1\n"),       // fewer calls than samples
+        good.replace(" 8192 64 4096\n", " 1 64 1\n"), // fewer calls than samples
         good.replace(" 8192 64 4096\n", " 8192 72 4096\n"), // not a standard block size
-        good.replace(" 8192 64 4096\n", " 8192 0 4096\n"),  // calls in no mode
-        good.replace(" 8192 64 4096\n", " 8192 64 0\n"),    // a mode with no calls
+        good.replace(" 8192 64 4096\n", " 8192 0 4096\n"), // calls in no mode
+        good.replace(" 8192 64 4096\n", " 8192 64 0\n"), // a mode with no calls
         good.replace("site 0 ", "site 7 "),
         good.replace(" 16 1 1 10 10", " 12 1 1 10 10"), // alignment not a power of two
-        good.replace(" 16 1 1 10 10", " 16 1 9 10 10"), // more freed than sampled
+        good.replace(" 16 1 1 10 10", " 16 1 9 10 10"), // more freed than followed
         good.replace("runs 3", "runs x"),
         good.replace("module 0 /", "module 0 rel/"),
         // Found by the fuzz target: a `\r` before the line end did not read back the same.

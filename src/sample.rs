@@ -2,10 +2,11 @@
 //!
 //! Each thread heap counts down the bytes it hands out (`Heap::sample_left`, one
 //! subtraction and one branch on the malloc fast path). When the count runs out the
-//! allocation is served here instead, from a slot of a separate arena whose chunks the
-//! chunk map marks `KIND_SAMPLE`: `free` already leaves its fast path for any chunk that
-//! is not a segment, so a sampled block costs the free fast path nothing, and its free
-//! records the block's lifetime.
+//! allocation is recorded here, and when the sample is followed to its free (always
+//! for blocks up to [`FOLLOW_BYTES`], a share of larger ones) it is served from a slot
+//! of a separate arena whose chunks the chunk map marks `KIND_SAMPLE`: `free` already
+//! leaves its fast path for any chunk that is not a segment, so a sampled block costs
+//! the free fast path nothing, and its free records the block's lifetime.
 //!
 //! Intervals are exponential with mean [`MEAN_INTERVAL`] (as TCMalloc's heap sampler
 //! draws them), so every byte has the same chance of being sampled whatever the pattern
@@ -29,6 +30,19 @@ pub const SLOTS: usize = 256;
 /// log2 of a slot's size: one slot holds the largest small block.
 const SLOT_SHIFT: usize = 18;
 const ARENA_BYTES: usize = SLOTS << SLOT_SHIFT;
+/// Samples of blocks up to this size are all followed to their free (served from a
+/// slot); a larger block's sample is followed with probability `FOLLOW_BYTES / usable`,
+/// else the heap serves it and only its call is recorded. Sampling is per byte, so
+/// large blocks are sampled often (a 64 KiB block one time in five), and a followed
+/// sample takes its bytes from a slot instead of the heap's recently freed, cache-warm
+/// memory: following them all put about a quarter of `realloc-grow`'s bytes (buffers
+/// grown by `realloc` up to 256 KiB) in the arena, and cost it a fifth of its time and
+/// twice its page faults. Followed this way, a sample brings at most `FOLLOW_BYTES` into
+/// the arena on average, and each size still has its lifetimes measured, from fewer
+/// samples. The plan reads lifetimes for sizes up to `size_class::TABLE_MAX_SIZE`,
+/// which are all followed.
+const FOLLOW_BYTES: usize = 8 << 10;
+const _: () = assert!(FOLLOW_BYTES >= size_class::TABLE_MAX_SIZE);
 /// Distinct call stacks recorded at most (later new stacks are counted, not kept).
 pub const SITES: usize = 1024;
 /// Return addresses kept per call stack (lgmalloc's own frames included; `predict`
@@ -90,6 +104,9 @@ pub struct SiteEntry {
     ready: AtomicU8,
     frames: [AtomicUsize; FRAMES],
     samples: AtomicU64,
+    /// Samples followed to their free (the others were served by the heap, and their
+    /// lifetimes are not known; see [`FOLLOW_BYTES`]).
+    followed: AtomicU64,
     bytes: AtomicU64,
     size_min: AtomicUsize,
     size_max: AtomicUsize,
@@ -171,6 +188,7 @@ static TABLES: Tables = Tables {
             ready: AtomicU8::new(0),
             frames: [const { AtomicUsize::new(0) }; FRAMES],
             samples: AtomicU64::new(0),
+            followed: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             size_min: AtomicUsize::new(usize::MAX),
             size_max: AtomicUsize::new(0),
@@ -328,8 +346,10 @@ static DIRTY: AtomicUsize = AtomicUsize::new(0);
 static PURGE_AT: AtomicU64 = AtomicU64::new(0);
 /// Draws made so far (the generator's counter).
 static DRAWS: AtomicU64 = AtomicU64::new(0);
-/// Samples taken; samples skipped (no slot, no arena); stacks not kept (table full).
+/// Samples taken, and those of them followed to their free (served from a slot);
+/// samples skipped (no slot, no arena); stacks not kept (table full).
 pub static TAKEN: AtomicU64 = AtomicU64::new(0);
+pub static FOLLOWED: AtomicU64 = AtomicU64::new(0);
 pub static SKIPPED: AtomicU64 = AtomicU64::new(0);
 pub static SITES_DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Samples whose call site was found by unwinding the stack.
@@ -356,12 +376,18 @@ pub const NEVER: usize = usize::MAX;
 /// from a counter-based generator (splitmix64) keyed by the process secret, so threads
 /// share no state but an atomic counter and runs differ.
 pub fn next_interval() -> usize {
-    let n = DRAWS.fetch_add(1, Ordering::Relaxed);
-    let r = splitmix64((secret::get() as u64) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let r = draw();
     // A uniform in (0, 1]: 53 random bits, never zero.
     let u = ((r >> 11) + 1) as f64 / (1u64 << 53) as f64;
     let x = -ln(u) * MEAN_INTERVAL as f64;
     (x as usize).clamp(1, 64 * MEAN_INTERVAL)
+}
+
+/// 64 random bits: the generator's next draw (keyed by the process secret, so runs
+/// differ and an attacker cannot foresee which blocks are sampled).
+fn draw() -> u64 {
+    let n = DRAWS.fetch_add(1, Ordering::Relaxed);
+    splitmix64((secret::get() as u64) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -385,21 +411,31 @@ fn ln(u: f64) -> f64 {
     exp as f64 * core::f64::consts::LN_2 + series
 }
 
-/// Serves a sampled allocation of `size` bytes in class `class` for thread `thread`
-/// and records it; null when no slot is free (the caller allocates normally). `ret`
-/// is the return address the allocating entry point will return to, when known
-/// (0 or an address inside lgmalloc otherwise; when it is unknown, or lies in a known
-/// wrapper, the stack is unwound, where that is safe; else `ret` is all that is kept).
+/// Records a sampled allocation of `size` bytes in class `class` for thread `thread`,
+/// and serves it from a slot when the sample is followed to its free (see
+/// [`FOLLOW_BYTES`]). Null when it is not followed, or no slot is free (then it is
+/// not recorded): the caller keeps the block it popped. `ret` is the return address
+/// the allocating entry point will return to, when known (0 or an address inside
+/// lgmalloc otherwise; when it is unknown, or lies in a known wrapper, the stack is
+/// unwound, where that is safe; else `ret` is all that is kept).
 pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     let usable = size_class::block_size(class);
     if usable > 1 << SLOT_SHIFT {
         return core::ptr::null_mut();
     }
-    let base = arena();
-    let Some(i) = (base != 0).then(|| claim_slot(usable)).flatten() else {
-        SKIPPED.fetch_add(1, Ordering::Relaxed);
-        return core::ptr::null_mut();
+    let slot = if followed(usable) {
+        let base = arena();
+        let Some(i) = (base != 0).then(|| claim_slot(usable)).flatten() else {
+            SKIPPED.fetch_add(1, Ordering::Relaxed);
+            return core::ptr::null_mut();
+        };
+        Some((base, i))
+    } else {
+        None
     };
+    // The stack is walked here, not in a helper: only FRAMES return addresses are kept,
+    // lgmalloc's own among them, so each frame between this one and the allocating
+    // call is one fewer of the program's (in a debug build nothing is inlined).
     // The return address handed over is the call site when it lies outside lgmalloc's
     // own code, or is one an earlier run resolved to a site; otherwise unwind to find it.
     let known =
@@ -412,7 +448,49 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
         UNWOUND.fetch_add(1, Ordering::Relaxed);
         capture()
     };
-    let site = site_index(&frames);
+    let site = record(class, size, thread, &frames, slot.is_some());
+    let Some((base, i)) = slot else {
+        return core::ptr::null_mut();
+    };
+    if let Some(c) = CLASS_LIVE.get(class) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: `i < SLOTS` (from `claim_slot`).
+    let slot = unsafe { TABLES.slots.get_unchecked(i) };
+    reuse_slot(slot, base + (i << SLOT_SHIFT), usable);
+    slot.usable.store(usable, Ordering::Relaxed);
+    slot.class.store(class, Ordering::Relaxed);
+    slot.site
+        .store(site.unwrap_or(usize::MAX), Ordering::Relaxed);
+    slot.born_ns.store(now_ns(), Ordering::Relaxed);
+    slot.state.store(SLOT_LIVE, Ordering::Release);
+    purge_if_due();
+    (base + (i << SLOT_SHIFT)) as *mut u8
+}
+
+/// Whether a sample of a block of `usable` bytes is followed to its free: always up to
+/// [`FOLLOW_BYTES`], else with probability `FOLLOW_BYTES / usable`.
+fn followed(usable: usize) -> bool {
+    #[cfg(test)]
+    if tests::FOLLOW_ALL.load(Ordering::Relaxed) {
+        return true;
+    }
+    // 32 random bits against the probability in 32-bit fixed point (`usable` is at
+    // most a slot, 2^18, so the product fits).
+    usable <= FOLLOW_BYTES || (draw() >> 32) * (usable as u64) < (FOLLOW_BYTES as u64) << 32
+}
+
+/// Counts one sample, whose call stack is `frames`, at the stack's entry (found or
+/// made; `None` when the table is full) and in the class tallies.
+fn record(
+    class: usize,
+    size: usize,
+    thread: usize,
+    frames: &[usize; FRAMES],
+    followed: bool,
+) -> Option<usize> {
+    let usable = size_class::block_size(class);
+    let site = site_index(frames);
     let align = if size_class::size_class_of(size) == class {
         MIN_ALIGN
     } else {
@@ -420,6 +498,7 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     };
     if let Some(s) = site.and_then(|s| TABLES.sites.get(s)) {
         s.samples.fetch_add(1, Ordering::Relaxed);
+        s.followed.fetch_add(u64::from(followed), Ordering::Relaxed);
         s.bytes.fetch_add(size as u64, Ordering::Relaxed);
         s.size_min.fetch_min(size, Ordering::Relaxed);
         s.size_max.fetch_max(size, Ordering::Relaxed);
@@ -433,21 +512,9 @@ pub fn take(class: usize, size: usize, thread: usize, ret: usize) -> *mut u8 {
     if let Some(c) = CLASS_SAMPLES.get(class) {
         c.fetch_add(1, Ordering::Relaxed);
     }
-    if let Some(c) = CLASS_LIVE.get(class) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
     TAKEN.fetch_add(1, Ordering::Relaxed);
-    // SAFETY: `i < SLOTS` (from `claim_slot`).
-    let slot = unsafe { TABLES.slots.get_unchecked(i) };
-    reuse_slot(slot, base + (i << SLOT_SHIFT), usable);
-    slot.usable.store(usable, Ordering::Relaxed);
-    slot.class.store(class, Ordering::Relaxed);
-    slot.site
-        .store(site.unwrap_or(usize::MAX), Ordering::Relaxed);
-    slot.born_ns.store(now_ns(), Ordering::Relaxed);
-    slot.state.store(SLOT_LIVE, Ordering::Release);
-    purge_if_due();
-    (base + (i << SLOT_SHIFT)) as *mut u8
+    FOLLOWED.fetch_add(u64::from(followed), Ordering::Relaxed);
+    site
 }
 
 /// The arena's base address (mapping it on first use), or 0 when it cannot be had.
@@ -903,6 +970,8 @@ fn count_calls(s: &SiteEntry, size: usize) {
 pub struct SiteSnapshot {
     pub frames: [usize; FRAMES],
     pub samples: u64,
+    /// Samples followed to their free; `freed` and the lifetimes count only these.
+    pub followed: u64,
     pub bytes: u64,
     pub size_min: usize,
     pub size_max: usize,
@@ -930,6 +999,7 @@ pub fn for_each_site(mut f: impl FnMut(&SiteSnapshot)) {
         f(&SiteSnapshot {
             frames,
             samples: e.samples.load(Ordering::Relaxed),
+            followed: e.followed.load(Ordering::Relaxed),
             bytes: e.bytes.load(Ordering::Relaxed),
             size_min: e.size_min.load(Ordering::Relaxed),
             size_max: e.size_max.load(Ordering::Relaxed),
@@ -947,6 +1017,9 @@ pub fn for_each_site(mut f: impl FnMut(&SiteSnapshot)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Makes every sample followed, so the slot tests can sample blocks of any size.
+    pub(super) static FOLLOW_ALL: AtomicBool = AtomicBool::new(false);
 
     #[test]
     fn ln_matches_std() {
@@ -972,6 +1045,7 @@ mod tests {
     #[cfg_attr(miri, ignore = "mincore and madvise")]
     fn freed_slots_keep_pages_within_the_budget_and_trim_returns_them() {
         size_class::init();
+        FOLLOW_ALL.store(true, Ordering::Relaxed);
         let class = size_class::STANDARD_CLASSES - 1;
         let usable = size_class::block_size(class);
         assert_eq!(usable, 1 << SLOT_SHIFT);

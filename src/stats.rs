@@ -191,8 +191,9 @@ pub fn print_summary() {
         kib(populated as u64)
     );
     diag!(
-        "lgmalloc: stats: sampled profile: {} samples ({} found their call site by unwinding the stack, {} of them read at a wrapper's learned frame size), {} skipped (no free slot)",
+        "lgmalloc: stats: sampled profile: {} samples ({} followed to their free, {} found their call site by unwinding the stack, {} of them read at a wrapper's learned frame size), {} skipped (no free slot)",
         sample::TAKEN.load(Ordering::Relaxed),
+        sample::FOLLOWED.load(Ordering::Relaxed),
         sample::UNWOUND.load(Ordering::Relaxed),
         sample::WRAPPER_SHORTCUTS.load(Ordering::Relaxed),
         sample::SKIPPED.load(Ordering::Relaxed)

@@ -193,7 +193,12 @@ fn human(b: f64) -> String {
     }
 }
 
+/// The mean lifetime of the site's followed samples (a share of those over 8 KiB are
+/// followed to their free, see the README), and the share of them freed before exit.
 fn lifetime(s: &ProfileSite) -> String {
+    if s.followed == 0 {
+        return "not followed".into();
+    }
     if s.freed == 0 {
         return "live at exit".into();
     }
@@ -205,8 +210,8 @@ fn lifetime(s: &ProfileSite) -> String {
     } else {
         format!("{:.1}us", ns as f64 / 1e3)
     };
-    if s.freed < s.samples {
-        format!("{text} ({}% freed)", s.freed * 100 / s.samples)
+    if s.freed < s.followed {
+        format!("{text} ({}% freed)", s.freed * 100 / s.followed)
     } else {
         text
     }
@@ -294,12 +299,13 @@ fn json_report(program: &Path, p: &Profile, rows: &[Row]) -> String {
         let s = r.site;
         let _ = write!(
             o,
-            "{}{{\"module\":{},\"offset\":{},\"symbol\":{},\"samples\":{},\"est_bytes\":{:.0},\"est_calls\":{:.0},\"size_min\":{},\"size_max\":{},\"align\":{},\"threads\":{},\"freed\":{},\"mean_lifetime_ns\":{},\"max_lifetime_ns\":{},\"static_size\":{},\"learned\":{},\"plan\":{}}}",
+            "{}{{\"module\":{},\"offset\":{},\"symbol\":{},\"samples\":{},\"followed\":{},\"est_bytes\":{:.0},\"est_calls\":{:.0},\"size_min\":{},\"size_max\":{},\"align\":{},\"threads\":{},\"freed\":{},\"mean_lifetime_ns\":{},\"max_lifetime_ns\":{},\"static_size\":{},\"learned\":{},\"plan\":{}}}",
             if i > 0 { "," } else { "" },
             jstr(r.module),
             s.offset,
             jstr(&r.symbol),
             s.samples,
+            s.followed,
             r.est_bytes,
             r.est_calls,
             s.size_min,

@@ -23,7 +23,7 @@ use crate::size_class::{self, MAX_SMALL_SIZE};
 /// Why a stored profile was refused.
 pub type Refusal = &'static str;
 
-const HEADER: &str = "lgmalloc-profile 2";
+const HEADER: &str = "lgmalloc-profile 3";
 /// Modules a profile may name.
 const MAX_MODULES: usize = 256;
 /// Call sites a profile keeps: half of them the ones with the most sampled bytes (what
@@ -59,6 +59,9 @@ pub struct ProfileSite {
     /// link-time address for executables and shared objects).
     pub offset: u64,
     pub samples: u64,
+    /// Samples followed to their free (`sample::FOLLOW_BYTES`): `freed` and the
+    /// lifetimes count these only.
+    pub followed: u64,
     /// Bytes requested by the sampled calls.
     pub bytes: u64,
     pub size_min: u64,
@@ -67,7 +70,7 @@ pub struct ProfileSite {
     pub align: u64,
     /// Threads seen allocating here: 1, or 2 for several.
     pub threads: u64,
-    /// Sampled blocks freed before exit, their total and longest lifetime.
+    /// Followed blocks freed before exit, their total and longest lifetime.
     pub freed: u64,
     pub lifetime_ns: u64,
     pub lifetime_max_ns: u64,
@@ -104,6 +107,7 @@ impl ProfileSite {
     /// Adds another record of the same site.
     fn absorb(&mut self, s: &ProfileSite) {
         self.samples = self.samples.saturating_add(s.samples);
+        self.followed = self.followed.saturating_add(s.followed);
         self.bytes = self.bytes.saturating_add(s.bytes);
         self.size_min = self.size_min.min(s.size_min);
         self.size_max = self.size_max.max(s.size_max);
@@ -222,9 +226,10 @@ impl Profile {
                 None => continue,
             };
             let line = format!(
-                "site {idx} {:x} {} {} {} {} {} {} {} {} {} {} {} {}\n",
+                "site {idx} {:x} {} {} {} {} {} {} {} {} {} {} {} {} {}\n",
                 s.offset,
                 s.samples,
+                s.followed,
                 s.bytes,
                 s.size_min,
                 s.size_max,
@@ -314,23 +319,24 @@ fn parse_line(p: &mut Profile, line: &str) -> Result<(), Refusal> {
             }
             p.classes.push((size, number(n)?));
         }
-        ["site", m, off, rest @ ..] if rest.len() == 12 => {
+        ["site", m, off, rest @ ..] if rest.len() == 13 => {
             let n: Vec<u64> = rest.iter().map(|v| number(v)).collect::<Result<_, _>>()?;
             let s = ProfileSite {
                 module: number(m)?,
                 offset: u64::from_str_radix(off, 16).map_err(|_| "a malformed offset")?,
                 samples: n[0],
-                bytes: n[1],
-                size_min: n[2],
-                size_max: n[3],
-                align: n[4],
-                threads: n[5],
-                freed: n[6],
-                lifetime_ns: n[7],
-                lifetime_max_ns: n[8],
-                calls: n[9],
-                mode_size: n[10],
-                mode_calls: n[11],
+                followed: n[1],
+                bytes: n[2],
+                size_min: n[3],
+                size_max: n[4],
+                align: n[5],
+                threads: n[6],
+                freed: n[7],
+                lifetime_ns: n[8],
+                lifetime_max_ns: n[9],
+                calls: n[10],
+                mode_size: n[11],
+                mode_calls: n[12],
             };
             check_site(p, &s)?;
             p.sites.push(s);
@@ -344,7 +350,8 @@ fn check_site(p: &Profile, s: &ProfileSite) -> Result<(), Refusal> {
     let ok = s.module < p.modules.len()
         && p.sites.len() < MAX_SITES
         && s.samples > 0
-        && s.freed <= s.samples
+        && s.freed <= s.followed
+        && s.followed <= s.samples
         && s.size_min <= s.size_max
         && s.size_max <= MAX_SMALL_SIZE as u64
         && s.bytes >= s.size_min.saturating_mul(s.samples)
@@ -499,6 +506,7 @@ pub fn this_run() -> Profile {
                 module: 0,
                 offset,
                 samples: s.samples,
+                followed: s.followed,
                 bytes: s.bytes,
                 size_min: s.size_min as u64,
                 size_max: s.size_max as u64,

@@ -151,14 +151,21 @@ fn candidates(profile: &Profile) -> Vec<Candidate> {
         if requested == 0 || requested > TABLE_MAX_SIZE {
             continue;
         }
-        let never_freed = s.samples.saturating_sub(s.freed) as f64;
+        // Lifetimes are known for the followed samples only (all of those up to 8 KiB,
+        // a share of larger ones); they stand for the site's other samples.
+        let never_freed = s.followed.saturating_sub(s.freed) as f64;
         let freed_weight = if run_ns == 0 {
             0.0
         } else {
             (s.lifetime_ns as f64 / run_ns as f64).min(s.freed as f64)
         };
+        let live_samples = if s.followed == 0 {
+            s.samples as f64
+        } else {
+            (never_freed + freed_weight) * s.samples as f64 / s.followed as f64
+        };
         // The site's other sizes are assumed to live as long as its dominant one.
-        let live_blocks = share * (never_freed + freed_weight) * per_sample / requested as f64;
+        let live_blocks = share * live_samples * per_sample / requested as f64;
         let size = requested.next_multiple_of(16);
         match candidates.iter_mut().find(|c| c.size == size) {
             Some(c) => {
@@ -247,6 +254,7 @@ mod tests {
                         module: 0,
                         offset: i as u64 * 8,
                         samples,
+                        followed: samples,
                         bytes: size * samples,
                         size_min: size,
                         size_max: size,
