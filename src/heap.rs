@@ -783,8 +783,9 @@ unsafe extern "C" fn alloc_sampled_zeroed_at(
     }
 }
 
-/// Serves this allocation from the sample arena (whose frees leave the fast path, see
-/// `sample`) and gives back the block just popped, or keeps that block when no sample
+/// Records this allocation as a sample and, when `sample` follows it to its free,
+/// serves it from the sample arena (whose frees leave the fast path) and gives back the
+/// block just popped; keeps that block when the sample is not followed or no sample
 /// slot is free. `ret` is the caller's return address if the fast path was entered
 /// without a stack frame (else an address inside lgmalloc, and `sample` unwinds).
 /// Nested allocations (the unwinder's, if any) find the countdown disarmed.
