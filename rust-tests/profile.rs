@@ -594,17 +594,34 @@ fn verify_mode_counts_a_site_learned_by_its_class() {
     let cache = temp_cache("modal");
     let mixed = [("LGMALLOC_PROFILE_CHILD", "mixed")];
     let _ = run_child_with(&cache, &mixed);
-    let (calls, predicted, exact, bound) = verify_counts(&run_child_with(
+    let verified = run_child_with(
         &cache,
         &[
             ("LGMALLOC_PROFILE_CHILD", "mixed"),
             ("LGMALLOC_VERIFY", "1"),
+            ("LGMALLOC_VERBOSE", "1"),
         ],
-    ));
+    );
+    let (calls, predicted, exact, bound) = verify_counts(&verified);
     assert!(calls > 1_000_000, "{calls} calls");
+    // What the first run stored and what the second made of it, should this fail.
+    let context = || {
+        let stored: Vec<String> = std::fs::read_dir(&cache)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".profile"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect();
+        format!(
+            "stored profile: {stored:?}\nverify run: {}",
+            String::from_utf8_lossy(&verified.stderr)
+        )
+    };
     assert!(
         predicted * 10 >= calls * 9,
-        "{predicted} of {calls} predicted"
+        "{predicted} of {calls} predicted\n{}",
+        context()
     );
     assert!(
         exact * 100 >= predicted * 84 && exact * 100 <= predicted * 86,
