@@ -593,7 +593,13 @@ fn verify_counts(out: &std::process::Output) -> (u64, u64, u64, u64) {
 fn verify_mode_counts_a_site_learned_by_its_class() {
     let cache = temp_cache("modal");
     let mixed = [("LGMALLOC_PROFILE_CHILD", "mixed")];
-    let _ = run_child_with(&cache, &mixed);
+    let first = run_child_with(&cache, &mixed);
+    assert!(
+        first.status.success(),
+        "the first run failed ({}): {}",
+        first.status,
+        String::from_utf8_lossy(&first.stderr)
+    );
     let verified = run_child_with(
         &cache,
         &[
@@ -614,7 +620,8 @@ fn verify_mode_counts_a_site_learned_by_its_class() {
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())
             .collect();
         format!(
-            "stored profile: {stored:?}\nverify run: {}",
+            "stored profile: {stored:?}\nfirst run: {}\nverify run: {}",
+            String::from_utf8_lossy(&first.stderr),
             String::from_utf8_lossy(&verified.stderr)
         )
     };
