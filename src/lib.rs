@@ -54,12 +54,6 @@ pub mod profile {
         crate::sample::TAKEN.load(core::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Samples this process has followed to their free (served from the sample arena,
-    /// their lifetimes recorded): all of blocks up to 8 KiB, a share of larger ones.
-    pub fn samples_followed() -> u64 {
-        crate::sample::FOLLOWED.load(core::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Whether the plan gives a predicted `size` an exact-fit class (its standard class
     /// wastes more than 1/16 of a block, or 1/32 for a size the sampled profile chose)
     /// rather than sizing its standard class's first page.

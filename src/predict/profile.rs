@@ -498,6 +498,9 @@ pub fn this_run() -> Profile {
         for &(size, n) in s.classes.iter().filter(|c| c.0 != 0) {
             *per_class.entry(size).or_default() += n;
         }
+        // The counts are read one at a time while other threads may still sample and
+        // free: the stored file requires freed <= followed <= samples.
+        let followed = s.followed.min(s.samples);
         let one = Profile {
             runs: 0,
             interval: p.interval,
@@ -506,15 +509,13 @@ pub fn this_run() -> Profile {
                 module: 0,
                 offset,
                 samples: s.samples,
-                // The counts are read one at a time while other threads may still
-                // sample and free: the stored file requires freed <= followed <= samples.
-                followed: s.followed.min(s.samples),
+                followed,
                 bytes: s.bytes,
                 size_min: s.size_min as u64,
                 size_max: s.size_max as u64,
                 align: s.align as u64,
                 threads: if s.several_threads { 2 } else { 1 },
-                freed: s.freed.min(s.followed).min(s.samples),
+                freed: s.freed.min(followed),
                 lifetime_ns: s.lifetime_ns,
                 lifetime_max_ns: s.lifetime_max_ns,
                 // At least one call per sample, as the stored file requires.
