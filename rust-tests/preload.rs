@@ -2149,15 +2149,32 @@ fn samples_and_unwound(stderr: &str) -> (u64, u64) {
 
 /// A sample of a call straight from the program takes the return address the entry
 /// point was handed as its call site: no walk of the stack (about 8,000 instructions
-/// through libgcc), for `malloc` and for `calloc` alike (whose fast path clears the
-/// block after the pop, and hands a sampled block to a clearing tail instead).
+/// through libgcc). For `malloc` and `calloc` (whose fast path clears the block after
+/// the pop, and hands a sampled block to a clearing tail instead) the sampler finds it
+/// on the stack; `operator new` calls the allocator with one word pushed, so its
+/// sampler reads two words up; `realloc`'s entry reads it itself and passes it on (it
+/// copies and frees after allocating). The same holds when the allocation takes the
+/// slow path (the `-big` forms, a block per page). Each run's stored profile must put
+/// (nearly) every sample in the program: a read at the wrong stack slot would record
+/// some other word as the site.
 #[test]
 fn samples_of_direct_calls_take_their_site_without_unwinding() {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    let exe = EXE.get_or_init(|| fixture_exe("sampled_calls", &["sampled_calls.c"], &[]));
-    for call in ["malloc", "calloc"] {
+    let exe = EXE.get_or_init(|| fixture_exe("sampled_calls", &["sampled_calls.cpp"], &[]));
+    let calls = [
+        "malloc",
+        "calloc",
+        "realloc",
+        "new",
+        "new-small",
+        "realloc-big",
+        "new-big",
+    ];
+    for call in calls {
+        let cache = FreshCache::new("sampled-calls");
         let mut cmd = Command::new(exe);
         cmd.arg(call);
+        cache.set(&mut cmd);
         let r = run_lg_with(&mut cmd, &[("LGMALLOC_SHOW_STATS", "1")]).success("sampled_calls");
         r.ran_on_lgmalloc("sampled_calls");
         let (samples, unwound) = samples_and_unwound(&r.stderr());
@@ -2169,7 +2186,43 @@ fn samples_of_direct_calls_take_their_site_without_unwinding() {
             unwound * 10 <= samples,
             "{call}: {unwound} of {samples} samples unwound the stack"
         );
+        let (in_program, stored) = samples_in_module(&cache, exe);
+        assert!(
+            stored >= 128 && in_program * 10 >= stored * 9,
+            "{call}: {in_program} of the {stored} samples stored have their site in the program"
+        );
     }
+}
+
+/// From `lgmalloc-analyze --profile EXE --json` with the cache in `cache`: the samples
+/// whose call site lies in `exe` itself, and all samples stored.
+fn samples_in_module(cache: &Path, exe: &Path) -> (u64, u64) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lgmalloc-analyze"))
+        .arg("--profile")
+        .arg(exe)
+        .arg("--json")
+        .env("LGMALLOC_CACHE_DIR", cache)
+        .output()
+        .expect("run lgmalloc-analyze");
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let module = format!("\"{}\"", exe.display());
+    let (mut in_program, mut stored) = (0, 0);
+    for row in json.split("{\"module\":").skip(1) {
+        let at = row.find("\"samples\":").expect("a samples field") + "\"samples\":".len();
+        let rest = &row[at..];
+        let end = rest.find([',', '}']).expect("a number");
+        let n: u64 = rest[..end].parse().expect("a sample count");
+        stored += n;
+        if row.starts_with(&module) {
+            in_program += n;
+        }
+    }
+    (in_program, stored)
 }
 
 /// The sampler's tables (slots and call-stack entries, about 248 KiB) start all zero, so

@@ -298,9 +298,14 @@ unsafe fn class_counts(heap: *const Heap, out: &mut [u64; MAX_CLASSES]) {
 /// # Safety
 /// `heap` is the calling thread's heap (possibly the empty heap).
 #[inline(always)]
-pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
+pub unsafe fn alloc_small(
+    heap: *mut Heap,
+    class: usize,
+    size: usize,
+    caller: impl SampleCaller,
+) -> *mut u8 {
     // SAFETY: forwarded contract.
-    unsafe { alloc_small_as::<false>(heap, class, size) }
+    unsafe { alloc_small_as::<false>(heap, class, size, caller) }
 }
 
 /// `calloc` of a small block: `size` bytes of class `class`, zeroed. Every path clears
@@ -312,7 +317,7 @@ pub unsafe fn alloc_small(heap: *mut Heap, class: usize, size: usize) -> *mut u8
 #[inline(always)]
 pub unsafe fn alloc_small_zeroed(heap: *mut Heap, class: usize, size: usize) -> *mut u8 {
     // SAFETY: forwarded contract.
-    unsafe { alloc_small_as::<true>(heap, class, size) }
+    unsafe { alloc_small_as::<true>(heap, class, size, CallerOnStack) }
 }
 
 /// [`alloc_small`], or [`alloc_small_zeroed`] when `ZEROED`.
@@ -324,6 +329,7 @@ unsafe fn alloc_small_as<const ZEROED: bool>(
     heap: *mut Heap,
     class: usize,
     size: usize,
+    caller: impl SampleCaller,
 ) -> *mut u8 {
     // SAFETY: `class < MAX_CLASSES` (from the class table); the page is either the
     // static empty page or a page owned by this thread; `pop_keys` has an entry per
@@ -335,11 +341,12 @@ unsafe fn alloc_small_as<const ZEROED: bool>(
             || *(*heap).pop_keys.get_unchecked(class),
             (*heap).alloc_count.as_mut_ptr().add(class),
             size,
+            caller,
             || {
                 if ZEROED {
                     alloc_slow_zeroed(size, heap, class)
                 } else {
-                    alloc_after_empty_pop(size, heap, class)
+                    alloc_after_empty_pop(size, heap, class, caller)
                 }
             },
         )
@@ -354,7 +361,7 @@ unsafe fn alloc_small_as<const ZEROED: bool>(
 /// `heap` is the calling thread's heap (possibly the empty heap);
 /// `size <= DIRECT_MAX_SIZE`.
 #[inline(always)]
-pub unsafe fn alloc_by_size(heap: *mut Heap, size: usize) -> *mut u8 {
+pub unsafe fn alloc_by_size(heap: *mut Heap, size: usize, caller: impl SampleCaller) -> *mut u8 {
     debug_assert!(size <= DIRECT_MAX_SIZE);
     let bucket = (size + 15) >> 4;
     // SAFETY: `bucket < DIRECT_LEN` per the contract; the page is either the static
@@ -367,7 +374,8 @@ pub unsafe fn alloc_by_size(heap: *mut Heap, size: usize) -> *mut u8 {
             || *(*heap).direct_pop_keys.get_unchecked(bucket),
             (*heap).bucket_allocs.as_mut_ptr().add(bucket),
             size,
-            || alloc_slow_by_size(size, heap),
+            caller,
+            || alloc_slow_by_size(size, heap, caller),
         )
     }
 }
@@ -387,6 +395,7 @@ unsafe fn pop_from<const ZEROED: bool>(
     pop_key: impl FnOnce() -> usize,
     count: *mut u64,
     size: usize,
+    caller: impl SampleCaller,
     slow: impl FnOnce() -> *mut u8,
 ) -> *mut u8 {
     // SAFETY: per the contract.
@@ -406,7 +415,7 @@ unsafe fn pop_from<const ZEROED: bool>(
             }
             head
         };
-        pop_block::<ZEROED>(heap, page, block, count, size)
+        pop_block::<ZEROED>(heap, page, block, count, size, caller)
     }
 }
 
@@ -417,10 +426,10 @@ unsafe fn pop_from<const ZEROED: bool>(
 /// As for [`alloc_by_size`].
 #[cold]
 #[inline(never)]
-unsafe fn alloc_slow_by_size(size: usize, heap: *mut Heap) -> *mut u8 {
+unsafe fn alloc_slow_by_size(size: usize, heap: *mut Heap, caller: impl SampleCaller) -> *mut u8 {
     // SAFETY: forwarded contract (the empty heap answers class 0, and its slow path
     // classifies again).
-    unsafe { alloc_after_empty_pop(size, heap, class_of_small(heap, size)) }
+    unsafe { alloc_after_empty_pop(size, heap, class_of_small(heap, size), caller) }
 }
 
 /// Where a `malloc` whose fast pop found no block goes: the slow path, after the check
@@ -429,13 +438,18 @@ unsafe fn alloc_slow_by_size(size: usize, heap: *mut Heap) -> *mut u8 {
 /// # Safety
 /// As for [`alloc_small`].
 #[inline(always)]
-unsafe fn alloc_after_empty_pop(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
+unsafe fn alloc_after_empty_pop(
+    size: usize,
+    heap: *mut Heap,
+    class: usize,
+    caller: impl SampleCaller,
+) -> *mut u8 {
     // SAFETY: forwarded contract.
     unsafe {
         if page::HARDENED {
-            alloc_empty_or_corrupted(size, heap, class)
+            alloc_empty_or_corrupted(size, heap, class, caller)
         } else {
-            alloc_slow(size, heap, class)
+            alloc_slow(size, heap, class, caller)
         }
     }
 }
@@ -455,6 +469,7 @@ unsafe fn pop_block<const ZEROED: bool>(
     block: *mut Block,
     count: *mut u64,
     size: usize,
+    caller: impl SampleCaller,
 ) -> *mut u8 {
     // SAFETY: per the contract.
     unsafe {
@@ -468,11 +483,7 @@ unsafe fn pop_block<const ZEROED: bool>(
         let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
         (*heap).sample_left = left;
         if sampled {
-            return if ZEROED {
-                alloc_sampled_zeroed(size, heap, page, block)
-            } else {
-                alloc_sampled(size, heap, page, block)
-            };
+            return caller.take_sample::<ZEROED>(size, heap, page, block);
         }
         if ZEROED {
             ptr::write_bytes(block.cast::<u8>(), 0, size);
@@ -487,12 +498,17 @@ unsafe fn pop_block<const ZEROED: bool>(
 /// reads the head again, so the fast path keeps no copy of it).
 #[cold]
 #[inline(never)]
-unsafe fn alloc_empty_or_corrupted(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
+unsafe fn alloc_empty_or_corrupted(
+    size: usize,
+    heap: *mut Heap,
+    class: usize,
+    caller: impl SampleCaller,
+) -> *mut u8 {
     // SAFETY: as for `alloc_small` (the empty heap's pages are all the empty page, whose
     // head is never decoded).
     unsafe {
         stop_if_corrupted(heap, class);
-        alloc_slow(size, heap, class)
+        alloc_slow(size, heap, class, caller)
     }
 }
 
@@ -612,12 +628,19 @@ pub unsafe fn check_live(page: *const Page, block: *const u8, invalid: &str, fre
 // ---- slow paths --------------------------------------------------------------------------
 
 // The request size comes first, where the C entry points receive it, so the fast paths
-// reach this by a tail jump without moving it.
+// reach this by a tail jump without moving it. `caller` is generic, so a sample taken
+// here finds its call site as the fast path's would: on the stack (the fast path
+// reached this by a tail jump, and the sampled branch here is one too) or passed in.
 #[cold]
 #[inline(never)]
-unsafe fn alloc_slow(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
+unsafe fn alloc_slow(
+    size: usize,
+    heap: *mut Heap,
+    class: usize,
+    caller: impl SampleCaller,
+) -> *mut u8 {
     // SAFETY: forwarded contract.
-    unsafe { slow_pop(size, heap, class).0 }
+    unsafe { slow_pop(size, heap, class, caller).0 }
 }
 
 /// The allocation slow path: finds or makes a page with a free block and pops it. Also
@@ -628,7 +651,12 @@ unsafe fn alloc_slow(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
 /// # Safety
 /// As for [`alloc_small`].
 #[inline(always)]
-unsafe fn slow_pop(size: usize, heap: *mut Heap, class: usize) -> (*mut u8, bool) {
+unsafe fn slow_pop(
+    size: usize,
+    heap: *mut Heap,
+    class: usize,
+    caller: impl SampleCaller,
+) -> (*mut u8, bool) {
     let mut class = class;
     let heap = if heap == empty_heap() {
         // The first allocation of this thread may also be the first of the process,
@@ -665,6 +693,7 @@ unsafe fn slow_pop(size: usize, heap: *mut Heap, class: usize) -> (*mut u8, bool
             block,
             (*heap).alloc_count.as_mut_ptr().add(class),
             size,
+            caller,
         );
         // A sampled allocation is served elsewhere (`p` is not the block).
         (p, zero && p == block.cast())
@@ -687,7 +716,7 @@ unsafe fn alloc_slow_zeroed(size: usize, heap: *mut Heap, class: usize) -> *mut 
         if page::HARDENED {
             stop_if_corrupted(heap, class);
         }
-        let (p, zero) = slow_pop(size, heap, class);
+        let (p, zero) = slow_pop(size, heap, class, CallerOnStack);
         if p.is_null() {
             return p;
         }
@@ -717,13 +746,17 @@ fn dirty_prefix(p: *mut u8, size: usize) -> usize {
 
 /// Defines `$name(size, heap, page, block)`, where the fast path goes when the
 /// sampling countdown runs out, as a naked trampoline into `$target`: reached by a tail
-/// jump from the fast path, so the word at the stack pointer is the return address into
+/// jump from the fast path, so the word at the stack pointer (`$slot` words up, for a
+/// fast path called by an entry point that pushed that many) is the return address into
 /// the allocating caller, which it passes on as `$target`'s fifth argument. The
 /// arguments come in the order the fast path holds them in registers (`size` first,
 /// where malloc received it), so the jump takes one move rather than a shuffle. Other
 /// targets (and Miri) pass no return address.
 macro_rules! sampled_entry {
     ($(#[$doc:meta])* $name:ident => $target:ident) => {
+        sampled_entry!($(#[$doc])* $name => $target, "0");
+    };
+    ($(#[$doc:meta])* $name:ident => $target:ident, $slot:literal) => {
         $(#[$doc])*
         ///
         /// # Safety
@@ -736,7 +769,11 @@ macro_rules! sampled_entry {
             page: *mut Page,
             block: *mut Block,
         ) -> *mut u8 {
-            core::arch::naked_asm!("mov r8, [rsp]", "jmp {f}", f = sym $target)
+            core::arch::naked_asm!(
+                concat!("mov r8, [rsp + 8 * ", $slot, "]"),
+                "jmp {f}",
+                f = sym $target,
+            )
         }
 
         #[cfg(not(all(target_arch = "x86_64", not(miri))))]
@@ -761,6 +798,114 @@ sampled_entry!(
     /// [`alloc_sampled`] for `calloc`: the block handed out is cleared.
     alloc_sampled_zeroed => alloc_sampled_zeroed_at
 );
+
+#[cfg(feature = "override")]
+sampled_entry!(
+    /// [`alloc_sampled`] for `operator new`'s attempt ([`CallerOfNew`]).
+    alloc_sampled_for_new => alloc_sampled_at, "2"
+);
+
+/// Where the allocation fast path finds the return address of the allocating call
+/// when the sampling countdown runs out: the sample's call site.
+pub trait SampleCaller: Copy {
+    /// Records the sample of `block`, just popped from `page` for a request of `size`
+    /// bytes, and hands out the block to use ([`alloc_sampled_at`]; cleared when
+    /// `ZEROED`).
+    ///
+    /// # Safety
+    /// As for [`alloc_sampled_at`].
+    unsafe fn take_sample<const ZEROED: bool>(
+        self,
+        size: usize,
+        heap: *mut Heap,
+        page: *mut Page,
+        block: *mut Block,
+    ) -> *mut u8;
+}
+
+/// The fast path was entered straight from the program and reaches the sampler by a
+/// tail jump, so the return address is the word at the stack pointer
+/// ([`alloc_sampled`]): `malloc`, `calloc`. Elsewhere the sampler finds an address
+/// inside lgmalloc there and walks the stack.
+#[derive(Clone, Copy)]
+pub struct CallerOnStack;
+
+/// The fast path runs in the function the throwing `operator new(size)` calls, with
+/// the one word it pushed: the sampler is reached by a tail jump and finds the
+/// program's return address two words up the stack ([`alloc_sampled_for_new`]).
+/// Not for `calloc`'s path (no such trampoline: its samples would walk the stack).
+#[cfg(feature = "override")]
+#[derive(Clone, Copy)]
+pub struct CallerOfNew;
+
+/// The entry point read the return address itself (0: unknown, walk the stack): for
+/// paths that call the allocator and do more after it, such as `realloc` (which copies
+/// and frees).
+#[cfg(feature = "override")]
+#[derive(Clone, Copy)]
+pub struct CallerAt(pub usize);
+
+impl SampleCaller for CallerOnStack {
+    #[inline(always)]
+    unsafe fn take_sample<const ZEROED: bool>(
+        self,
+        size: usize,
+        heap: *mut Heap,
+        page: *mut Page,
+        block: *mut Block,
+    ) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe {
+            if ZEROED {
+                alloc_sampled_zeroed(size, heap, page, block)
+            } else {
+                alloc_sampled(size, heap, page, block)
+            }
+        }
+    }
+}
+
+#[cfg(feature = "override")]
+impl SampleCaller for CallerOfNew {
+    #[inline(always)]
+    unsafe fn take_sample<const ZEROED: bool>(
+        self,
+        size: usize,
+        heap: *mut Heap,
+        page: *mut Page,
+        block: *mut Block,
+    ) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe {
+            if ZEROED {
+                alloc_sampled_zeroed_at(size, heap, page, block, 0)
+            } else {
+                alloc_sampled_for_new(size, heap, page, block)
+            }
+        }
+    }
+}
+
+#[cfg(feature = "override")]
+impl SampleCaller for CallerAt {
+    #[inline(always)]
+    unsafe fn take_sample<const ZEROED: bool>(
+        self,
+        size: usize,
+        heap: *mut Heap,
+        page: *mut Page,
+        block: *mut Block,
+    ) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe {
+            if ZEROED {
+                alloc_sampled_zeroed_at(size, heap, page, block, self.0)
+            } else {
+                alloc_sampled_at(size, heap, page, block, self.0)
+            }
+        }
+    }
+}
 
 /// [`alloc_sampled_at`], then clears what `calloc` must of the block handed out.
 ///
@@ -787,7 +932,8 @@ unsafe extern "C" fn alloc_sampled_zeroed_at(
 /// serves it from the sample arena (whose frees leave the fast path) and gives back the
 /// block just popped; keeps that block when the sample is not followed or no sample
 /// slot is free. `ret` is the caller's return address if the fast path was entered
-/// without a stack frame (else an address inside lgmalloc, and `sample` unwinds).
+/// without a stack frame or the entry point passed it ([`SampleCaller`]); else an
+/// address inside lgmalloc, or 0, and `sample` unwinds.
 /// Nested allocations (the unwinder's, if any) find the countdown disarmed.
 ///
 /// # Safety
@@ -1908,7 +2054,7 @@ mod tests {
                     // Enough blocks to fill several pages of the class.
                     for _ in 0..(64 << 10) / size.max(16) {
                         // SAFETY: the calling thread's heap; `size` is within the table.
-                        let p = unsafe { alloc_by_size(thread_heap(), size) };
+                        let p = unsafe { alloc_by_size(thread_heap(), size, CallerOnStack) };
                         assert!(!p.is_null());
                         blocks.push(p as usize);
                     }

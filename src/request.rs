@@ -12,6 +12,7 @@ use crate::chunk_map::{
     self, KIND_LARGE, KIND_LARGE_AT_BASE, KIND_NONE, KIND_SAMPLE, KIND_SEGMENT,
 };
 use crate::diag::misuse;
+use crate::heap::{CallerOnStack, SampleCaller};
 use crate::size_class::{self, HEAP_TABLE_MAX_SIZE, MAX_SMALL_SIZE};
 use crate::stats::{self, LgStats};
 use crate::{heap, init, large, options, os, page, sample, segment};
@@ -22,25 +23,32 @@ const MAX_REQUEST: usize = isize::MAX as usize;
 pub const MIN_ALIGN: usize = 16;
 
 /// `malloc`: a block of at least `size` bytes, 16-byte aligned; null + ENOMEM on failure.
+/// For entry points that reach it straight from the program (see [`malloc_for`]).
 #[inline(always)]
 pub fn malloc(size: usize) -> *mut u8 {
+    malloc_for(size, CallerOnStack)
+}
+
+/// [`malloc`], with `caller` saying where a sampled allocation finds its call site.
+#[inline(always)]
+pub fn malloc_for(size: usize, caller: impl SampleCaller) -> *mut u8 {
     let heap = heap::thread_heap();
     if size <= heap::DIRECT_MAX_SIZE {
         // SAFETY: `heap` is the calling thread's heap, `size` within its direct pages.
-        return unsafe { heap::alloc_by_size(heap, size) };
+        return unsafe { heap::alloc_by_size(heap, size, caller) };
     }
-    malloc_beyond_direct(size, heap)
+    malloc_beyond_direct(size, heap, caller)
 }
 
 #[inline(never)]
-fn malloc_beyond_direct(size: usize, heap: *mut heap::Heap) -> *mut u8 {
+fn malloc_beyond_direct(size: usize, heap: *mut heap::Heap, caller: impl SampleCaller) -> *mut u8 {
     if size <= HEAP_TABLE_MAX_SIZE {
         // SAFETY: `heap` is the calling thread's heap, `size` within its class table.
-        return unsafe { heap::alloc_small(heap, heap::class_of_small(heap, size), size) };
+        return unsafe { heap::alloc_small(heap, heap::class_of_small(heap, size), size, caller) };
     }
     if size <= MAX_SMALL_SIZE {
         // SAFETY: as in `malloc`.
-        return unsafe { heap::alloc_small(heap, size_class::size_class_of(size), size) };
+        return unsafe { heap::alloc_small(heap, size_class::size_class_of(size), size, caller) };
     }
     if size > MAX_REQUEST {
         os::set_errno(libc::ENOMEM);
@@ -167,7 +175,7 @@ pub fn aligned(align: usize, size: usize) -> *mut u8 {
             heap::verify_record(heap, size);
         }
         // SAFETY: `heap` is the calling thread's live heap.
-        return unsafe { heap::alloc_small(heap, class, size) };
+        return unsafe { heap::alloc_small(heap, class, size, CallerOnStack) };
     }
     large_alloc(size, align)
 }
@@ -178,8 +186,21 @@ pub fn aligned(align: usize, size: usize) -> *mut u8 {
 /// # Safety
 /// `p` is null or a live pointer from lgmalloc that the caller gives up on success.
 pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
+    // SAFETY: forwarded contract.
+    unsafe { realloc_for(p, size, CallerOnStack) }
+}
+
+/// [`realloc`], with `caller` saying where a sampled allocation of the new block finds
+/// its call site: realloc calls the allocator and copies after it, so the sampler's
+/// tail jump cannot see the program's return address; an entry point that read it
+/// passes it (`CallerAt`), which spares each such sample a walk of the stack.
+///
+/// # Safety
+/// As for [`realloc`].
+#[inline]
+pub unsafe fn realloc_for(p: *mut u8, size: usize, caller: impl SampleCaller) -> *mut u8 {
     if p.is_null() {
-        return malloc(size);
+        return malloc_for(size, caller);
     }
     if size > MAX_REQUEST {
         os::set_errno(libc::ENOMEM);
@@ -241,7 +262,7 @@ pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
     } else {
         size
     };
-    let q = malloc(want);
+    let q = malloc_for(want, caller);
     if q.is_null() {
         return q;
     }

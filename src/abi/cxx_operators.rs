@@ -117,8 +117,11 @@ mod throwing {
         new_attempt(size, align)
     }
 
+    /// `operator new(size)`'s attempt: called by it with its argument pushed, so a
+    /// sampled allocation finds the program's return address two words up the stack
+    /// (`heap::CallerOfNew`) and records the call site without walking the stack.
     extern "C" fn attempt_default(size: usize) -> *mut u8 {
-        crate::request::malloc(size)
+        crate::request::malloc_for(size, crate::heap::CallerOfNew)
     }
 
     /// `new_slow`'s epilogue before it leaves (by `ret` or a tail jump): pops what its
@@ -220,7 +223,8 @@ mod throwing {
         };
     }
 
-    /// `operator new(size)`: only `rdi` to keep; the slow path gets alignment 0.
+    /// `operator new(size)`: only `rdi` to keep (one word, which `heap::CallerOfNew`
+    /// counts on); the slow path gets alignment 0.
     macro_rules! new_default {
         ($rust:ident, $sym:literal) => {
             throwing_new!(

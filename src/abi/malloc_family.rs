@@ -16,6 +16,7 @@
 use core::ffi::{c_int, c_void};
 use core::ptr;
 
+use crate::heap::CallerAt;
 use crate::os;
 use crate::request::{self, MIN_ALIGN};
 
@@ -32,19 +33,101 @@ fn page_size() -> usize {
 }
 
 /// glibc's `realloc`: `realloc(p, 0)` with a live `p` frees it and returns NULL.
+/// `ret` is the program's return address (0: unknown), for a sample of the new block.
 ///
 /// # Safety
 /// As [`request::realloc`].
 #[inline(always)]
-unsafe fn realloc_glibc(p: *mut c_void, size: usize) -> *mut c_void {
+unsafe fn realloc_glibc(p: *mut c_void, size: usize, ret: usize) -> *mut c_void {
     if size == 0 && !p.is_null() {
         // SAFETY: the caller gives up `p`.
         unsafe { request::free(p.cast()) };
         return ptr::null_mut();
     }
     // SAFETY: forwarded contract.
-    unsafe { request::realloc(p.cast(), size).cast() }
+    unsafe { request::realloc_for(p.cast(), size, CallerAt(ret)).cast() }
 }
+
+/// `realloc` and `__libc_realloc`, handed the program's return address by their entry.
+///
+/// # Safety
+/// As [`request::realloc`].
+unsafe extern "C" fn realloc_from(p: *mut c_void, size: usize, ret: usize) -> *mut c_void {
+    // SAFETY: forwarded contract.
+    unsafe { realloc_glibc(p, size, ret) }
+}
+
+/// `reallocarray`: `realloc(p, count * size)`, ENOMEM (and `p` untouched) on overflow;
+/// handed the program's return address by its entry.
+///
+/// # Safety
+/// As [`request::realloc`].
+unsafe extern "C" fn reallocarray_from(
+    p: *mut c_void,
+    count: usize,
+    size: usize,
+    ret: usize,
+) -> *mut c_void {
+    let Some(total) = count.checked_mul(size) else {
+        os::set_errno(libc::ENOMEM);
+        return ptr::null_mut();
+    };
+    // SAFETY: forwarded contract.
+    unsafe { realloc_glibc(p, total, ret) }
+}
+
+/// Defines a C entry point that hands its own return address (the program's call site)
+/// to `$target` as one more argument, in `$reg`, the register after the last argument:
+/// on x86-64 a naked `mov` and `jmp`, so the target runs as if called by the program.
+/// The allocation the target makes then records that site when it is sampled, without
+/// walking the stack (`heap::CallerAt`). Elsewhere, and under Miri, it passes 0.
+macro_rules! entry_passing_caller {
+    ($(#[$attr:meta])* $name:ident($($arg:ident: $ty:ty),*) => $target:ident, $reg:literal) => {
+        $(#[$attr])*
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut c_void {
+            core::arch::naked_asm!(
+                concat!("mov ", $reg, ", qword ptr [rsp]"),
+                "jmp {target}",
+                target = sym $target,
+            )
+        }
+
+        $(#[$attr])*
+        #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut c_void {
+            // SAFETY: forwarded contract; no return address known.
+            unsafe { $target($($arg,)* 0) }
+        }
+    };
+}
+
+entry_passing_caller!(
+    /// C `realloc` with glibc's rules (`realloc(p, 0)` frees `p` and returns NULL).
+    ///
+    /// # Safety
+    /// `p` is NULL or a live pointer from this allocator.
+    realloc(p: *mut c_void, size: usize) => realloc_from, "rdx"
+);
+
+entry_passing_caller!(
+    /// glibc's internal name for `realloc`.
+    ///
+    /// # Safety
+    /// As `realloc`.
+    __libc_realloc(p: *mut c_void, size: usize) => realloc_from, "rdx"
+);
+
+entry_passing_caller!(
+    /// `reallocarray`: `realloc(p, count * size)`, ENOMEM (and `p` untouched) on overflow.
+    ///
+    /// # Safety
+    /// As `realloc`.
+    reallocarray(p: *mut c_void, count: usize, size: usize) => reallocarray_from, "rcx"
+);
 
 /// glibc's `memalign`: alignments up to 16 are plain malloc, others are rounded up to a
 /// power of two; one that cannot be rounded fails with EINVAL, a size too large with
@@ -144,28 +227,6 @@ c_exports! {
     /// C `calloc` (overflow of `count * size` fails with ENOMEM).
     [calloc, __libc_calloc] fn(count: usize, size: usize) -> *mut c_void {
         request::calloc(count, size).cast()
-    }
-
-    /// C `realloc` with glibc's rules (`realloc(p, 0)` frees `p` and returns NULL).
-    ///
-    /// # Safety
-    /// `p` is NULL or a live pointer from this allocator.
-    [realloc, __libc_realloc] unsafe fn(p: *mut c_void, size: usize) -> *mut c_void {
-        // SAFETY: forwarded contract.
-        unsafe { realloc_glibc(p, size) }
-    }
-
-    /// `reallocarray`: `realloc(p, count * size)`, ENOMEM (and `p` untouched) on overflow.
-    ///
-    /// # Safety
-    /// As `realloc`.
-    [reallocarray] unsafe fn(p: *mut c_void, count: usize, size: usize) -> *mut c_void {
-        let Some(total) = count.checked_mul(size) else {
-            os::set_errno(libc::ENOMEM);
-            return ptr::null_mut();
-        };
-        // SAFETY: forwarded contract.
-        unsafe { realloc_glibc(p, total) }
     }
 
     /// POSIX `posix_memalign`: 0, EINVAL (alignment not a power-of-two multiple of
