@@ -2152,8 +2152,8 @@ fn samples_and_unwound(stderr: &str) -> (u64, u64) {
 /// through libgcc). For `malloc` and `calloc` (whose fast path clears the block after
 /// the pop, and hands a sampled block to a clearing tail instead) the sampler finds it
 /// on the stack; `operator new` calls the allocator with one word pushed, so its
-/// sampler reads two words up; `realloc`'s entry reads it itself and passes it on (it
-/// copies and frees after allocating). The same holds when the allocation takes the
+/// sampler reads two words up; the entries of `realloc`, `lg_realloc` and the nothrow
+/// `operator new` read it themselves and pass it on (they do more after allocating). The same holds when the allocation takes the
 /// slow path (the `-big` forms, a block per page). Each run's stored profile must put
 /// (nearly) every sample in the program: a read at the wrong stack slot would record
 /// some other word as the site.
@@ -2165,7 +2165,9 @@ fn samples_of_direct_calls_take_their_site_without_unwinding() {
         "malloc",
         "calloc",
         "realloc",
+        "lg_realloc",
         "new",
+        "new-nothrow",
         "new-small",
         "realloc-big",
         "new-big",

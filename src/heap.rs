@@ -841,7 +841,6 @@ pub struct CallerOfNew;
 /// The entry point read the return address itself (0: unknown, walk the stack): for
 /// paths that call the allocator and do more after it, such as `realloc` (which copies
 /// and frees).
-#[cfg(feature = "override")]
 #[derive(Clone, Copy)]
 pub struct CallerAt(pub usize);
 
@@ -886,7 +885,6 @@ impl SampleCaller for CallerOfNew {
     }
 }
 
-#[cfg(feature = "override")]
 impl SampleCaller for CallerAt {
     #[inline(always)]
     unsafe fn take_sample<const ZEROED: bool>(

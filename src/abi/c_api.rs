@@ -3,7 +3,9 @@
 
 use core::ffi::{c_char, c_int, c_void};
 
+use crate::heap::CallerAt;
 use crate::request;
+
 use crate::stats::LgStats;
 
 /// Allocates `size` bytes aligned to 16. Returns NULL and sets errno to ENOMEM when
@@ -27,9 +29,21 @@ pub extern "C" fn lg_calloc(count: usize, size: usize) -> *mut c_void {
 /// # Safety
 /// `ptr` is NULL or a live pointer returned by lgmalloc.
 #[unsafe(no_mangle)]
+#[cfg_attr(all(target_arch = "x86_64", not(miri)), unsafe(naked))]
 pub unsafe extern "C" fn lg_realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
+    // One definition, naked on x86-64 (see `pass_caller`), so cbindgen sees one
+    // declaration.
+    pass_caller!(realloc_from(ptr, size), "rdx")
+}
+
+/// `lg_realloc` handed the program's return address, for a sample of the new block
+/// (see `heap::CallerAt`); 0 where it is not known.
+///
+/// # Safety
+/// As for `lg_realloc`.
+unsafe extern "C" fn realloc_from(ptr: *mut c_void, size: usize, ret: usize) -> *mut c_void {
     // SAFETY: forwarded contract.
-    unsafe { request::realloc(ptr.cast(), size).cast() }
+    unsafe { request::realloc_for(ptr.cast(), size, CallerAt(ret)).cast() }
 }
 
 /// Frees `ptr` (NULL is ignored). Preserves errno. Aborts with an `lgmalloc:` message

@@ -17,6 +17,7 @@ use core::ffi::c_void;
 use core::ptr;
 
 use crate::diag::diag;
+use crate::heap::CallerAt;
 use crate::request;
 
 /// One allocation attempt for `operator new`: `align` 0 means the default alignment; an
@@ -313,16 +314,32 @@ fn new_nothrow(size: usize, align: usize) -> *mut c_void {
     new_nothrow_slow(size, align)
 }
 
+/// The nothrow `operator new(size_t)` forms, handed the program's return address by
+/// their entry (they call the allocator and check for failure, so the sampler could not
+/// find it on the stack).
+///
+/// # Safety
+/// None beyond the C++ contract; `unsafe` for the entries' forwarding.
+unsafe extern "C" fn new_nothrow_from(size: usize, _nt: *const c_void, ret: usize) -> *mut c_void {
+    let p = request::malloc_for(size, CallerAt(ret));
+    if !p.is_null() {
+        return p.cast();
+    }
+    new_nothrow_slow(size, 0)
+}
+
 /// C++ `operator new(size_t, const nothrow_t&)`.
 #[unsafe(export_name = "_ZnwmRKSt9nothrow_t")]
-pub extern "C" fn op_new_nothrow(size: usize, _nt: *const c_void) -> *mut c_void {
-    new_nothrow(size, 0)
+#[cfg_attr(all(target_arch = "x86_64", not(miri)), unsafe(naked))]
+pub extern "C" fn op_new_nothrow(size: usize, nt: *const c_void) -> *mut c_void {
+    pass_caller!(new_nothrow_from(size, nt), "rdx")
 }
 
 /// C++ `operator new[](size_t, const nothrow_t&)`.
 #[unsafe(export_name = "_ZnamRKSt9nothrow_t")]
-pub extern "C" fn op_new_array_nothrow(size: usize, _nt: *const c_void) -> *mut c_void {
-    new_nothrow(size, 0)
+#[cfg_attr(all(target_arch = "x86_64", not(miri)), unsafe(naked))]
+pub extern "C" fn op_new_array_nothrow(size: usize, nt: *const c_void) -> *mut c_void {
+    pass_caller!(new_nothrow_from(size, nt), "rdx")
 }
 
 /// C++ `operator new(size_t, align_val_t, const nothrow_t&)`.

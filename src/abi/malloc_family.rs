@@ -76,31 +76,15 @@ unsafe extern "C" fn reallocarray_from(
     unsafe { realloc_glibc(p, total, ret) }
 }
 
-/// Defines a C entry point that hands its own return address (the program's call site)
-/// to `$target` as one more argument, in `$reg`, the register after the last argument:
-/// on x86-64 a naked `mov` and `jmp`, so the target runs as if called by the program.
-/// The allocation the target makes then records that site when it is sampled, without
-/// walking the stack (`heap::CallerAt`). Elsewhere, and under Miri, it passes 0.
+/// Defines a C entry point that hands its own return address to `$target` as one more
+/// argument, in `$reg` (see `pass_caller`).
 macro_rules! entry_passing_caller {
     ($(#[$attr:meta])* $name:ident($($arg:ident: $ty:ty),*) => $target:ident, $reg:literal) => {
         $(#[$attr])*
-        #[cfg(all(target_arch = "x86_64", not(miri)))]
-        #[unsafe(naked)]
         #[unsafe(no_mangle)]
+        #[cfg_attr(all(target_arch = "x86_64", not(miri)), unsafe(naked))]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut c_void {
-            core::arch::naked_asm!(
-                concat!("mov ", $reg, ", qword ptr [rsp]"),
-                "jmp {target}",
-                target = sym $target,
-            )
-        }
-
-        $(#[$attr])*
-        #[cfg(not(all(target_arch = "x86_64", not(miri))))]
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut c_void {
-            // SAFETY: forwarded contract; no return address known.
-            unsafe { $target($($arg,)* 0) }
+            pass_caller!($target($($arg),*), $reg)
         }
     };
 }
