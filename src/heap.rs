@@ -706,17 +706,48 @@ unsafe fn slow_pop(
 /// freed before or carved earlier with others (which a `malloc` may have handed out
 /// and taken back since: nothing on the fast paths records it), is cleared whole.
 ///
+/// Reached by a tail jump from `calloc`'s fast path, so the word at the stack pointer
+/// is the return address into the program: a naked trampoline passes it on to
+/// [`alloc_slow_zeroed_at`], whose sample (the block is cleared after the pop, so its
+/// sampled branch is no tail jump) records the call site with it. Other targets (and
+/// Miri) pass none.
+///
+/// # Safety
+/// As for [`alloc_small`].
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[unsafe(naked)]
+unsafe extern "C" fn alloc_slow_zeroed(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
+    core::arch::naked_asm!("mov rcx, [rsp]", "jmp {f}", f = sym alloc_slow_zeroed_at)
+}
+
+/// See the x86-64 version.
+///
+/// # Safety
+/// As for [`alloc_small`].
+#[cfg(not(all(target_arch = "x86_64", not(miri))))]
+unsafe extern "C" fn alloc_slow_zeroed(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
+    // SAFETY: forwarded contract; no return address known.
+    unsafe { alloc_slow_zeroed_at(size, heap, class, 0) }
+}
+
+/// [`alloc_slow_zeroed`], told the caller's return address (`ret`, 0 if unknown).
+///
 /// # Safety
 /// As for [`alloc_small`].
 #[cold]
 #[inline(never)]
-unsafe fn alloc_slow_zeroed(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
+unsafe extern "C" fn alloc_slow_zeroed_at(
+    size: usize,
+    heap: *mut Heap,
+    class: usize,
+    ret: usize,
+) -> *mut u8 {
     // SAFETY: forwarded contract.
     unsafe {
         if page::HARDENED {
             stop_if_corrupted(heap, class);
         }
-        let (p, zero) = slow_pop(size, heap, class, CallerOnStack);
+        let (p, zero) = slow_pop(size, heap, class, CallerAt(ret));
         if p.is_null() {
             return p;
         }

@@ -5,7 +5,6 @@ use core::ffi::{c_char, c_int, c_void};
 
 use crate::heap::CallerAt;
 use crate::request;
-
 use crate::stats::LgStats;
 
 /// Allocates `size` bytes aligned to 16. Returns NULL and sets errno to ENOMEM when

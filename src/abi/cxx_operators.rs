@@ -319,7 +319,8 @@ fn new_nothrow(size: usize, align: usize) -> *mut c_void {
 /// find it on the stack).
 ///
 /// # Safety
-/// None beyond the C++ contract; `unsafe` for the entries' forwarding.
+/// None: it is `unsafe` only so that every entry's fallback body (`pass_caller`) calls
+/// its target the same way.
 unsafe extern "C" fn new_nothrow_from(size: usize, _nt: *const c_void, ret: usize) -> *mut c_void {
     let p = request::malloc_for(size, CallerAt(ret));
     if !p.is_null() {
