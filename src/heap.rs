@@ -875,66 +875,51 @@ pub struct CallerOfNew;
 #[derive(Clone, Copy)]
 pub struct CallerAt(pub usize);
 
-impl SampleCaller for CallerOnStack {
-    #[inline(always)]
-    unsafe fn take_sample<const ZEROED: bool>(
-        self,
-        size: usize,
-        heap: *mut Heap,
-        page: *mut Page,
-        block: *mut Block,
-    ) -> *mut u8 {
-        // SAFETY: forwarded contract.
-        unsafe {
-            if ZEROED {
-                alloc_sampled_zeroed(size, heap, page, block)
-            } else {
-                alloc_sampled(size, heap, page, block)
+/// Implements [`SampleCaller`] for `$caller`: its sampled branch is `$plain`, or
+/// `$zeroed` for `calloc`, expressions in the names the `|...|` gives to the caller
+/// value and the four arguments.
+macro_rules! sample_caller {
+    (
+        $caller:ty,
+        |$this:pat, $size:ident, $heap:ident, $page:ident, $block:ident|
+        $plain:expr,
+        $zeroed:expr $(,)?
+    ) => {
+        impl SampleCaller for $caller {
+            #[inline(always)]
+            unsafe fn take_sample<const ZEROED: bool>(
+                self,
+                $size: usize,
+                $heap: *mut Heap,
+                $page: *mut Page,
+                $block: *mut Block,
+            ) -> *mut u8 {
+                let $this = self;
+                // SAFETY: forwarded contract.
+                unsafe { if ZEROED { $zeroed } else { $plain } }
             }
         }
-    }
+    };
 }
+
+sample_caller!(
+    CallerOnStack,
+    |_, size, heap, page, block| alloc_sampled(size, heap, page, block),
+    alloc_sampled_zeroed(size, heap, page, block),
+);
 
 #[cfg(feature = "override")]
-impl SampleCaller for CallerOfNew {
-    #[inline(always)]
-    unsafe fn take_sample<const ZEROED: bool>(
-        self,
-        size: usize,
-        heap: *mut Heap,
-        page: *mut Page,
-        block: *mut Block,
-    ) -> *mut u8 {
-        // SAFETY: forwarded contract.
-        unsafe {
-            if ZEROED {
-                alloc_sampled_zeroed_at(size, heap, page, block, 0)
-            } else {
-                alloc_sampled_for_new(size, heap, page, block)
-            }
-        }
-    }
-}
+sample_caller!(
+    CallerOfNew,
+    |_, size, heap, page, block| alloc_sampled_for_new(size, heap, page, block),
+    alloc_sampled_zeroed_at(size, heap, page, block, 0),
+);
 
-impl SampleCaller for CallerAt {
-    #[inline(always)]
-    unsafe fn take_sample<const ZEROED: bool>(
-        self,
-        size: usize,
-        heap: *mut Heap,
-        page: *mut Page,
-        block: *mut Block,
-    ) -> *mut u8 {
-        // SAFETY: forwarded contract.
-        unsafe {
-            if ZEROED {
-                alloc_sampled_zeroed_at(size, heap, page, block, self.0)
-            } else {
-                alloc_sampled_at(size, heap, page, block, self.0)
-            }
-        }
-    }
-}
+sample_caller!(
+    CallerAt,
+    |CallerAt(ret), size, heap, page, block| alloc_sampled_at(size, heap, page, block, ret),
+    alloc_sampled_zeroed_at(size, heap, page, block, ret),
+);
 
 /// [`alloc_sampled_at`], then clears what `calloc` must of the block handed out.
 ///
