@@ -2152,8 +2152,9 @@ fn samples_and_unwound(stderr: &str) -> (u64, u64) {
 /// through libgcc). For `malloc` and `calloc` (whose fast path clears the block after
 /// the pop, and hands a sampled block to a clearing tail instead) the sampler finds it
 /// on the stack; `operator new` calls the allocator with one word pushed, so its
-/// sampler reads two words up; the entries of `realloc`, `lg_realloc` and the nothrow
-/// `operator new` read it themselves and pass it on (they do more after allocating).
+/// sampler reads two words up; the entries of `realloc`, `posix_memalign`, their `lg_`
+/// forms and the nothrow `operator new` read it themselves and pass it on (they do more
+/// after allocating).
 /// The same holds on the slow path (the `-big` forms keep 8 blocks of 128 KiB live, a
 /// block per page), where `calloc`'s reads it itself too (it clears the block after the
 /// pop). Each run's stored profile must put (nearly) every sample in the program: a
@@ -2167,6 +2168,8 @@ fn samples_of_direct_calls_take_their_site_without_unwinding() {
         "calloc",
         "realloc",
         "lg_realloc",
+        "posix_memalign",
+        "lg_posix_memalign",
         "new",
         "new-nothrow",
         "new-small",

@@ -158,8 +158,14 @@ pub fn usable_size(p: *const u8) -> usize {
 
 /// Memory aligned to `align` (a power of two). Null + ENOMEM on failure.
 pub fn aligned(align: usize, size: usize) -> *mut u8 {
+    aligned_for(align, size, CallerOnStack)
+}
+
+/// [`aligned`], with `caller` saying where a sampled allocation finds its call site.
+#[inline]
+fn aligned_for(align: usize, size: usize, caller: impl SampleCaller) -> *mut u8 {
     if align <= MIN_ALIGN {
-        return malloc(size);
+        return malloc_for(size, caller);
     }
     if size > MAX_REQUEST {
         os::set_errno(libc::ENOMEM);
@@ -175,7 +181,7 @@ pub fn aligned(align: usize, size: usize) -> *mut u8 {
             heap::verify_record(heap, size);
         }
         // SAFETY: `heap` is the calling thread's live heap.
-        return unsafe { heap::alloc_small(heap, class, size, CallerOnStack) };
+        return unsafe { heap::alloc_small(heap, class, size, caller) };
     }
     large_alloc(size, align)
 }
@@ -310,17 +316,25 @@ pub fn aligned_alloc(alignment: usize, size: usize) -> *mut u8 {
 
 /// POSIX `posix_memalign`: 0, EINVAL (alignment not a power-of-two multiple of
 /// `sizeof(void *)`) or ENOMEM; errno untouched; `*out` only written on success.
+/// `caller` says where a sampled allocation finds its call site: this writes `*out`
+/// after allocating, so the sampler cannot find it on the stack, and the entry points
+/// pass it (`CallerAt`).
 ///
 /// # Safety
 /// `out` must be valid for a pointer write.
-pub unsafe fn posix_memalign(out: *mut *mut c_void, alignment: usize, size: usize) -> c_int {
+pub unsafe fn posix_memalign_for(
+    out: *mut *mut c_void,
+    alignment: usize,
+    size: usize,
+    caller: impl SampleCaller,
+) -> c_int {
     if !alignment.is_power_of_two()
         || !alignment.is_multiple_of(core::mem::size_of::<*mut c_void>())
     {
         return libc::EINVAL;
     }
     let saved = os::errno();
-    let p = aligned(alignment, size);
+    let p = aligned_for(alignment, size, caller);
     os::set_errno(saved);
     if p.is_null() {
         return libc::ENOMEM;

@@ -80,13 +80,30 @@ pub extern "C" fn lg_aligned_alloc(alignment: usize, size: usize) -> *mut c_void
 /// # Safety
 /// `out` must be valid for a pointer write.
 #[unsafe(no_mangle)]
+#[cfg_attr(all(target_arch = "x86_64", not(miri)), unsafe(naked))]
 pub unsafe extern "C" fn lg_posix_memalign(
     out: *mut *mut c_void,
     alignment: usize,
     size: usize,
 ) -> c_int {
+    // One definition, naked on x86-64 (see `pass_caller`).
+    pass_caller!(posix_memalign_from(out, alignment, size), "rcx")
+}
+
+/// `lg_posix_memalign` (and, with the override, `posix_memalign`) handed the program's
+/// return address (it writes `*out` after allocating, so a sample could not find it on
+/// the stack); 0 where it is not known.
+///
+/// # Safety
+/// As for `lg_posix_memalign`.
+pub(super) unsafe extern "C" fn posix_memalign_from(
+    out: *mut *mut c_void,
+    alignment: usize,
+    size: usize,
+    ret: usize,
+) -> c_int {
     // SAFETY: forwarded contract.
-    unsafe { request::posix_memalign(out, alignment, size) }
+    unsafe { request::posix_memalign_for(out, alignment, size, CallerAt(ret)) }
 }
 
 /// Bytes usable at `ptr` (at least the size requested); 0 for NULL.

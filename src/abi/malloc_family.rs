@@ -16,6 +16,7 @@
 use core::ffi::{c_int, c_void};
 use core::ptr;
 
+use super::c_api::posix_memalign_from;
 use crate::heap::CallerAt;
 use crate::os;
 use crate::request::{self, MIN_ALIGN};
@@ -79,11 +80,14 @@ unsafe extern "C" fn reallocarray_from(
 /// Defines a C entry point that hands its own return address to `$target` as one more
 /// argument, in `$reg` (see `pass_caller`).
 macro_rules! entry_passing_caller {
-    ($(#[$attr:meta])* $name:ident($($arg:ident: $ty:ty),*) => $target:ident, $reg:literal) => {
+    (
+        $(#[$attr:meta])*
+        $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $target:ident, $reg:literal
+    ) => {
         $(#[$attr])*
         #[unsafe(no_mangle)]
         #[cfg_attr(all(target_arch = "x86_64", not(miri)), unsafe(naked))]
-        pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut c_void {
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
             pass_caller!($target($($arg),*), $reg)
         }
     };
@@ -94,7 +98,7 @@ entry_passing_caller!(
     ///
     /// # Safety
     /// `p` is NULL or a live pointer from this allocator.
-    realloc(p: *mut c_void, size: usize) => realloc_from, "rdx"
+    realloc(p: *mut c_void, size: usize) -> *mut c_void => realloc_from, "rdx"
 );
 
 entry_passing_caller!(
@@ -102,7 +106,7 @@ entry_passing_caller!(
     ///
     /// # Safety
     /// As `realloc`.
-    __libc_realloc(p: *mut c_void, size: usize) => realloc_from, "rdx"
+    __libc_realloc(p: *mut c_void, size: usize) -> *mut c_void => realloc_from, "rdx"
 );
 
 entry_passing_caller!(
@@ -110,7 +114,27 @@ entry_passing_caller!(
     ///
     /// # Safety
     /// As `realloc`.
-    reallocarray(p: *mut c_void, count: usize, size: usize) => reallocarray_from, "rcx"
+    reallocarray(p: *mut c_void, count: usize, size: usize) -> *mut c_void
+        => reallocarray_from, "rcx"
+);
+
+entry_passing_caller!(
+    /// POSIX `posix_memalign`: 0, EINVAL (alignment not a power-of-two multiple of
+    /// `sizeof(void *)`) or ENOMEM; errno untouched; `*out` only written on success.
+    ///
+    /// # Safety
+    /// `out` must be valid for a pointer write.
+    posix_memalign(out: *mut *mut c_void, alignment: usize, size: usize) -> c_int
+        => posix_memalign_from, "rcx"
+);
+
+entry_passing_caller!(
+    /// glibc's other name for `posix_memalign`.
+    ///
+    /// # Safety
+    /// As `posix_memalign`.
+    __posix_memalign(out: *mut *mut c_void, alignment: usize, size: usize) -> c_int
+        => posix_memalign_from, "rcx"
 );
 
 /// glibc's `memalign`: alignments up to 16 are plain malloc, others are rounded up to a
@@ -211,20 +235,6 @@ c_exports! {
     /// C `calloc` (overflow of `count * size` fails with ENOMEM).
     [calloc, __libc_calloc] fn(count: usize, size: usize) -> *mut c_void {
         request::calloc(count, size).cast()
-    }
-
-    /// POSIX `posix_memalign`: 0, EINVAL (alignment not a power-of-two multiple of
-    /// `sizeof(void *)`) or ENOMEM; errno untouched; `*out` only written on success.
-    ///
-    /// # Safety
-    /// `out` must be valid for a pointer write.
-    [posix_memalign, __posix_memalign] unsafe fn(
-        out: *mut *mut c_void,
-        alignment: usize,
-        size: usize
-    ) -> c_int {
-        // SAFETY: forwarded contract.
-        unsafe { request::posix_memalign(out, alignment, size) }
     }
 
     /// C11 `aligned_alloc`: EINVAL when `alignment` is not a power of two.
