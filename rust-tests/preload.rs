@@ -2172,6 +2172,8 @@ fn samples_of_direct_calls_take_their_site_without_unwinding() {
         "lg_posix_memalign",
         "new",
         "new-nothrow",
+        "new-aligned",
+        "new-aligned-nothrow",
         "new-small",
         "calloc-big",
         "realloc-big",

@@ -163,7 +163,7 @@ pub fn aligned(align: usize, size: usize) -> *mut u8 {
 
 /// [`aligned`], with `caller` saying where a sampled allocation finds its call site.
 #[inline]
-fn aligned_for(align: usize, size: usize, caller: impl SampleCaller) -> *mut u8 {
+pub fn aligned_for(align: usize, size: usize, caller: impl SampleCaller) -> *mut u8 {
     if align <= MIN_ALIGN {
         return malloc_for(size, caller);
     }

@@ -17,17 +17,23 @@ use core::ffi::c_void;
 use core::ptr;
 
 use crate::diag::diag;
-use crate::heap::CallerAt;
+use crate::heap::{CallerAt, CallerOnStack, SampleCaller};
 use crate::request;
 
 /// One allocation attempt for `operator new`: `align` 0 means the default alignment; an
 /// alignment that is not a power of two fails.
 #[inline(always)]
 fn new_attempt(size: usize, align: usize) -> *mut u8 {
+    new_attempt_for(size, align, CallerOnStack)
+}
+
+/// [`new_attempt`], with `caller` saying where a sampled allocation finds its call site.
+#[inline(always)]
+fn new_attempt_for(size: usize, align: usize, caller: impl SampleCaller) -> *mut u8 {
     if align == 0 {
-        request::malloc(size)
+        request::malloc_for(size, caller)
     } else if align.is_power_of_two() {
-        request::aligned(align, size)
+        request::aligned_for(align, size, caller)
     } else {
         ptr::null_mut()
     }
@@ -116,6 +122,13 @@ mod throwing {
 
     extern "C" fn attempt(size: usize, align: usize) -> *mut u8 {
         new_attempt(size, align)
+    }
+
+    /// An aligned `operator new`'s attempt, handed the program's return address (`ret`)
+    /// by its entry, which pushes three words before the call: a sampled allocation
+    /// records the call site without walking the stack.
+    extern "C" fn attempt_aligned(size: usize, align: usize, ret: usize) -> *mut u8 {
+        super::new_attempt_for(size, align, crate::heap::CallerAt(ret))
     }
 
     /// `operator new(size)`'s attempt: called by it with its argument pushed, so a
@@ -238,12 +251,14 @@ mod throwing {
     }
 
     /// `operator new(size, align)`: `rdi` and `rsi` to keep (and `rax` pushed to keep the
-    /// stack 16-byte aligned at the call).
+    /// stack 16-byte aligned at the call); the attempt gets the return address in `rdx`.
     macro_rules! new_aligned {
         ($rust:ident, $sym:literal) => {
             throwing_new!(
-                $rust, $sym, "aligned `operator new`", (size: usize, align: usize), attempt,
+                $rust, $sym, "aligned `operator new`", (size: usize, align: usize),
+                attempt_aligned,
                 save [
+                    "mov rdx, qword ptr [rsp]",
                     "push rdi", ".cfi_adjust_cfa_offset 8",
                     "push rsi", ".cfi_adjust_cfa_offset 8",
                     "push rax", ".cfi_adjust_cfa_offset 8"
@@ -305,15 +320,6 @@ mod throwing {
     }
 }
 
-#[inline(always)]
-fn new_nothrow(size: usize, align: usize) -> *mut c_void {
-    let p = new_attempt(size, align);
-    if !p.is_null() {
-        return p.cast();
-    }
-    new_nothrow_slow(size, align)
-}
-
 /// The nothrow `operator new(size_t)` forms, handed the program's return address by
 /// their entry (they call the allocator and check for failure, so the sampler could not
 /// find it on the stack).
@@ -343,24 +349,44 @@ pub extern "C" fn op_new_array_nothrow(size: usize, nt: *const c_void) -> *mut c
     pass_caller!(new_nothrow_from(size, nt), "rdx")
 }
 
-/// C++ `operator new(size_t, align_val_t, const nothrow_t&)`.
-#[unsafe(export_name = "_ZnwmSt11align_val_tRKSt9nothrow_t")]
-pub extern "C" fn op_new_aligned_nothrow(
+/// The nothrow `operator new(size_t, align_val_t)` forms, handed the program's return
+/// address by their entry, as [`new_nothrow_from`].
+///
+/// # Safety
+/// None, as for [`new_nothrow_from`].
+unsafe extern "C" fn new_aligned_nothrow_from(
     size: usize,
     align: usize,
     _nt: *const c_void,
+    ret: usize,
 ) -> *mut c_void {
-    new_nothrow(size, align)
+    let p = new_attempt_for(size, align, CallerAt(ret));
+    if !p.is_null() {
+        return p.cast();
+    }
+    new_nothrow_slow(size, align)
+}
+
+/// C++ `operator new(size_t, align_val_t, const nothrow_t&)`.
+#[unsafe(export_name = "_ZnwmSt11align_val_tRKSt9nothrow_t")]
+#[cfg_attr(all(target_arch = "x86_64", not(miri)), unsafe(naked))]
+pub extern "C" fn op_new_aligned_nothrow(
+    size: usize,
+    align: usize,
+    nt: *const c_void,
+) -> *mut c_void {
+    pass_caller!(new_aligned_nothrow_from(size, align, nt), "rcx")
 }
 
 /// C++ `operator new[](size_t, align_val_t, const nothrow_t&)`.
 #[unsafe(export_name = "_ZnamSt11align_val_tRKSt9nothrow_t")]
+#[cfg_attr(all(target_arch = "x86_64", not(miri)), unsafe(naked))]
 pub extern "C" fn op_new_array_aligned_nothrow(
     size: usize,
     align: usize,
-    _nt: *const c_void,
+    nt: *const c_void,
 ) -> *mut c_void {
-    new_nothrow(size, align)
+    pass_caller!(new_aligned_nothrow_from(size, align, nt), "rcx")
 }
 
 /// Defines `operator delete` forms: every one frees its first argument.
