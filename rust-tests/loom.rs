@@ -24,7 +24,8 @@ use std::ptr;
 
 use lgmalloc::loom_api::{
     Block, IN_FULL_FLAG, Owner, OwnerSlot, Page, RemoteWord, STATE_NONE, collect_remote,
-    encode_link, end_notification, free_head, link_key, push_remote, try_watch, unwatch,
+    drop_remote_if_all_freed, encode_link, end_notification, free_head, link_key, push_remote,
+    try_watch, unwatch,
 };
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
@@ -371,6 +372,46 @@ fn remote_free_list() {
         t1.join().unwrap();
         t2.join().unwrap();
         w.check_final(collected);
+    });
+}
+
+/// (a') Two remote threads free a page's two blocks while the owner asks whether they
+/// all came back (`drop_remote_if_all_freed`, as a thread exit or the sweep of abandoned
+/// pages does before releasing a page): when it says so, both pushes happened before it
+/// (the blocks' contents are visible, so the page's memory may be reused at once),
+/// nothing is pushed after it, and the page counts no block in use; when it does not,
+/// the page is unchanged and a collection finds both blocks.
+#[test]
+fn remote_frees_that_empty_the_page() {
+    model("remote_frees_that_empty_the_page", None, || {
+        let w = World::new(2, false);
+        let freers: Vec<_> = (0..2)
+            .map(|i| {
+                let w = w.clone();
+                thread::spawn(move || w.free_remote(i))
+            })
+            .collect();
+        let_others_run();
+        // SAFETY: this thread is the page's owner.
+        let dropped = unsafe { drop_remote_if_all_freed(w.page) };
+        if dropped {
+            // Read before the joins, which would order the freers' writes anyway.
+            for (i, &slot) in w.slots.iter().enumerate() {
+                // SAFETY: the page was given up; its blocks are the owner's to reuse.
+                let v = unsafe { (*slot).payload.with(|p| *p) };
+                assert_eq!(v, 1000 + i, "block {i} dropped before its contents arrived");
+            }
+        }
+        for t in freers {
+            t.join().unwrap();
+        }
+        if dropped {
+            let word = w.page().remote_free.load(Ordering::SeqCst);
+            assert_eq!(word & !STATE_MASK, 0, "a block arrived after the drop");
+            assert_eq!(w.page().used(), 0, "blocks still counted in use");
+        } else {
+            w.check_final(0);
+        }
     });
 }
 

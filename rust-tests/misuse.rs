@@ -185,7 +185,8 @@ fn perform(case: &str) {
             }
             "use_after_free_write_remote" => {
                 // A dangling write into a block another thread freed, while it waits
-                // on the page's remote list: caught when the owner collects the list.
+                // on the page's remote list: caught when the owner follows the link,
+                // walking the list it collects or popping the blocks.
                 let p = page_block(48) as usize;
                 std::thread::spawn(move || lg_free(p as *mut c_void))
                     .join()

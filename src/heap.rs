@@ -1810,7 +1810,11 @@ pub unsafe fn abandon(heap: *mut Heap) {
                     break;
                 }
                 class_remove(heap, p);
-                page::collect_remote(p);
+                // A page whose blocks all came back from other threads is released
+                // without a walk of its remote list.
+                if !page::drop_remote_if_all_freed(p) {
+                    page::collect_remote(p);
+                }
                 if (*p).used() == 0 {
                     list::push_front(&mut empty, p);
                 } else {

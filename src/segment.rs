@@ -1179,7 +1179,9 @@ impl RegionInner {
                 // only thread that may touch their owner-side fields.
                 unsafe {
                     let next = (*p).next;
-                    page::collect_remote(p);
+                    if !page::drop_remote_if_all_freed(p) {
+                        page::collect_remote(p);
+                    }
                     if (*p).used() == 0 {
                         list::remove(&mut self.abandoned[class], p);
                         self.count_abandoned(class, false);
