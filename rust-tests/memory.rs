@@ -336,6 +336,55 @@ fn thread_round(bytes: usize, keep_every: usize) -> Vec<usize> {
     .unwrap()
 }
 
+/// Pages whose blocks other threads freed go back at their thread's exit, found empty
+/// by their remote lists' counts (no block is touched): a thread writes 32 MiB of
+/// 256-byte blocks and hands them to this thread, which frees all but one in 4096
+/// (pinning the segments) while the writer still lives, so every free is remote; after
+/// the writer's exit, what `lg_trim` finds left resident is at most the 4 MiB the exit
+/// keeps (`thread_exit_returns_memory_beyond_a_little_and_keeps_the_little`). Pages
+/// the exit left parked would come back only at `lg_trim`, 28 MiB of them.
+#[test]
+fn pages_other_threads_emptied_go_back_at_thread_exit() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    lg_trim();
+    let (to_main, from_writer) = std::sync::mpsc::channel::<Vec<usize>>();
+    let (to_writer, from_main) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let blocks: Vec<usize> = (0..(32 << 20) / 256)
+            .map(|_| {
+                let p = lg_malloc(256) as *mut u8;
+                assert!(!p.is_null());
+                unsafe { std::ptr::write_bytes(p, 7, 256) };
+                p as usize
+            })
+            .collect();
+        to_main.send(blocks).unwrap();
+        // Stay alive until every free has been made: they are remote frees.
+        from_main.recv().unwrap();
+    });
+    let blocks = from_writer.recv().unwrap();
+    let mut kept = Vec::new();
+    for (i, &p) in blocks.iter().enumerate() {
+        if i % 4096 == 0 {
+            kept.push(p);
+        } else {
+            unsafe { lg_free(p as *mut core::ffi::c_void) };
+        }
+    }
+    to_writer.send(()).unwrap();
+    writer.join().unwrap();
+    let left = lg_trim();
+    for p in kept {
+        unsafe { lg_free(p as *mut core::ffi::c_void) };
+    }
+    lg_trim();
+    eprintln!("free memory left resident after the writer's exit: {left}");
+    assert!(
+        left <= (4 << 20) + (256 << 10),
+        "{left} bytes resident after the exit of a thread whose blocks another thread freed"
+    );
+}
+
 /// A program whose threads come in rounds, each taking back what the previous round's
 /// exits decommitted (mimalloc's test-stress: ~460,000 page faults in 10 rounds of 32
 /// threads when every exit kept 4 MiB only), teaches thread exit to keep that much

@@ -1811,11 +1811,9 @@ pub unsafe fn abandon(heap: *mut Heap) {
                 }
                 class_remove(heap, p);
                 // A page whose blocks all came back from other threads is released
-                // without a walk of its remote list.
-                if !page::drop_remote_if_all_freed(p) {
-                    page::collect_remote(p);
-                }
-                if (*p).used() == 0 {
+                // without a walk of its remote list; the others keep theirs for their
+                // next owner, who takes it whole once its own list runs out.
+                if page::drop_remote_if_all_freed(p) || (*p).used() == 0 {
                     list::push_front(&mut empty, p);
                 } else {
                     list::push_front(&mut live, p);

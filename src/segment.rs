@@ -85,8 +85,7 @@ const NEVER_USED: u64 = 0;
 const FRESH_SHIFT: u32 = 48;
 const FREED_AT_MASK: u64 = (1 << FRESH_SHIFT) - 1;
 const _: () = assert!(SLICES < 1 << (u64::BITS - FRESH_SHIFT));
-/// Abandoned pages a thread exit inspects (collecting their remote frees, freeing the
-/// empty ones). Enough that exited threads' pages emptied by other threads come back
+/// Abandoned pages a thread exit inspects (freeing those whose blocks all came back). Enough that exited threads' pages emptied by other threads come back
 /// round after round (the thread-exit test parks ~300 per round; 64 let ~10 MiB pile
 /// up), bounded so one exit never walks an unbounded list under the lock.
 const EXIT_SWEEP_PAGES: usize = 1024;
@@ -1167,8 +1166,12 @@ impl RegionInner {
         }
     }
 
-    /// Collects remote frees on up to `budget` abandoned pages and frees the empty ones.
-    fn sweep_abandoned(&mut self, mut budget: usize, now: u64) {
+    /// Frees the empty pages among up to `budget` abandoned ones: those whose blocks all
+    /// came back from other threads, as their remote lists' counts say
+    /// (`page::drop_remote_if_all_freed`, which touches no block). With `walk`, the
+    /// remote lists of the others are collected too (walked, under the lock: `lg_trim`
+    /// only, which must find every empty page, also where a count cannot be trusted).
+    fn sweep_abandoned(&mut self, mut budget: usize, now: u64, walk: bool) {
         let mut scanned_classes = 0;
         while budget > 0 && self.abandoned_count > 0 && scanned_classes < MAX_CLASSES {
             let class = self.sweep_class;
@@ -1179,7 +1182,7 @@ impl RegionInner {
                 // only thread that may touch their owner-side fields.
                 unsafe {
                     let next = (*p).next;
-                    if !page::drop_remote_if_all_freed(p) {
+                    if !page::drop_remote_if_all_freed(p) && walk {
                         page::collect_remote(p);
                     }
                     if (*p).used() == 0 {
@@ -1229,9 +1232,9 @@ impl RegionInner {
         true
     }
 
-    /// Takes `page` off its class's abandoned list and collects its remote frees: the
-    /// page is no longer abandoned, and its `used` count is current. The caller then
-    /// gives it an owner or, when it turned out empty, releases its span.
+    /// Takes `page` off its class's abandoned list: the page is no longer abandoned.
+    /// The caller then gives it an owner, with its remote list as it stands (taken whole
+    /// once the owner's own list runs out), or releases its span when it is empty.
     ///
     /// # Safety
     /// `page` is on its class's abandoned list (`FLAG_ABANDONED` set).
@@ -1245,7 +1248,6 @@ impl RegionInner {
                 self.count_abandoned(class, false);
             }
             (*page).flags = 0;
-            page::collect_remote(page);
         }
     }
 
@@ -1370,7 +1372,7 @@ pub unsafe fn alloc_page(
             let mut taken = take(r);
             if taken.0.is_null() && mapped.is_null() {
                 // The first visit sweeps the abandoned pages before asking for a segment.
-                r.sweep_abandoned(usize::MAX, now);
+                r.sweep_abandoned(usize::MAX, now, false);
                 taken = take(r);
                 if taken.0.is_null() {
                     r.request_segment(request);
@@ -1555,7 +1557,7 @@ pub unsafe fn abandon_pages(empty: *mut Page, mut live: *mut Page) {
                 live = next;
             }
         }
-        r.sweep_abandoned(EXIT_SWEEP_PAGES, now);
+        r.sweep_abandoned(EXIT_SWEEP_PAGES, now, false);
         // Thread exit gives memory back at once, so short-lived threads do not pile up
         // resident free memory: beyond a little, what is free (the exiting thread's
         // pages, the exited threads' pages the sweep found empty, anything else) is
@@ -1603,7 +1605,7 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
             // property while the lock is held.
             unsafe {
                 r.unpark_abandoned(p);
-                if (*p).used() == 0 {
+                if page::drop_remote_if_all_freed(p) || (*p).used() == 0 {
                     r.release_span(p, now);
                     continue;
                 }
@@ -1654,7 +1656,7 @@ pub fn purge_if_due() {
 pub fn trim() {
     let now = os::now_ms();
     let (mut full, _) = with_region_purging(|r, batch| {
-        r.sweep_abandoned(usize::MAX, now);
+        r.sweep_abandoned(usize::MAX, now, true);
         r.forget_exit_demand();
         r.purge(u64::MAX, 0, 0, batch);
         PURGE_AT.store(0, Ordering::Relaxed);
