@@ -85,9 +85,11 @@ const NEVER_USED: u64 = 0;
 const FRESH_SHIFT: u32 = 48;
 const FREED_AT_MASK: u64 = (1 << FRESH_SHIFT) - 1;
 const _: () = assert!(SLICES < 1 << (u64::BITS - FRESH_SHIFT));
-/// Abandoned pages a thread exit inspects (freeing those whose blocks all came back). Enough that exited threads' pages emptied by other threads come back
-/// round after round (the thread-exit test parks ~300 per round; 64 let ~10 MiB pile
-/// up), bounded so one exit never walks an unbounded list under the lock.
+/// Abandoned pages a thread exit inspects (freeing those whose blocks all came back,
+/// by their remote lists' counts). Enough that exited threads' pages emptied by other
+/// threads come back round after round (the thread-exit test parks ~300 per round; 64
+/// let ~10 MiB pile up), bounded so one exit never walks an unbounded list of pages
+/// under the lock.
 const EXIT_SWEEP_PAGES: usize = 1024;
 /// Resident free memory a thread exit leaves for reuse (any more is decommitted at
 /// once). What the exiting thread gives back counts like any other free memory: its
