@@ -710,24 +710,13 @@ unsafe fn slow_pop(
 /// is the return address into the program: a naked trampoline passes it on to
 /// [`alloc_slow_zeroed_at`], whose sample (the block is cleared after the pop, so its
 /// sampled branch is no tail jump) records the call site with it. Other targets (and
-/// Miri) pass none.
+/// Miri) pass none (`pass_caller`).
 ///
 /// # Safety
 /// As for [`alloc_small`].
-#[cfg(all(target_arch = "x86_64", not(miri)))]
-#[unsafe(naked)]
+#[cfg_attr(all(target_arch = "x86_64", not(miri)), unsafe(naked))]
 unsafe extern "C" fn alloc_slow_zeroed(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
-    core::arch::naked_asm!("mov rcx, [rsp]", "jmp {f}", f = sym alloc_slow_zeroed_at)
-}
-
-/// See the x86-64 version.
-///
-/// # Safety
-/// As for [`alloc_small`].
-#[cfg(not(all(target_arch = "x86_64", not(miri))))]
-unsafe extern "C" fn alloc_slow_zeroed(size: usize, heap: *mut Heap, class: usize) -> *mut u8 {
-    // SAFETY: forwarded contract; no return address known.
-    unsafe { alloc_slow_zeroed_at(size, heap, class, 0) }
+    pass_caller!(alloc_slow_zeroed_at(size, heap, class), "rcx")
 }
 
 /// [`alloc_slow_zeroed`], told the caller's return address (`ret`, 0 if unknown).

@@ -7,6 +7,32 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+/// The body of a function that hands its own return address (an entry point's: the
+/// program's call site) to `$target` as one more argument, in `$reg`, the register after
+/// its last argument: on x86-64 the function is naked and this is a `mov` and a `jmp`,
+/// so `$target` runs as if the function's caller had called it; elsewhere, and under
+/// Miri, a call passing 0. An allocation `$target` makes then records that call site
+/// when it is sampled, without walking the stack. Defined here, before the modules,
+/// for both the entry points (`abi`) and `heap`'s slow path of `calloc`.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+macro_rules! pass_caller {
+    ($target:ident($($arg:ident),*), $reg:literal) => {
+        core::arch::naked_asm!(
+            concat!("mov ", $reg, ", qword ptr [rsp]"),
+            "jmp {target}",
+            target = sym $target,
+        )
+    };
+}
+
+#[cfg(not(all(target_arch = "x86_64", not(miri))))]
+macro_rules! pass_caller {
+    ($target:ident($($arg:ident),*), $reg:literal) => {
+        // SAFETY: forwarded contract; no return address known.
+        unsafe { $target($($arg,)* 0) }
+    };
+}
+
 mod abi;
 pub mod analysis;
 mod chunk_map;

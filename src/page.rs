@@ -910,7 +910,8 @@ pub unsafe fn push_remote<H: OwnerSlot, R: RemoteWord>(
         // link is stored encoded (hardened), as `collect_remote` expects; the word the
         // protocol swaps (`remote_free`) holds plain addresses.
         unsafe { (*block).next = encode_link(key, (cur & REMOTE_PTR_MASK) as *mut Block) };
-        let count = cur.wrapping_add(REMOTE_COUNT_ONE) & !(REMOTE_COUNT_ONE - 1);
+        // The count's bits of `cur` plus one: the bits below it all set, then carried.
+        let count = (cur | (REMOTE_COUNT_ONE - 1)).wrapping_add(1);
         let new = block as usize | state | count;
         match remote.compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed) {
             Ok(_) => return ptr::null_mut(),

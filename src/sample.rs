@@ -39,8 +39,8 @@ const ARENA_BYTES: usize = SLOTS << SLOT_SHIFT;
 /// `realloc` up to 256 KiB) in the arena, and it ran in 0.33 s with 10.2k page faults
 /// against 0.25 s and 4.6k with sampling off. Followed this way, a sample brings at
 /// most `FOLLOW_BYTES` into the arena on average, and each size still has its
-/// lifetimes measured, from fewer samples. The plan reads lifetimes for sizes up to `size_class::TABLE_MAX_SIZE`,
-/// which are all followed.
+/// lifetimes measured, from fewer samples. The plan reads lifetimes for sizes up to
+/// `size_class::TABLE_MAX_SIZE`, which are all followed.
 const FOLLOW_BYTES: usize = 8 << 10;
 const _: () = assert!(FOLLOW_BYTES >= size_class::TABLE_MAX_SIZE);
 /// Distinct call stacks recorded at most (later new stacks are counted, not kept).

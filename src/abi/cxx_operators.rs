@@ -328,11 +328,7 @@ mod throwing {
 /// None: it is `unsafe` only so that every entry's fallback body (`pass_caller`) calls
 /// its target the same way.
 unsafe extern "C" fn new_nothrow_from(size: usize, _nt: *const c_void, ret: usize) -> *mut c_void {
-    let p = request::malloc_for(size, CallerAt(ret));
-    if !p.is_null() {
-        return p.cast();
-    }
-    new_nothrow_slow(size, 0)
+    new_nothrow_at(size, 0, ret)
 }
 
 /// C++ `operator new(size_t, const nothrow_t&)`.
@@ -360,6 +356,12 @@ unsafe extern "C" fn new_aligned_nothrow_from(
     _nt: *const c_void,
     ret: usize,
 ) -> *mut c_void {
+    new_nothrow_at(size, align, ret)
+}
+
+/// A nothrow `operator new` told the program's return address `ret` (0 if unknown).
+#[inline(always)]
+fn new_nothrow_at(size: usize, align: usize, ret: usize) -> *mut c_void {
     let p = new_attempt_for(size, align, CallerAt(ret));
     if !p.is_null() {
         return p.cast();
