@@ -1581,8 +1581,8 @@ fn lgmalloc_plan_turns_each_mechanism_on_and_off() {
 /// site. The sizes come from the command line: only the profile can plan for them.
 /// Three 2176-byte blocks, not more: a sample stands for 256 KiB on average, so three
 /// samples of that site in one run would pay for its class (120 blocks each, 128 bytes
-/// saved on each); twenty blocks (43 KB) drew three about once in 1,500 runs, three
-/// blocks about once in 400,000.
+/// saved on each); by the sampler's odds (computed), twenty blocks (43 KB) draw three
+/// about once in 1,500 runs, three blocks about once in 400,000.
 fn run_profile_shape(cache: &Path, env: &[(&str, &str)]) -> Run {
     run_profile_shape_with(cache, ["4360", "3840", "4512", "3840", "2176", "3"], env)
 }
@@ -1791,8 +1791,9 @@ fn a_small_exact_fit_class_serves_the_main_thread() {
 ///
 /// Why three: a sample stands for 256 KiB on average, so two samples of the site in
 /// the first run already pay for the class (504 blocks each, 48 bytes saved on each,
-/// against the 32 KiB of a partly used page). Twenty blocks (10 KB) drew two about once
-/// in 1,300 runs (test-all failed so at b08ec04); three (1.5 KB), about once in 57,000.
+/// against the 32 KiB of a partly used page). By the odds of the sampler's exponential
+/// intervals (computed, not counted), twenty blocks (10 KB) draw two about once in 1,300
+/// runs (test-all failed so at b08ec04); three (1.5 KB), about once in 57,000.
 #[test]
 fn the_plan_follows_the_profile_as_it_grows() {
     let cache = FreshCache::new("profile-grows");

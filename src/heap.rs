@@ -1802,7 +1802,7 @@ pub unsafe fn abandon(heap: *mut Heap) {
                 // A page whose blocks all came back from other threads is released
                 // without a walk of its remote list; the others keep theirs for their
                 // next owner, who takes it whole once its own list runs out.
-                if page::drop_remote_if_all_freed(p) || (*p).used() == 0 {
+                if page::drop_remote_if_all_freed(p) {
                     list::push_front(&mut empty, p);
                 } else {
                     list::push_front(&mut live, p);

@@ -846,11 +846,11 @@ unsafe fn remote_tail<H, R>(
     (tail, count)
 }
 
-/// For a page about to be released if it is empty: true, with the remote list dropped
-/// and no block counted in use any more, when every block still counted in `used` is on
-/// the remote list (as its count says), so the page is empty without its blocks being
-/// touched. False (nothing changed) otherwise. Owner only (or the region lock holder for
-/// an abandoned page).
+/// For a page about to be released if it is empty: whether it is. True when no block is
+/// counted in use, or when every block still counted in `used` is on the remote list (as
+/// its count says): then the list is dropped and no block counted in use any more, so
+/// the page is empty without its blocks being touched. False (nothing changed)
+/// otherwise. Owner only (or the region lock holder for an abandoned page).
 ///
 /// # Safety
 /// As for [`collect_remote`]; the caller releases the page when this returns true.
@@ -859,10 +859,14 @@ pub unsafe fn drop_remote_if_all_freed<H, R: RemoteWord>(page: *mut Page<H, R>) 
     let remote = unsafe { &(*page).remote_free };
     // SAFETY: owner access to `used`.
     let used = unsafe { (*page).used } & !IN_FULL_FLAG;
+    if used == 0 {
+        // Every block on the remote list is counted in `used`: the list is empty too.
+        return true;
+    }
     let word = remote.load(Ordering::Acquire);
     // Once the count reaches `used` no block of the page is left to push, so the list
     // taken below is the one counted here.
-    if used == 0 || remote_count(word, used) != Some(used) {
+    if remote_count(word, used) != Some(used) {
         return false;
     }
     remote.fetch_and(STATE_MASK, Ordering::Acquire);

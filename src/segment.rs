@@ -1607,7 +1607,7 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
             // property while the lock is held.
             unsafe {
                 r.unpark_abandoned(p);
-                if page::drop_remote_if_all_freed(p) || (*p).used() == 0 {
+                if page::drop_remote_if_all_freed(p) {
                     r.release_span(p, now);
                     continue;
                 }
