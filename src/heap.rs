@@ -50,6 +50,9 @@ const RUN_LARGE_PAGES: usize = 4;
 const RUN_LARGE_MAX_SLICES: usize = 1024;
 /// Abandoned pages of one class a heap adopts in one visit to the region.
 const ADOPT_BATCH: usize = 16;
+/// A heap looks at the clock for due purges at every this many pages that empty
+/// (`free_local_slow`).
+const PURGE_CHECK_EVERY: u32 = 8;
 
 #[repr(C)]
 pub struct Heap {
@@ -96,6 +99,9 @@ pub struct Heap {
     /// and the slices they cover (at most `SPARE_SLICES` after each retirement).
     spare: *mut Page,
     spare_slices: usize,
+    /// Pages of this heap that became empty (wrapping): every `PURGE_CHECK_EVERY`-th
+    /// looks at the clock for purges that are due ([`free_local_slow`]).
+    emptied_pages: u32,
     /// Live heaps list (statistics), guarded by the pool lock.
     next_live: *mut Heap,
     prev_live: *mut Heap,
@@ -156,6 +162,7 @@ pub static EMPTY_HEAP: Heap = Heap {
     full: ptr::null_mut(),
     spare: ptr::null_mut(),
     spare_slices: 0,
+    emptied_pages: 0,
     next_live: ptr::null_mut(),
     prev_live: ptr::null_mut(),
     thread: 0,
@@ -1282,19 +1289,68 @@ unsafe fn extend_page(heap: *mut Heap, page: *mut Page) {
     }
 }
 
-/// After a local free made a page empty or found it on the full list.
+/// After a local free made a page empty or found it on the full list. The common case,
+/// a class's only page emptied (a loop that allocates and frees a few objects), returns
+/// here without the stack frame the rest needs.
 #[cold]
 #[inline(never)]
 unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
     // SAFETY: owner access.
     unsafe {
-        if (*page).in_full() {
-            page::unwatch(page);
-            full_remove(heap, page);
-            class_push_back(heap, page);
+        if !(*page).in_full() {
+            // `release_one` answered, so the page is empty.
+            let purge_check = count_emptied(heap);
+            if !purge_check && is_only_page(heap, page) {
+                return;
+            }
+            retire_if_spare(heap, page, purge_check);
+        } else {
+            free_to_full_page(heap, page);
         }
+    }
+}
+
+/// Counts a page of `heap` that became empty: true at every `PURGE_CHECK_EVERY`-th,
+/// when the caller looks for purges that are due.
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+#[inline(always)]
+unsafe fn count_emptied(heap: *mut Heap) -> bool {
+    // SAFETY: owner access.
+    unsafe {
+        let emptied = (*heap).emptied_pages.wrapping_add(1);
+        (*heap).emptied_pages = emptied;
+        emptied.is_multiple_of(PURGE_CHECK_EVERY)
+    }
+}
+
+/// Whether `page` is the only page on its class list.
+///
+/// # Safety
+/// `page` is a page of `heap`, the calling thread's live heap, on its class list.
+#[inline(always)]
+unsafe fn is_only_page(heap: *mut Heap, page: *mut Page) -> bool {
+    // SAFETY: owner access; `class < MAX_CLASSES` for every page.
+    unsafe {
+        *(*heap).pages.get_unchecked((*page).class as usize) == page && (*page).next.is_null()
+    }
+}
+
+/// A local free to a page on the full list: the page goes back on its class list (and
+/// is retired if that free emptied it).
+///
+/// # Safety
+/// `page` is a page of `heap`, the calling thread's live heap, on its full list.
+#[inline(never)]
+unsafe fn free_to_full_page(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: owner access.
+    unsafe {
+        page::unwatch(page);
+        full_remove(heap, page);
+        class_push_back(heap, page);
         if (*page).used() == 0 {
-            retire_if_spare(heap, page);
+            retire_if_spare(heap, page, count_emptied(heap));
         }
     }
 }
@@ -1302,17 +1358,21 @@ unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
 /// Retires an empty page to the heap's spare pages unless it is the only page of its
 /// class (so a loop that allocates and frees one object never maps or unmaps). Also
 /// where an otherwise idle thread notices that free memory (the region's, and pages
-/// kept by free sample slots) is due to be purged.
+/// kept by free sample slots) is due to be purged, when `purge_check`: at every
+/// `PURGE_CHECK_EVERY`-th page emptied, since reading the clock cost more than the rest
+/// of a free whose class's only page empties and fills in turn.
 ///
 /// # Safety
 /// `page` is an empty page on `heap`'s class list.
-unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page) {
-    segment::purge_if_due();
-    sample::purge_if_due();
+#[inline(never)]
+unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page, purge_check: bool) {
+    if purge_check {
+        segment::purge_if_due();
+        sample::purge_if_due();
+    }
     // SAFETY: owner access.
     unsafe {
-        let class = (*page).class as usize;
-        if (*heap).pages[class] == page && (*page).next.is_null() {
+        if is_only_page(heap, page) {
             return;
         }
         page::collect_remote(page);
@@ -1902,6 +1962,7 @@ fn pool_take() -> *mut Heap {
                 full: ptr::null_mut(),
                 spare: ptr::null_mut(),
                 spare_slices: 0,
+                emptied_pages: 0,
                 next_live: ptr::null_mut(),
                 prev_live: ptr::null_mut(),
                 // SAFETY: pthread_self has no preconditions.
