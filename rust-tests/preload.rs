@@ -2270,3 +2270,55 @@ fn the_sample_tables_take_no_file_backed_pages() {
         "sample::TABLES lies in {name}, not in .bss"
     );
 }
+
+/// The code every process runs through the library lies in the section `build.rs` has
+/// the linker gather at the start of the text (`scripts/hot-text.ld`): the entry points
+/// and the allocator's fast and slow paths, so a process touches a few 64 KiB windows of
+/// the library's code rather than most of them. Fails when the list went stale (the
+/// entry points no longer match it: run `scripts/hot-text`) or when the build left the
+/// script out (build.rs warns; `LGMALLOC_NO_HOT_TEXT=1` leaves it out on purpose).
+#[test]
+fn the_code_every_process_runs_is_gathered() {
+    if std::env::var_os("LGMALLOC_NO_HOT_TEXT").is_some_and(|v| v != "0") {
+        return;
+    }
+    let bytes = fs::read(&build().so).expect("read the library");
+    let elf = goblin::elf::Elf::parse(&bytes).expect("parse the library");
+    let hot = elf
+        .section_headers
+        .iter()
+        .find(|s| elf.shdr_strtab.get_at(s.sh_name) == Some(".text.lgmalloc_hot"))
+        .expect("no .text.lgmalloc_hot section: the linker did not take scripts/hot-text.ld");
+    let range = hot.sh_addr..hot.sh_addr + hot.sh_size;
+    let address_of = |name: &str| {
+        elf.syms
+            .iter()
+            .find(|s| s.is_function() && elf.strtab.get_at(s.st_name) == Some(name))
+            .map(|s| s.st_value)
+    };
+    for name in [
+        "malloc",
+        "free",
+        "calloc",
+        "realloc",
+        "_Znwm",
+        "_ZdlPv",
+        "lg_malloc",
+        "lg_free",
+    ] {
+        let addr = address_of(name).unwrap_or_else(|| panic!("{name} is not in the symbol table"));
+        assert!(
+            range.contains(&addr),
+            "{name} at {addr:#x}, outside the gathered code {range:x?}: scripts/hot-text.ld is stale"
+        );
+    }
+    let text = elf
+        .section_headers
+        .iter()
+        .find(|s| elf.shdr_strtab.get_at(s.sh_name) == Some(".text"))
+        .expect("a .text section");
+    assert!(
+        hot.sh_addr < text.sh_addr,
+        "the gathered code follows .text instead of preceding it"
+    );
+}
