@@ -51,7 +51,7 @@ const RUN_LARGE_MAX_SLICES: usize = 1024;
 /// Abandoned pages of one class a heap adopts in one visit to the region.
 const ADOPT_BATCH: usize = 16;
 /// A heap looks at the clock for due purges at every this many pages that empty
-/// (`free_local_slow`).
+/// (`page_emptied`).
 const PURGE_CHECK_EVERY: u32 = 8;
 
 #[repr(C)]
@@ -100,7 +100,7 @@ pub struct Heap {
     spare: *mut Page,
     spare_slices: usize,
     /// Pages of this heap that became empty (wrapping): every `PURGE_CHECK_EVERY`-th
-    /// looks at the clock for purges that are due ([`free_local_slow`]).
+    /// looks at the clock for purges that are due ([`page_emptied`]).
     emptied_pages: u32,
     /// Live heaps list (statistics), guarded by the pool lock.
     next_live: *mut Heap,
@@ -1297,43 +1297,12 @@ unsafe fn extend_page(heap: *mut Heap, page: *mut Page) {
 unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
     // SAFETY: owner access.
     unsafe {
-        if !(*page).in_full() {
-            // `release_one` answered, so the page is empty.
-            let purge_check = count_emptied(heap);
-            if !purge_check && is_only_page(heap, page) {
-                return;
-            }
-            retire_if_spare(heap, page, purge_check);
-        } else {
+        if (*page).in_full() {
             free_to_full_page(heap, page);
+        } else {
+            // `release_one` answered, so the page is empty.
+            page_emptied(heap, page);
         }
-    }
-}
-
-/// Counts a page of `heap` that became empty: true at every `PURGE_CHECK_EVERY`-th,
-/// when the caller looks for purges that are due.
-///
-/// # Safety
-/// `heap` is the calling thread's live heap.
-#[inline(always)]
-unsafe fn count_emptied(heap: *mut Heap) -> bool {
-    // SAFETY: owner access.
-    unsafe {
-        let emptied = (*heap).emptied_pages.wrapping_add(1);
-        (*heap).emptied_pages = emptied;
-        emptied.is_multiple_of(PURGE_CHECK_EVERY)
-    }
-}
-
-/// Whether `page` is the only page on its class list.
-///
-/// # Safety
-/// `page` is a page of `heap`, the calling thread's live heap, on its class list.
-#[inline(always)]
-unsafe fn is_only_page(heap: *mut Heap, page: *mut Page) -> bool {
-    // SAFETY: owner access; `class < MAX_CLASSES` for every page.
-    unsafe {
-        *(*heap).pages.get_unchecked((*page).class as usize) == page && (*page).next.is_null()
     }
 }
 
@@ -1350,31 +1319,54 @@ unsafe fn free_to_full_page(heap: *mut Heap, page: *mut Page) {
         full_remove(heap, page);
         class_push_back(heap, page);
         if (*page).used() == 0 {
-            retire_if_spare(heap, page, count_emptied(heap));
+            page_emptied(heap, page);
         }
     }
 }
 
-/// Retires an empty page to the heap's spare pages unless it is the only page of its
-/// class (so a loop that allocates and frees one object never maps or unmaps). Also
-/// where an otherwise idle thread notices that free memory (the region's, and pages
-/// kept by free sample slots) is due to be purged, when `purge_check`: at every
-/// `PURGE_CHECK_EVERY`-th page emptied, since reading the clock cost more than the rest
-/// of a free whose class's only page empties and fills in turn.
+/// A page of `heap`, on its class list, became empty: it is retired to the heap's spare
+/// pages unless it is the only page of its class (so a loop that allocates and frees
+/// one object never maps or unmaps). At every `PURGE_CHECK_EVERY`-th page emptied, this
+/// is also where an otherwise idle thread notices that free memory (the region's, and
+/// pages kept by free sample slots) is due to be purged: not at every one, since
+/// reading the clock cost more than the rest of a free whose class's only page empties
+/// and fills in turn.
 ///
 /// # Safety
-/// `page` is an empty page on `heap`'s class list.
-#[inline(never)]
-unsafe fn retire_if_spare(heap: *mut Heap, page: *mut Page, purge_check: bool) {
-    if purge_check {
-        segment::purge_if_due();
-        sample::purge_if_due();
+/// `page` is an empty page of `heap`, the calling thread's live heap, on its class list.
+#[inline(always)]
+unsafe fn page_emptied(heap: *mut Heap, page: *mut Page) {
+    // SAFETY: owner access; `class < MAX_CLASSES` for every page.
+    unsafe {
+        let emptied = (*heap).emptied_pages.wrapping_add(1);
+        (*heap).emptied_pages = emptied;
+        if emptied.is_multiple_of(PURGE_CHECK_EVERY) {
+            purge_due_memory();
+        }
+        let only =
+            *(*heap).pages.get_unchecked((*page).class as usize) == page && (*page).next.is_null();
+        if !only {
+            retire_to_spare(heap, page);
+        }
     }
+}
+
+/// Purges the free memory whose delay has passed (the region's and the sample slots').
+#[cold]
+#[inline(never)]
+fn purge_due_memory() {
+    segment::purge_if_due();
+    sample::purge_if_due();
+}
+
+/// Takes an empty page off its class list and keeps it as a spare.
+///
+/// # Safety
+/// `page` is an empty page of `heap`, the calling thread's live heap, on its class list.
+#[inline(never)]
+unsafe fn retire_to_spare(heap: *mut Heap, page: *mut Page) {
     // SAFETY: owner access.
     unsafe {
-        if is_only_page(heap, page) {
-            return;
-        }
         page::collect_remote(page);
         class_remove(heap, page);
         // The class keeps its page size: a class whose pages empty is often about to
@@ -2071,7 +2063,7 @@ pub fn collect_own() {
                 let next = (*p).next;
                 page::collect_remote(p);
                 if (*p).used() == 0 {
-                    // The last page of its class goes too (`retire_if_spare` keeps it for
+                    // The last page of its class goes too (`page_emptied` keeps it for
                     // the next allocation): a trim gives back all it can, and one empty
                     // page per class of large blocks is megabytes.
                     class_remove(heap, p);
