@@ -353,14 +353,15 @@ def check_preload(a: Allocator) -> str | None:
 # ---- callgrind ----------------------------------------------------------------------
 
 
-def hotpath_instructions(binary: Path, preload: str | None, pairs: int) -> dict:
+def hotpath_instructions(binary: Path, preload: str | None, pairs: int,
+                         extra_env: dict[str, str] | None = None) -> dict:
     # One output file per process (%p): a child forked under valgrind, such as lgmalloc's
     # deferred analysis after a cold start, would otherwise overwrite the program's.
     with tempfile.TemporaryDirectory(prefix="lgbench-cg-") as d:
         argv = ["/usr/bin/valgrind", "--tool=callgrind", f"--callgrind-out-file={d}/callgrind.out.%p",
                 "--toggle-collect=run_pairs", "--toggle-collect=run_empty",
                 str(binary), f"pairs={pairs}"]
-        r = run_program(argv, preload, 600, {"LD_BIND_NOW": "1"})
+        r = run_program(argv, preload, 600, {"LD_BIND_NOW": "1", **(extra_env or {})})
         outs = sorted(Path(d).glob("callgrind.out.*"))
         if not r.ok or not outs:
             return {"ok": False, "status": r.status, "cmd": r.cmdline, "stderr": r.stderr}
