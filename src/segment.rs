@@ -1859,11 +1859,17 @@ mod tests {
             base: ptr::null_mut(),
             next: ptr::null_mut(),
         };
-        r.request_segment(&mut request);
+        // Through one raw pointer from here on, as `alloc_page` does: a write through
+        // `request` itself would invalidate the pointer the region lists (Miri).
+        let request: *mut SegmentRequest = &mut request;
+        r.request_segment(request);
         r.request_now = ptr::null_mut();
-        request.base = map_segment();
-        assert!(!request.base.is_null());
-        let mapped = request.base as usize;
+        // SAFETY: the request lives on this stack until the test returns.
+        let mapped = unsafe {
+            (*request).base = map_segment();
+            (*request).base as usize
+        };
+        assert_ne!(mapped, 0);
         assert_eq!(chunk_map::kind_of(mapped), KIND_NONE);
         // SAFETY: the test's region and thread stand for the child and its one thread.
         unsafe { r.add_requested_segments() };
