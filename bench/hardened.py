@@ -23,6 +23,7 @@ paths and callgrind.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -43,7 +44,7 @@ CALLGRIND_PAIRS = 1_000_000
 def build(skip: bool) -> dict[str, Path]:
     libs = {name: OUT / name / "liblgmalloc.so" for name in BUILDS}
     if not skip:
-        env = dict(suite.os.environ, CARGO_TARGET_DIR=str(suite.cargo_target_dir()))
+        env = dict(os.environ, CARGO_TARGET_DIR=str(suite.cargo_target_dir()))
         for name, features in BUILDS.items():
             cmd = ["cargo", "build", "--release", "--locked", "--lib", "--features", ",".join(features)]
             suite.log(f"build: {' '.join(cmd)}")
@@ -61,7 +62,7 @@ def build(skip: bool) -> dict[str, Path]:
 
 def compile_loops() -> None:
     suite.BIN.mkdir(parents=True, exist_ok=True)
-    cc = suite.os.environ.get("CC", "gcc")
+    cc = os.environ.get("CC", "gcc")
     for stem in ("launch", *LOOPS):
         cmd = [cc, "-O2", "-g", "-Wall", "-Wextra", "-pthread", f"-I{suite.SRC}",
                "-o", str(suite.BIN / stem), str(suite.SRC / f"{stem}.c")]
