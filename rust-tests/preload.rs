@@ -2280,6 +2280,9 @@ fn the_sample_tables_take_no_file_backed_pages() {
 #[test]
 fn the_code_every_process_runs_is_gathered() {
     if std::env::var_os("LGMALLOC_NO_HOT_TEXT").is_some_and(|v| v != "0") {
+        eprintln!(
+            "LGMALLOC_NO_HOT_TEXT is set: the library is built without the gathering, not checked"
+        );
         return;
     }
     let bytes = fs::read(&build().so).expect("read the library");

@@ -374,10 +374,7 @@ pub unsafe fn alloc_by_size(heap: *mut Heap, size: usize, caller: impl SampleCal
     let bucket = (size + 15) >> 4;
     // SAFETY: `bucket < DIRECT_LEN` per the contract; the page is either the static
     // empty page or a page owned by this thread; `direct_pop_keys` has an entry per
-    // bucket when hardened, the only case its closure runs. The counter's pointer is
-    // taken with `&raw mut`, not `as_mut_ptr()`: the heap may be the immutable static
-    // empty heap, which no `&mut` may cover (Miri reports it), and the pop never
-    // counts there, as the empty page has no block.
+    // bucket when hardened, the only case its closure runs.
     unsafe {
         let count = (&raw mut (*heap).bucket_allocs).cast::<u64>().add(bucket);
         pop_from::<false>(
@@ -399,7 +396,10 @@ pub unsafe fn alloc_by_size(heap: *mut Heap, size: usize, caller: impl SampleCal
 ///
 /// # Safety
 /// `page` is the static empty page or a page of `heap` (the calling thread's) whose
-/// class serves `size`; `count` points into `heap`.
+/// class serves `size`; `count` points into `heap`, taken with `&raw mut` (never
+/// through a `&mut`, such as `as_mut_ptr()`): `heap` may be the immutable static empty
+/// heap, which no `&mut` may cover, and the pop never counts there, as the empty page
+/// has no block.
 #[inline(always)]
 unsafe fn pop_from<const ZEROED: bool>(
     heap: *mut Heap,
