@@ -1439,7 +1439,10 @@ unsafe fn count_slow_path(heap: *mut Heap, class: usize) {
 unsafe fn age_kept_pages(heap: *mut Heap, class: usize, now: u64) {
     // SAFETY: owner access to the heap and its pages.
     unsafe {
-        if now.saturating_sub((*heap).aged_ms) < KEPT_PAGE_AGE_MS {
+        // The generation that ends began at the last aging, so the pages kept in the
+        // one before have lain empty since then at least.
+        let idle_since = (*heap).aged_ms;
+        if now.saturating_sub(idle_since) < KEPT_PAGE_AGE_MS {
             return;
         }
         (*heap).aged_ms = now;
@@ -1454,7 +1457,7 @@ unsafe fn age_kept_pages(heap: *mut Heap, class: usize, now: u64) {
                 give_back_if_still_empty(heap, c, &mut give_back);
             }
         }
-        segment::free_pages(give_back);
+        segment::free_pages_idle_since(give_back, idle_since);
     }
 }
 

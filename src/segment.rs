@@ -874,13 +874,13 @@ impl RegionInner {
         true
     }
 
-    /// Gives a span back (freed at `now`, ms), merging it with free neighbours; may
-    /// release its segment (when nothing of it is in use or resident). The caller runs
-    /// `purge_as_due` once its batch is in.
+    /// Gives a span back (unused since `idle_since`, ms: usually now), merging it with
+    /// free neighbours; may release its segment (when nothing of it is in use or
+    /// resident). The caller runs `purge_as_due` once its batch is in.
     ///
     /// # Safety
     /// `page` heads an allocated span that nothing uses any more.
-    unsafe fn release_span(&mut self, page: *mut Page, now: u64) {
+    unsafe fn release_span(&mut self, page: *mut Page, idle_since: u64) {
         let seg = segment_base(page as usize);
         // SAFETY: per the contract; neighbours are span heads in the same segment.
         unsafe {
@@ -894,7 +894,8 @@ impl RegionInner {
             (*(seg as *mut Segment)).used_slices -= count;
             // The page itself may be resident throughout; free neighbours bring their
             // own dirty counts (clean neighbours stay clean). The merged span counts as
-            // freed now: its purge waits for the newest part.
+            // freed when its newest part was: its purge waits for that part.
+            let mut stamp = idle_since;
             let mut dirty = if (*page).flags & FLAG_PURGING != 0 {
                 0
             } else {
@@ -909,6 +910,7 @@ impl RegionInner {
                 if (*right).flags & FLAG_FREE_SPAN != 0 {
                     count += (*right).slice_count as usize;
                     fresh = fresh_tail(right);
+                    stamp = stamp.max(freed_at(right));
                     dirty += self.remove_free(right);
                 }
             }
@@ -917,6 +919,7 @@ impl RegionInner {
                 if (*left).flags & FLAG_FREE_SPAN != 0 {
                     start = (*left).slice_index();
                     count += (*left).slice_count as usize;
+                    stamp = stamp.max(freed_at(left));
                     dirty += self.remove_free(left);
                 }
             }
@@ -933,7 +936,7 @@ impl RegionInner {
                 self.release_segment(seg);
                 return;
             }
-            self.insert_free(seg, start, count, dirty, now, fresh);
+            self.insert_free(seg, start, count, dirty, stamp, fresh);
         }
     }
 
@@ -1286,17 +1289,18 @@ impl RegionInner {
         }
     }
 
-    /// Gives back every page on the plain list `pages` (linked through `next`).
+    /// Gives back every page on the plain list `pages` (linked through `next`), unused
+    /// since `idle_since` (ms).
     ///
     /// # Safety
     /// As for [`free_pages`].
-    unsafe fn release_list(&mut self, mut pages: *mut Page, now: u64) {
+    unsafe fn release_list(&mut self, mut pages: *mut Page, idle_since: u64) {
         while !pages.is_null() {
             // SAFETY: per the contract each page on the list is ours to give back.
             unsafe {
                 let next = (*pages).next;
                 (*pages).heap.store(ptr::null_mut(), Ordering::Release);
-                self.release_span(pages, now);
+                self.release_span(pages, idle_since);
                 pages = next;
             }
         }
@@ -1527,13 +1531,24 @@ impl FreshRuns {
 /// `pages` is a plain list (through `next`, possibly null) of pages of the caller with
 /// no block in use, which no thread will touch again.
 pub unsafe fn free_pages(pages: *mut Page) {
+    // SAFETY: per the contract.
+    unsafe { free_pages_idle_since(pages, os::now_ms()) };
+}
+
+/// Gives empty pages back to the region, in one visit, as unused since `idle_since`
+/// (ms, at most now): a heap's kept page that has lain empty for a while is purged
+/// that much sooner, and its free neighbours no later than they would have been.
+///
+/// # Safety
+/// As for [`free_pages`].
+pub unsafe fn free_pages_idle_since(pages: *mut Page, idle_since: u64) {
     if pages.is_null() {
         return;
     }
     let now = os::now_ms();
     with_region_purging(|r, batch| {
         // SAFETY: per the contract.
-        unsafe { r.release_list(pages, now) };
+        unsafe { r.release_list(pages, idle_since.min(now)) };
         r.purge_as_due(now, batch);
     });
 }
@@ -1842,6 +1857,38 @@ mod tests {
         r.purge(u64::MAX, 0, 0, &mut all);
         assert!(batch_holds(&all, gap), "lg_trim's purge left the gap");
         assert_eq!(r.dirty_bytes, 0);
+        give_back_segment(base);
+    }
+
+    /// A span given back as unused since an earlier time (a heap's kept page that lay
+    /// empty) keeps that time when it merges with nothing newer, so it is purged that
+    /// much sooner; merged with a span freed later, the merged span counts from the
+    /// later time (a neighbour is never purged before its own delay has passed).
+    #[test]
+    fn a_span_idle_since_earlier_merges_with_the_newest_time() {
+        let (mut r, base) = region_of_one_segment();
+        let a = r.take_span(64, 1).0;
+        let b = r.take_after(a, 64, 1).0;
+        let c = r.take_after(b, 64, 1).0;
+        let d = r.take_after(c, 64, 1).0;
+        let e = r.take_after(d, 64, 1).0;
+        for p in [a, b, c, d, e] {
+            assert!(!p.is_null());
+        }
+        // SAFETY: the spans were just taken, nothing uses them; `a`, `c` and `e` stay
+        // in use, so `b` and `d` merge with nothing but what is given back next to them.
+        unsafe {
+            r.release_span(b, 1_000);
+            assert_eq!(freed_at(b), 1_000, "a lone span lost its idle time");
+            // `d` freed at 5,000, then `c` (idle since 1,000) between `b` and `d`.
+            r.release_span(d, 5_000);
+            r.release_span(c, 1_000);
+            assert_eq!(
+                freed_at(b),
+                5_000,
+                "the merged span is older than its newest part"
+            );
+        }
         give_back_segment(base);
     }
 
