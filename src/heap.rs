@@ -106,6 +106,8 @@ pub struct Heap {
     /// and the slices they cover (at most `SPARE_SLICES` after each retirement).
     spare: *mut Page,
     spare_slices: usize,
+    /// A spare was taken since the last aging ([`age_kept_pages`]).
+    spare_taken: bool,
     /// Pages of this heap that became empty (wrapping): every `PURGE_CHECK_EVERY`-th
     /// looks at the clock for purges that are due ([`page_emptied`]).
     emptied_pages: u32,
@@ -177,6 +179,7 @@ pub static EMPTY_HEAP: Heap = Heap {
     full: ptr::null_mut(),
     spare: ptr::null_mut(),
     spare_slices: 0,
+    spare_taken: false,
     emptied_pages: 0,
     kept_in: [0; MAX_CLASSES],
     generation: 1,
@@ -1430,7 +1433,9 @@ unsafe fn count_slow_path(heap: *mut Heap, class: usize) {
 /// `KEPT_PAGE_AGE_MS` a new generation starts, and the only pages kept in the one
 /// before it and not emptied again since (a page in use meanwhile empties again and
 /// is marked anew) go back to the region, which purges them once its delay has passed.
-/// `class` is the class the caller is about to use, whose page stays.
+/// So do all the heap's spare pages when it took none during the generation that ended
+/// (each of eight threads kept up to 2 MiB of them however long it went on with small
+/// objects only). `class` is the class the caller is about to use, whose page stays.
 ///
 /// # Safety
 /// `heap` is the calling thread's live heap.
@@ -1458,6 +1463,12 @@ unsafe fn age_kept_pages(heap: *mut Heap, class: usize, now: u64) {
             }
         }
         segment::free_pages_idle_since(give_back, idle_since);
+        // Spare pages serve a heap that takes pages often; one that took none for a
+        // whole generation gives them back too.
+        if !(*heap).spare_taken {
+            release_spares(heap);
+        }
+        (*heap).spare_taken = false;
     }
 }
 
@@ -1621,11 +1632,13 @@ unsafe fn take_spare(heap: *mut Heap, slices: usize, align: usize) -> *mut Page 
             if page::span_is_run(p) {
                 let pad = index.next_multiple_of(align) - index;
                 if count >= pad + slices {
+                    (*heap).spare_taken = true;
                     return cut_run(heap, p, pad, slices);
                 }
             } else if count >= slices && index.is_multiple_of(align) {
                 list::remove(&mut (*heap).spare, p);
                 (*heap).spare_slices -= count;
+                (*heap).spare_taken = true;
                 return p;
             }
             p = (*p).next;
@@ -2098,6 +2111,7 @@ fn pool_take() -> *mut Heap {
                 full: ptr::null_mut(),
                 spare: ptr::null_mut(),
                 spare_slices: 0,
+                spare_taken: false,
                 emptied_pages: 0,
                 kept_in: [0; MAX_CLASSES],
                 generation: 1,
