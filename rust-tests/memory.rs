@@ -235,6 +235,35 @@ fn trim_returns_the_free_memory_the_purge_kept() {
     assert_eq!(lg_trim(), 0, "a second lg_trim found more to release");
 }
 
+/// What may stay committed once a heap's kept and spare pages went back and were
+/// purged: page records the pages wrote in their segments' metadata, and gaps under
+/// 64 KiB between pages still in use, which the delayed purge leaves (about 0.9 MB after
+/// 24 MB of 64 KiB pages; the 2 MiB of spare pages a heap keeps are more than this).
+const LEFT_IN_METADATA_AND_GAPS: u64 = 1280 << 10;
+
+/// Small-object work on the calling thread, a little every few milliseconds, until at
+/// most `allowed` bytes more than `base` are committed or 5 s have passed (the purge
+/// delay may have been lengthened by earlier tests, up to 1 s). Returns what is left.
+fn small_object_work_until(base: u64, allowed: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        for i in 0..32usize {
+            let n = 16 + (i * 40) % 600;
+            let p = lg_malloc(n) as *mut u8;
+            assert!(!p.is_null());
+            unsafe {
+                p.write_volatile(1);
+                lg_free(p.cast());
+            }
+        }
+        let left = heap_figures().bytes_committed.saturating_sub(base);
+        if left <= allowed || std::time::Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// A program that built tables of many sizes and moved on to small-object work gets
 /// their memory back without `lg_trim`: a class's only page, kept when it empties (so a
 /// one-object loop keeps its page), goes back to the region once it has lain unused for
@@ -244,7 +273,7 @@ fn trim_returns_the_free_memory_the_purge_kept() {
 /// Failed before kept pages aged and the large-object cache decayed on the heaps'
 /// purge checks: 18.3 of the tables' 19.4 MB stayed committed after 5 s of other work
 /// (one page of each of the 25 medium classes, and the large objects the cache's
-/// 16 MiB floor kept); now what stays is about the heap's spare pages.
+/// 16 MiB floor kept).
 #[test]
 fn tables_of_many_sizes_dropped_go_back_while_the_program_moves_on() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -270,29 +299,10 @@ fn tables_of_many_sizes_dropped_go_back_while_the_program_moves_on() {
         for (p, _) in tables {
             unsafe { lg_free(p.cast()) };
         }
-        // Small-object work, a little every few milliseconds, for up to 5 s (the
-        // purge delay may have been lengthened by earlier tests, up to 1 s).
-        // What may stay: the heap's spare pages (up to 2 MiB, for its next pages) and
-        // a twentieth of the tables.
-        let allowed = (2 << 20) + grown / 20;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut left = u64::MAX;
-        while std::time::Instant::now() < deadline {
-            for i in 0..32usize {
-                let n = 16 + (i * 40) % 600;
-                let p = lg_malloc(n) as *mut u8;
-                assert!(!p.is_null());
-                unsafe {
-                    p.write_volatile(1);
-                    lg_free(p.cast());
-                }
-            }
-            left = heap_figures().bytes_committed.saturating_sub(base);
-            if left <= allowed {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        // What may stay: page records and gaps between pages still in use (see the
+        // next test), and a twentieth of the tables.
+        let allowed = LEFT_IN_METADATA_AND_GAPS + grown / 20;
+        let left = small_object_work_until(base, allowed);
         assert!(
             left <= allowed,
             "{left} of the tables' {grown} bytes still committed after 5 s of other work"
@@ -326,30 +336,9 @@ fn a_heap_that_takes_no_page_gives_its_spare_pages_back() {
         for p in blocks {
             unsafe { lg_free(p.cast()) };
         }
-        // What may stay: page records the pages wrote in their segments' metadata, and
-        // gaps under 64 KiB between pages still in use, which the delayed purge leaves
-        // (about 0.9 MB here); not the 2 MiB of spares besides.
-        let allowed = 1280 << 10;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut left = u64::MAX;
-        while std::time::Instant::now() < deadline {
-            for i in 0..32usize {
-                let n = 16 + (i * 40) % 600;
-                let p = lg_malloc(n) as *mut u8;
-                assert!(!p.is_null());
-                unsafe {
-                    p.write_volatile(1);
-                    lg_free(p.cast());
-                }
-            }
-            left = heap_figures().bytes_committed.saturating_sub(base);
-            if left <= allowed {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let left = small_object_work_until(base, LEFT_IN_METADATA_AND_GAPS);
         assert!(
-            left <= allowed,
+            left <= LEFT_IN_METADATA_AND_GAPS,
             "{left} bytes still committed after 5 s of small-object work"
         );
     })

@@ -1824,6 +1824,27 @@ mod tests {
         give_back_segment(base);
     }
 
+    /// Spans of `counts` slices taken one right after another from `r`'s one segment.
+    fn spans_in_a_row<const N: usize>(
+        r: &mut RegionInner,
+        base: *mut u8,
+        counts: [usize; N],
+    ) -> [*mut Page; N] {
+        let mut spans = [ptr::null_mut(); N];
+        let mut last: *mut Page = ptr::null_mut();
+        for (span, count) in spans.iter_mut().zip(counts) {
+            *span = if last.is_null() {
+                r.take_span(count, 1).0
+            } else {
+                r.take_after(last, count, 1).0
+            };
+            assert!(!span.is_null());
+            assert_eq!(segment_base(*span as usize), base as usize);
+            last = *span;
+        }
+        spans
+    }
+
     /// Past the purge delay, a free span of 64 KiB or more is taken for purging and a
     /// gap of 8 KiB between spans in use stays resident; the unconditional purge of
     /// `lg_trim` and thread exits takes the gap too. A region of its own, on one fresh
@@ -1831,15 +1852,7 @@ mod tests {
     #[test]
     fn the_delayed_purge_leaves_small_gaps_to_trim() {
         let (mut r, base) = region_of_one_segment();
-        let a = r.take_span(16, 1).0;
-        let gap = r.take_after(a, 8, 1).0;
-        let b = r.take_after(gap, 16, 1).0;
-        let big = r.take_after(b, 128, 1).0;
-        let c = r.take_after(big, 16, 1).0;
-        for p in [a, gap, b, big, c] {
-            assert!(!p.is_null());
-            assert_eq!(segment_base(p as usize), base as usize);
-        }
+        let [_a, gap, _b, big, _c] = spans_in_a_row(&mut r, base, [16, 8, 16, 128, 16]);
         let freed = 1_000;
         // SAFETY: both spans were just taken, nothing uses them.
         unsafe {
@@ -1867,14 +1880,7 @@ mod tests {
     #[test]
     fn a_span_idle_since_earlier_merges_with_the_newest_time() {
         let (mut r, base) = region_of_one_segment();
-        let a = r.take_span(64, 1).0;
-        let b = r.take_after(a, 64, 1).0;
-        let c = r.take_after(b, 64, 1).0;
-        let d = r.take_after(c, 64, 1).0;
-        let e = r.take_after(d, 64, 1).0;
-        for p in [a, b, c, d, e] {
-            assert!(!p.is_null());
-        }
+        let [_a, b, c, d, _e] = spans_in_a_row(&mut r, base, [64; 5]);
         // SAFETY: the spans were just taken, nothing uses them; `a`, `c` and `e` stay
         // in use, so `b` and `d` merge with nothing but what is given back next to them.
         unsafe {

@@ -19,13 +19,7 @@ int main(int argc, char **argv) {
     long rounds = arg_long("rounds", 400, 100);
     long idle_ms = arg_long("idle_ms", 1000, 600);
 
-    /* warm the allocator up so one-time set-up is not counted as retention */
-    for (int i = 0; i < 64; i++) {
-        void *p = B_MALLOC(64);
-        CHECK_ALLOC(p, 64);
-        touch(p, 64);
-        B_FREE(p);
-    }
+    warm_up_allocator();
     long rss0 = rss_kib();
     long peak = rss0;
 
