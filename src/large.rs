@@ -52,9 +52,10 @@ struct Header {
 /// buffers keeps many of them rather than a few it is charged for in full. A mapping
 /// unused for the delay (by default `CACHE_DELAY_MS`) is unmapped the next time the
 /// cache is used or a heap looks for due purges ([`decay_if_due`]), so after a peak is
-/// freed only a floor stays resident, and nothing once the delay has passed. `lg_trim` unmaps everything at once. The budget and the
-/// delay are the program's [`Retention`] policy, which the predictive runtime may set
-/// at start-up from how earlier runs reused their mappings ([`ReuseCounters`]).
+/// freed only a floor stays resident, and nothing once the delay has passed. `lg_trim`
+/// unmaps everything at once. The budget and the delay are the program's [`Retention`]
+/// policy, which the predictive runtime may set at start-up from how earlier runs
+/// reused their mappings ([`ReuseCounters`]).
 struct CacheInner {
     slots: [Cached; CACHE_SLOTS],
     /// Sum of the slots' `resident` bytes.
@@ -776,9 +777,14 @@ pub fn decay_if_due() {
         return;
     }
     let now = os::now_ms();
-    if now < due {
-        return;
+    if now >= due {
+        decay_at(now);
     }
+}
+
+/// Unmaps the cached mappings that have waited out the delay at `now`, however soon
+/// after the last such pass.
+fn decay_at(now: u64) {
     with_cache(|c| {
         c.next_decay_ms = 0;
         c.decay(now);
@@ -789,13 +795,9 @@ pub fn decay_if_due() {
 /// program whose threads stop using large objects does not keep them until its next
 /// large allocation).
 pub fn cache_decay_now() {
-    if CACHE_USED.load(Ordering::Relaxed) == 0 {
-        return;
+    if CACHE_USED.load(Ordering::Relaxed) != 0 {
+        decay_at(os::now_ms());
     }
-    with_cache(|c| {
-        c.next_decay_ms = 0;
-        c.decay(os::now_ms());
-    });
 }
 
 /// How the program has reused its large mappings so far (statistics, learning).

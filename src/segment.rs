@@ -1532,12 +1532,13 @@ impl FreshRuns {
 /// no block in use, which no thread will touch again.
 pub unsafe fn free_pages(pages: *mut Page) {
     // SAFETY: per the contract.
-    unsafe { free_pages_idle_since(pages, os::now_ms()) };
+    unsafe { free_pages_idle_since(pages, u64::MAX) };
 }
 
 /// Gives empty pages back to the region, in one visit, as unused since `idle_since`
-/// (ms, at most now): a heap's kept page that has lain empty for a while is purged
-/// that much sooner, and its free neighbours no later than they would have been.
+/// (ms; now when later, so `u64::MAX` is now): a heap's kept page that has lain empty
+/// for a while is purged that much sooner, and its free neighbours no later than they
+/// would have been.
 ///
 /// # Safety
 /// As for [`free_pages`].
