@@ -51,6 +51,7 @@ mod request;
 mod sample;
 mod secret;
 mod segment;
+mod segment_space;
 pub mod size_class;
 pub mod stats;
 mod tls;

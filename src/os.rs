@@ -124,6 +124,62 @@ pub fn map_aligned(size: usize, align: usize) -> *mut u8 {
     aligned as *mut u8
 }
 
+/// Reserves `size` bytes of address space whose start is a multiple of `align` (a
+/// power of two that is a multiple of the page size), inaccessible: no memory and no
+/// commit charge until parts are made accessible ([`make_accessible`]). Null when the
+/// OS refuses (an address-space limit); errno is left as it was.
+#[cfg(not(miri))]
+pub fn reserve_aligned(size: usize, align: usize) -> *mut u8 {
+    let Some(over) = size.checked_add(align) else {
+        return ptr::null_mut();
+    };
+    let saved_errno = errno();
+    // SAFETY: an anonymous private mapping at an address the kernel picks touches no
+    // existing memory.
+    let raw = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            over,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        set_errno(saved_errno);
+        return ptr::null_mut();
+    }
+    let start = raw as usize;
+    let aligned = (start + align - 1) & !(align - 1);
+    // SAFETY: the slack before and after the aligned range is our fresh reservation.
+    unsafe {
+        unmap(raw.cast(), aligned - start);
+        unmap((aligned + size) as *mut u8, start + over - aligned - size);
+    }
+    aligned as *mut u8
+}
+
+/// Miri models no inaccessible mappings: nothing is reserved.
+#[cfg(miri)]
+pub fn reserve_aligned(_size: usize, _align: usize) -> *mut u8 {
+    ptr::null_mut()
+}
+
+/// Makes `[p, p + size)` (page-aligned) of a reservation readable and writable; it reads
+/// as zero. False when the OS refuses (out of memory, a commit limit); errno is left as
+/// it was.
+///
+/// # Safety
+/// The range lies in a reservation of ours ([`reserve_aligned`]).
+pub unsafe fn make_accessible(p: *mut u8, size: usize) -> bool {
+    let saved_errno = errno();
+    // SAFETY: per the contract the range is our own reservation.
+    let r = unsafe { libc::mprotect(p.cast(), size, libc::PROT_READ | libc::PROT_WRITE) };
+    set_errno(saved_errno);
+    r == 0
+}
+
 /// Lets the OS drop the pages fully inside `[p, p + size)`; they read as zero later.
 /// Returns how many bytes were given back.
 ///

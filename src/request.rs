@@ -79,23 +79,33 @@ fn large_alloc(size: usize, align: usize) -> *mut u8 {
 #[inline(always)]
 pub unsafe fn free(p: *mut u8) {
     let addr = p as usize;
-    if let Some(seg) = chunk_map::segment_holding(addr) {
-        let page = segment::page_in(seg, addr);
-        // SAFETY: the chunk map says `p` lies in one of our segments.
+    if let Some(page) = segment::page_in_space(addr) {
+        // SAFETY: `p` lies in a slot of the segment space, whose map named `page`.
         unsafe { heap::free_block(page, p) };
     } else {
-        free_not_small(addr);
+        free_outside_space(addr);
     }
 }
 
-/// `free` of null, a large object, or a pointer that is not ours. Reads the chunk map
-/// again, so the fast path keeps no kind in a register.
+/// `free` of anything the segment space does not hold: null, a block of a segment
+/// mapped on its own, a large object, a sampled block, or a pointer that is not ours.
 #[cold]
 #[inline(never)]
-fn free_not_small(addr: usize) {
+fn free_outside_space(addr: usize) {
     if addr == 0 {
         return;
     }
+    if let Some(seg) = chunk_map::segment_holding(addr) {
+        let page = segment::page_in(seg, addr);
+        // SAFETY: the chunk map says `addr` lies in one of our segments.
+        unsafe { heap::free_block(page, addr as *mut u8) };
+        return;
+    }
+    free_not_small(addr);
+}
+
+/// `free` of a large object, a sampled block, or a pointer that is not ours.
+fn free_not_small(addr: usize) {
     let kind = chunk_map::kind_of(addr);
     let saved = os::errno();
     match kind {

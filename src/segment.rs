@@ -51,6 +51,7 @@ use crate::list;
 use crate::lock::Locked;
 use crate::os::{self, OS_PAGE_SIZE};
 use crate::page::{self, FLAG_ABANDONED, FLAG_DIRTY, FLAG_FREE_SPAN, FLAG_PURGING, Owner, Page};
+use crate::segment_space;
 use crate::size_class::MAX_CLASSES;
 
 /// Per slice, the address of the record of the page that holds the slice: storing the
@@ -131,9 +132,11 @@ const _: () = assert!(PAGES_OFFSET.is_multiple_of(64));
 /// entries of its own spare spans without the region lock (`split_spare`) while other
 /// threads may read them: the region looking at a neighbour, a free of a stray pointer.
 /// Relaxed loads and stores are plain moves on x86-64, so `page_of` costs no more.
+/// A segment in the segment space has its map in the space's (`segment_space`), which
+/// `free` reads without the segment's base; one mapped on its own, in its header.
 #[inline(always)]
 fn slice_heads(seg: usize) -> *const AtomicUsize {
-    (seg + SLICE_HEAD_OFFSET) as *const AtomicUsize
+    segment_space::window_of(seg).unwrap_or((seg + SLICE_HEAD_OFFSET) as *const AtomicUsize)
 }
 
 /// Records that slice `slice` of `seg` belongs to the page (or span) whose record is
@@ -268,6 +271,14 @@ const fn record_slot(slice: usize) -> usize {
 #[inline(always)]
 pub fn page_of(addr: usize) -> *mut Page {
     page_in(segment_base(addr), addr)
+}
+
+/// The page holding `addr` if `addr` lies in the segment space (`segment_space`): a
+/// bounds check and one load, the free fast path's lookup. `None` for a segment mapped
+/// on its own or anything not in a segment.
+#[inline(always)]
+pub fn page_in_space(addr: usize) -> Option<*mut Page> {
+    segment_space::page_of(addr).map(|record| record as *mut Page)
 }
 
 /// The page holding `addr` in segment `seg` (`chunk_map::segment_holding(addr)`).
@@ -445,7 +456,7 @@ fn with_region<R>(f: impl FnOnce(&mut RegionInner) -> R) -> R {
                 // readable until the unmap.
                 unsafe {
                     let next = (*unmapping).next;
-                    os::unmap(unmapping.cast(), SEGMENT_SIZE);
+                    unmap_segment(unmapping.cast());
                     unmapping = next;
                 }
             }
@@ -530,8 +541,10 @@ fn with_region_purging<R>(f: impl FnOnce(&mut RegionInner, &mut PurgeBatch) -> R
 /// Lock hooks for `fork`.
 pub fn lock_for_fork() {
     REGION.lock_for_fork();
+    segment_space::lock_for_fork();
 }
 pub fn unlock_after_fork(child: bool) {
+    segment_space::unlock_after_fork(child);
     REGION.unlock_after_fork(child);
     if child {
         let now = os::now_ms();
@@ -548,7 +561,9 @@ pub fn unlock_after_fork(child: bool) {
 
 /// Acquisitions of this layer's lock so far, and the contended ones (statistics).
 pub fn lock_counts() -> (u64, u64) {
-    REGION.lock_counts()
+    let (acquired, contended) = REGION.lock_counts();
+    let (space_acquired, space_contended) = segment_space::lock_counts();
+    (acquired + space_acquired, contended + space_contended)
 }
 
 fn bin_of(slices: usize) -> usize {
@@ -1310,11 +1325,29 @@ impl RegionInner {
 /// Maps a segment-aligned segment for `RegionInner::add_segment` (without the lock).
 /// Null, reported, when the OS has no memory left.
 fn map_segment() -> *mut u8 {
+    let base = segment_space::claim(PAGES_OFFSET);
+    if !base.is_null() {
+        return base;
+    }
     let base = os::map_aligned(SEGMENT_SIZE, SEGMENT_SIZE);
     if base.is_null() {
         crate::diag::report_os_failure(SEGMENT_SIZE);
     }
     base
+}
+
+/// Gives a segment `map_segment` made back: its slot of the segment space, or its own
+/// mapping.
+///
+/// # Safety
+/// Nothing uses the segment any more, and it is off the chunk map.
+unsafe fn unmap_segment(base: *mut u8) {
+    // SAFETY: per the contract.
+    unsafe {
+        if !segment_space::give_back(base) {
+            os::unmap(base, SEGMENT_SIZE);
+        }
+    }
 }
 
 /// A fresh page of `slices` slices for `class`, owned by `heap`, aligned for its block
@@ -1771,7 +1804,7 @@ mod tests {
         // SAFETY: the segment is the test's alone and nothing of it is in use any more.
         unsafe {
             forget_records(base as usize);
-            os::unmap(base, SEGMENT_SIZE);
+            unmap_segment(base);
         }
         SEGMENT_BYTES.fetch_sub(SEGMENT_SIZE, Ordering::Relaxed);
     }
