@@ -90,13 +90,23 @@ pub struct Heap {
     /// Hardened only, per bucket: `link_key ^ direct[bucket]`, as `pop_keys` for
     /// [`alloc_by_size`].
     direct_pop_keys: [usize; DIRECT_POP_KEYS],
-    /// Per class: allocations served by class (statistics; owner-written, read racily).
-    /// Those `malloc`'s fast path served are in `bucket_allocs` ([`class_counts`]).
-    alloc_count: [u64; MAX_CLASSES],
-    /// Per bucket of `direct`: allocations the fast path of [`alloc_by_size`] served.
-    bucket_allocs: [u64; DIRECT_LEN],
-    /// Bytes left before this heap's next sampled allocation (`sample`).
-    sample_left: usize,
+    /// Per class: allocations served by class left before the class's next sampled
+    /// one (`sample`): the fast path's one decrement both counts the allocation and
+    /// times the sample. Never zero between allocations (the one that brings it to zero
+    /// rearms it, [`rearm_sampling`]); one in a new heap, whose first allocation of the
+    /// class arms it.
+    class_left: [u64; MAX_CLASSES],
+    /// Per class: the intervals drawn for `class_left` so far, so that allocations served
+    /// by class are `class_drawn - class_left` ([`class_counts`]; statistics,
+    /// owner-written, read racily).
+    class_drawn: [u64; MAX_CLASSES],
+    /// Per bucket of `direct`, as `class_left` and `class_drawn` for the allocations the
+    /// fast path of [`alloc_by_size`] served.
+    bucket_left: [u64; DIRECT_LEN],
+    bucket_drawn: [u64; DIRECT_LEN],
+    /// A sample is being taken: an allocation it makes (the unwinder's, if any) that
+    /// runs a countdown out only rearms it.
+    sampling: bool,
     /// Pages of each class this heap has acquired so far (saturating), to size the next.
     page_growth: [u8; MAX_CLASSES],
     /// Pages with no free block, all classes.
@@ -172,9 +182,11 @@ pub static EMPTY_HEAP: Heap = Heap {
     // `EMPTY_PAGE.free` is zero: `0 ^ (1 << 63)` fails the segment check.
     pop_keys: [1 << (usize::BITS - 1); POP_KEYS],
     direct_pop_keys: [1 << (usize::BITS - 1); DIRECT_POP_KEYS],
-    alloc_count: [0; MAX_CLASSES],
-    bucket_allocs: [0; DIRECT_LEN],
-    sample_left: sample::NEVER,
+    class_left: [0; MAX_CLASSES],
+    class_drawn: [0; MAX_CLASSES],
+    bucket_left: [0; DIRECT_LEN],
+    bucket_drawn: [0; DIRECT_LEN],
+    sampling: false,
     page_growth: [0; MAX_CLASSES],
     full: ptr::null_mut(),
     spare: ptr::null_mut(),
@@ -291,8 +303,10 @@ pub fn refresh_class_table() {
             // under.
             let mut by_class = [0; MAX_CLASSES];
             class_counts(heap, &mut by_class);
-            (*heap).alloc_count = by_class;
-            (*heap).bucket_allocs = [0; DIRECT_LEN];
+            for (c, n) in by_class.iter().enumerate() {
+                (*heap).class_drawn[c] = n.wrapping_add((*heap).class_left[c]);
+            }
+            (*heap).bucket_drawn = (*heap).bucket_left;
             (*heap).class_of_small = size_class::heap_table();
             for bucket in 0..DIRECT_LEN {
                 let class = (*heap).class_of_small[bucket] as usize;
@@ -312,11 +326,14 @@ unsafe fn class_counts(heap: *const Heap, out: &mut [u64; MAX_CLASSES]) {
     // owner, read here (for another thread's heap) as a racy snapshot.
     unsafe {
         for (c, slot) in out.iter_mut().enumerate() {
-            *slot = ptr::read_volatile(&(*heap).alloc_count[c]);
+            *slot = ptr::read_volatile(&(*heap).class_drawn[c])
+                .wrapping_sub(ptr::read_volatile(&(*heap).class_left[c]));
         }
         for bucket in 0..DIRECT_LEN {
             let class = (*heap).class_of_small[bucket] as usize;
-            out[class] += ptr::read_volatile(&(*heap).bucket_allocs[bucket]);
+            let served = ptr::read_volatile(&(*heap).bucket_drawn[bucket])
+                .wrapping_sub(ptr::read_volatile(&(*heap).bucket_left[bucket]));
+            out[class] = out[class].wrapping_add(served);
         }
     }
 }
@@ -364,7 +381,7 @@ unsafe fn alloc_small_as<const ZEROED: bool>(
     // static empty page or a page owned by this thread; `pop_keys` has an entry per
     // class when hardened, the only case its closure runs.
     unsafe {
-        let count = (&raw mut (*heap).alloc_count).cast::<u64>().add(class);
+        let count = (&raw mut (*heap).class_left).cast::<u64>().add(class);
         pop_from::<ZEROED>(
             heap,
             *(*heap).pages.get_unchecked(class),
@@ -398,7 +415,7 @@ pub unsafe fn alloc_by_size(heap: *mut Heap, size: usize, caller: impl SampleCal
     // empty page or a page owned by this thread; `direct_pop_keys` has an entry per
     // bucket when hardened, the only case its closure runs.
     unsafe {
-        let count = (&raw mut (*heap).bucket_allocs).cast::<u64>().add(bucket);
+        let count = (&raw mut (*heap).bucket_left).cast::<u64>().add(bucket);
         pop_from::<false>(
             heap,
             *(*heap).direct.get_unchecked(bucket),
@@ -513,10 +530,10 @@ unsafe fn pop_block<const ZEROED: bool>(
         if CHECKED {
             (*block).freed_mark = 0;
         }
-        *count += 1;
-        let (left, sampled) = (*heap).sample_left.overflowing_sub(size);
-        (*heap).sample_left = left;
-        if sampled {
+        // Counts the allocation and times the next sample (the countdown never rests at
+        // zero, so the count is exact).
+        *count -= 1;
+        if *count == 0 {
             return caller.take_sample::<ZEROED>(size, heap, page, block);
         }
         if ZEROED {
@@ -725,7 +742,7 @@ unsafe fn slow_pop(
             heap,
             page,
             block,
-            (&raw mut (*heap).alloc_count).cast::<u64>().add(class),
+            (&raw mut (*heap).class_left).cast::<u64>().add(class),
             size,
             caller,
         );
@@ -987,9 +1004,22 @@ unsafe extern "C" fn alloc_sampled_at(
 ) -> *mut u8 {
     // SAFETY: per the contract; undoing the pop restores the page exactly.
     unsafe {
-        (*heap).sample_left = sample::NEVER;
-        let p = sample::take((*page).class as usize, size, (*heap).thread, ret);
-        (*heap).sample_left = sample::next_interval();
+        let class = (*page).class as usize;
+        // Rearmed first, so the countdowns the sample's own allocations run out are
+        // the only ones at zero then.
+        let Some((unit, armed_now)) = rearm_sampling(heap, size, class) else {
+            return block.cast();
+        };
+        // Not a sample: an allocation of the sampler's, the countdown's first (which
+        // armed it), or one thinned out (the countdown samples allocations of the
+        // unit's size; one of `size` bytes is kept with chance `size / unit`, so
+        // sampling stays per byte asked for, as the profile reads it).
+        if (*heap).sampling || armed_now || !sample::keep_thinned(size, unit) {
+            return block.cast();
+        }
+        (*heap).sampling = true;
+        let p = sample::take(class, size, (*heap).thread, ret);
+        (*heap).sampling = false;
         if p.is_null() {
             return block.cast();
         }
@@ -1000,6 +1030,68 @@ unsafe extern "C" fn alloc_sampled_at(
         (*page).free = page::encode_link((*heap).link_key, block);
         (*page).used -= 1;
         p
+    }
+}
+
+/// Rearms the countdown that an allocation of `size` bytes of class `class` just ran
+/// out: the one of the size's bucket (`bucket_left`) if that is at zero, else the
+/// class's. The next interval is exponential in bytes ([`sample::next_interval`]),
+/// counted in allocations of the countdown's unit (its bucket's largest size, or the
+/// class's block size): `ceil(bytes / unit)` allocations, so each allocation is sampled
+/// with the chance that a run of bytes of the unit's length holds a sampled byte, as in
+/// a countdown of bytes. Returns the unit and whether the countdown ran out for the
+/// first time (a new heap's countdowns start at one: its first allocation of a bucket or
+/// class arms the countdown and is not sampled). `None` if neither is at zero.
+///
+/// # Safety
+/// `heap` is the calling thread's live heap; `class < MAX_CLASSES`.
+unsafe fn rearm_sampling(heap: *mut Heap, size: usize, class: usize) -> Option<(usize, bool)> {
+    let bucket = (size + 15) >> 4;
+    // SAFETY: per the contract; `bucket < DIRECT_LEN` when `size <= DIRECT_MAX_SIZE`.
+    unsafe {
+        let (left, drawn, unit) = if size <= DIRECT_MAX_SIZE && (*heap).bucket_left[bucket] == 0 {
+            (
+                &raw mut (*heap).bucket_left[bucket],
+                &raw mut (*heap).bucket_drawn[bucket],
+                (bucket << 4).max(16),
+            )
+        } else if *(*heap).class_left.get_unchecked(class) == 0 {
+            (
+                (&raw mut (*heap).class_left).cast::<u64>().add(class),
+                (&raw mut (*heap).class_drawn).cast::<u64>().add(class),
+                size_class::block_size(class),
+            )
+        } else {
+            return None;
+        };
+        let armed_now = *drawn == 1;
+        let next = sample::next_interval().div_ceil(unit).max(1) as u64;
+        *left = next;
+        *drawn = (*drawn).wrapping_add(next);
+        Some((unit, armed_now))
+    }
+}
+
+/// Sets every sampling countdown of `heap` so far off that no sample comes, keeping
+/// the allocation counts (tests that count samples or slots exactly).
+///
+/// # Safety
+/// `heap` is the calling thread's live heap.
+#[cfg(test)]
+unsafe fn stop_sampling(heap: *mut Heap) {
+    const FAR: u64 = u64::MAX / 2;
+    // SAFETY: per the contract.
+    unsafe {
+        for c in 0..MAX_CLASSES {
+            let served = (*heap).class_drawn[c].wrapping_sub((*heap).class_left[c]);
+            (*heap).class_left[c] = FAR;
+            (*heap).class_drawn[c] = served.wrapping_add(FAR);
+        }
+        for b in 0..DIRECT_LEN {
+            let served = (*heap).bucket_drawn[b].wrapping_sub((*heap).bucket_left[b]);
+            (*heap).bucket_left[b] = FAR;
+            (*heap).bucket_drawn[b] = served.wrapping_add(FAR);
+        }
     }
 }
 
@@ -2104,9 +2196,11 @@ fn pool_take() -> *mut Heap {
                 link_key: page::link_key(),
                 pop_keys: [page::link_key() ^ empty_page().addr(); POP_KEYS],
                 direct_pop_keys: [page::link_key() ^ empty_page().addr(); DIRECT_POP_KEYS],
-                alloc_count: [0; MAX_CLASSES],
-                bucket_allocs: [0; DIRECT_LEN],
-                sample_left: sample::next_interval(),
+                class_left: [1; MAX_CLASSES],
+                class_drawn: [1; MAX_CLASSES],
+                bucket_left: [1; DIRECT_LEN],
+                bucket_drawn: [1; DIRECT_LEN],
+                sampling: false,
                 page_growth: [0; MAX_CLASSES],
                 full: ptr::null_mut(),
                 spare: ptr::null_mut(),
@@ -2270,7 +2364,7 @@ mod tests {
             let heap = thread_heap_or_create();
             assert!(!heap.is_null());
             // SAFETY: the calling thread's own live heap.
-            unsafe { (*heap).sample_left = sample::NEVER };
+            unsafe { stop_sampling(heap) };
             let sizes: Vec<usize> = (0..=DIRECT_MAX_SIZE).step_by(8).collect();
             let mut blocks = Vec::new();
             for round in 0..4 {

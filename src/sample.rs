@@ -1,7 +1,11 @@
 //! The sampled allocation profile: about one allocation per 256 KiB allocated, always on.
 //!
-//! Each thread heap counts down the bytes it hands out (`Heap::sample_left`, one
-//! subtraction and one branch on the malloc fast path). When the count runs out the
+//! Each thread heap counts down, per request bucket and per class, the allocations
+//! before its next sample (`Heap::bucket_left`, `Heap::class_left`: one decrement,
+//! which also counts the allocation, and one branch on the malloc fast path); the
+//! intervals are drawn in bytes and counted in allocations of the bucket's largest size
+//! or the class's block size, and a sample of a smaller request is kept with chance
+//! size / unit ([`keep_thinned`]), so sampling is per byte asked for. When the count runs out the
 //! allocation is recorded here, and when the sample is followed to its free (always
 //! for blocks up to [`FOLLOW_BYTES`], a share of larger ones) it is served from a slot
 //! of a separate arena whose chunks the chunk map marks `KIND_SAMPLE`: `free` already
@@ -377,9 +381,6 @@ pub fn live_in_class(class: usize) -> u64 {
         .map_or(0, |c| c.load(Ordering::Relaxed))
 }
 
-/// The countdown of a heap that never samples (the static empty heap).
-pub const NEVER: usize = usize::MAX;
-
 /// The next sampling interval in bytes: exponential with mean [`MEAN_INTERVAL`], drawn
 /// from a counter-based generator (splitmix64) keyed by the process secret, so threads
 /// share no state but an atomic counter and runs differ.
@@ -389,6 +390,13 @@ pub fn next_interval() -> usize {
     let u = ((r >> 11) + 1) as f64 / (1u64 << 53) as f64;
     let x = -ln(u) * MEAN_INTERVAL as f64;
     (x as usize).clamp(1, 64 * MEAN_INTERVAL)
+}
+
+/// Whether a sample timed in allocations of `unit` bytes (a heap's countdown, see
+/// `heap::rearm_sampling`) is kept for an allocation of `size <= unit` bytes: with
+/// chance `size / unit`, so each byte asked for has the same chance of being sampled.
+pub fn keep_thinned(size: usize, unit: usize) -> bool {
+    size >= unit || (draw() % unit as u64) < size as u64
 }
 
 /// 64 random bits: the generator's next draw (keyed by the process secret, so runs
