@@ -166,6 +166,25 @@ pub fn reserve_aligned(_size: usize, _align: usize) -> *mut u8 {
     ptr::null_mut()
 }
 
+/// Whether the process's address space is limited (`RLIMIT_AS`, `ulimit -v`): memory
+/// reserved ahead would count against the limit at once, and memory made accessible
+/// inside a reservation would not count at all, so the limit would no longer bound what
+/// the program uses.
+pub fn address_space_limited() -> bool {
+    if cfg!(miri) {
+        return false;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let saved_errno = errno();
+    // SAFETY: getrlimit writes only the struct it is given.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) };
+    set_errno(saved_errno);
+    r == 0 && limit.rlim_cur != libc::RLIM_INFINITY
+}
+
 /// Makes `[p, p + size)` (page-aligned) of a reservation readable and writable; it reads
 /// as zero. False when the OS refuses (out of memory, a commit limit); errno is left as
 /// it was.

@@ -151,6 +151,19 @@ unsafe fn set_head(seg: usize, slice: usize, head: *mut Page) {
     unsafe { (*slice_heads(seg).add(slice)).store(head as usize, Ordering::Release) };
 }
 
+/// [`set_head`] for every slice of `slices`, with the map found once.
+///
+/// # Safety
+/// As for [`set_head`], for every slice of the range.
+#[inline]
+unsafe fn set_heads(seg: usize, slices: core::ops::Range<usize>, head: *mut Page) {
+    let heads = slice_heads(seg);
+    for slice in slices {
+        // SAFETY: per the contract the slot lies in the segment's map.
+        unsafe { (*heads.add(slice)).store(head as usize, Ordering::Release) };
+    }
+}
+
 /// The record of the page (or span) holding slice `slice` of `seg`.
 ///
 /// # Safety
@@ -783,9 +796,7 @@ impl RegionInner {
             (*page).used = 0;
             (*page).start_offset = (start << SLICE_SHIFT) as u32;
             (*page).slice_count = count as u16;
-            for s in start..end {
-                set_head(seg, s, page);
-            }
+            set_heads(seg, start..end, page);
             (*(seg as *mut Segment)).used_slices += count;
             // Memory taken while exits' decommits wait to be matched: what the exits
             // should have kept (`exit_keep`).
@@ -866,11 +877,8 @@ impl RegionInner {
         // never handed out, which `page_in` must resolve to a record (a zero entry would
         // be no address at all). Written before the chunk map names the segment, which
         // is when a free of such a pointer starts reading them.
-        let record_zero = page_at(seg, 0);
-        for slice in 0..SLICES {
-            // SAFETY: fresh mapping of a whole segment; `slice < SLICES`.
-            unsafe { set_head(seg, slice, record_zero) };
-        }
+        // SAFETY: fresh mapping of a whole segment.
+        unsafe { set_heads(seg, 0..SLICES, page_at(seg, 0)) };
         if !chunk_map::set_kind(seg, KIND_SEGMENT) {
             // SAFETY: our fresh mapping, not added.
             unsafe { self.queue_unmap(base) };
@@ -1512,9 +1520,7 @@ pub unsafe fn split_spare(span: *mut Page, count: usize) -> *mut Page {
         (*rest).remote_free.store(0, Ordering::Relaxed);
         (*rest).next = ptr::null_mut();
         (*rest).prev = ptr::null_mut();
-        for slice in start..idx + len {
-            set_head(seg, slice, rest);
-        }
+        set_heads(seg, start..idx + len, rest);
         (*span).slice_count = count as u16;
         rest
     }

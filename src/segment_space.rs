@@ -6,6 +6,10 @@
 //! are mapped on their own only when the space cannot take them: the reservation was
 //! refused (an address-space limit, Miri) or every slot of it is in use.
 //!
+//! A process under an address-space limit (`RLIMIT_AS`) maps every segment on its own,
+//! as the limit then bounds what it uses (a limit set after the space was reserved stops
+//! new slots from being made accessible).
+//!
 //! The space and its map are reserved inaccessible (no memory, no commit charge). A
 //! slot and its window of the map become accessible the first time the slot is
 //! claimed, and stay so: a released slot is decommitted, not unmapped, so its records
@@ -171,6 +175,12 @@ pub fn claim(fill_offset: usize) -> *mut u8 {
         let seg = s.base + (slot << SEGMENT_SHIFT);
         let window = s.window(slot);
         if slot == s.accessible {
+            // Under an address-space limit, set after the space was reserved, memory
+            // made accessible here would escape it: map segments on their own, which
+            // the limit bounds. (Slots used before stay usable: they are counted.)
+            if os::address_space_limited() {
+                return core::ptr::null_mut();
+            }
             // SAFETY: the slot and its window lie in our reservations.
             let ok = unsafe {
                 os::make_accessible(seg as *mut u8, SEGMENT_SIZE)
@@ -231,6 +241,10 @@ impl Space {
     /// Reserves the space and its map, as large as the OS allows down to
     /// `SPACE_MIN_BYTES`; leaves the space empty when it allows none.
     fn reserve(&mut self) {
+        // Under an address-space limit the space would take most of it at once.
+        if os::address_space_limited() {
+            return;
+        }
         let mut bytes = SPACE_BYTES;
         while bytes >= SPACE_MIN_BYTES {
             let slots = bytes >> SEGMENT_SHIFT;
