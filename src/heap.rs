@@ -1444,9 +1444,14 @@ unsafe fn extend_page(heap: *mut Heap, page: *mut Page) {
 #[cold]
 #[inline(never)]
 unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
-    // SAFETY: owner access.
+    // SAFETY: owner access; `class < MAX_CLASSES` for every page.
     unsafe {
-        if (*page).in_full() {
+        // A page on the full list is on no class list: this holds only for an empty
+        // page, and is the common case, checked first.
+        let class = (*page).class as usize;
+        if *(*heap).pages.get_unchecked(class) == page && (*page).next.is_null() {
+            only_page_emptied(heap, page, class);
+        } else if (*page).in_full() {
             free_to_full_page(heap, page);
         } else {
             // `release_one` answered, so the page is empty.
@@ -1489,18 +1494,33 @@ unsafe fn free_to_full_page(heap: *mut Heap, page: *mut Page) {
 unsafe fn page_emptied(heap: *mut Heap, page: *mut Page) {
     // SAFETY: owner access; `class < MAX_CLASSES` for every page.
     unsafe {
+        let class = (*page).class as usize;
+        if *(*heap).pages.get_unchecked(class) == page && (*page).next.is_null() {
+            only_page_emptied(heap, page, class);
+        } else {
+            let emptied = (*heap).emptied_pages.wrapping_add(1);
+            (*heap).emptied_pages = emptied;
+            page_emptied_slow(heap, page, false, emptied);
+        }
+    }
+}
+
+/// [`page_emptied`] of `page`, the only page of its class `class`: kept, marked with
+/// the current generation.
+///
+/// # Safety
+/// As for [`page_emptied`].
+#[inline(always)]
+unsafe fn only_page_emptied(heap: *mut Heap, page: *mut Page, class: usize) {
+    // SAFETY: per the contract; `class < MAX_CLASSES`.
+    unsafe {
         let emptied = (*heap).emptied_pages.wrapping_add(1);
         (*heap).emptied_pages = emptied;
-        let class = (*page).class as usize;
-        let only = *(*heap).pages.get_unchecked(class) == page && (*page).next.is_null();
-        if only {
-            // Kept in this generation: the aging leaves it alone.
-            *(*heap).kept_in.get_unchecked_mut(class) = (*heap).generation;
-            if !emptied.is_multiple_of(PURGE_CHECK_EVERY) {
-                return;
-            }
+        // Kept in this generation: the aging leaves it alone.
+        *(*heap).kept_in.get_unchecked_mut(class) = (*heap).generation;
+        if emptied.is_multiple_of(PURGE_CHECK_EVERY) {
+            page_emptied_slow(heap, page, true, emptied);
         }
-        page_emptied_slow(heap, page, only, emptied);
     }
 }
 
