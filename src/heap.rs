@@ -320,7 +320,9 @@ pub fn refresh_class_table() {
 }
 
 /// `heap`'s allocations per class: those counted by class and those `malloc`'s fast
-/// path counted by bucket. Racy when `heap` is another thread's (statistics).
+/// path counted by bucket. Racy when `heap` is another thread's (statistics): a
+/// countdown read while its owner rearms it may pair an old and a new word, which is
+/// off by up to one interval and, saturating, never wraps.
 ///
 /// # Safety
 /// `heap` is a live heap record.
@@ -330,13 +332,13 @@ unsafe fn class_counts(heap: *const Heap, out: &mut [u64; MAX_CLASSES]) {
     unsafe {
         for (c, slot) in out.iter_mut().enumerate() {
             *slot = ptr::read_volatile(&(*heap).class_drawn[c])
-                .wrapping_sub(ptr::read_volatile(&(*heap).class_left[c]));
+                .saturating_sub(ptr::read_volatile(&(*heap).class_left[c]));
         }
         for bucket in 0..DIRECT_LEN {
             let class = (*heap).class_of_small[bucket] as usize;
             let served = ptr::read_volatile(&(*heap).bucket_drawn[bucket])
-                .wrapping_sub(ptr::read_volatile(&(*heap).bucket_left[bucket]));
-            out[class] = out[class].wrapping_add(served);
+                .saturating_sub(ptr::read_volatile(&(*heap).bucket_left[bucket]));
+            out[class] = out[class].saturating_add(served);
         }
     }
 }
@@ -2324,7 +2326,7 @@ pub fn counts(per_class: &mut [u64; MAX_CLASSES]) {
                 let mut by_class = [0; MAX_CLASSES];
                 class_counts(h, &mut by_class);
                 for (slot, n) in per_class.iter_mut().zip(by_class) {
-                    *slot += n;
+                    *slot = slot.saturating_add(n);
                 }
                 h = (*h).next_live;
             }
