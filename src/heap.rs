@@ -115,8 +115,11 @@ pub struct Heap {
     /// Pages with no free block, all classes.
     full: *mut Page,
     /// Empty pages kept for reuse by this heap, newest first (a plain list through the
-    /// page links; their `carved` is zero, so no pointer into them passes as a block),
-    /// and the slices they cover (at most `SPARE_SLICES` after each retirement).
+    /// page links), and the slices they cover (at most `SPARE_SLICES` after each
+    /// retirement). A page retired whole keeps its blocks carved, all on its free list
+    /// and marked freed, so its class takes it back as it is (`is_warm_spare`); any
+    /// other spare has `carved` zero. Either way no pointer into one passes as a live
+    /// block.
     spare: *mut Page,
     spare_slices: usize,
     /// A spare was taken since the last aging ([`age_kept_pages`]).
