@@ -5,6 +5,7 @@
  * key so they run again in a second destructor round.
  */
 #define _GNU_SOURCE
+#include <limits.h>
 #include <pthread.h>
 #include <string.h>
 
@@ -77,6 +78,99 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* A destructor that allocates in glibc's last destructor round, after lgmalloc's own
+ * cleanup ran in that round, leaves the thread a heap nobody gives up. A thread started
+ * later on the same stack gets the same thread id: it must not take that heap's pages
+ * for its own. It frees the blocks the destructor allocated last, before it allocates
+ * anything (`free_first`) or after, then allocates and frees through the same classes. */
+enum { LATE_BLOCKS = 3000, LATE_STACK = 3 << 20 /* a stack size no other thread has */ };
+static pthread_key_t late_key;
+static void *late_blocks[LATE_BLOCKS];
+static int late_passes;
+static pthread_t late_id;
+
+static size_t late_size(int i) { return 16 + (size_t)(i % 24) * 40; }
+
+static void late_destructor(void *arg) {
+    (void)arg;
+    late_passes++;
+    /* Each pass replaces the blocks, so the last pass's are the ones left. */
+    for (int i = 0; i < LATE_BLOCKS; i++) {
+        T_FREE(late_blocks[i]);
+        late_blocks[i] = T_MALLOC(late_size(i));
+        REQUIRE(late_blocks[i] != NULL, "allocation in the late destructor failed");
+        fill_pattern(late_blocks[i], late_size(i), (uint64_t)i);
+    }
+    /* Run again in the next round, up to the last. */
+    pthread_setspecific(late_key, (void *)1);
+}
+
+static void *late_thread(void *arg) {
+    (void)arg;
+    late_id = pthread_self();
+    pthread_setspecific(late_key, (void *)1);
+    return NULL;
+}
+
+static void *successor(void *arg) {
+    int free_first = (int)(intptr_t)arg;
+    if (!pthread_equal(pthread_self(), late_id)) {
+        fprintf(stderr, "the successor did not get the exited thread's id\n");
+        return (void *)1;
+    }
+    intptr_t bad = 0;
+    void *mine[LATE_BLOCKS];
+    for (int round = 0; round < 5; round++) {
+        if (round > 0 || !free_first)
+            for (int i = 0; i < LATE_BLOCKS; i++) {
+                mine[i] = T_MALLOC(late_size(i));
+                if (!mine[i])
+                    return (void *)1;
+                fill_pattern(mine[i], late_size(i), (uint64_t)(i + round));
+            }
+        if (round == 0)
+            for (int i = 0; i < LATE_BLOCKS; i++) {
+                if (find_pattern_mismatch(late_blocks[i], late_size(i), (uint64_t)i) != SIZE_MAX)
+                    bad++;
+                T_FREE(late_blocks[i]);
+                late_blocks[i] = NULL;
+            }
+        if (round > 0 || !free_first)
+            for (int i = 0; i < LATE_BLOCKS; i++) {
+                if (find_pattern_mismatch(mine[i], late_size(i), (uint64_t)(i + round)) != SIZE_MAX)
+                    bad++;
+                T_FREE(mine[i]);
+            }
+    }
+    return (void *)bad;
+}
+
+static void check_heap_left_by_last_destructor_round(void) {
+    REQUIRE(pthread_key_create(&late_key, late_destructor) == 0, "pthread_key_create failed");
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, LATE_STACK);
+    /* Without that care, whether the successor's lists break (and a later free is
+     * reported as misuse, or it crashes) depends on where the blocks landed: several
+     * rounds. */
+    for (int round = 0; round < 32; round++) {
+        pthread_t t;
+        late_passes = 0;
+        REQUIRE(pthread_create(&t, &attr, late_thread, NULL) == 0, "pthread_create failed");
+        pthread_join(t, NULL);
+        CHECK(late_passes == PTHREAD_DESTRUCTOR_ITERATIONS, "the late destructor ran %d times",
+              late_passes);
+        void *ret = (void *)1;
+        REQUIRE(pthread_create(&t, &attr, successor, (void *)(intptr_t)(round & 1)) == 0,
+                "pthread_create failed");
+        pthread_join(t, &ret);
+        CHECK(ret == NULL, "successor (%s): %ld failures", (round & 1) ? "frees first" : "allocates first",
+              (long)(intptr_t)ret);
+    }
+    pthread_attr_destroy(&attr);
+    pthread_key_delete(late_key);
+}
+
 int main(void) {
     printf("tsd_keys: %d keys, %d threads x %d rounds through %s\n", KEYS, THREADS, ROUNDS, T_API);
     unsigned max_key = 0;
@@ -102,6 +196,7 @@ int main(void) {
           ROUNDS * THREADS * ((KEYS + 3) / 4));
     for (int k = 0; k < KEYS; k++)
         pthread_key_delete(keys[k]);
+    check_heap_left_by_last_destructor_round();
     /* The allocator still works in the main thread. */
     void *p = T_MALLOC(4096);
     CHECK(p != NULL, "allocation after the rounds failed");

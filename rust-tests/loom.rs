@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use std::ptr;
 
 use lgmalloc::loom_api::{
-    Block, IN_FULL_FLAG, Owner, OwnerSlot, Page, RemoteWord, STATE_NONE, collect_remote,
+    Block, IN_FULL_FLAG, Owner, Page, RemoteWord, STATE_NONE, Watcher, collect_remote,
     drop_remote_if_all_freed, encode_link, end_notification, free_head, link_key, push_remote,
     try_watch, unwatch,
 };
@@ -68,16 +68,8 @@ impl RemoteWord for Word {
     }
 }
 
-/// `Page::heap` as a loom atomic.
-struct OwnerPtr(AtomicPtr<Owner>);
-
-impl OwnerSlot for OwnerPtr {
-    fn load(&self, order: Ordering) -> *mut Owner {
-        self.0.load(order)
-    }
-}
-
-type LoomPage = Page<OwnerPtr, Word>;
+/// `Page::owner` as a loom atomic (the protocol never reads it; abandoning clears it).
+type LoomPage = Page<AtomicPtr<Owner>, Word>;
 
 /// A block as the allocator hands it out: 16-byte aligned (the low bits of
 /// `remote_free` carry the state), its first two words the free-list `Block`.
@@ -88,9 +80,15 @@ struct Slot {
     payload: UnsafeCell<usize>,
 }
 
-/// The owning heap as the protocol sees it: an address it is compared by, never read.
-fn owner_heap() -> *mut Owner {
-    ptr::dangling_mut()
+/// The owning thread's id, as the page records it.
+fn owner_thread() -> *mut Owner {
+    ptr::without_provenance_mut(0x7000)
+}
+
+/// The owner's heap as the protocol sees it: an address the watched page's word carries
+/// to the freer that notifies, never read (aligned as a heap record is).
+fn owner_heap() -> *mut Watcher {
+    ptr::without_provenance_mut(0x1_0000)
 }
 
 /// One page with its blocks, the owner heap's `delayed_free` word, and bookkeeping.
@@ -118,7 +116,7 @@ impl World {
     /// (plus `IN_FULL_FLAG` when the page is on the full list rather than its class list).
     fn new(blocks: usize, on_full_list: bool) -> Arc<World> {
         let mut page = Box::new(Page::with_atomics(
-            OwnerPtr(AtomicPtr::new(owner_heap())),
+            AtomicPtr::new(owner_thread()),
             Word(AtomicUsize::new(STATE_NONE)),
         ));
         page.used = blocks as u32 | if on_full_list { IN_FULL_FLAG } else { 0 };
@@ -455,7 +453,7 @@ fn notification(abandon: bool, freers: usize) {
             // heap::first_page_with_room: a full page is parked only if it can be watched;
             // otherwise remote frees are already waiting and get collected.
             let_others_run();
-            if try_watch(w.page) {
+            if try_watch(w.page, owner_heap()) {
                 // On the full list; a notification may come in.
                 let_others_run();
                 returned += w.drain_delayed();
@@ -479,7 +477,7 @@ fn notification(abandon: bool, freers: usize) {
             w.touch_free_list();
             if abandon {
                 // segment::abandon_page: the page has no owner from now on.
-                w.page().heap.0.store(ptr::null_mut(), Ordering::Release);
+                w.page().owner.store(ptr::null_mut(), Ordering::Release);
             }
         }
         for t in freeing {
@@ -503,7 +501,7 @@ fn watched_page_announces_one_remote_free() {
     model("watched_page_announces", NOTIFICATION_BOUND, || {
         let w = World::new(2, true);
         // SAFETY: this thread is the page's owner; the page lives as long as `w`.
-        let watched = unsafe { try_watch(w.page) };
+        let watched = unsafe { try_watch(w.page, owner_heap()) };
         assert!(watched, "an idle full page could not be watched");
         let spawn_free = |i: usize| {
             let w = w.clone();

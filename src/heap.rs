@@ -142,8 +142,17 @@ pub struct Heap {
     prev_live: *mut Heap,
     /// The thread that owns this heap (`pthread_self`).
     pub thread: usize,
+    /// What the records of this heap's pages hold as their owner
+    /// ([`owner_id_of_this_thread`], or an orphan's id): the owning thread's id, so
+    /// that the free fast path compares a page with the thread it runs on.
+    owner_id: *mut Owner,
     /// Verify mode: set while this thread matches an allocation to its call site.
     verifying: bool,
+    /// Made after its thread gave its heap up at exit, by a later destructor: glibc
+    /// runs those in rounds, and one made after the last round is never given up. Its
+    /// pages keep the thread's id after the thread is gone; a thread that later gets
+    /// the same id orphans it before it makes its own heap ([`pool_take`]).
+    late: bool,
     /// Young classes' pages this heap has taken from the region (saturating), to size
     /// the run of slices taken with the next (`run_tail`).
     young_pages: u8,
@@ -208,7 +217,9 @@ pub static EMPTY_HEAP: Heap = Heap {
     next_live: ptr::null_mut(),
     prev_live: ptr::null_mut(),
     thread: 0,
+    owner_id: ptr::without_provenance_mut(ORPHAN_OWNER_TAG),
     verifying: false,
+    late: false,
     young_pages: 0,
     zero_tail: [false; MAX_CLASSES],
     zero_block: ptr::null_mut(),
@@ -272,14 +283,47 @@ pub fn thread_heap() -> *mut Heap {
 
 /// In verify mode the thread's real heap (the main slot then stays on the empty heap so
 /// that every allocation reaches the slow path, where it is matched to its call site).
+/// Null when there is none.
 #[inline]
 pub fn verify_heap() -> *mut Heap {
-    tls::verify_heap().cast()
+    let heap = tls::verify_heap();
+    if heap.addr() == EXITED_MARK {
+        return ptr::null_mut();
+    }
+    heap.cast()
 }
 
-/// `heap` as the owner its page records store.
+/// What a thread's second slot holds once the thread gave its heap up at exit
+/// ([`abandon`]), in place of null: a heap the thread makes after that (for a later
+/// destructor) is late ([`Heap::late`]).
+const EXITED_MARK: usize = 1;
+
+/// The owner id `heap`'s page records store ([`Heap::owner_id`]).
+///
+/// # Safety
+/// `heap` is a live heap record (or the empty heap).
 #[inline(always)]
-fn owner(heap: *mut Heap) -> *mut Owner {
+unsafe fn owner(heap: *mut Heap) -> *mut Owner {
+    // SAFETY: per the contract.
+    unsafe { (*heap).owner_id }
+}
+
+/// The owner id of a heap of the calling thread: its thread id, which the free fast
+/// path compares a page's owner with; in verify mode, one more, which no thread has,
+/// so that every free of the thread reaches the slow path as the allocations do.
+fn owner_id_of_this_thread(verify: bool) -> *mut Owner {
+    ptr::without_provenance_mut(tls::thread_id() | if verify { VERIFY_OWNER_TAG } else { 0 })
+}
+
+/// Owner ids no thread has (thread ids are multiples of 8, `tls::thread_id`): verify
+/// mode's heaps (the thread's id plus this), and orphaned heaps (their own address plus
+/// this, [`orphan`]; the empty heap's is this alone).
+const VERIFY_OWNER_TAG: usize = 1;
+const ORPHAN_OWNER_TAG: usize = 2;
+
+/// `heap` as the watcher a full page's record carries ([`page::try_watch`]).
+#[inline(always)]
+fn watcher(heap: *mut Heap) -> *mut page::Watcher {
     heap.cast()
 }
 
@@ -625,16 +669,17 @@ pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
 /// `b` is a live block of `page` that the caller gives up, already marked free.
 #[inline(always)]
 unsafe fn free_checked(page: *mut Page, b: *mut Block) {
-    let heap = thread_heap();
     // SAFETY: per the contract; owner access to `free` and `used` once the owner
-    // comparison holds.
+    // comparison holds (the page is the calling thread's, so it is on the lists of the
+    // thread's heap).
     unsafe {
-        if page::is_owned_by(page, owner(heap)) {
-            // The head is in link form already: the new link is a copy.
+        if page::is_owned_by(page, ptr::without_provenance_mut(tls::thread_id())) {
+            // The head is in link form already: the new link is a copy. (Hardened, the
+            // key is read from the thread's heap; otherwise that read goes unused.)
             (*b).next = (*page).free;
-            (*page).free = page::encode_link((*heap).link_key, b);
+            (*page).free = page::encode_link((*thread_heap()).link_key, b);
             if page::release_one(page) {
-                free_local_slow(heap, page);
+                free_local_slow(thread_heap(), page);
             }
         } else {
             free_remote(b, page);
@@ -1135,13 +1180,14 @@ pub fn thread_heap_or_create() -> *mut Heap {
         return ptr::null_mut();
     }
     let verify = options::verify();
+    let late = tls::verify_heap().addr() == EXITED_MARK;
     if verify {
         let real = verify_heap();
         if !real.is_null() {
             return real;
         }
     }
-    let heap = pool_take();
+    let heap = pool_take(owner_id_of_this_thread(verify), late);
     if heap.is_null() {
         return heap;
     }
@@ -1340,7 +1386,7 @@ unsafe fn first_page_with_room(heap: *mut Heap, class: usize) -> *mut Page {
             }
             // Full: park it where remote frees will tell us about it. If a remote
             // free raced in, the next round collects it.
-            if page::try_watch(page) {
+            if page::try_watch(page, watcher(heap)) {
                 class_remove(heap, page);
                 full_push(heap, page);
             }
@@ -1477,6 +1523,9 @@ unsafe fn free_local_slow(heap: *mut Heap, page: *mut Page) {
         let class = (*page).class as usize;
         if *(*heap).pages.get_unchecked(class) == page && (*page).next.is_null() {
             only_page_emptied(heap, page, class);
+        } else if heap == empty_heap() {
+            // A thread with no heap freed into a page with its id: a dead thread's.
+            freed_into_dead_threads_page();
         } else if (*page).in_full() {
             free_to_full_page(heap, page);
         } else {
@@ -1883,7 +1932,7 @@ unsafe fn release_spares(heap: *mut Heap) {
 unsafe fn free_remote(block: *mut Block, page: *mut Page) {
     // SAFETY: the caller gives up `block`, a live block of `page`.
     unsafe {
-        if (*page).heap.load(Ordering::Relaxed).is_null() {
+        if (*page).owner.load(Ordering::Relaxed).is_null() {
             return free_to_abandoned(block, page);
         }
         push_remote_or_hand_over(block, page);
@@ -2037,7 +2086,7 @@ unsafe fn is_own_block(heap: *mut Heap, b: *mut Block) -> bool {
     // a free span fails the block-start check, and the owner field is atomic.
     unsafe {
         page::is_block_start(page, b as usize)
-            && (*page).heap.load(Ordering::Relaxed) == owner(heap)
+            && (*page).owner.load(Ordering::Relaxed) == owner(heap)
     }
 }
 
@@ -2207,7 +2256,7 @@ pub unsafe fn abandon(heap: *mut Heap) {
         }
         segment::abandon_pages(empty, live);
         tls::set_thread_heap(empty_heap().cast());
-        tls::set_verify_heap(ptr::null_mut());
+        tls::set_verify_heap(ptr::without_provenance_mut(EXITED_MARK));
         pool_give(heap);
     }
 }
@@ -2259,9 +2308,17 @@ pub fn lock_counts() -> (u64, u64) {
     POOL.lock_counts()
 }
 
-/// A fresh heap record for the calling thread, on the live list.
-fn pool_take() -> *mut Heap {
+/// Late heaps on the live list ([`Heap::late`]).
+static LATE_HEAPS: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh heap record for the calling thread, on the live list, whose pages will hold
+/// `owner_id`; `late` when the thread already gave a heap up at exit.
+fn pool_take(owner_id: *mut Owner, late: bool) -> *mut Heap {
     let heap = with_pool(|p| {
+        if LATE_HEAPS.load(Ordering::Relaxed) > 0 {
+            // SAFETY: the live list under the lock.
+            unsafe { orphan_heaps_owned_as(p.live, owner_id, true) };
+        }
         let mut h = p.spare;
         if !h.is_null() {
             // SAFETY: spare records are ours under the lock. The record starts afresh:
@@ -2310,13 +2367,18 @@ fn pool_take() -> *mut Heap {
                 prev_live: ptr::null_mut(),
                 // SAFETY: pthread_self has no preconditions.
                 thread: libc::pthread_self() as usize,
+                owner_id,
                 verifying: false,
+                late,
                 young_pages: 0,
                 zero_tail: [false; MAX_CLASSES],
                 zero_block: ptr::null_mut(),
                 delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
             });
             list::push_front(&mut p.live, h);
+        }
+        if late {
+            LATE_HEAPS.fetch_add(1, Ordering::Relaxed);
         }
         h
     });
@@ -2341,11 +2403,95 @@ unsafe fn pool_give(heap: *mut Heap) {
                 }
             }
             RETIRED_HEAPS.fetch_add(1, Ordering::Relaxed);
+            if (*heap).late {
+                LATE_HEAPS.fetch_sub(1, Ordering::Relaxed);
+            }
             list::remove(&mut p.live, heap);
             list::push_front(&mut p.spare, heap);
         }
     });
     LIVE_HEAPS.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Orphans each heap on the live list `live` (each late one, with `only_late`) whose
+/// pages hold `owner_id`, the id of a thread that has no heap: that heap's thread is
+/// gone (two running threads never share an id), and without this the thread would
+/// take its pages for its own.
+///
+/// # Safety
+/// `live` heads the live list, and the caller holds the pool lock.
+unsafe fn orphan_heaps_owned_as(live: *mut Heap, owner_id: *mut Owner, only_late: bool) {
+    let mut h = live;
+    while !h.is_null() {
+        // SAFETY: live heaps stay valid under the pool lock; the one matched has no
+        // thread any more.
+        unsafe {
+            if (*h).owner_id == owner_id && ((*h).late || !only_late) {
+                if (*h).late {
+                    (*h).late = false;
+                    LATE_HEAPS.fetch_sub(1, Ordering::Relaxed);
+                }
+                orphan(h);
+            }
+            h = (*h).next_live;
+        }
+    }
+}
+
+/// A thread with no heap freed (as the owner) into a page that holds its id: the page
+/// is a dead thread's, whose heap was never given up (see [`Heap::late`]). That heap is
+/// orphaned; the block stays on the page's free list, as on any page of that heap.
+#[cold]
+#[inline(never)]
+fn freed_into_dead_threads_page() {
+    let id = owner_id_of_this_thread(false);
+    // SAFETY: the live list under the lock.
+    with_pool(|p| unsafe { orphan_heaps_owned_as(p.live, id, false) });
+}
+
+/// In the child of a `fork`: the heaps of the parent's other threads have no thread any
+/// more, and a thread the child starts may get the id of one of those (glibc hands
+/// their stacks and control blocks to new threads), so each is orphaned.
+pub fn orphan_other_threads_heaps() {
+    let mine = [thread_heap(), verify_heap()];
+    with_pool(|p| {
+        let mut h = p.live;
+        while !h.is_null() {
+            // SAFETY: live heaps stay valid under the pool lock; in the child no thread
+            // but the caller runs, so the others are no one's.
+            unsafe {
+                if !mine.contains(&h) {
+                    orphan(h);
+                }
+                h = (*h).next_live;
+            }
+        }
+    });
+}
+
+/// Gives `heap` and its pages an owner id no thread has, for a heap whose thread is gone
+/// without giving it up (a `fork` child's copy of another thread's heap, a late heap).
+/// Its pages stay where they are and blocks freed into them go on their remote lists,
+/// as into any other thread's page; a thread that gets the dead thread's id no longer
+/// takes them for its own. A page such a thread held on no list (between two lists at
+/// the `fork`) keeps the old id.
+///
+/// # Safety
+/// `heap` is a live heap record no running thread uses.
+unsafe fn orphan(heap: *mut Heap) {
+    let id = ptr::without_provenance_mut(heap.addr() | ORPHAN_OWNER_TAG);
+    // SAFETY: per the contract, the heap and its lists are the caller's.
+    unsafe {
+        (*heap).owner_id = id;
+        let lists = [(*heap).full, (*heap).spare];
+        for first in lists.into_iter().chain((*heap).pages) {
+            let mut p = first;
+            while p != empty_page() && !p.is_null() {
+                (*p).owner.store(id, Ordering::Relaxed);
+                p = (*p).next;
+            }
+        }
+    }
 }
 
 /// Sums allocation counts per class over every heap, live or finished.

@@ -118,4 +118,5 @@ extern "C" fn fork_child() {
     large::unlock_after_fork(true);
     segment::unlock_after_fork(true);
     heap::unlock_after_fork(true);
+    heap::orphan_other_threads_heaps();
 }

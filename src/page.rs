@@ -1,14 +1,17 @@
 //! Pages: a run of slices holding blocks of one size, and their free lists.
 //!
 //! A page belongs to one thread heap. Its owner allocates from `free` and pushes its own
-//! frees back there without atomics. Other threads push onto `remote_free`, a lock-free
-//! stack whose two low bits also carry the page's notification state (blocks are
-//! 16-byte aligned, so those bits are free):
+//! frees back there without atomics; the record names the owner by its thread's id
+//! (`owner`), so a free compares the page with the thread it runs on without reading
+//! the thread's heap. Other threads push onto `remote_free`, a lock-free stack whose two
+//! low bits also carry the page's notification state (blocks are 16-byte aligned, so
+//! those bits are free):
 //!
 //! * `NONE`: remote frees just push.
-//! * `WATCH`: the page is full and off the owner's allocation list; the next remote
-//!   freer moves the state to `FREEING`, hands its block to the owner heap's
-//!   `delayed_free` list (so the owner learns the page has room again), then sets `NONE`.
+//! * `WATCH`: the page is full and off the owner's allocation list; the word holds no
+//!   list but the watching heap (the owner's), which the next remote freer takes as it
+//!   moves the state to `FREEING`; it hands its block to that heap's `delayed_free`
+//!   list (so the owner learns the page has room again), then sets `NONE`.
 //! * `FREEING`: a remote freer is between those steps; the owner waits for it to finish
 //!   before it may give the page away, so the heap a notification reaches is always the
 //!   page's owner.
@@ -240,23 +243,20 @@ impl RemoteWord for AtomicUsize {
     }
 }
 
-/// The heap that owns a page, as this layer sees it: an address to store, compare and
-/// hand back, never dereferenced here. The heap layer (`heap::Heap`) is behind it.
+/// The thread that owns a page, as this layer sees it: the thread's id (see
+/// `heap::owner_id_of`), an address stored and compared, never dereferenced. Null while
+/// the page is abandoned or free.
 #[repr(C)]
 pub struct Owner {
     _opaque: [u8; 0],
 }
 
-/// The atomic read of `Page::heap` the remote-free protocol performs (see [`RemoteWord`]).
-pub trait OwnerSlot {
-    fn load(&self, order: Ordering) -> *mut Owner;
-}
-
-impl OwnerSlot for AtomicPtr<Owner> {
-    #[inline(always)]
-    fn load(&self, order: Ordering) -> *mut Owner {
-        AtomicPtr::load(self, order)
-    }
+/// The heap that watches a full page for its next remote free, as this layer sees it:
+/// an address carried in `remote_free` while the page is watched and handed to that
+/// freer, never dereferenced here. Aligned to 4 bytes and below 2^48, as a block is.
+#[repr(C)]
+pub struct Watcher {
+    _opaque: [u8; 0],
 }
 
 /// Metadata of one page (or of one free span, when `FLAG_FREE_SPAN` is set). Lives in
@@ -307,8 +307,8 @@ pub struct Page<H = AtomicPtr<Owner>, R = AtomicUsize> {
     /// `addr * div_magic - block_origin` is the page offset times `div_magic`. One
     /// where `div_magic` is zero (so the fast check fails for every address).
     pub block_origin: u32,
-    /// The owning heap; null while abandoned or free.
-    pub heap: H,
+    /// The owning thread's id; null while abandoned or free.
+    pub owner: H,
     /// Blocks freed by other threads, plus the notification state in the low bits.
     pub remote_free: R,
     /// Links in the owner's class list or full list, a free-span bin, or the
@@ -372,8 +372,8 @@ impl Page {
 }
 
 impl<H, R> Page<H, R> {
-    /// An empty record holding the given `heap` and `remote_free` atomics.
-    pub const fn with_atomics(heap: H, remote_free: R) -> Page<H, R> {
+    /// An empty record holding the given `owner` and `remote_free` atomics.
+    pub const fn with_atomics(owner: H, remote_free: R) -> Page<H, R> {
         Page {
             free: ptr::null_mut(),
             used: 0,
@@ -384,7 +384,7 @@ impl<H, R> Page<H, R> {
             slice_count: 0,
             div_magic: 0,
             block_origin: 1,
-            heap,
+            owner,
             remote_free,
             next: ptr::null_mut(),
             prev: ptr::null_mut(),
@@ -465,7 +465,8 @@ pub unsafe fn release_one(page: *mut Page) -> bool {
     }
 }
 
-/// Prepares page metadata for a fresh page of `class` blocks owned by `heap`.
+/// Prepares page metadata for a fresh page of `class` blocks, owned by the thread
+/// `owner`.
 ///
 /// The record's `flags` are left alone: the region cleared them under its lock when it
 /// split the span off, and other threads may read them (a neighbour's `release_span`
@@ -474,7 +475,7 @@ pub unsafe fn release_one(page: *mut Page) -> bool {
 /// # Safety
 /// `page` heads a span the region just handed to the calling thread (its
 /// `start_offset` and `slice_count` set).
-pub unsafe fn init_page(page: *mut Page, heap: *mut Owner, class: usize) {
+pub unsafe fn init_page(page: *mut Page, owner: *mut Owner, class: usize) {
     let block_size = size_class::block_size(class);
     // SAFETY: per the contract the owner-side fields are the caller's; fields are
     // written one by one through the raw pointer, so no reference covers `flags`.
@@ -492,7 +493,7 @@ pub unsafe fn init_page(page: *mut Page, heap: *mut Owner, class: usize) {
             (start as u32).wrapping_mul(magic)
         };
         (*page).class = class as u8;
-        (*page).heap.store(heap, Ordering::Release);
+        (*page).owner.store(owner, Ordering::Release);
         (*page).remote_free.store(0, Ordering::Relaxed);
         (*page).next = ptr::null_mut();
         (*page).prev = ptr::null_mut();
@@ -612,7 +613,7 @@ pub unsafe fn carved_bytes(page: *const Page) -> usize {
 /// The calling thread owns `page`.
 pub unsafe fn extend(page: *mut Page) {
     // SAFETY: owner access; the shared reference covers no field another thread writes
-    // (`carved`, `heap` and `remote_free` are atomics).
+    // (`carved`, `owner` and `remote_free` are atomics).
     let (bs, usable, start, carved, magic) = unsafe {
         let p = &*page;
         (
@@ -721,7 +722,7 @@ unsafe fn below_carved(page: *const Page, scaled: u32) -> bool {
     }
 }
 
-/// Whether `page` belongs to `owner` (a relaxed read of `Page::heap`), compared in
+/// Whether `page` belongs to `owner` (a relaxed read of `Page::owner`), compared in
 /// memory on x86-64 rather than loaded first.
 ///
 /// # Safety
@@ -734,11 +735,11 @@ pub unsafe fn is_owned_by(page: *const Page, owner: *mut Owner) -> bool {
         // atomic on x86-64, and the asm only reads it.
         unsafe {
             core::arch::asm!(
-                "cmp qword ptr [{page} + {heap}], {owner}",
+                "cmp qword ptr [{page} + {field}], {owner}",
                 "jne {no}",
                 owner = in(reg) owner,
                 page = in(reg) page,
-                heap = const core::mem::offset_of!(Page, heap),
+                field = const core::mem::offset_of!(Page, owner),
                 no = label { return false; },
                 options(nostack, readonly),
             );
@@ -748,7 +749,7 @@ pub unsafe fn is_owned_by(page: *const Page, owner: *mut Owner) -> bool {
     #[cfg(not(all(target_arch = "x86_64", not(miri))))]
     {
         // SAFETY: per the contract.
-        unsafe { (*page).heap.load(Ordering::Relaxed) == owner }
+        unsafe { (*page).owner.load(Ordering::Relaxed) == owner }
     }
 }
 
@@ -783,7 +784,9 @@ pub unsafe fn is_block_start(page: *const Page, addr: usize) -> bool {
 pub unsafe fn collect_remote<H, R: RemoteWord>(page: *mut Page<H, R>) -> u32 {
     // SAFETY: a reference to the atomic word only (other threads use it atomically).
     let remote = unsafe { &(*page).remote_free };
-    if remote.load(Ordering::Relaxed) & REMOTE_PTR_MASK == 0 {
+    let word = remote.load(Ordering::Relaxed);
+    // A watched page's word holds its watcher, not a list (and no freer pushes to it).
+    if word & REMOTE_PTR_MASK == 0 || word & STATE_MASK == STATE_WATCH {
         return 0;
     }
     // Take the whole list, keep the state bits.
@@ -876,8 +879,9 @@ pub unsafe fn drop_remote_if_all_freed<H, R: RemoteWord>(page: *mut Page<H, R>) 
 }
 
 /// Pushes a block freed by a thread that does not own `page`. Returns the heap that
-/// must be told (the page is full and off its owner's list) together with ownership of
-/// the block, or null when the block was just queued on the page.
+/// must be told (the page is full and off its owner's list, watched by that heap)
+/// together with ownership of the block, or null when the block was just queued on the
+/// page.
 ///
 /// Takes a raw pointer: the owner writes the record's other fields meanwhile, so this
 /// side never holds a reference to the whole record, only to its atomics.
@@ -885,12 +889,12 @@ pub unsafe fn drop_remote_if_all_freed<H, R: RemoteWord>(page: *mut Page<H, R>) 
 /// # Safety
 /// `page` is a live record and `block` a live block of it that the caller gives up.
 #[inline]
-pub unsafe fn push_remote<H: OwnerSlot, R: RemoteWord>(
+pub unsafe fn push_remote<H, R: RemoteWord>(
     page: *const Page<H, R>,
     block: *mut Block,
-) -> *mut Owner {
-    // SAFETY: per the contract; references to the atomic fields only.
-    let (remote, heap) = unsafe { (&(*page).remote_free, &(*page).heap) };
+) -> *mut Watcher {
+    // SAFETY: per the contract; a reference to the atomic word only.
+    let remote = unsafe { &(*page).remote_free };
     debug_assert_eq!(
         block as usize & !REMOTE_PTR_MASK,
         0,
@@ -901,9 +905,14 @@ pub unsafe fn push_remote<H: OwnerSlot, R: RemoteWord>(
     loop {
         let state = cur & STATE_MASK;
         if state == STATE_WATCH {
-            let freeing = (cur & !STATE_MASK) | STATE_FREEING;
-            match remote.compare_exchange_weak(cur, freeing, Ordering::Acquire, Ordering::Relaxed) {
-                Ok(_) => return heap.load(Ordering::Acquire),
+            // The word holds the watcher, not a list (`try_watch`): it leaves with us.
+            match remote.compare_exchange_weak(
+                cur,
+                STATE_FREEING,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return (cur & REMOTE_PTR_MASK) as *mut Watcher,
                 Err(now) => {
                     cur = now;
                     continue;
@@ -935,15 +944,26 @@ pub unsafe fn end_notification<H, R: RemoteWord>(page: *const Page<H, R>) {
 }
 
 /// Owner: asks to be told about the next remote free, for a page leaving the
-/// allocation list. Fails (returns false) when remote frees are already waiting; the
-/// caller should collect them instead.
+/// allocation list: the freer hands its block to `watcher` (the owner's heap), which
+/// the word holds while the page is watched. Fails (returns false) when remote frees are
+/// already waiting; the caller should collect them instead.
 ///
 /// # Safety
-/// `page` is a live record the caller owns.
-pub unsafe fn try_watch<H, R: RemoteWord>(page: *const Page<H, R>) -> bool {
+/// `page` is a live record the caller owns; `watcher` is 4-byte aligned and below 2^48.
+pub unsafe fn try_watch<H, R: RemoteWord>(page: *const Page<H, R>, watcher: *mut Watcher) -> bool {
+    debug_assert_eq!(
+        watcher as usize & !REMOTE_PTR_MASK,
+        0,
+        "a watcher the word cannot hold"
+    );
     // SAFETY: per the contract; a reference to the atomic word only.
     unsafe { &(*page).remote_free }
-        .compare_exchange(STATE_NONE, STATE_WATCH, Ordering::AcqRel, Ordering::Relaxed)
+        .compare_exchange(
+            STATE_NONE,
+            watcher as usize | STATE_WATCH,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
         .is_ok()
 }
 
@@ -963,17 +983,17 @@ pub unsafe fn unwatch<H, R: RemoteWord>(page: *const Page<H, R>) {
                 remote.pause();
                 cur = remote.load(Ordering::Acquire);
             }
-            _ => {
-                match remote.compare_exchange_weak(
-                    cur,
-                    cur & !STATE_MASK,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => return,
-                    Err(now) => cur = now,
-                }
-            }
+            // Watched: the word holds the watcher and no list (a freer would have moved
+            // the state on before pushing), so it empties.
+            _ => match remote.compare_exchange_weak(
+                cur,
+                STATE_NONE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            },
         }
     }
 }

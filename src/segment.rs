@@ -674,7 +674,7 @@ impl RegionInner {
             (*head).carved.store(0, Ordering::Relaxed);
             (*head).div_magic = 0;
             (*head).block_origin = 1;
-            (*head).heap.store(ptr::null_mut(), Ordering::Relaxed);
+            (*head).owner.store(ptr::null_mut(), Ordering::Relaxed);
             set_head(seg, start, head);
             set_head(seg, start + count - 1, head);
             list::push_front(&mut self.bins[bin_of(count)], head);
@@ -1248,14 +1248,14 @@ impl RegionInner {
     ///
     /// # Safety
     /// `page` is a live page record (the caller holds a live block of it).
-    unsafe fn reclaim(&mut self, heap: *mut Owner, page: *mut Page) -> bool {
+    unsafe fn reclaim(&mut self, owner: *mut Owner, page: *mut Page) -> bool {
         // SAFETY: per the contract; the page is region property while abandoned.
         unsafe {
             if (*page).flags & FLAG_ABANDONED == 0 {
                 return false;
             }
             self.unpark_abandoned(page);
-            (*page).heap.store(heap, Ordering::Release);
+            (*page).owner.store(owner, Ordering::Release);
         }
         true
     }
@@ -1303,7 +1303,7 @@ impl RegionInner {
         // SAFETY: per the contract; the page becomes region property.
         unsafe {
             (*page).flags = FLAG_ABANDONED;
-            (*page).heap.store(ptr::null_mut(), Ordering::Release);
+            (*page).owner.store(ptr::null_mut(), Ordering::Release);
             let class = (*page).class as usize;
             if let Some(list) = self.abandoned.get_mut(class) {
                 list::push_front(list, page);
@@ -1322,7 +1322,7 @@ impl RegionInner {
             // SAFETY: per the contract each page on the list is ours to give back.
             unsafe {
                 let next = (*pages).next;
-                (*pages).heap.store(ptr::null_mut(), Ordering::Release);
+                (*pages).owner.store(ptr::null_mut(), Ordering::Release);
                 self.release_span(pages, idle_since);
                 pages = next;
             }
@@ -1358,14 +1358,15 @@ unsafe fn unmap_segment(base: *mut u8) {
     }
 }
 
-/// A fresh page of `slices` slices for `class`, owned by `heap`, aligned for its block
-/// size. Null when the OS has no memory left. `give_back` is a plain list (through
-/// `next`, possibly null) of empty pages the heap returns in the same visit; up to
-/// `extra` more spans of the same size and alignment are taken in the same visit (next
-/// to the page where there is room) and put on the plain list `extras` (not set up as
-/// pages: the heap keeps them as spares). With `tail`, the page is taken with `tail`
-/// more slices after it, which go on `extras` as one spare span ([`split_spare`]): the
-/// run a heap cuts the next pages of its young classes from without coming back.
+/// A fresh page of `slices` slices for `class`, owned by the thread `owner`, aligned for
+/// its block size. Null when the OS has no memory left. `give_back` is a plain list
+/// (through `next`, possibly null) of empty pages the heap returns in the same visit;
+/// up to `extra` more spans of the same size and alignment are taken in the same visit
+/// (next to the page where there is room) and put on the plain list `extras` (not set
+/// up as pages: the heap keeps them as spares). With `tail`, the page is taken with
+/// `tail` more slices after it, which go on `extras` as one spare span
+/// ([`split_spare`]): the run a heap cuts the next pages of its young classes from
+/// without coming back.
 ///
 /// With `populate` (the heap will carve these pages soon), the parts of the batch never
 /// used since their segment was mapped are backed with memory after the lock is
@@ -1387,7 +1388,7 @@ unsafe fn unmap_segment(base: *mut u8) {
 /// The pages on `give_back` are as for [`free_pages`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn alloc_page(
-    heap: *mut Owner,
+    owner: *mut Owner,
     class: usize,
     block_size: usize,
     slices: usize,
@@ -1469,7 +1470,7 @@ pub unsafe fn alloc_page(
                     list::push_front(extras, rest);
                 }
             }
-            page::init_page(page, heap, class);
+            page::init_page(page, owner, class);
         }
     }
     (page, zeroed && !page.is_null())
@@ -1516,7 +1517,7 @@ pub unsafe fn split_spare(span: *mut Page, count: usize) -> *mut Page {
         (*rest).carved.store(0, Ordering::Relaxed);
         (*rest).div_magic = 0;
         (*rest).block_origin = 1;
-        (*rest).heap.store(ptr::null_mut(), Ordering::Relaxed);
+        (*rest).owner.store(ptr::null_mut(), Ordering::Relaxed);
         (*rest).remote_free.store(0, Ordering::Relaxed);
         (*rest).next = ptr::null_mut();
         (*rest).prev = ptr::null_mut();
@@ -1632,14 +1633,14 @@ pub unsafe fn abandon_pages(empty: *mut Page, mut live: *mut Page) {
     });
 }
 
-/// Hands up to `max` abandoned pages of `class` to `heap`, as a plain list through
-/// `next`, freeing abandoned pages of that class that turned out empty on the way. Null
-/// when no page of `class` is left (found without the lock when the class has none).
-/// Pages of other classes are left where they are: a thread that frees into them
+/// Hands up to `max` abandoned pages of `class` to the thread `owner`, as a plain list
+/// through `next`, freeing abandoned pages of that class that turned out empty on the
+/// way. Null when no page of `class` is left (found without the lock when the class has
+/// none). Pages of other classes are left where they are: a thread that frees into them
 /// takes them over when it needs a page of their class ([`reclaim_page`]), and
 /// handing them to whoever allocates first gave one thread's pages to another while
 /// the first thread's successor was still freeing into them (larson's chains).
-pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
+pub fn adopt_pages(owner: *mut Owner, class: usize, max: usize) -> *mut Page {
     if ABANDONED_IN_CLASS
         .get(class)
         .is_none_or(|n| n.load(Ordering::Relaxed) == 0)
@@ -1666,7 +1667,7 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
                     r.release_span(p, now);
                     continue;
                 }
-                (*p).heap.store(heap, Ordering::Release);
+                (*p).owner.store(owner, Ordering::Release);
                 list::push_front(&mut adopted, p);
             }
             taken += 1;
@@ -1677,7 +1678,7 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
     .0
 }
 
-/// Makes `heap` the owner of `page` if the page is abandoned and the region lock is
+/// Gives `page` to the thread `owner` if the page is abandoned and the region lock is
 /// free: a thread freeing into an exited thread's page takes the page over, since it
 /// usually holds (and frees) the page's other blocks too, as a successor does, and
 /// from then on its frees there are local and its allocations reuse the page's blocks.
@@ -1686,12 +1687,12 @@ pub fn adopt_pages(heap: *mut Owner, class: usize, max: usize) -> *mut Page {
 ///
 /// # Safety
 /// `page` is a live page record (the caller holds a live block of it).
-pub unsafe fn reclaim_page(heap: *mut Owner, page: *mut Page) -> bool {
+pub unsafe fn reclaim_page(owner: *mut Owner, page: *mut Page) -> bool {
     // SAFETY: per the contract; abandoned pages are region property while the lock is
     // held, and `flags` is written only with the lock held, so the test reads a settled
     // value.
     REGION
-        .try_with(|r| unsafe { r.reclaim(heap, page) })
+        .try_with(|r| unsafe { r.reclaim(owner, page) })
         .unwrap_or(false)
 }
 
