@@ -151,7 +151,9 @@ pub struct Heap {
     /// Made after its thread gave its heap up at exit, by a later destructor: glibc
     /// runs those in rounds, and one made after the last round is never given up. Its
     /// pages keep the thread's id after the thread is gone; a thread that later gets
-    /// the same id orphans it before it makes its own heap ([`pool_take`]).
+    /// the same id orphans it before it makes its own heap ([`pool_take`]), or, having
+    /// none, once its free into such a page reaches the slow path
+    /// ([`freed_into_dead_threads_page`]).
     late: bool,
     /// Young classes' pages this heap has taken from the region (saturating), to size
     /// the run of slices taken with the next (`run_tail`).
@@ -2427,10 +2429,6 @@ unsafe fn orphan_heaps_owned_as(live: *mut Heap, owner_id: *mut Owner, only_late
         // thread any more.
         unsafe {
             if (*h).owner_id == owner_id && ((*h).late || !only_late) {
-                if (*h).late {
-                    (*h).late = false;
-                    LATE_HEAPS.fetch_sub(1, Ordering::Relaxed);
-                }
                 orphan(h);
             }
             h = (*h).next_live;
@@ -2477,11 +2475,16 @@ pub fn orphan_other_threads_heaps() {
 /// the `fork`) keeps the old id.
 ///
 /// # Safety
-/// `heap` is a live heap record no running thread uses.
+/// `heap` is a live heap record no running thread uses; the caller holds the pool lock.
 unsafe fn orphan(heap: *mut Heap) {
     let id = ptr::without_provenance_mut(heap.addr() | ORPHAN_OWNER_TAG);
     // SAFETY: per the contract, the heap and its lists are the caller's.
     unsafe {
+        if (*heap).late {
+            // Its id no longer needs looking for.
+            (*heap).late = false;
+            LATE_HEAPS.fetch_sub(1, Ordering::Relaxed);
+        }
         (*heap).owner_id = id;
         let lists = [(*heap).full, (*heap).spare];
         for first in lists.into_iter().chain((*heap).pages) {
