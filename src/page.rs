@@ -243,9 +243,9 @@ impl RemoteWord for AtomicUsize {
     }
 }
 
-/// The thread that owns a page, as this layer sees it: the thread's id (see
-/// `heap::owner_id_of`), an address stored and compared, never dereferenced. Null while
-/// the page is abandoned or free.
+/// The thread that owns a page, as this layer sees it: the thread's id (`tls::thread_id`,
+/// or an id no thread has: see `heap::Heap::owner_id`), an address stored and compared,
+/// never dereferenced. Null while the page is abandoned or free.
 #[repr(C)]
 pub struct Owner {
     _opaque: [u8; 0],
