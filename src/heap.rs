@@ -148,13 +148,6 @@ pub struct Heap {
     owner_id: *mut Owner,
     /// Verify mode: set while this thread matches an allocation to its call site.
     verifying: bool,
-    /// Made after its thread gave its heap up at exit, by a later destructor: glibc
-    /// runs those in rounds, and one made after the last round is never given up. Its
-    /// pages keep the thread's id after the thread is gone; a thread that later gets
-    /// the same id orphans it before it makes its own heap ([`pool_take`]), or, having
-    /// none, once its free into such a page reaches the slow path
-    /// ([`freed_into_dead_threads_page`]).
-    late: bool,
     /// Young classes' pages this heap has taken from the region (saturating), to size
     /// the run of slices taken with the next (`run_tail`).
     young_pages: u8,
@@ -221,7 +214,6 @@ pub static EMPTY_HEAP: Heap = Heap {
     thread: 0,
     owner_id: ptr::without_provenance_mut(ORPHAN_OWNER_TAG),
     verifying: false,
-    late: false,
     young_pages: 0,
     zero_tail: [false; MAX_CLASSES],
     zero_block: ptr::null_mut(),
@@ -285,20 +277,10 @@ pub fn thread_heap() -> *mut Heap {
 
 /// In verify mode the thread's real heap (the main slot then stays on the empty heap so
 /// that every allocation reaches the slow path, where it is matched to its call site).
-/// Null when there is none.
 #[inline]
 pub fn verify_heap() -> *mut Heap {
-    let heap = tls::verify_heap();
-    if heap.addr() == EXITED_MARK {
-        return ptr::null_mut();
-    }
-    heap.cast()
+    tls::verify_heap().cast()
 }
-
-/// What a thread's second slot holds once the thread gave its heap up at exit
-/// ([`abandon`]), in place of null: a heap the thread makes after that (for a later
-/// destructor) is late ([`Heap::late`]).
-const EXITED_MARK: usize = 1;
 
 /// The owner id `heap`'s page records store ([`Heap::owner_id`]).
 ///
@@ -672,12 +654,14 @@ pub unsafe fn free_block(page: *mut Page, block: *mut u8) {
 #[inline(always)]
 unsafe fn free_checked(page: *mut Page, b: *mut Block) {
     // SAFETY: per the contract; owner access to `free` and `used` once the owner
-    // comparison holds (the page is the calling thread's, so it is on the lists of the
-    // thread's heap).
+    // comparison holds: the page is the calling thread's, on its heap's lists (or a
+    // gone thread's page with this id whose heap nobody uses: `free_local_slow` tells).
     unsafe {
         if page::is_owned_by(page, ptr::without_provenance_mut(tls::thread_id())) {
             // The head is in link form already: the new link is a copy. (Hardened, the
-            // key is read from the thread's heap; otherwise that read goes unused.)
+            // key is read from the thread's heap; otherwise that read goes unused. A
+            // thread with no heap encodes with the empty heap's zero key: only a gone
+            // thread's page, which nobody pops from again, gets such a link.)
             (*b).next = (*page).free;
             (*page).free = page::encode_link((*thread_heap()).link_key, b);
             if page::release_one(page) {
@@ -1182,14 +1166,13 @@ pub fn thread_heap_or_create() -> *mut Heap {
         return ptr::null_mut();
     }
     let verify = options::verify();
-    let late = tls::verify_heap().addr() == EXITED_MARK;
     if verify {
         let real = verify_heap();
         if !real.is_null() {
             return real;
         }
     }
-    let heap = pool_take(owner_id_of_this_thread(verify), late);
+    let heap = pool_take(owner_id_of_this_thread(verify));
     if heap.is_null() {
         return heap;
     }
@@ -2246,6 +2229,10 @@ pub unsafe fn abandon(heap: *mut Heap) {
                     break;
                 }
                 class_remove(heap, p);
+                // Off our lists, the page is no longer this thread's: a `fork` now
+                // (while the region lock below is held) would leave it on no list
+                // `orphan` can reach, with an id a thread of the child may get.
+                (*p).owner.store(ptr::null_mut(), Ordering::Relaxed);
                 // A page whose blocks all came back from other threads is released
                 // without a walk of its remote list; the others keep theirs for their
                 // next owner, who takes it whole once its own list runs out.
@@ -2258,7 +2245,7 @@ pub unsafe fn abandon(heap: *mut Heap) {
         }
         segment::abandon_pages(empty, live);
         tls::set_thread_heap(empty_heap().cast());
-        tls::set_verify_heap(ptr::without_provenance_mut(EXITED_MARK));
+        tls::set_verify_heap(ptr::null_mut());
         pool_give(heap);
     }
 }
@@ -2268,8 +2255,10 @@ pub unsafe fn abandon(heap: *mut Heap) {
 struct PoolInner {
     /// Heap records ready for reuse (a plain list through `next_live`/`prev_live`).
     spare: *mut Heap,
-    /// Heaps owned by running threads.
+    /// Heaps of running threads (and orphans, [`orphan`]).
     live: *mut Heap,
+    /// The owner ids of the live heaps that are not orphans, as counts per bucket.
+    owner_ids: OwnerIdCounts,
     /// Unused part of the last metadata chunk.
     bump: usize,
     bump_end: usize,
@@ -2278,6 +2267,7 @@ struct PoolInner {
 static POOL: Locked<PoolInner> = Locked::new(PoolInner {
     spare: ptr::null_mut(),
     live: ptr::null_mut(),
+    owner_ids: OwnerIdCounts([0; OWNER_ID_BUCKETS]),
     bump: 0,
     bump_end: 0,
 });
@@ -2292,6 +2282,37 @@ static RETIRED_USING: [AtomicU64; MAX_CLASSES] = [const { AtomicU64::new(0) }; M
 pub static LIVE_HEAPS: AtomicUsize = AtomicUsize::new(0);
 
 const POOL_CHUNK: usize = 64 * 1024;
+
+/// Buckets of [`OwnerIdCounts`]: 16 KiB, of which only the buckets of ids in use are
+/// ever written.
+const OWNER_ID_BUCKETS: usize = 4096;
+
+/// How many live heaps hold an owner id of each bucket (a counting filter): a new heap
+/// looks through the live list for a gone thread's heap with its id only when its
+/// bucket counts one, so creating a thread stays O(1) with thousands running (with 100
+/// live heaps, 1 creation in 40 walks the list).
+struct OwnerIdCounts([u32; OWNER_ID_BUCKETS]);
+
+impl OwnerIdCounts {
+    fn bucket(id: *mut Owner) -> usize {
+        // Thread pointers lie a stack size apart: a multiplicative hash spreads them.
+        (id.addr() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) as usize >> (usize::BITS - 12)
+    }
+    fn holds(&self, id: *mut Owner) -> bool {
+        self.0.get(Self::bucket(id)).is_some_and(|&n| n > 0)
+    }
+    fn add(&mut self, id: *mut Owner) {
+        if let Some(n) = self.0.get_mut(Self::bucket(id)) {
+            *n = n.saturating_add(1);
+        }
+    }
+    fn remove(&mut self, id: *mut Owner) {
+        if let Some(n) = self.0.get_mut(Self::bucket(id)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+const _: () = assert!(OWNER_ID_BUCKETS == 1 << 12);
 
 fn with_pool<R>(f: impl FnOnce(&mut PoolInner) -> R) -> R {
     POOL.with(f)
@@ -2310,16 +2331,14 @@ pub fn lock_counts() -> (u64, u64) {
     POOL.lock_counts()
 }
 
-/// Late heaps on the live list ([`Heap::late`]).
-static LATE_HEAPS: AtomicUsize = AtomicUsize::new(0);
-
 /// A fresh heap record for the calling thread, on the live list, whose pages will hold
-/// `owner_id`; `late` when the thread already gave a heap up at exit.
-fn pool_take(owner_id: *mut Owner, late: bool) -> *mut Heap {
+/// `owner_id`.
+fn pool_take(owner_id: *mut Owner) -> *mut Heap {
     let heap = with_pool(|p| {
-        if LATE_HEAPS.load(Ordering::Relaxed) > 0 {
+        // A live heap with this id is a gone thread's (the calling thread has none).
+        if p.owner_ids.holds(owner_id) {
             // SAFETY: the live list under the lock.
-            unsafe { orphan_heaps_owned_as(p.live, owner_id, true) };
+            unsafe { orphan_heaps_owned_as(p, owner_id) };
         }
         let mut h = p.spare;
         if !h.is_null() {
@@ -2371,16 +2390,13 @@ fn pool_take(owner_id: *mut Owner, late: bool) -> *mut Heap {
                 thread: libc::pthread_self() as usize,
                 owner_id,
                 verifying: false,
-                late,
                 young_pages: 0,
                 zero_tail: [false; MAX_CLASSES],
                 zero_block: ptr::null_mut(),
                 delayed_free: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
             });
             list::push_front(&mut p.live, h);
-        }
-        if late {
-            LATE_HEAPS.fetch_add(1, Ordering::Relaxed);
+            p.owner_ids.add(owner_id);
         }
         h
     });
@@ -2405,9 +2421,7 @@ unsafe fn pool_give(heap: *mut Heap) {
                 }
             }
             RETIRED_HEAPS.fetch_add(1, Ordering::Relaxed);
-            if (*heap).late {
-                LATE_HEAPS.fetch_sub(1, Ordering::Relaxed);
-            }
+            p.owner_ids.remove((*heap).owner_id);
             list::remove(&mut p.live, heap);
             list::push_front(&mut p.spare, heap);
         }
@@ -2415,21 +2429,22 @@ unsafe fn pool_give(heap: *mut Heap) {
     LIVE_HEAPS.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Orphans each heap on the live list `live` (each late one, with `only_late`) whose
-/// pages hold `owner_id`, the id of a thread that has no heap: that heap's thread is
-/// gone (two running threads never share an id), and without this the thread would
-/// take its pages for its own.
+/// Orphans each heap on the live list whose pages hold `owner_id`, the id of a thread
+/// that has no heap: that heap's thread is gone without giving it up (two running
+/// threads never share an id), and without this the thread would take its pages for
+/// its own. Such a heap is rare: one a destructor made after lgmalloc's own ran in
+/// glibc's last destructor round, or one whose thread-exit registration failed.
 ///
 /// # Safety
-/// `live` heads the live list, and the caller holds the pool lock.
-unsafe fn orphan_heaps_owned_as(live: *mut Heap, owner_id: *mut Owner, only_late: bool) {
-    let mut h = live;
+/// The caller holds the pool lock (`p`).
+unsafe fn orphan_heaps_owned_as(p: &mut PoolInner, owner_id: *mut Owner) {
+    let mut h = p.live;
     while !h.is_null() {
         // SAFETY: live heaps stay valid under the pool lock; the one matched has no
         // thread any more.
         unsafe {
-            if (*h).owner_id == owner_id && ((*h).late || !only_late) {
-                orphan(h);
+            if (*h).owner_id == owner_id {
+                orphan(p, h);
             }
             h = (*h).next_live;
         }
@@ -2437,14 +2452,15 @@ unsafe fn orphan_heaps_owned_as(live: *mut Heap, owner_id: *mut Owner, only_late
 }
 
 /// A thread with no heap freed (as the owner) into a page that holds its id: the page
-/// is a dead thread's, whose heap was never given up (see [`Heap::late`]). That heap is
-/// orphaned; the block stays on the page's free list, as on any page of that heap.
+/// is a gone thread's, whose heap was never given up ([`orphan_heaps_owned_as`]). That
+/// heap is orphaned; the block stays on the page's free list, as on any page of that
+/// heap.
 #[cold]
 #[inline(never)]
 fn freed_into_dead_threads_page() {
     let id = owner_id_of_this_thread(false);
-    // SAFETY: the live list under the lock.
-    with_pool(|p| unsafe { orphan_heaps_owned_as(p.live, id, false) });
+    // SAFETY: the pool lock is held.
+    with_pool(|p| unsafe { orphan_heaps_owned_as(p, id) });
 }
 
 /// In the child of a `fork`: the heaps of the parent's other threads have no thread any
@@ -2458,33 +2474,33 @@ pub fn orphan_other_threads_heaps() {
             // SAFETY: live heaps stay valid under the pool lock; in the child no thread
             // but the caller runs, so the others are no one's.
             unsafe {
+                let next = (*h).next_live;
                 if !mine.contains(&h) {
-                    orphan(h);
+                    orphan(p, h);
                 }
-                h = (*h).next_live;
+                h = next;
             }
         }
     });
 }
 
 /// Gives `heap` and its pages an owner id no thread has, for a heap whose thread is gone
-/// without giving it up (a `fork` child's copy of another thread's heap, a late heap).
+/// without giving it up (a `fork` child's copy of another thread's heap, a heap never
+/// given up at its thread's exit).
 /// Its pages stay where they are and blocks freed into them go on their remote lists,
 /// as into any other thread's page; a thread that gets the dead thread's id no longer
 /// takes them for its own. A page such a thread held on no list (between two lists at
 /// the `fork`) keeps the old id.
 ///
 /// # Safety
-/// `heap` is a live heap record no running thread uses; the caller holds the pool lock.
-unsafe fn orphan(heap: *mut Heap) {
+/// `heap` is a live heap record no running thread uses; the caller holds the pool lock
+/// (`p`).
+unsafe fn orphan(p: &mut PoolInner, heap: *mut Heap) {
     let id = ptr::without_provenance_mut(heap.addr() | ORPHAN_OWNER_TAG);
     // SAFETY: per the contract, the heap and its lists are the caller's.
     unsafe {
-        if (*heap).late {
-            // Its id no longer needs looking for.
-            (*heap).late = false;
-            LATE_HEAPS.fetch_sub(1, Ordering::Relaxed);
-        }
+        // No thread has the new id: it needs no looking for.
+        p.owner_ids.remove((*heap).owner_id);
         (*heap).owner_id = id;
         let lists = [(*heap).full, (*heap).spare];
         for first in lists.into_iter().chain((*heap).pages) {
