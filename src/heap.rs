@@ -2283,20 +2283,22 @@ pub static LIVE_HEAPS: AtomicUsize = AtomicUsize::new(0);
 
 const POOL_CHUNK: usize = 64 * 1024;
 
-/// Buckets of [`OwnerIdCounts`]: 16 KiB, of which only the buckets of ids in use are
-/// ever written.
-const OWNER_ID_BUCKETS: usize = 4096;
+/// log2 of the buckets of [`OwnerIdCounts`]: 4,096 counts, 16 KiB, of which only the
+/// buckets of ids in use are ever written.
+const OWNER_ID_BUCKET_BITS: u32 = 12;
+const OWNER_ID_BUCKETS: usize = 1 << OWNER_ID_BUCKET_BITS;
 
 /// How many live heaps hold an owner id of each bucket (a counting filter): a new heap
 /// looks through the live list for a gone thread's heap with its id only when its
-/// bucket counts one, so creating a thread stays O(1) with thousands running (with 100
-/// live heaps, 1 creation in 40 walks the list).
+/// bucket counts one, which with `n` live heaps happens with chance about n / 4,096,
+/// so creating a thread does not walk thousands of running threads' heaps.
 struct OwnerIdCounts([u32; OWNER_ID_BUCKETS]);
 
 impl OwnerIdCounts {
     fn bucket(id: *mut Owner) -> usize {
         // Thread pointers lie a stack size apart: a multiplicative hash spreads them.
-        (id.addr() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) as usize >> (usize::BITS - 12)
+        let hash = (id.addr() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (hash >> (u64::BITS - OWNER_ID_BUCKET_BITS)) as usize
     }
     fn holds(&self, id: *mut Owner) -> bool {
         self.0.get(Self::bucket(id)).is_some_and(|&n| n > 0)
@@ -2312,7 +2314,6 @@ impl OwnerIdCounts {
         }
     }
 }
-const _: () = assert!(OWNER_ID_BUCKETS == 1 << 12);
 
 fn with_pool<R>(f: impl FnOnce(&mut PoolInner) -> R) -> R {
     POOL.with(f)
@@ -2337,8 +2338,8 @@ fn pool_take(owner_id: *mut Owner) -> *mut Heap {
     let heap = with_pool(|p| {
         // A live heap with this id is a gone thread's (the calling thread has none).
         if p.owner_ids.holds(owner_id) {
-            // SAFETY: the live list under the lock.
-            unsafe { orphan_heaps_owned_as(p, owner_id) };
+            // SAFETY: the pool lock is held.
+            unsafe { orphan_live_heaps(p, |h| (*h).owner_id == owner_id) };
         }
         let mut h = p.spare;
         if !h.is_null() {
@@ -2429,21 +2430,23 @@ unsafe fn pool_give(heap: *mut Heap) {
     LIVE_HEAPS.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Orphans each heap on the live list whose pages hold `owner_id`, the id of a thread
-/// that has no heap: that heap's thread is gone without giving it up (two running
-/// threads never share an id), and without this the thread would take its pages for
-/// its own. Such a heap is rare: one a destructor made after lgmalloc's own ran in
-/// glibc's last destructor round, or one whose thread-exit registration failed.
+/// Orphans each heap on the live list that `gone` picks: heaps whose threads are gone
+/// without giving them up. Heaps whose pages hold the id of a thread that has no heap
+/// ([`pool_take`], [`freed_into_dead_threads_page`]: two running threads never share
+/// an id), rare: one a destructor made after lgmalloc's own ran in glibc's last
+/// destructor round, or one whose thread-exit registration failed. And in a `fork`
+/// child, every heap but the caller's ([`orphan_other_threads_heaps`]).
 ///
 /// # Safety
-/// The caller holds the pool lock (`p`).
-unsafe fn orphan_heaps_owned_as(p: &mut PoolInner, owner_id: *mut Owner) {
+/// The caller holds the pool lock (`p`); `gone` picks only heaps no running thread
+/// uses, and reads them only.
+unsafe fn orphan_live_heaps(p: &mut PoolInner, gone: impl Fn(*mut Heap) -> bool) {
     let mut h = p.live;
     while !h.is_null() {
-        // SAFETY: live heaps stay valid under the pool lock; the one matched has no
-        // thread any more.
+        // SAFETY: live heaps stay valid under the pool lock; per the contract the one
+        // picked has no thread.
         unsafe {
-            if (*h).owner_id == owner_id {
+            if gone(h) {
                 orphan(p, h);
             }
             h = (*h).next_live;
@@ -2452,15 +2455,15 @@ unsafe fn orphan_heaps_owned_as(p: &mut PoolInner, owner_id: *mut Owner) {
 }
 
 /// A thread with no heap freed (as the owner) into a page that holds its id: the page
-/// is a gone thread's, whose heap was never given up ([`orphan_heaps_owned_as`]). That
-/// heap is orphaned; the block stays on the page's free list, as on any page of that
-/// heap.
+/// is a gone thread's, whose heap was never given up ([`orphan_live_heaps`]). That heap
+/// is orphaned; the block stays on the page's free list, as on any page of that heap.
 #[cold]
 #[inline(never)]
 fn freed_into_dead_threads_page() {
     let id = owner_id_of_this_thread(false);
-    // SAFETY: the pool lock is held.
-    with_pool(|p| unsafe { orphan_heaps_owned_as(p, id) });
+    // SAFETY: the pool lock is held; the calling thread has no heap, so a heap with its
+    // id is a gone thread's.
+    with_pool(|p| unsafe { orphan_live_heaps(p, |h| (*h).owner_id == id) });
 }
 
 /// In the child of a `fork`: the heaps of the parent's other threads have no thread any
@@ -2468,20 +2471,9 @@ fn freed_into_dead_threads_page() {
 /// their stacks and control blocks to new threads), so each is orphaned.
 pub fn orphan_other_threads_heaps() {
     let mine = [thread_heap(), verify_heap()];
-    with_pool(|p| {
-        let mut h = p.live;
-        while !h.is_null() {
-            // SAFETY: live heaps stay valid under the pool lock; in the child no thread
-            // but the caller runs, so the others are no one's.
-            unsafe {
-                let next = (*h).next_live;
-                if !mine.contains(&h) {
-                    orphan(p, h);
-                }
-                h = next;
-            }
-        }
-    });
+    // SAFETY: the pool lock is held; in the child no thread but the caller runs, so
+    // the other heaps are no one's.
+    with_pool(|p| unsafe { orphan_live_heaps(p, |h| !mine.contains(&h)) });
 }
 
 /// Gives `heap` and its pages an owner id no thread has, for a heap whose thread is gone
