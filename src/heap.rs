@@ -2476,6 +2476,35 @@ pub fn orphan_other_threads_heaps() {
     with_pool(|p| unsafe { orphan_live_heaps(p, |h| !mine.contains(&h)) });
 }
 
+/// In the child of a `fork`: a parent thread that was telling one of the calling
+/// thread's heaps about a remote free (a full page in `FREEING`, between `push_remote`
+/// and `end_notification`) is not in the child and never finishes, so `unwatch` of that
+/// page (at the next local free into it, or at thread exit) would wait forever. Each
+/// such page ends its notification and goes back on its class list, whose walk
+/// collects its remote frees; the block that freer carried is on the heap's
+/// `delayed_free` list if it got that far, otherwise lost to the child.
+pub fn end_notifications_cut_by_fork() {
+    for heap in [thread_heap(), verify_heap()] {
+        if heap.is_null() || heap == empty_heap() {
+            continue;
+        }
+        // SAFETY: the calling thread's own live heap, and its pages; in the child no
+        // other thread runs, so no freer can be mid-notification any more.
+        unsafe {
+            let mut p = (*heap).full;
+            while !p.is_null() {
+                let next = (*p).next;
+                if page::notification_in_flight(p) {
+                    page::end_notification(p);
+                    full_remove(heap, p);
+                    class_push_back(heap, p);
+                }
+                p = next;
+            }
+        }
+    }
+}
+
 /// Gives `heap` and its pages an owner id no thread has, for a heap whose thread is gone
 /// without giving it up (a `fork` child's copy of another thread's heap, a heap never
 /// given up at its thread's exit).
@@ -2599,6 +2628,90 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    /// A fork child's view of a remote free cut short: another thread took the watcher
+    /// of a full page (`FREEING`) and queued its block on the owner's `delayed_free`,
+    /// but never ended the notification (it is not in the child). Without the fork
+    /// child's fix-up, draining that block would wait in `unwatch` forever. After it,
+    /// the page is on its class list, the block drains back to it, later remote frees
+    /// just queue, and every block of the page frees.
+    #[test]
+    #[cfg_attr(miri, ignore = "fills pages of a class: minutes under Miri")]
+    fn a_notification_cut_short_by_fork_ends_in_the_child() {
+        std::thread::spawn(|| {
+            let heap = thread_heap_or_create();
+            assert!(!heap.is_null());
+            // SAFETY: the calling thread's own live heap.
+            unsafe { stop_sampling(heap) };
+            let size = 64;
+            let mut blocks = Vec::new();
+            // Fill pages until one is parked, watched, on the full list.
+            // SAFETY: the calling thread's own heap; the blocks are its own.
+            unsafe {
+                while (*heap).full.is_null() {
+                    let p = alloc_by_size(thread_heap(), size, CallerOnStack);
+                    assert!(!p.is_null());
+                    blocks.push(p as usize);
+                }
+                let full = (*heap).full;
+                let on_full: Vec<usize> = blocks
+                    .iter()
+                    .copied()
+                    .filter(|&b| segment::page_of(b) == full)
+                    .collect();
+                assert!(on_full.len() > 2);
+                // The freer's half of `push_remote_or_hand_over`, without its end.
+                let cut = on_full[0] as *mut Block;
+                let told = page::push_remote(full, cut).cast::<Heap>();
+                assert_eq!(told, heap, "the full page was not watched by its heap");
+                (*cut).next = page::encode_link(page::link_key(), ptr::null_mut());
+                (*heap).delayed_free.store(cut, Ordering::Release);
+                assert!(page::notification_in_flight(full));
+
+                end_notifications_cut_by_fork();
+                let ended = !page::notification_in_flight(full);
+                if !ended {
+                    // Else the thread's exit would wait in `unwatch` and the test hang.
+                    page::end_notification(full);
+                }
+                assert!(ended, "the notification cut short is still in flight");
+                assert_eq!(
+                    (*full).used & IN_FULL_FLAG,
+                    0,
+                    "the page stayed on the full list"
+                );
+                assert!(list_holds((*heap).pages[(*full).class as usize], full));
+                drain_delayed(heap);
+                // Not watched any more: a remote free queues on the page.
+                let remote = on_full[1] as *mut Block;
+                assert!(page::push_remote(full, remote).is_null());
+                assert_eq!(page::collect_remote(full), 1);
+                let (last, rest) = on_full[2..].split_last().unwrap();
+                for &b in rest {
+                    free_block(full, b as *mut u8);
+                }
+                assert_eq!((*full).used(), 1, "blocks of the page still counted live");
+                free_block(full, *last as *mut u8);
+                for &b in blocks.iter().filter(|&&b| segment::page_of(b) != full) {
+                    free_block(segment::page_of(b), b as *mut u8);
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn list_holds(first: *mut Page, page: *mut Page) -> bool {
+        let mut p = first;
+        while !p.is_null() && p != empty_page() {
+            if p == page {
+                return true;
+            }
+            // SAFETY: the calling thread's own list of live page records.
+            p = unsafe { (*p).next };
+        }
+        false
     }
 
     /// `malloc`'s fast path pops from `Heap::direct`. While pages of many classes are

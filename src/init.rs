@@ -119,4 +119,5 @@ extern "C" fn fork_child() {
     segment::unlock_after_fork(true);
     heap::unlock_after_fork(true);
     heap::orphan_other_threads_heaps();
+    heap::end_notifications_cut_by_fork();
 }

@@ -943,6 +943,16 @@ pub unsafe fn end_notification<H, R: RemoteWord>(page: *const Page<H, R>) {
     unsafe { &(*page).remote_free }.fetch_and(!STATE_MASK, Ordering::Release);
 }
 
+/// Whether a remote freer is mid-notification about `page` (state `FREEING`): between
+/// taking the watcher in `push_remote` and `end_notification`.
+///
+/// # Safety
+/// `page` is a live record.
+pub unsafe fn notification_in_flight<H, R: RemoteWord>(page: *const Page<H, R>) -> bool {
+    // SAFETY: per the contract; a reference to the atomic word only.
+    unsafe { &(*page).remote_free }.load(Ordering::Acquire) & STATE_MASK == STATE_FREEING
+}
+
 /// Owner: asks to be told about the next remote free, for a page leaving the
 /// allocation list: the freer hands its block to `watcher` (the owner's heap), which
 /// the word holds while the page is watched. Fails (returns false) when remote frees are
