@@ -676,9 +676,10 @@ fn populated_ahead(filler: usize) -> (usize, usize, usize) {
     .unwrap()
 }
 
-/// A busy class's fresh pages (and the spares taken with them) are backed in one batch
-/// (`MADV_POPULATE_WRITE`) when the region hands them out, not one page fault per 4 KiB
-/// as blocks are carved; that memory still leaves at once on `lg_trim`. (Thread exit
+/// A busy class's fresh pages (and the spares taken with them), once the class has used
+/// a whole batch, are backed in one batch (`MADV_POPULATE_WRITE`) when the region hands
+/// them out, not one page fault per 4 KiB as blocks are carved (the filler below takes
+/// many batches of the class first); that memory still leaves at once on `lg_trim`. (Thread exit
 /// keeps up to 4 MiB of free memory resident for the next threads: its bound is
 /// `thread_exit_returns_memory_beyond_a_little_and_keeps_the_little`'s.)
 #[test]
