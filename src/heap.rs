@@ -1419,9 +1419,9 @@ unsafe fn new_page(heap: *mut Heap, class: usize) -> *mut Page {
             // they will be carved soon; before that (a young class, a first batch, a
             // batch after spares went to other classes) memory comes in only as it is
             // carved, by page faults. A small program whose class just reached full
-            // size may never carve a batch: `python3 -c pass` kept 770-960 KiB of
-            // populated spares resident, 7% of its peak, and 500 threads' DTVs (one
-            // class, 144 KiB) 900 KiB.
+            // size may never carve a batch: `python3 -c pass` kept 760-960 KiB of
+            // populated spares resident, 7-9% of its peak, and the DTVs of 500 threads
+            // (one class, about 140 KiB) 890-960 KiB.
             let busy = growth >= GROWTH_STEPS;
             let populate = usize::from(growth) > usize::from(GROWTH_STEPS) + EXTRA_PAGES;
             let extra = if busy {
@@ -2441,7 +2441,7 @@ unsafe fn pool_give(heap: *mut Heap) {
 /// ([`pool_take`], [`freed_into_dead_threads_page`]: two running threads never share
 /// an id), rare: one a destructor made after lgmalloc's own ran in glibc's last
 /// destructor round, or one whose thread-exit registration failed. And in a `fork`
-/// child, every heap but the caller's ([`orphan_other_threads_heaps`]).
+/// child, every heap but the caller's ([`settle_heaps_in_fork_child`]).
 ///
 /// # Safety
 /// The caller holds the pool lock (`p`); `gone` picks only heaps no running thread
@@ -2472,25 +2472,28 @@ fn freed_into_dead_threads_page() {
     with_pool(|p| unsafe { orphan_live_heaps(p, |h| (*h).owner_id == id) });
 }
 
-/// In the child of a `fork`: the heaps of the parent's other threads have no thread any
-/// more, and a thread the child starts may get the id of one of those (glibc hands
-/// their stacks and control blocks to new threads), so each is orphaned.
-pub fn orphan_other_threads_heaps() {
+/// In the child of a `fork`, where only the calling thread runs: the parent's other
+/// threads are gone, with their heaps and whatever they were doing.
+pub fn settle_heaps_in_fork_child() {
     let mine = [thread_heap(), verify_heap()];
+    // The heaps of the other threads have no thread any more, and a thread the child
+    // starts may get the id of one of those (glibc hands their stacks and control
+    // blocks to new threads), so each is orphaned.
     // SAFETY: the pool lock is held; in the child no thread but the caller runs, so
     // the other heaps are no one's.
     with_pool(|p| unsafe { orphan_live_heaps(p, |h| !mine.contains(&h)) });
+    end_notifications_cut_by_fork(mine);
 }
 
-/// In the child of a `fork`: a parent thread that was telling one of the calling
-/// thread's heaps about a remote free (a full page in `FREEING`, between `push_remote`
-/// and `end_notification`) is not in the child and never finishes, so `unwatch` of that
-/// page (at the next local free into it, or at thread exit) would wait forever. Each
-/// such page ends its notification and goes back on its class list, whose walk
-/// collects its remote frees; the block that freer carried is on the heap's
+/// In the child of a `fork`: a parent thread that was telling one of `mine` (the
+/// calling thread's heaps) about a remote free (a full page in `FREEING`, between
+/// `push_remote` and `end_notification`) is not in the child and never finishes, so
+/// `unwatch` of that page (at the next local free into it, or at thread exit) would
+/// wait forever. Each such page ends its notification and goes back on its class list,
+/// whose walk collects its remote frees; the block that freer carried is on the heap's
 /// `delayed_free` list if it got that far, otherwise lost to the child.
-pub fn end_notifications_cut_by_fork() {
-    for heap in [thread_heap(), verify_heap()] {
+fn end_notifications_cut_by_fork(mine: [*mut Heap; 2]) {
+    for heap in mine {
         if heap.is_null() || heap == empty_heap() {
             continue;
         }
@@ -2675,7 +2678,7 @@ mod tests {
                 (*heap).delayed_free.store(cut, Ordering::Release);
                 assert!(page::notification_in_flight(full));
 
-                end_notifications_cut_by_fork();
+                end_notifications_cut_by_fork([thread_heap(), verify_heap()]);
                 let ended = !page::notification_in_flight(full);
                 if !ended {
                     // Else the thread's exit would wait in `unwatch` and the test hang.

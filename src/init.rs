@@ -118,6 +118,5 @@ extern "C" fn fork_child() {
     large::unlock_after_fork(true);
     segment::unlock_after_fork(true);
     heap::unlock_after_fork(true);
-    heap::orphan_other_threads_heaps();
-    heap::end_notifications_cut_by_fork();
+    heap::settle_heaps_in_fork_child();
 }
